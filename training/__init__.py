@@ -1,0 +1,1 @@
+"""Fine-tuning timm CNNs in PyTorch; checkpoints carry the model card."""

@@ -1,0 +1,88 @@
+"""EdgeDx checkpoints: weights plus the model card, one file.
+
+Saved with ``torch.save`` as a dict of plain values and tensors so it loads
+with ``weights_only=True`` (no pickled code runs when a checkpoint is opened).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgedx.card import ModelCard
+from edgedx.errors import CardError, ModelError
+
+FORMAT = "edgedx-checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    card: ModelCard
+    state_dict: dict[str, torch.Tensor]
+    extra: dict[str, Any]
+    path: Path | None = None
+
+
+def save_checkpoint(path: str | Path, card: ModelCard, state_dict: dict[str, torch.Tensor], **extra: Any) -> Path:
+    """Write atomically (temp file + rename) so a crash never leaves half a checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "card": card.to_json(indent=None),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in state_dict.items()},
+        "extra": extra,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint`; errors say what is wrong with the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated or foreign files raise various pickle/zip errors
+        raise ModelError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0][:160]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ModelError(
+            f"{path} is not an EdgeDx checkpoint (no model card inside); train one with: edgedx train DATA --out RUN_DIR"
+        )
+    if payload.get("format_version", 0) > FORMAT_VERSION:
+        raise ModelError(f"{path} was written by a newer edgedx; upgrade edgedx: pip install --upgrade edgedx")
+    try:
+        card = ModelCard.from_json(payload["card"])
+    except CardError as exc:
+        raise CardError(f"{path}: {exc}") from None
+    return Checkpoint(card, payload["state_dict"], payload.get("extra", {}), path)
+
+
+def build_model(checkpoint: Checkpoint) -> nn.Module:
+    """The checkpoint's network in eval mode, weights loaded strictly."""
+    from edgedx.training.models import create_model
+
+    model = create_model(checkpoint.card.arch, checkpoint.card.n_classes)
+    try:
+        model.load_state_dict(checkpoint.state_dict, strict=True)
+    except RuntimeError as exc:
+        raise ModelError(f"{checkpoint.path}: weights do not fit {checkpoint.card.arch} ({str(exc).splitlines()[0]})") from None
+    return model.eval()
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

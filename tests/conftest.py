@@ -1,0 +1,50 @@
+"""Shared fixtures: one tiny model trained and exported once per session, on synthetic smears."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ("uninfected", "parasitized")
+TILE = 32
+
+
+@dataclass(frozen=True)
+class Trained:
+    root: Path  # a folder whose name has a space
+    data: Path
+    checkpoint: Path
+    onnx: Path
+    export_report: Path
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    """Train the default architecture (offline ImageNet weights) on 160 synthetic tiles, then export."""
+    pytest.importorskip("torch")
+    from edgedx.export.pipeline import export_checkpoint
+    from edgedx.synthetic import render_tile_dataset, write_image_folder
+    from edgedx.training.train import train
+
+    root = tmp_path_factory.mktemp("e2e") / "run with space"
+    images, labels = render_tile_dataset(np.random.default_rng(0), 160, TILE)
+    data = root / "tiles data"
+    write_image_folder(data, images, labels, CLASSES)
+    result = train(data, root / "run", epochs=3, input_size=TILE, batch_size=16, lr=2e-3, weights="imagenet", seed=0)
+    exported = export_checkpoint(result.checkpoint, root / "export dir")
+    return Trained(root, data, result.checkpoint, exported.onnx_path, exported.report_path)
+
+
+def run_edgedx(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """The real command line in a fresh interpreter (its one error catch site included)."""
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "edgedx", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )

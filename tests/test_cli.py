@@ -1,0 +1,172 @@
+"""The CLI is thin: each command makes one library call with the user's arguments.
+
+Library calls are patched and their arguments asserted (fast, no model needed);
+error handling is checked through the real entry point in a subprocess.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from unittest import mock
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import run_edgedx
+from edgedx.cli import app
+
+runner = CliRunner()
+COMMANDS = ("train", "export", "diagnose", "evaluate", "bench", "demo")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command: str) -> None:
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_top_level_help_lists_commands_and_version() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in COMMANDS:
+        assert command in result.output
+    assert runner.invoke(app, ["--version"]).output.strip().startswith("edgedx ")
+
+
+def test_train_passes_options_through() -> None:
+    fake = mock.MagicMock()
+    fake.return_value.best_metrics = {"accuracy": 0.9, "balanced_accuracy": 0.8, "macro_auc": 0.95}
+    fake.return_value.skipped = ()
+    with mock.patch("edgedx.training.train.train", fake):
+        result = runner.invoke(
+            app,
+            ["train", "my data", "--out", "run dir", "--arch", "resnet18", "--epochs", "3", "--input-size", "64",
+             "--weights", "none", "--positive-class", "melanoma", "--seed", "7"],
+        )
+    assert result.exit_code == 0, result.output
+    fake.assert_called_once_with(
+        Path("my data"), Path("run dir"), arch="resnet18", epochs=3, batch_size=32, lr=1e-3, input_size=64,
+        weights="none", val_fraction=0.2, positive_class="melanoma", seed=7, progress=mock.ANY,
+    )
+    assert "val accuracy 0.900" in result.output
+
+
+def test_export_passes_options_through(tmp_path: Path) -> None:
+    fake = mock.MagicMock()
+    onnx_file = tmp_path / "model.onnx"
+    onnx_file.write_bytes(b"x" * 2000)
+    fake.return_value.onnx_path = onnx_file
+    fake.return_value.parity = {"max_abs_diff": 1e-6, "top1_agreement": 1.0}
+    fake.return_value.batchnorm = {"in_model": 5, "folded_by_exporter": 5, "folded_into_conv": 0, "converted_to_affine": 0, "remaining": 0}
+    with mock.patch("edgedx.export.pipeline.export_checkpoint", fake):
+        result = runner.invoke(app, ["export", "run/model.pt", "--out", "exp", "--opset", "20"])
+    assert result.exit_code == 0, result.output
+    fake.assert_called_once_with(Path("run/model.pt"), Path("exp"), opset=20, progress=mock.ANY)
+    assert "top-1 agreement 1.000" in result.output and "edgedx diagnose" in result.output
+
+
+def test_diagnose_passes_options_through() -> None:
+    fake = mock.MagicMock()
+    fake.return_value.n_failed = 0
+    fake.return_value.label_counts = {"a": 2}
+    fake.return_value.seconds = 0.5
+    fake.return_value.overlays = ()
+    with mock.patch("edgedx.runtime.batch.diagnose_paths", fake):
+        result = runner.invoke(
+            app, ["diagnose", "a.png", "scans/*.jpg", "--model", "m.onnx", "--out", "o.csv", "--batch-size", "8", "--device", "cuda"]
+        )
+    assert result.exit_code == 0, result.output
+    fake.assert_called_once_with(
+        ["a.png", "scans/*.jpg"], Path("m.onnx"), Path("o.csv"), device="cuda", batch_size=8, overlays=None, progress=mock.ANY
+    )
+
+
+def test_evaluate_bench_demo_pass_options_through(tmp_path: Path) -> None:
+    evaluate = mock.MagicMock()
+    evaluate.return_value.metrics = {"n": 2, "accuracy": 1.0, "balanced_accuracy": 1.0, "auc": 1.0, "per_class": {}}
+    evaluate.return_value.failed = ()
+    evaluate.return_value.threshold = 0.5
+    with mock.patch("edgedx.runtime.evaluate.evaluate_folder", evaluate):
+        assert runner.invoke(app, ["evaluate", "m.onnx", "data"]).exit_code == 0
+    evaluate.assert_called_once_with(Path("m.onnx"), Path("data"), device="cpu", progress=mock.ANY)
+
+    bench = mock.MagicMock()
+    bench.return_value.rows = ()
+    bench.return_value.providers = ("CPUExecutionProvider",)
+    bench.return_value.input_size = (32, 32)
+    with mock.patch("edgedx.runtime.bench.bench_model", bench):
+        assert runner.invoke(app, ["bench", "m.onnx", "--batch-sizes", "1,4,16", "--seconds", "0.5"]).exit_code == 0
+    bench.assert_called_once_with(Path("m.onnx"), batch_sizes=[1, 4, 16], device="cpu", threads=None, min_seconds=0.5, progress=mock.ANY)
+    bad = runner.invoke(app, ["bench", "m.onnx", "--batch-sizes", "1,x"])
+    assert bad.exit_code == 2 and "comma-separated integers" in bad.output
+
+    demo = mock.MagicMock()
+    demo.return_value.rows = ()
+    demo.return_value.paths = {"diagnoses": tmp_path / "d.jsonl"}
+    demo.return_value.val_accuracy = demo.return_value.parity_max_abs_diff = demo.return_value.seconds = 0.0
+    demo.return_value.fields_correct = 0
+    with mock.patch("edgedx.demo.run_demo", demo):
+        result = runner.invoke(app, ["demo", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    demo.assert_called_once_with(tmp_path, seed=0, progress=mock.ANY)
+    assert "synthetic" in result.output and str(tmp_path / "d.jsonl") in result.output
+
+
+def _assert_one_line_error(proc, *fragments: str) -> None:
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_missing_input_is_a_one_line_error(tmp_path: Path) -> None:
+    proc = run_edgedx("diagnose", str(tmp_path / "nope.png"), "--model", "m.onnx", "--out", str(tmp_path / "o.jsonl"))
+    _assert_one_line_error(proc, "input not found", "nope.png")
+
+
+def test_model_without_card_is_a_one_line_error(tmp_path: Path) -> None:
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Identity", ["input"], ["logits"])
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 3, 8, 8])],
+    )
+    path = tmp_path / "no card.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    image = tmp_path / "x.png"
+    from edgedx.runtime.image_io import write_image
+    import numpy as np
+
+    write_image(image, np.zeros((8, 8, 3), np.uint8))
+    proc = run_edgedx("diagnose", str(image), "--model", str(path), "--out", str(tmp_path / "o.jsonl"))
+    _assert_one_line_error(proc, "has no EdgeDx model card", "edgedx export")
+
+
+def test_checkpoint_without_card_is_a_one_line_error(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "plain.pt"
+    torch.save({"weight": torch.zeros(2)}, path)
+    proc = run_edgedx("export", str(path), "--out", str(tmp_path / "out"))
+    _assert_one_line_error(proc, "not an EdgeDx checkpoint", "edgedx train")
+
+
+def test_bad_output_suffix_and_empty_data_folder(tmp_path: Path) -> None:
+    image = tmp_path / "x.png"
+    image.write_bytes(b"")
+    proc = run_edgedx("diagnose", str(image), "--model", "m.onnx", "--out", str(tmp_path / "o.txt"))
+    _assert_one_line_error(proc, ".jsonl or .csv")
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    (tmp_path / "data" / "b").mkdir()
+    proc = run_edgedx("train", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--weights", "none", "--arch", "resnet18")
+    _assert_one_line_error(proc, "contains no images")
+
+
+def test_unknown_arch_suggests_close_matches(tmp_path: Path) -> None:
+    pytest.importorskip("timm")
+    proc = run_edgedx("train", str(tmp_path), "--out", str(tmp_path / "run"), "--arch", "resnet5O")
+    _assert_one_line_error(proc, "unknown architecture 'resnet5O'", "resnet50")

@@ -63,6 +63,11 @@ class Normalization:
                 f"model card field 'normalization': mean has {len(self.mean)} values "
                 f"but std has {len(self.std)}; give one per channel"
             )
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std, self.pixel_scale)):
+            raise CardError(
+                f"model card field 'normalization' must hold finite numbers, got mean {list(self.mean)}, "
+                f"std {list(self.std)}, pixel_scale {self.pixel_scale}"
+            )
         if any(not s > 0 for s in self.std):
             raise CardError(f"model card field 'normalization.std' must be > 0, got {list(self.std)}")
         if not self.pixel_scale > 0:
@@ -93,6 +98,11 @@ class CropPolicy:
                 raise CardError(
                     f"model card field 'crop.{name}' must be two positive integers (height, width), got {list(value)}"
                 )
+        if any(s > t for s, t in zip(self.stride, self.tile_size)):
+            raise CardError(
+                f"model card field 'crop.stride' {list(self.stride)} exceeds crop.tile_size {list(self.tile_size)}: "
+                "pixels between crops would never be seen; use a stride no larger than the tile"
+            )
         if not (self.scale > 0 and math.isfinite(self.scale)):
             raise CardError(f"model card field 'crop.scale' must be a positive number, got {self.scale}")
         if not 0 <= self.pad_value <= 255:
@@ -252,6 +262,8 @@ def _to_plain(value: Any) -> Any:
         return [_to_plain(v) for v in value]
     if isinstance(value, dict):
         return {str(k): _to_plain(v) for k, v in value.items()}
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        value = value.item()  # numpy scalars from metrics code; the card stays stdlib-only
     if isinstance(value, float) and not math.isfinite(value):
         return None  # JSON has no NaN; an undefined metric is null
     return value

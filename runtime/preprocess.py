@@ -31,25 +31,32 @@ def resize_to(image: np.ndarray, height: int, width: int, interpolation: str) ->
     return cv2.resize(image, (width, height), interpolation=mode)
 
 
+def fit_crops(crops: np.ndarray, card: ModelCard) -> np.ndarray:
+    """(N, H, W, 3) RGB uint8 → the card's input size and colour order, still uint8."""
+    if crops.ndim != 4 or crops.shape[-1] != 3:
+        raise ValueError(f"expected (N, H, W, 3) RGB crops, got shape {crops.shape}")
+    height, width = card.input_size
+    if crops.shape[1:3] != (height, width):
+        crops = np.stack([resize_to(c, height, width, card.interpolation) for c in crops])
+    return crops[..., ::-1] if card.colour_order == "BGR" else crops
+
+
 def preprocess_batch(crops: np.ndarray, card: ModelCard) -> np.ndarray:
     """(N, H, W, 3) uint8 RGB crops → (N, 3, h, w) float32 model input per the card.
 
     Crops whose size differs from ``card.input_size`` are resized first with the
     card's interpolation.
     """
-    if crops.ndim != 4 or crops.shape[-1] != 3:
-        raise ValueError(f"expected (N, H, W, 3) RGB crops, got shape {crops.shape}")
-    height, width = card.input_size
-    if crops.shape[1:3] != (height, width):
-        crops = np.stack([resize_to(c, height, width, card.interpolation) for c in crops])
-    if card.colour_order == "BGR":
-        crops = crops[..., ::-1]
+    crops = fit_crops(crops, card)
     norm = card.normalization
     x = crops.astype(np.float32) * np.float32(norm.pixel_scale)
     if norm.kind == "per_image":
-        mean = x.mean(axis=(1, 2), keepdims=True)
-        std = x.std(axis=(1, 2), keepdims=True)
-        x = (x - mean) / np.maximum(std, np.float32(1e-6))
+        # float64 statistics so a flat crop gives exactly 0, not amplified rounding
+        # noise; the std floor 1/sqrt(pixels) is TensorFlow's per_image_standardization.
+        mean = x.mean(axis=(1, 2), keepdims=True, dtype=np.float64)
+        std = x.std(axis=(1, 2), keepdims=True, dtype=np.float64)
+        floor = 1.0 / np.sqrt(x.shape[1] * x.shape[2])
+        x = ((x - mean) / np.maximum(std, floor)).astype(np.float32)
     else:
         x = (x - np.asarray(norm.mean, np.float32)) / np.asarray(norm.std, np.float32)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)
@@ -64,12 +71,7 @@ def model_input(crops: np.ndarray, card: ModelCard) -> np.ndarray:
     """
     if card.input_format == "float32_nchw":
         return preprocess_batch(crops, card)
-    height, width = card.input_size
-    if crops.shape[1:3] != (height, width):
-        crops = np.stack([resize_to(c, height, width, card.interpolation) for c in crops])
-    if card.colour_order == "BGR":
-        crops = crops[..., ::-1]
-    return np.ascontiguousarray(crops, dtype=np.uint8)
+    return np.ascontiguousarray(fit_crops(crops, card), dtype=np.uint8)
 
 
 def to_probabilities(outputs: np.ndarray, card: ModelCard) -> np.ndarray:
@@ -83,7 +85,7 @@ def to_probabilities(outputs: np.ndarray, card: ModelCard) -> np.ndarray:
         outputs = outputs[:, None]
     n = card.n_classes
     if card.output_activation == "sigmoid":
-        p = 1.0 / (1.0 + np.exp(-outputs))
+        p = 0.5 * (1.0 + np.tanh(0.5 * outputs))  # the logistic function, without overflow
         if card.task == "binary" and p.shape[1] == 1:
             pos = 1 if card.positive_index is None else card.positive_index
             probs = np.empty((p.shape[0], 2))

@@ -79,7 +79,8 @@ def rescale(image: np.ndarray, policy: CropPolicy) -> np.ndarray:
         return image
     sh, sw = scaled_size(image.shape[0], image.shape[1], policy.scale)
     mode = cv2.INTER_AREA if policy.scale < 1.0 else cv2.INTER_LINEAR
-    return cv2.resize(image, (sw, sh), interpolation=mode)
+    resized = cv2.resize(image, (sw, sh), interpolation=mode)
+    return resized[..., None] if resized.ndim == 2 else resized  # OpenCV drops a single channel axis
 
 
 def iter_tile_batches(scaled: np.ndarray, grid: TileGrid, policy: CropPolicy, batch_size: int) -> Iterator[np.ndarray]:

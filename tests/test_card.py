@@ -413,10 +413,6 @@ def test_schema_version_constant() -> None:
     assert make_card().schema_version == SCHEMA_VERSION
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: from_json accepts NaN/Infinity tokens and Normalization does not check finiteness",
-)
 @pytest.mark.parametrize(
     "mutate",
     [
@@ -430,3 +426,9 @@ def test_non_finite_normalisation_is_rejected(mutate: Any) -> None:
     mutate(data)
     with pytest.raises(CardError, match="normalization"):
         ModelCard.from_json(json.dumps(data))  # json.dumps writes NaN / Infinity tokens
+
+
+def test_non_finite_normalisation_fails_in_the_constructor() -> None:
+    for kwargs in ({"mean": (math.nan,) * 3}, {"std": (math.inf,) * 3}, {"pixel_scale": math.inf}):
+        with pytest.raises(CardError, match="normalization"):
+            Normalization(**kwargs)

@@ -76,22 +76,38 @@ def pick_positive_class(class_names: tuple[str, ...], requested: str | None) -> 
     return class_names[-1]
 
 
-def load_images(labelled: LabelledImages, size: tuple[int, int], progress: ProgressFn) -> tuple[list[np.ndarray], list[int], list[str], list[float]]:
-    """Decode and resize every image once (uint8 at the model's input size); skip unreadable ones."""
-    images, labels, skipped, scales = [], [], [], []
+@dataclass
+class LoadedImages:
+    """Decoded images at the model's input size, with what was skipped and each image's scale factor."""
+
+    images: list[np.ndarray]
+    labels: list[int]
+    paths: list[Path]
+    skipped: list[str]
+    scales: list[float]
+
+
+def load_images(labelled: LabelledImages, size: tuple[int, int], progress: ProgressFn) -> LoadedImages:
+    """Decode and resize every image once (uint8 at the model's input size); skip unreadable ones.
+
+    ``scales`` records how much each image was shrunk or enlarged, so the card's
+    crop policy can resample whole images the same way at diagnosis.
+    """
+    loaded = LoadedImages([], [], [], [], [])
     total = len(labelled.paths)
     for i, (path, label) in enumerate(zip(labelled.paths, labelled.labels), 1):
         try:
             rgb = read_image(path)
         except ImageReadError as exc:
-            skipped.append(str(exc))
+            loaded.skipped.append(str(exc))
             log.warning("skipping %s", exc)
             continue
-        scales.append(math.sqrt(size[0] / rgb.shape[0] * size[1] / rgb.shape[1]))
-        images.append(resize_to(rgb, size[0], size[1], "area"))
-        labels.append(label)
+        loaded.scales.append(math.sqrt(size[0] / rgb.shape[0] * size[1] / rgb.shape[1]))
+        loaded.images.append(resize_to(rgb, size[0], size[1], "area"))
+        loaded.labels.append(label)
+        loaded.paths.append(path)
         progress("load images", i, total)
-    return images, labels, skipped, scales
+    return loaded
 
 
 def train(
@@ -137,19 +153,19 @@ def train(
     size = (input_size, input_size) if input_size else default_input_size(model)
     mean, std = default_normalization(model)
 
-    images, labels, skipped, scales = load_images(labelled, size, progress)
-    y = np.asarray(labels)
+    loaded = load_images(labelled, size, progress)
+    images, skipped = loaded.images, loaded.skipped
+    y = np.asarray(loaded.labels)
     if len(np.unique(y)) < 2:
         raise InputError(f"only one class has readable images in {data}; a classifier needs at least two")
     train_idx, val_idx = stratified_split(y, val_fraction, seed)
-    kept_paths = [p for p in labelled.paths if not any(s.startswith(str(p) + ":") for s in skipped)]
     (out / "split.json").write_text(
         json.dumps(
             {
                 "seed": seed,
                 "class_names": list(class_names),
-                "train": [str(kept_paths[i]) for i in train_idx],
-                "val": [str(kept_paths[i]) for i in val_idx],
+                "train": [str(loaded.paths[i]) for i in train_idx],
+                "val": [str(loaded.paths[i]) for i in val_idx],
             },
             indent=1,
         ),
@@ -157,7 +173,7 @@ def train(
     )
 
     task = "binary" if len(class_names) == 2 else "multiclass"
-    scale = float(np.median(scales))
+    scale = float(np.median(loaded.scales))
     tile = size
     stride = (max(1, round(tile[0] * stride_fraction)), max(1, round(tile[1] * stride_fraction)))
     card = ModelCard(

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -240,12 +241,13 @@ def demo(
     with progress_bar() as progress:
         result = run_demo(out, seed=seed, progress=progress)
     console.print("The images are synthetic (rendered thin blood smears), not patient data.", style="bold")
-    table = Table(title="Whole-field diagnosis with sliding crops")
-    for col in ("field", "truth", "infected cells", "EdgeDx label", "p(parasitized)", "crops", "max tile p"):
+    table = Table(title="Whole-field diagnosis with sliding crops", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for col in ("field", "truth", "infected", "EdgeDx", "p(parasitized)", "crops", "max tile"):
         table.add_column(col, no_wrap=True)
     for row in result.rows:
         table.add_row(
-            row.field, row.truth, row.infected_cells, row.label, f"{row.probability:.3f}", str(row.n_crops), f"{row.max_tile:.3f}"
+            Path(row.field).stem, row.truth, row.infected_cells, row.label,
+            f"{row.probability:.3f}", str(row.n_crops), f"{row.max_tile:.3f}",
         )
     console.print(table)
     console.print(

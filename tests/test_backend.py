@@ -1,0 +1,109 @@
+"""The ONNX Runtime backend: provider checks, missing packages, cards that lie about the graph."""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import Trained
+from edgedx.errors import MissingDependencyError, ModelError
+from edgedx.runtime import onnx_backend
+from edgedx.runtime.onnx_backend import OnnxSession, resolve_providers
+
+
+def test_resolve_providers() -> None:
+    assert resolve_providers("cpu", ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert resolve_providers("auto", ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert resolve_providers("auto", ["CUDAExecutionProvider", "CPUExecutionProvider"])[0] == "CUDAExecutionProvider"
+    with pytest.raises(ModelError, match="device 'cuda' needs CUDAExecutionProvider.*--device cpu"):
+        resolve_providers("cuda", ["CPUExecutionProvider"])
+    with pytest.raises(ModelError, match="unknown device 'gpu'"):
+        resolve_providers("gpu", ["CPUExecutionProvider"])
+
+
+def test_missing_onnxruntime_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(MissingDependencyError, match=r"pip install 'edgedx\[cpu\]'"):
+        onnx_backend.import_onnxruntime()
+
+
+def test_silent_cpu_fallback_is_refused(trained: Trained, monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime-gpu lists CUDA but may run on CPU: we check what the session really uses."""
+    import onnxruntime as real
+
+    class FallbackSession(real.InferenceSession):
+        def __init__(self, path, sess_options=None, providers=None):
+            super().__init__(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+
+    fake = types.SimpleNamespace(
+        get_available_providers=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        SessionOptions=real.SessionOptions,
+        InferenceSession=FallbackSession,
+    )
+    monkeypatch.setattr(onnx_backend, "import_onnxruntime", lambda: fake)
+    with pytest.raises(ModelError, match="CUDAExecutionProvider was requested but ONNX Runtime is running CPUExecutionProvider"):
+        OnnxSession(trained.onnx, device="cuda")
+
+
+def test_card_that_does_not_match_the_graph_is_refused(trained: Trained, tmp_path: Path) -> None:
+    onnx = pytest.importorskip("onnx")
+    from edgedx.card import ONNX_METADATA_KEY, ModelCard
+    from edgedx.export.onnx_export import embed_metadata
+
+    graph = onnx.load(str(trained.onnx))
+    card = ModelCard.from_json({p.key: p.value for p in graph.metadata_props}[ONNX_METADATA_KEY])
+    embed_metadata(graph, {ONNX_METADATA_KEY: card.replace(input_size=(64, 64)).to_json()})
+    path = tmp_path / "lying card.onnx"
+    onnx.save(graph, str(path))
+    with pytest.raises(ModelError, match=r"does not match its card.*input_size \[64, 64\]"):
+        OnnxSession(path)
+
+
+def test_newer_card_schema_asks_for_upgrade(trained: Trained, tmp_path: Path) -> None:
+    onnx = pytest.importorskip("onnx")
+    import json
+
+    from edgedx.card import ONNX_METADATA_KEY, SCHEMA_VERSION
+    from edgedx.errors import CardError
+    from edgedx.export.onnx_export import embed_metadata
+
+    graph = onnx.load(str(trained.onnx))
+    data = json.loads({p.key: p.value for p in graph.metadata_props}[ONNX_METADATA_KEY])
+    data["schema_version"] = SCHEMA_VERSION + 1
+    embed_metadata(graph, {ONNX_METADATA_KEY: json.dumps(data)})
+    path = tmp_path / "future.onnx"
+    onnx.save(graph, str(path))
+    with pytest.raises(CardError, match="upgrade edgedx"):
+        OnnxSession(path)
+
+
+def test_not_an_onnx_file(tmp_path: Path) -> None:
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"\x00garbage")
+    with pytest.raises(ModelError, match="not a loadable ONNX model"):
+        OnnxSession(path)
+    with pytest.raises(ModelError, match="model file not found"):
+        OnnxSession(tmp_path / "missing.onnx")
+
+
+@pytest.mark.gpu
+def test_diagnose_on_cuda_matches_cpu(trained: Trained) -> None:
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("no CUDAExecutionProvider: install 'edgedx[gpu]' on a machine with an NVIDIA GPU")
+    from edgedx.runtime import load_model
+
+    try:
+        gpu = load_model(trained.onnx, device="cuda")
+    except ModelError as exc:
+        pytest.skip(f"CUDA provider listed but cannot start here: {exc}")
+    cpu = load_model(trained.onnx, device="cpu")
+    image = np.random.default_rng(0).integers(0, 256, (100, 130, 3), dtype=np.uint8)
+    a, b = cpu.diagnose(image), gpu.diagnose(image)
+    assert a.n_crops == b.n_crops
+    np.testing.assert_allclose(list(a.probabilities.values()), list(b.probabilities.values()), atol=1e-3)

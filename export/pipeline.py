@@ -14,16 +14,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 
 import edgedx
-from edgedx.card import ONNX_METADATA_KEY
-from edgedx.errors import ParityError
+from edgedx.card import ONNX_METADATA_KEY, ModelCard
+from edgedx.errors import ImageReadError, ParityError
 from edgedx.export.bn_fold import assert_no_batchnorm, count_batchnorms, fold_batchnorms
 from edgedx.export.onnx_export import DEFAULT_OPSET, embed_metadata, torch_to_onnx
 from edgedx.export.parity import verify_onnx
 from edgedx.progress import ProgressFn, no_progress
+from edgedx.runtime.image_io import read_image
+from edgedx.runtime.preprocess import resize_to
 from edgedx.training.checkpoint import build_model, file_sha256, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -80,7 +83,8 @@ def export_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     onnx_path = out / f"{Path(checkpoint).stem}.onnx"
     onnx.save(graph, onnx_path)
-    parity = verify_onnx(model, onnx_path, card, n_samples=parity_samples)
+    real = validation_crops(ckpt.path, card, limit=parity_samples // 2) if ckpt.path else None
+    parity = verify_onnx(model, onnx_path, card, n_samples=parity_samples, images=real)
     progress("export", 3, 4)
 
     data = {
@@ -98,7 +102,7 @@ def export_checkpoint(
             "converted_to_affine": bn.converted_to_affine,
             "remaining": count_batchnorms(graph),
         },
-        "parity": {"fp32": parity.to_dict()},
+        "parity": {"fp32": {**parity.to_dict(), "n_validation_images": 0 if real is None else len(real)}},
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, **_ort_version()},
         "card": card.to_dict(),
         "seconds": round(time.perf_counter() - started, 2),
@@ -116,6 +120,27 @@ def export_checkpoint(
         )
     log.info("exported %s (parity max abs diff %.2g)", onnx_path, parity.max_abs_diff)
     return ExportReport(onnx_path, report_path, data)
+
+
+def validation_crops(checkpoint: Path, card: ModelCard, *, limit: int) -> np.ndarray | None:
+    """Up to ``limit`` validation images of the run (from ``split.json`` beside the checkpoint), at input size.
+
+    Parity on real images is the evidence that matters; random images fill the
+    rest of the sample. Missing or unreadable files are skipped.
+    """
+    split = checkpoint.parent / "split.json"
+    if limit < 1 or not split.is_file():
+        return None
+    crops = []
+    for path in json.loads(split.read_text(encoding="utf-8")).get("val", [])[:limit]:
+        try:
+            crops.append(read_image(path))
+        except ImageReadError as exc:
+            log.info("parity: skipping %s", exc)
+    if not crops:
+        return None
+    height, width = card.input_size
+    return np.stack([resize_to(c, height, width, card.interpolation) for c in crops])  # RGB; parity preprocesses
 
 
 def _ort_version() -> dict[str, str]:

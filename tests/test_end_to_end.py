@@ -63,6 +63,7 @@ def test_export_folds_batchnorm_embeds_card_and_verifies_parity(trained: Trained
     assert parity["max_abs_diff"] < 1e-4
     assert parity["top1_agreement"] == 1.0
     assert parity["n_samples"] == 16
+    assert parity["n_validation_images"] == 8  # real images from the run's split, the rest synthetic
     bn = report["batchnorm"]
     assert bn["in_model"] > 0 and bn["remaining"] == 0
     assert bn["folded_by_exporter"] + bn["folded_into_conv"] + bn["converted_to_affine"] == bn["in_model"]

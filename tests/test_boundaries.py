@@ -90,3 +90,19 @@ def test_diagnose_end_to_end_loads_no_torch(trained: Trained, tmp_path: Path) ->
     assert "onnxruntime" in loaded  # it really ran the model
     assert not loaded & {"torch", "onnx", "timm", "torchvision"}
     assert len((tmp_path / "o.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize(
+    ("module", "blocked", "extra"),
+    [("edgedx.training.train", "torch", "train"), ("edgedx.export.pipeline", "onnx", "export"), ("edgedx.export.pipeline", "torch", "export")],
+)
+def test_missing_optional_package_names_the_extra(module: str, blocked: str, extra: str) -> None:
+    """Without an extra, the command fails with the pip line to run, not an ImportError."""
+    script = (
+        f"import sys\nsys.modules[{blocked!r}] = None\n"
+        "from edgedx.errors import MissingDependencyError\n"
+        f"try:\n    import {module}\nexcept MissingDependencyError as exc:\n    print(exc)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"pip install 'edgedx[{extra}]'" in proc.stdout and f"'{blocked}'" in proc.stdout

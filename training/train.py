@@ -148,6 +148,8 @@ def train(
     rng = np.random.default_rng(seed)
 
     class_names = labelled.class_names
+    task = "binary" if len(class_names) == 2 else "multiclass"
+    positive = pick_positive_class(class_names, positive_class) if task == "binary" else None
     model = create_model(arch, len(class_names))
     weights_used = load_weights(model, arch, weights)
     size = (input_size, input_size) if input_size else default_input_size(model)
@@ -164,15 +166,14 @@ def train(
             {
                 "seed": seed,
                 "class_names": list(class_names),
-                "train": [str(loaded.paths[i]) for i in train_idx],
-                "val": [str(loaded.paths[i]) for i in val_idx],
+                "train": [str(loaded.paths[i].resolve()) for i in train_idx],
+                "val": [str(loaded.paths[i].resolve()) for i in val_idx],
             },
             indent=1,
         ),
         encoding="utf-8",
     )
 
-    task = "binary" if len(class_names) == 2 else "multiclass"
     scale = float(np.median(loaded.scales))
     tile = size
     stride = (max(1, round(tile[0] * stride_fraction)), max(1, round(tile[1] * stride_fraction)))
@@ -180,7 +181,7 @@ def train(
         arch=arch,
         task=task,
         class_names=class_names,
-        positive_class=pick_positive_class(class_names, positive_class) if task == "binary" else None,
+        positive_class=positive,
         threshold=0.5 if task == "binary" else None,
         input_size=size,
         normalization=Normalization(kind="mean_std", mean=mean, std=std),

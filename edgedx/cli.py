@@ -69,10 +69,11 @@ def progress_bar() -> Iterator[ProgressFn]:
     with Progress(*columns, console=err_console, transient=True) as bar:
         tasks: dict[str, int] = {}
 
-        def update(stage: str, done: int, total: int) -> None:
+        def update(stage: str, done: int, total: int, info: str = "") -> None:
             if stage not in tasks:
                 tasks[stage] = bar.add_task(stage, total=total or None)
-            bar.update(tasks[stage], completed=done, total=total or None)
+            description = f"{stage} {info}" if info else stage
+            bar.update(tasks[stage], completed=done, total=total or None, description=description)
 
         yield update
 
@@ -82,45 +83,69 @@ Device = Annotated[str, typer.Option(help="Inference device: auto, cpu, cuda or 
 
 @app.command()
 def train(
-    data: Annotated[Path, typer.Argument(help="ImageFolder: one sub-folder of images per class.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory for the checkpoint, split and metrics.")],
+    data: Annotated[Path, typer.Argument(help="ImageFolder (one sub-folder per class), CSV manifest (path,label[,patient_id][,split]) or MedMNIST .npz.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory for the checkpoint, split, metrics and plots.")],
     arch: Annotated[str, typer.Option(help="Any timm architecture name.")] = "tf_efficientnet_lite0",
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
+    epochs: Annotated[int, typer.Option(help="Maximum training epochs.")] = 10,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, cosine schedule).")] = 1e-3,
+    lr: Annotated[float, typer.Option(help="Learning rate of the new head (pretrained layers get --backbone-lr-factor times it).")] = 1e-3,
+    optimizer: Annotated[str, typer.Option(help="adamw or sgd (momentum 0.9, Nesterov).")] = "adamw",
+    schedule: Annotated[str, typer.Option(help="cosine or plateau (reduce on plateau of the monitored metric).")] = "cosine",
     input_size: Annotated[Optional[int], typer.Option(help="Model input side in pixels (default: the architecture's).")] = None,
-    weights: Annotated[str, typer.Option(help="Starting weights: imagenet, none, or a state_dict/safetensors file.")] = "imagenet",
-    val_fraction: Annotated[float, typer.Option(help="Share of each class held out for validation.")] = 0.2,
+    weights: Annotated[str, typer.Option(help="Starting weights: imagenet, none, a state_dict/safetensors file, or an EdgeDx checkpoint.")] = "imagenet",
+    strategy: Annotated[str, typer.Option(help="full, frozen (feature extractor) or last:N (fine-tune the last N stages).")] = "full",
+    backbone_lr_factor: Annotated[Optional[float], typer.Option(help="Pretrained layers' lr = lr x this (default 0.1 when pretrained).")] = None,
+    imbalance: Annotated[str, typer.Option(help="weighted (class-weighted loss), sampler (balanced sampling) or none.")] = "weighted",
+    augment: Annotated[str, typer.Option(help="Augmentation preset: dermoscopy, microscopy, xray, oct or none.")] = "none",
+    normalization: Annotated[str, typer.Option(help="imagenet (the architecture's mean/std) or per_image standardisation.")] = "imagenet",
+    monitor: Annotated[str, typer.Option(help="Validation metric that picks the best epoch: balanced_accuracy, auc, accuracy or loss.")] = "balanced_accuracy",
+    patience: Annotated[Optional[int], typer.Option(help="Stop after this many epochs without improvement.")] = None,
+    target_sensitivity: Annotated[float, typer.Option(help="Binary tasks: the operating threshold reaches this validation sensitivity.")] = 0.95,
+    val_fraction: Annotated[float, typer.Option(help="Share held out for validation (by patient when ids exist).")] = 0.2,
+    test_fraction: Annotated[float, typer.Option(help="Share held out for a test split (by patient when ids exist).")] = 0.0,
     positive_class: Annotated[Optional[str], typer.Option(help="Binary tasks: the class to screen for.")] = None,
+    label_column: Annotated[str, typer.Option(help="CSV manifests: the column holding the class name.")] = "label",
+    labels: Annotated[Optional[str], typer.Option(help="CSV manifests: comma-separated 0/1 columns, one per label (multi-label).")] = None,
+    class_names: Annotated[Optional[str], typer.Option(help="Comma-separated class names (e.g. for .npz labels 0, 1, ...).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda (mixed precision on CUDA).")] = "auto",
+    strict: Annotated[bool, typer.Option(help="Fail on an unreadable image instead of skipping it.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last.pt.")] = False,
     seed: Annotated[int, typer.Option(help="Seed for the split, initialisation and augmentation.")] = 0,
 ) -> None:
     """Fine-tune a classifier on labelled images; writes RUN_DIR/model.pt with its model card."""
+    from edgedx.training.train import TrainConfig
     from edgedx.training.train import train as run_train
 
-    with progress_bar() as progress:
-        result = run_train(
-            data,
-            out,
-            arch=arch,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            input_size=input_size,
-            weights=weights,
-            val_fraction=val_fraction,
-            positive_class=positive_class,
-            seed=seed,
-            progress=progress,
-        )
-    m = result.best_metrics
-    console.print(
-        f"best epoch {result.best_epoch}: val accuracy {m['accuracy']:.3f}, balanced accuracy {m['balanced_accuracy']:.3f}"
-        + (f", AUC {m['macro_auc']:.3f}" if m.get("macro_auc") is not None else "")
+    config = TrainConfig(
+        arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
+        input_size=input_size, weights=weights, strategy=strategy, backbone_lr_factor=backbone_lr_factor,
+        imbalance=imbalance, augmentation=augment, normalization=normalization, monitor=monitor, patience=patience,
+        target_sensitivity=target_sensitivity, val_fraction=val_fraction, test_fraction=test_fraction,
+        positive_class=positive_class, label_column=label_column, label_columns=_split_names(labels),
+        class_names=_split_names(class_names), device=device, strict=strict, resume=resume, seed=seed,
     )
+    with progress_bar() as progress:
+        result = run_train(data, out, config, progress=progress)
+    m = result.card.metrics
+    line = f"best epoch {result.best_epoch}: val accuracy {_fmt(m.get('accuracy'))}, balanced accuracy {_fmt(m.get('balanced_accuracy'))}, AUC {_fmt(m.get('macro_auc'))}"
+    if result.card.task == "binary":
+        line += (
+            f"; threshold {_fmt(result.card.threshold)} for sensitivity ≥ {_fmt(m.get('target_sensitivity'))}: "
+            f"sensitivity {_fmt(m.get('sensitivity'))}, specificity {_fmt(m.get('specificity'))}"
+        )
+    console.print(line)
+    note = result.summary.get("splits", {}).get("note") if result.summary else None
+    if note:
+        console.print(f"note: {note}", style="yellow")
     if result.skipped:
-        console.print(f"{len(result.skipped)} unreadable image(s) skipped (run with -v to list them)", style="yellow")
+        console.print(f"{len(result.skipped)} unreadable image(s) skipped (listed in summary.json)", style="yellow")
     console.print(f"checkpoint: {result.checkpoint}")
+    console.print(f"metrics, split, plots: {Path(out)}")
     console.print(f"next: edgedx export {result.checkpoint} --out {Path(out) / 'export'}")
+
+
+def _split_names(text: str | None) -> tuple[str, ...] | None:
+    return tuple(v.strip() for v in text.split(",") if v.strip()) if text else None
 
 
 @app.command()

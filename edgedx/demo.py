@@ -64,7 +64,7 @@ def run_demo(out: str | Path, *, seed: int = 0, progress: ProgressFn = no_progre
     from edgedx.runtime.image_io import write_image
     from edgedx.runtime.model import load_model
     from edgedx.runtime.records import read_records
-    from edgedx.training.train import train
+    from edgedx.training.train import TrainConfig, train
 
     started = time.perf_counter()
     out = Path(out)
@@ -86,18 +86,11 @@ def run_demo(out: str | Path, *, seed: int = 0, progress: ProgressFn = no_progre
         truths[name] = (status, f"{infected}/{len(field.cells)}")
     progress("render synthetic smears", 2, 2)
 
-    trained = train(
-        tiles_dir,
-        out / "run",
-        arch=ARCH,
-        epochs=EPOCHS,
-        batch_size=32,
-        lr=2e-3,
-        input_size=TILE,
-        weights=demo_weights(),
-        seed=seed,
-        progress=progress,
+    config = TrainConfig(
+        arch=ARCH, epochs=EPOCHS, batch_size=32, lr=2e-3, input_size=TILE, weights=demo_weights(),
+        augmentation="microscopy", backbone_lr_factor=1.0, seed=seed, gradcam_samples=6,
     )
+    trained = train(tiles_dir, out / "run", config, progress=progress)
     exported = export_checkpoint(trained.checkpoint, out / "export", progress=progress)
     results = out / "diagnoses.jsonl"
     overlays = out / "overlays"
@@ -121,7 +114,7 @@ def run_demo(out: str | Path, *, seed: int = 0, progress: ProgressFn = no_progre
         )
     return DemoResult(
         rows=tuple(rows),
-        val_accuracy=float(trained.best_metrics["accuracy"]),
+        val_accuracy=float(trained.card.metrics["accuracy"]),
         parity_max_abs_diff=float(exported.parity["max_abs_diff"]),
         seconds=time.perf_counter() - started,
         paths={

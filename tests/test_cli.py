@@ -35,21 +35,30 @@ def test_top_level_help_lists_commands_and_version() -> None:
 
 
 def test_train_passes_options_through() -> None:
+    from edgedx.training.train import TrainConfig
+
     fake = mock.MagicMock()
-    fake.return_value.best_metrics = {"accuracy": 0.9, "balanced_accuracy": 0.8, "macro_auc": 0.95}
+    fake.return_value.card.metrics = {"accuracy": 0.9, "balanced_accuracy": 0.8, "macro_auc": 0.95}
+    fake.return_value.card.task = "multiclass"
+    fake.return_value.summary = {"splits": {"note": "no patient ids: images of one patient may be in several splits"}}
     fake.return_value.skipped = ()
     with mock.patch("edgedx.training.train.train", fake):
         result = runner.invoke(
             app,
             ["train", "my data", "--out", "run dir", "--arch", "resnet18", "--epochs", "3", "--input-size", "64",
-             "--weights", "none", "--positive-class", "melanoma", "--seed", "7"],
+             "--weights", "none", "--positive-class", "melanoma", "--seed", "7", "--strategy", "last:2",
+             "--imbalance", "sampler", "--augment", "dermoscopy", "--patience", "2", "--labels", "a, b",
+             "--optimizer", "sgd", "--schedule", "plateau", "--monitor", "auc", "--resume"],
         )
     assert result.exit_code == 0, result.output
     fake.assert_called_once_with(
-        Path("my data"), Path("run dir"), arch="resnet18", epochs=3, batch_size=32, lr=1e-3, input_size=64,
-        weights="none", val_fraction=0.2, positive_class="melanoma", seed=7, progress=mock.ANY,
+        Path("my data"), Path("run dir"),
+        TrainConfig(arch="resnet18", epochs=3, input_size=64, weights="none", positive_class="melanoma", seed=7,
+                    strategy="last:2", imbalance="sampler", augmentation="dermoscopy", patience=2, label_columns=("a", "b"),
+                    optimizer="sgd", schedule="plateau", monitor="auc", resume=True),
+        progress=mock.ANY,
     )
-    assert "val accuracy 0.900" in result.output
+    assert "val accuracy 0.900" in result.output and "no patient ids" in result.output
 
 
 def test_export_passes_options_through(tmp_path: Path) -> None:

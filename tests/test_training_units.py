@@ -12,21 +12,7 @@ pytest.importorskip("timm")
 
 from edgedx.errors import InputError, ModelError  # noqa: E402
 from edgedx.training import models  # noqa: E402
-from edgedx.training.train import pick_positive_class, stratified_split, train  # noqa: E402
-
-
-def test_stratified_split_keeps_class_proportions_and_is_seeded() -> None:
-    labels = np.array([0] * 80 + [1] * 20)
-    tr, va = stratified_split(labels, 0.2, seed=3)
-    assert len(set(tr) & set(va)) == 0 and len(tr) + len(va) == 100
-    assert (labels[va] == 0).sum() == 16 and (labels[va] == 1).sum() == 4
-    tr2, va2 = stratified_split(labels, 0.2, seed=3)
-    assert (va == va2).all()
-    assert not (va == stratified_split(labels, 0.2, seed=4)[1]).all()
-    with pytest.raises(InputError, match="at least 2"):
-        stratified_split(np.array([0, 0, 1]), 0.2, seed=0)
-    with pytest.raises(InputError, match="between 0 and 1"):
-        stratified_split(labels, 1.0, seed=0)
+from edgedx.training.train import TrainConfig, pick_positive_class, train  # noqa: E402
 
 
 def test_positive_class_choice() -> None:
@@ -81,13 +67,13 @@ def test_training_data_errors(tmp_path: Path) -> None:
     (data / "only").mkdir(parents=True)
     write_image(data / "only" / "a.png", np.zeros((8, 8, 3), np.uint8))
     with pytest.raises(InputError, match="1 class folder"):
-        train(data, tmp_path / "run", arch="resnet10t", weights="none")
-    with pytest.raises(InputError, match="data folder not found"):
-        train(tmp_path / "nope", tmp_path / "run", arch="resnet10t", weights="none")
+        train(data, tmp_path / "run", TrainConfig(arch="resnet10t", weights="none"))
+    with pytest.raises(InputError, match="not found"):
+        train(tmp_path / "nope", tmp_path / "run", TrainConfig(arch="resnet10t", weights="none"))
     (data / "other").mkdir()
     (data / "other" / "broken.png").write_bytes(b"junk")
     with pytest.raises(InputError, match="only one class has readable images"):
-        train(data, tmp_path / "run", arch="resnet10t", weights="none", input_size=8)
+        train(data, tmp_path / "run", TrainConfig(arch="resnet10t", weights="none", input_size=8))
 
 
 def test_unreadable_training_images_are_skipped_and_recorded(tmp_path: Path) -> None:
@@ -100,7 +86,7 @@ def test_unreadable_training_images_are_skipped_and_recorded(tmp_path: Path) -> 
         for i in range(6):
             write_image(data / cls / f"{i}.png", np.clip(rng.normal(value, 10, (20, 30, 3)), 0, 255).astype(np.uint8))
     (data / "dark" / "broken.png").write_bytes(b"")
-    result = train(data, tmp_path / "run", arch="resnet10t", weights="none", epochs=1, input_size=16, batch_size=4)
+    result = train(data, tmp_path / "run", TrainConfig(arch="resnet10t", weights="none", epochs=1, input_size=16, batch_size=4, gradcam_samples=0, plots=False))
     assert len(result.skipped) == 1 and "broken.png" in result.skipped[0]
     assert result.card.provenance.data_summary["n_skipped"] == 1
     assert result.card.provenance.data_summary["n_images"] == 12

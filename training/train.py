@@ -1,9 +1,16 @@
-"""Fine-tune a timm CNN on an ImageFolder and write a checkpoint with its card.
+"""Fine-tune a timm CNN on labelled medical images; write a checkpoint with its card.
 
-The images go through :func:`edgedx.runtime.preprocess.preprocess_batch` with
-the same card that the deployed model will carry, so training and deployment
-see identical inputs. The best epoch (by validation balanced accuracy) is kept
-as a copy of the weights, never an alias of the live model.
+The recipe practitioners use for small, imbalanced sets: ImageNet weights,
+a transfer strategy (frozen features, last stages, or full fine-tune with a
+lower learning rate for pretrained layers), class-weighted loss or a balanced
+sampler, modality-aware augmentation, patient-level splits, early stopping on a
+validation metric and an operating threshold chosen on validation data for a
+target sensitivity.
+
+Images go through :func:`edgedx.runtime.preprocess.preprocess_batch` with the
+same card the deployed model carries, so training and deployment see identical
+inputs. The best epoch is kept as a copy of the weights, never an alias of the
+live model; ``last.pt`` holds everything needed to resume.
 """
 
 from __future__ import annotations
@@ -11,8 +18,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +32,86 @@ import edgedx
 from edgedx.card import CropPolicy, ModelCard, Normalization, Provenance, now_iso
 from edgedx.errors import ImageReadError, InputError
 from edgedx.progress import ProgressFn, no_progress
-from edgedx.runtime.datasets import LabelledImages, list_image_folder
-from edgedx.runtime.image_io import read_image
-from edgedx.runtime.metrics import classification_metrics
+from edgedx.runtime.metrics import classification_metrics, threshold_for_sensitivity
 from edgedx.runtime.preprocess import preprocess_batch, resize_to, to_probabilities
 from edgedx.training.augment import PRESETS, augment
 from edgedx.training.checkpoint import save_checkpoint
+from edgedx.training.losses import IMBALANCE_MODES, TaskLoss, balanced_order, class_weights, loss_shares
 from edgedx.training.models import DEFAULT_ARCH, check_arch, create_model, default_input_size, default_normalization, load_weights
+from edgedx.training.sources import TrainingData, load_source
+from edgedx.training.splits import check_no_leakage, save_splits, split_indices
+from edgedx.training.splits import summary as split_summary
+from edgedx.training.strategy import apply_strategy, freeze_batchnorm_of_frozen, parameter_groups, parse_strategy
 
 log = logging.getLogger(__name__)
 
 NEGATIVE_NAMES = ("normal", "negative", "benign", "uninfected", "healthy", "nevus", "no_finding", "no finding", "absent")
 CHECKPOINT_NAME = "model.pt"
+LAST_NAME = "last.pt"
+MONITORS = ("balanced_accuracy", "auc", "accuracy", "loss")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "plateau")
+NORMALIZATIONS = ("imagenet", "per_image")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every training choice; recorded in the card's provenance and in ``summary.json``."""
+
+    arch: str = DEFAULT_ARCH
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    schedule: str = "cosine"
+    input_size: int | None = None
+    weights: str = "imagenet"
+    strategy: str = "full"
+    backbone_lr_factor: float | None = None  # None: 0.1 with pretrained weights, 1.0 from scratch
+    imbalance: str = "weighted"
+    augmentation: str = "none"
+    normalization: str = "imagenet"
+    monitor: str = "balanced_accuracy"
+    patience: int | None = None
+    target_sensitivity: float = 0.95
+    val_fraction: float = 0.2
+    test_fraction: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    positive_class: str | None = None
+    task: str | None = None
+    label_column: str = "label"
+    label_columns: tuple[str, ...] | None = None
+    class_names: tuple[str, ...] | None = None
+    stride_fraction: float = 0.5
+    strict: bool = False
+    resume: bool = False
+    gradcam_samples: int = 8
+    plots: bool = True
+
+    def validate(self) -> None:
+        """Fail before any work on a setting that makes no sense, naming it."""
+        checks = [
+            (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
+            (self.lr > 0, f"learning rate must be positive, got {self.lr}"),
+            (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose {', '.join(OPTIMIZERS)}"),
+            (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; choose {', '.join(SCHEDULES)}"),
+            (self.imbalance in IMBALANCE_MODES, f"unknown imbalance mode {self.imbalance!r}; choose {', '.join(IMBALANCE_MODES)}"),
+            (self.augmentation in PRESETS, f"unknown augmentation {self.augmentation!r}; choose one of {', '.join(PRESETS)}"),
+            (self.normalization in NORMALIZATIONS, f"unknown normalization {self.normalization!r}; choose {', '.join(NORMALIZATIONS)}"),
+            (self.monitor in MONITORS, f"unknown monitor {self.monitor!r}; choose one of {', '.join(MONITORS)}"),
+            (self.patience is None or self.patience >= 1, f"patience must be at least 1 epoch, got {self.patience}"),
+            (0 < self.target_sensitivity <= 1, f"target sensitivity must be in (0, 1], got {self.target_sensitivity}"),
+            (0 < self.stride_fraction <= 1, f"stride fraction must be in (0, 1], got {self.stride_fraction}"),
+            (self.device in ("auto", "cpu", "cuda"), f"unknown device {self.device!r}; choose auto, cpu or cuda"),
+            (self.input_size is None or self.input_size >= 8, f"input size must be at least 8 pixels, got {self.input_size}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InputError(message)
+        parse_strategy(self.strategy)
 
 
 @dataclass(frozen=True)
@@ -46,29 +122,14 @@ class TrainResult:
     best_metrics: dict[str, Any]
     history: list[dict[str, Any]]
     skipped: tuple[str, ...]
-
-
-def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Train/val indices with each class split in the same proportion (at least one val image per class)."""
-    if not 0.0 < val_fraction < 1.0:
-        raise InputError(f"val fraction must be between 0 and 1, got {val_fraction}")
-    rng = np.random.default_rng(seed)
-    train_idx, val_idx = [], []
-    for cls in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == cls))
-        if len(members) < 2:
-            raise InputError(f"class index {cls} has {len(members)} image; each class needs at least 2 to split train/val")
-        n_val = min(len(members) - 1, max(1, round(len(members) * val_fraction)))
-        val_idx.extend(members[:n_val])
-        train_idx.extend(members[n_val:])
-    return np.sort(np.asarray(train_idx)), np.sort(np.asarray(val_idx))
+    summary: dict[str, Any] = field(default_factory=dict)
 
 
 def pick_positive_class(class_names: tuple[str, ...], requested: str | None) -> str:
     """The class a binary model screens for: as requested, else the one not named like a negative, else the last."""
     if requested is not None:
         if requested not in class_names:
-            raise InputError(f"positive class {requested!r} is not one of the class folders {list(class_names)}")
+            raise InputError(f"positive class {requested!r} is not one of the classes {list(class_names)}")
         return requested
     negatives = [n for n in class_names if n.lower().lstrip("0123456789_-") in NEGATIVE_NAMES]
     if len(negatives) == 1:
@@ -77,217 +138,452 @@ def pick_positive_class(class_names: tuple[str, ...], requested: str | None) -> 
 
 
 @dataclass
-class LoadedImages:
-    """Decoded images at the model's input size, with what was skipped and each image's scale factor."""
+class DecodedImages:
+    """The data decoded once at the model's input size (uint8), plus what was skipped."""
 
+    data: TrainingData  # only the readable items
     images: list[np.ndarray]
-    labels: list[int]
-    paths: list[Path]
     skipped: list[str]
     scales: list[float]
 
 
-def load_images(labelled: LabelledImages, size: tuple[int, int], progress: ProgressFn) -> LoadedImages:
-    """Decode and resize every image once (uint8 at the model's input size); skip unreadable ones.
+def decode_all(data: TrainingData, size: tuple[int, int], *, strict: bool, progress: ProgressFn) -> DecodedImages:
+    """Read every item once; an unreadable one is skipped and listed, or fatal with ``strict``.
 
     ``scales`` records how much each image was shrunk or enlarged, so the card's
-    crop policy can resample whole images the same way at diagnosis.
+    crop policy resamples whole images the same way at diagnosis.
     """
-    loaded = LoadedImages([], [], [], [], [])
-    total = len(labelled.paths)
-    for i, (path, label) in enumerate(zip(labelled.paths, labelled.labels), 1):
+    images, kept, skipped, scales = [], [], [], []
+    for i in range(len(data)):
         try:
-            rgb = read_image(path)
+            rgb = data.load(i)
         except ImageReadError as exc:
-            loaded.skipped.append(str(exc))
+            if strict:
+                raise InputError(f"unreadable training image (strict mode): {exc}") from None
+            skipped.append(str(exc))
             log.warning("skipping %s", exc)
             continue
-        loaded.scales.append(math.sqrt(size[0] / rgb.shape[0] * size[1] / rgb.shape[1]))
-        loaded.images.append(resize_to(rgb, size[0], size[1], "area"))
-        loaded.labels.append(label)
-        loaded.paths.append(path)
-        progress("load images", i, total)
-    return loaded
+        scales.append(math.sqrt(size[0] / rgb.shape[0] * size[1] / rgb.shape[1]))
+        images.append(resize_to(rgb, size[0], size[1], "area"))
+        kept.append(i)
+        progress("load images", i + 1, len(data))
+    if not kept:
+        raise InputError(f"no readable image in {data.source}")
+    return DecodedImages(data.subset(np.asarray(kept)), images, skipped, scales)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' requested but torch sees no CUDA GPU; use --device cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
 
 
 def train(
-    data: str | Path,
-    out: str | Path,
-    *,
-    arch: str = DEFAULT_ARCH,
-    epochs: int = 10,
-    batch_size: int = 32,
-    lr: float = 1e-3,
-    input_size: int | None = None,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    weights: str = "imagenet",
-    augmentation: str = "flips90",
-    positive_class: str | None = None,
-    stride_fraction: float = 0.5,
-    progress: ProgressFn = no_progress,
+    data: str | Path, out: str | Path, config: TrainConfig = TrainConfig(), *, progress: ProgressFn = no_progress
 ) -> TrainResult:
-    """Train on the ImageFolder ``data`` and write ``out/model.pt`` (best epoch, card inside).
+    """Train on ``data`` (ImageFolder, CSV manifest or MedMNIST ``.npz``) into the run directory ``out``.
 
-    Also writes ``out/metrics.json`` (per-epoch history and the best epoch) and
-    ``out/split.json`` (which file went to train and val).
+    Writes ``model.pt`` (best epoch, card inside), ``last.pt`` (for ``resume``),
+    ``split.json``, ``metrics.json``, ``summary.json`` and, unless disabled,
+    plots and Grad-CAM overlays.
     """
-    if epochs < 1:
-        raise InputError(f"epochs must be at least 1, got {epochs}")
-    if batch_size < 1:
-        raise InputError(f"batch size must be at least 1, got {batch_size}")
-    if augmentation not in PRESETS:
-        raise InputError(f"unknown augmentation {augmentation!r}; choose one of {', '.join(PRESETS)}")
-    if not 0.0 < stride_fraction <= 1.0:
-        raise InputError(f"stride fraction must be in (0, 1], got {stride_fraction}")
-    check_arch(arch)
-    labelled = list_image_folder(data)
+    config.validate()
+    check_arch(config.arch)
+    source = load_source(
+        data,
+        label_column=config.label_column,
+        label_columns=list(config.label_columns) if config.label_columns else None,
+        class_names=list(config.class_names) if config.class_names else None,
+        task=config.task,
+    )
+    task = source.task
+    positive = pick_positive_class(source.class_names, config.positive_class) if task == "binary" else None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
 
-    class_names = labelled.class_names
-    task = "binary" if len(class_names) == 2 else "multiclass"
-    positive = pick_positive_class(class_names, positive_class) if task == "binary" else None
-    model = create_model(arch, len(class_names))
-    weights_used = load_weights(model, arch, weights)
-    size = (input_size, input_size) if input_size else default_input_size(model)
+    class_names = source.class_names
+    model = create_model(config.arch, len(class_names))
+    weights_used = load_weights(model, config.arch, config.weights)
+    size = (config.input_size, config.input_size) if config.input_size else default_input_size(model)
     mean, std = default_normalization(model)
 
-    loaded = load_images(labelled, size, progress)
-    images, skipped = loaded.images, loaded.skipped
-    y = np.asarray(loaded.labels)
-    if len(np.unique(y)) < 2:
-        raise InputError(f"only one class has readable images in {data}; a classifier needs at least two")
-    train_idx, val_idx = stratified_split(y, val_fraction, seed)
-    (out / "split.json").write_text(
-        json.dumps(
-            {
-                "seed": seed,
-                "class_names": list(class_names),
-                "train": [str(loaded.paths[i].resolve()) for i in train_idx],
-                "val": [str(loaded.paths[i].resolve()) for i in val_idx],
-            },
-            indent=1,
-        ),
-        encoding="utf-8",
-    )
+    decoded = decode_all(source, size, strict=config.strict, progress=progress)
+    data_ = decoded.data
+    targets = data_.targets
+    present = np.flatnonzero(data_.class_matrix().any(axis=0))
+    if task != "multilabel" and len(present) < 2:
+        empty = [n for i, n in enumerate(class_names) if i not in present]
+        raise InputError(
+            f"only one class has readable images in {data_.source} (none readable for: {', '.join(empty)}); "
+            "a classifier needs at least two"
+        )
+    splits = split_indices(data_, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed)
+    check_no_leakage(data_, splits)
+    save_splits(out / "split.json", data_, splits, seed=config.seed)
+    train_idx, val_idx = splits["train"], splits["val"]
+    if len(val_idx) == 0:
+        raise InputError("the validation split is empty; raise --val-fraction or add images")
 
-    scale = float(np.median(loaded.scales))
-    tile = size
-    stride = (max(1, round(tile[0] * stride_fraction)), max(1, round(tile[1] * stride_fraction)))
+    strategy = parse_strategy(config.strategy)
+    pretrained = weights_used != "none"
+    backbone_factor = config.backbone_lr_factor if config.backbone_lr_factor is not None else (0.1 if pretrained else 1.0)
+    trainable = apply_strategy(model, strategy)
+    model.to(device)
+    weights = class_weights(targets[train_idx], task, len(class_names)) if config.imbalance == "weighted" else None
+    loss_fn = TaskLoss(task, weights).to(device)
+    eval_loss = TaskLoss(task, weights)  # on CPU, where validation logits are gathered
+
     card = ModelCard(
-        arch=arch,
+        arch=config.arch,
         task=task,
         class_names=class_names,
         positive_class=positive,
-        threshold=0.5 if task == "binary" else None,
+        threshold=0.5 if task != "multiclass" else None,
         input_size=size,
-        normalization=Normalization(kind="mean_std", mean=mean, std=std),
-        crop=CropPolicy(tile_size=tile, stride=stride, scale=round(scale, 6)),
+        normalization=Normalization(kind="per_image") if config.normalization == "per_image" else Normalization(mean=mean, std=std),
+        output_activation="sigmoid" if task == "multilabel" else "softmax",
+        crop=CropPolicy(
+            tile_size=size,
+            stride=(max(1, round(size[0] * config.stride_fraction)), max(1, round(size[1] * config.stride_fraction))),
+            scale=round(float(np.median(decoded.scales)), 6),
+        ),
         provenance=Provenance(
             edgedx_version=edgedx.__version__,
             created_at=now_iso(),
             data_summary={
-                "source": str(data),
-                "n_images": len(images),
-                "class_counts": {n: int((y == i).sum()) for i, n in enumerate(class_names)},
-                "n_train": len(train_idx),
-                "n_val": len(val_idx),
-                "n_skipped": len(skipped),
-                "patient_ids": False,
+                "source": data_.source,
+                "n_images": len(data_),
+                "class_counts": data_.class_counts(),
+                "n_skipped": len(decoded.skipped),
+                "splits": {k: int(len(v)) for k, v in splits.items()},
+                "patient_ids": data_.patient_ids is not None,
             },
-            split_seed=seed,
+            split_seed=config.seed,
             weights=weights_used,
-            training={
-                "epochs": epochs,
-                "batch_size": batch_size,
-                "lr": lr,
-                "optimizer": "AdamW",
-                "schedule": "cosine",
-                "augmentation": augmentation,
-                "val_fraction": val_fraction,
-            },
+            training={**_jsonable(asdict(config)), "strategy": str(strategy), "backbone_lr_factor": backbone_factor},
         ),
     )
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps_per_epoch = math.ceil(len(train_idx) / batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
-    loss_fn = nn.CrossEntropyLoss()
-    history: list[dict[str, Any]] = []
-    best: tuple[float, float] | None = None
-    best_state: dict[str, torch.Tensor] = {}
-    best_epoch = 0
-    best_metrics: dict[str, Any] = {}
+    groups = parameter_groups(model, config.lr, backbone_factor)
+    if config.optimizer == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(train_idx) / config.batch_size))
+    if config.schedule == "cosine":
+        scheduler: Any = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
+    else:
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.3, patience=2)
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    state = _RunState()
+    last = out / LAST_NAME
+    if config.resume:
+        if not last.is_file():
+            raise InputError(f"nothing to resume: {last} does not exist; run without --resume to start")
+        state = _restore(last, model, optimizer, scheduler, scaler, rng, config)
+        log.info("resumed after epoch %d", state.epoch)
+
     checkpoint = out / CHECKPOINT_NAME
-    total_steps = epochs * steps_per_epoch
-    step = 0
-    for epoch in range(1, epochs + 1):
-        start = time.perf_counter()
+    total_steps = config.epochs * steps_per_epoch
+    for epoch in range(state.epoch + 1, config.epochs + 1):
+        started = time.perf_counter()
         model.train()
-        order = rng.permutation(train_idx)
-        running = 0.0
+        freeze_batchnorm_of_frozen(model, trainable)
+        order = balanced_order(targets[train_idx], task, rng) if config.imbalance == "sampler" else rng.permutation(len(train_idx))
+        order = train_idx[order]
+        running, seen = 0.0, 0
         for b in range(steps_per_epoch):
-            idx = order[b * batch_size : (b + 1) * batch_size]
+            idx = order[b * config.batch_size : (b + 1) * config.batch_size]
             if len(idx) < 2 and len(order) > 1:  # batch norm cannot train on a single sample
                 continue
-            batch = np.stack([augment(images[i], augmentation, rng) for i in idx])
-            x = torch.from_numpy(preprocess_batch(batch, card))
-            target = torch.from_numpy(y[idx]).long()
-            loss = loss_fn(model(x), target)
+            batch = np.stack([augment(decoded.images[i], config.augmentation, rng) for i in idx])
+            x = torch.from_numpy(preprocess_batch(batch, card)).to(device)
+            target = _target_tensor(targets[idx], task).to(device)
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                loss = loss_fn(model(x), target)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            if config.schedule == "cosine":
+                scheduler.step()
             running += loss.item() * len(idx)
-            step += 1
-            progress("train", step, total_steps)
-        val_loss, metrics = evaluate_split(model, images, y, val_idx, card, batch_size)
+            seen += len(idx)
+            step = (epoch - 1) * steps_per_epoch + b + 1
+            progress("train", step, total_steps, f"epoch {epoch}/{config.epochs} loss {running / seen:.3f}")
+        val_loss, probs = predict(model, decoded.images, targets, val_idx, card, config.batch_size, device, eval_loss)
+        metrics = score(targets[val_idx], probs, card)
+        monitored = -val_loss if config.monitor == "loss" else _monitored(metrics, config.monitor)
+        if config.schedule == "plateau":
+            scheduler.step(monitored)
         row = {
             "epoch": epoch,
-            "train_loss": running / len(train_idx),
+            "train_loss": running / max(seen, 1),
             "val_loss": val_loss,
             "val_accuracy": metrics["accuracy"],
             "val_balanced_accuracy": metrics["balanced_accuracy"],
             "val_macro_auc": metrics["macro_auc"],
-            "seconds": round(time.perf_counter() - start, 2),
+            "lr": optimizer.param_groups[0]["lr"],
+            "seconds": round(time.perf_counter() - started, 2),
         }
-        history.append(row)
+        state.history.append(row)
+        progress("train", epoch * steps_per_epoch, total_steps, f"epoch {epoch}/{config.epochs} val {config.monitor} {monitored:+.3f}")
         log.info("epoch %d: %s", epoch, row)
-        score = (metrics["balanced_accuracy"], -val_loss)
-        if best is None or score > best:
-            best, best_epoch, best_metrics = score, epoch, metrics
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            card = card.replace(metrics=_card_metrics(metrics, best_epoch))
-            save_checkpoint(checkpoint, card, best_state, split_seed=seed, epoch=epoch)
+        if state.best_score is None or monitored > state.best_score:
+            state.best_score, state.best_epoch, state.since_best = monitored, epoch, 0
+            state.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            save_checkpoint(checkpoint, card.replace(metrics={"split": "val", "epoch": epoch, **_headline(metrics)}), state.best_state, epoch=epoch)
+        else:
+            state.since_best += 1
+        state.epoch = epoch
+        _save_last(last, model, optimizer, scheduler, scaler, rng, state)
+        if config.patience is not None and state.since_best >= config.patience:
+            log.info("early stopping after epoch %d: no %s improvement for %d epochs", epoch, config.monitor, config.patience)
+            state.stopped_early = True
+            break
 
-    (out / "metrics.json").write_text(
-        json.dumps({"best_epoch": best_epoch, "best": best_metrics, "history": history}, indent=2), encoding="utf-8"
-    )
+    # The best epoch's weights: choose the operating threshold on validation data.
+    model.load_state_dict(state.best_state)
+    _, val_probs = predict(model, decoded.images, targets, val_idx, card, config.batch_size, device, eval_loss)
+    final = operating_point(targets[val_idx], val_probs, card, config.target_sensitivity)
+    card = card.replace(threshold=final["threshold"], metrics={"split": "val", "epoch": state.best_epoch, **final["card_metrics"]})
+    save_checkpoint(checkpoint, card, state.best_state, epoch=state.best_epoch)
+    report: dict[str, Any] = {"best_epoch": state.best_epoch, "stopped_early": state.stopped_early, "val": final["metrics"], "history": state.history}
+    if len(splits.get("test", [])):
+        _, test_probs = predict(model, decoded.images, targets, splits["test"], card, config.batch_size, device, eval_loss)
+        report["test"] = score(targets[splits["test"]], test_probs, card, threshold=card.threshold)
+    (out / "metrics.json").write_text(json.dumps(_jsonable(report), indent=2) + "\n", encoding="utf-8")
     (out / "card.json").write_text(card.to_json() + "\n", encoding="utf-8")
-    return TrainResult(checkpoint, card, best_epoch, best_metrics, history, tuple(skipped))
+
+    summary = {
+        "data": data_.source,
+        "task": task,
+        "class_counts_train": {n: c for n, c in zip(class_names, _counts(targets[train_idx], task, len(class_names)))},
+        "loss_shares": loss_shares(targets[train_idx], task, class_names, weights),
+        "imbalance": config.imbalance,
+        "splits": split_summary(data_, splits),
+        "skipped": decoded.skipped,
+        "weights": weights_used,
+        "strategy": str(strategy),
+        "trainable_parameters": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
+        "device": str(device),
+    }
+    if config.plots:
+        _write_plots(out, state.history, targets[val_idx], val_probs, card, final, config.monitor)
+    if config.gradcam_samples:
+        summary["gradcam"] = [str(p) for p in _write_gradcam(out, model, decoded, val_idx, card, config.gradcam_samples)]
+    (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n", encoding="utf-8")
+    return TrainResult(checkpoint, card, state.best_epoch, final["metrics"], state.history, tuple(decoded.skipped), summary)
 
 
 @torch.inference_mode()
-def evaluate_split(
-    model: nn.Module, images: list[np.ndarray], y: np.ndarray, idx: np.ndarray, card: ModelCard, batch_size: int
-) -> tuple[float, dict[str, Any]]:
-    """Validation loss and metrics (probabilities through the runtime's activation)."""
+def predict(
+    model: nn.Module, images: list[np.ndarray], targets: np.ndarray, idx: np.ndarray, card: ModelCard,
+    batch_size: int, device: torch.device, loss_fn: nn.Module,
+) -> tuple[float, np.ndarray]:
+    """Mean loss (``loss_fn`` on CPU) and probabilities (through the runtime's activation) on the items ``idx``."""
     model.eval()
     logits = []
     for b in range(0, len(idx), batch_size):
         chunk = idx[b : b + batch_size]
-        x = torch.from_numpy(preprocess_batch(np.stack([images[i] for i in chunk]), card))
-        logits.append(model(x))
+        x = torch.from_numpy(preprocess_batch(np.stack([images[i] for i in chunk]), card)).to(device)
+        logits.append(model(x).float().cpu())
     out = torch.cat(logits)
-    loss = float(nn.functional.cross_entropy(out, torch.from_numpy(y[idx]).long()))
-    probs = to_probabilities(out.numpy(), card)
-    return loss, classification_metrics(y[idx], probs, card.class_names).to_dict()
+    loss = float(loss_fn(out, _target_tensor(targets[idx], card.task)))
+    return loss, to_probabilities(out.numpy(), card)
 
 
-def _card_metrics(metrics: dict[str, Any], epoch: int) -> dict[str, Any]:
-    """The validation numbers worth carrying with the model."""
-    keep = {k: metrics[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_auc") if k in metrics}
-    return {"split": "val", "epoch": epoch, **keep}
+def score(y: np.ndarray, probs: np.ndarray, card: ModelCard, *, threshold: float | None = None) -> dict[str, Any]:
+    """The full metric set. Binary decisions at ``threshold`` (argmax when None); multilabel per label at 0.5."""
+    if card.task == "multilabel":
+        per_label = {}
+        for i, name in enumerate(card.class_names):
+            p = np.stack([1 - probs[:, i], probs[:, i]], axis=1)
+            cut = 0.5 if threshold is None else threshold
+            per_label[name] = classification_metrics(
+                y[:, i].astype(int), p, ("absent", name), y_pred=(probs[:, i] >= cut).astype(int)
+            ).to_dict()
+        keys = ("accuracy", "balanced_accuracy", "macro_auc")
+        means = {k: _nanmean([m[k] for m in per_label.values()]) for k in keys}
+        return {**means, "n": len(y), "per_label": per_label}
+    y_pred = None
+    if card.task == "binary" and threshold is not None:
+        pos = card.positive_index
+        y_pred = np.where(probs[:, pos] >= threshold, pos, 1 - pos)
+    return classification_metrics(y, probs, card.class_names, y_pred=y_pred, positive_index=card.positive_index or 1).to_dict()
+
+
+def margin_threshold(truth: np.ndarray, scores: np.ndarray, target: float) -> float:
+    """The operating threshold for at least ``target`` sensitivity, with the widest margin.
+
+    ``threshold_for_sensitivity`` gives the highest threshold reaching the
+    target, which maximises specificity. Every threshold down to the highest
+    negative below it keeps that specificity while catching more positives, so
+    we go down to that gap and sit in its middle: between the highest such
+    negative and the lowest positive above it. Validation specificity is
+    unchanged, sensitivity can only rise, and the threshold is not glued to one
+    validation case (less brittle on new images and on whole-image means).
+    """
+    top = float(threshold_for_sensitivity(truth, scores, target))
+    negatives = scores[(truth == 0) & (scores < top)]
+    if negatives.size == 0:
+        below = scores[scores < top]
+        return (top + float(below.max())) / 2.0 if below.size else top
+    highest_negative = float(negatives.max())
+    lowest_positive_above = float(scores[(truth == 1) & (scores > highest_negative)].min())
+    return (highest_negative + lowest_positive_above) / 2.0
+
+
+def operating_point(y: np.ndarray, probs: np.ndarray, card: ModelCard, target: float) -> dict[str, Any]:
+    """Binary: the threshold reaching ``target`` sensitivity on validation data, and the metrics there."""
+    if card.task != "binary":
+        metrics = score(y, probs, card)
+        return {"threshold": card.threshold, "metrics": metrics, "card_metrics": _headline(metrics)}
+    pos = card.positive_index
+    assert pos is not None
+    truth = (y == pos).astype(int)
+    threshold = margin_threshold(truth, probs[:, pos], target) if truth.any() else 0.5
+    at = score(y, probs, card, threshold=threshold)
+    at_half = score(y, probs, card, threshold=0.5)
+    row = at["per_class"][card.class_names[pos]]
+    card_metrics = {
+        **_headline(at),
+        "target_sensitivity": target,
+        "threshold": threshold,
+        "sensitivity": row["sensitivity"],
+        "specificity": row["specificity"],
+        "precision": row["precision"],
+        "f1": row["f1"],
+        "auc": at["macro_auc"],
+    }
+    return {"threshold": threshold, "metrics": {"at_threshold": at, "at_0.5": at_half}, "card_metrics": card_metrics}
+
+
+# -- internals --------------------------------------------------------------------------
+
+
+@dataclass
+class _RunState:
+    epoch: int = 0
+    best_epoch: int = 0
+    best_score: float | None = None
+    since_best: int = 0
+    stopped_early: bool = False
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _save_last(path: Path, model, optimizer, scheduler, scaler, rng: np.random.Generator, state: _RunState) -> None:
+    """Everything needed to continue exactly where this epoch ended (atomic write)."""
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "numpy_rng": json.dumps(rng.bit_generator.state),
+        "torch_rng": torch.get_rng_state(),
+        "state": {k: v for k, v in asdict(state).items() if k not in ("best_state", "history")},
+        "history": json.dumps(_jsonable(state.history)),
+        "best_state": state.best_state,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def _restore(path: Path, model, optimizer, scheduler, scaler, rng: np.random.Generator, config: TrainConfig) -> _RunState:
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    scaler.load_state_dict(payload["scaler"])
+    rng.bit_generator.state = json.loads(payload["numpy_rng"])
+    torch.set_rng_state(payload["torch_rng"])
+    state = _RunState(**payload["state"], best_state=payload["best_state"], history=json.loads(payload["history"]))
+    if state.epoch >= config.epochs:
+        raise InputError(f"the run already finished {state.epoch} of {config.epochs} epochs; raise --epochs to train further")
+    return state
+
+
+def _target_tensor(targets: np.ndarray, task: str) -> torch.Tensor:
+    return torch.from_numpy(targets.astype(np.float32)) if task == "multilabel" else torch.from_numpy(targets).long()
+
+
+def _monitored(metrics: dict[str, Any], monitor: str) -> float:
+    value = metrics["macro_auc" if monitor == "auc" else monitor]
+    return float("-inf") if value is None else float(value)
+
+
+def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: metrics[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_auc") if k in metrics}
+
+
+def _counts(targets: np.ndarray, task: str, n: int) -> list[int]:
+    if task == "multilabel":
+        return [int(v) for v in targets.sum(axis=0)]
+    return [int(v) for v in np.bincount(targets, minlength=n)]
+
+
+def _nanmean(values: list[Any]) -> float | None:
+    finite = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return float(np.mean(finite)) if finite else None
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON values (numpy scalars and arrays, tuples, NaN → null)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _write_plots(out: Path, history, y, probs, card: ModelCard, final: dict[str, Any], monitor: str) -> None:
+    """Learning curves, ROC with the operating point, confusion matrix and the six-metric radar."""
+    from edgedx.training import plots
+
+    folder = out / "plots"
+    curve_metric = {"auc": "val_macro_auc", "loss": "val_loss"}.get(monitor, f"val_{monitor}")
+    plots.plot_learning_curves(history, folder / "learning_curves.png", metric=curve_metric)
+    binary = card.task == "binary"
+    plots.plot_roc(
+        y, probs, card.class_names, folder / "roc.png",
+        positive_index=card.positive_index, operating_threshold=card.threshold if binary else None,
+    )
+    metrics = final["metrics"]["at_threshold"] if binary else final["metrics"]
+    if card.task == "multilabel":
+        per_label = [plots.six_metrics(m, name) for name, m in metrics["per_label"].items()]
+        six = {k: _nanmean([p[k] for p in per_label]) for k in per_label[0]}
+    else:
+        plots.plot_confusion_matrix(metrics["confusion"], card.class_names, folder / "confusion_matrix.png")
+        six = plots.six_metrics(metrics, card.positive_class)
+    plots.plot_radar(six, folder / "radar.png", title=f"{card.arch}, validation")
+
+
+def _write_gradcam(out: Path, model: nn.Module, decoded: DecodedImages, val_idx: np.ndarray, card: ModelCard, n: int) -> list[Path]:
+    """Grad-CAM overlays for the first ``n`` validation images; a failure is logged, the run is kept."""
+    from edgedx.training.gradcam import save_gradcam_examples
+
+    chosen = val_idx[: min(n, len(val_idx))]
+    labels = None if card.task == "multilabel" else [card.class_names[int(decoded.data.targets[i])] for i in chosen]
+    names = [re.sub(r"[^A-Za-z0-9._-]+", "_", f"val_{k:02d}_{Path(decoded.data.ids[i]).stem}")[:80] for k, i in enumerate(chosen)]
+    try:
+        return save_gradcam_examples(
+            model.cpu(), [decoded.images[i] for i in chosen], card, out / "gradcam", names=names, labels=labels, max_images=n
+        )
+    except Exception as exc:  # Grad-CAM is evidence, not the product: never lose a finished run over it
+        log.warning("Grad-CAM overlays failed for %s: %s", card.arch, exc)
+        return []

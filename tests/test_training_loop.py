@@ -1,0 +1,159 @@
+"""The training loop: resume, early stopping, every task and source, threshold, transfer."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("timm")
+
+from edgedx.runtime.image_io import write_image  # noqa: E402
+from edgedx.training.checkpoint import load_checkpoint  # noqa: E402
+from edgedx.training.train import TrainConfig, operating_point, train  # noqa: E402
+
+FAST = TrainConfig(arch="resnet10t", weights="none", input_size=16, batch_size=8, epochs=2, lr=3e-3, gradcam_samples=0, plots=False)
+
+
+def colour_folder(root: Path, n: int = 12, seed: int = 0) -> Path:
+    """Dark vs light noisy images: separable, tiny, odd-sized."""
+    rng = np.random.default_rng(seed)
+    for cls, value in (("dark", 50), ("light", 200)):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            write_image(root / cls / f"{i}.png", np.clip(rng.normal(value, 20, (19, 23, 3)), 0, 255).astype(np.uint8))
+    return root
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_continues_exactly(tmp_path: Path) -> None:
+    data = colour_folder(tmp_path / "data")
+    straight = train(data, tmp_path / "a", FAST)
+
+    def stop_in_epoch_two(stage: str, done: int, total: int, info: str = "") -> None:
+        if info.startswith("epoch 2/2 loss"):
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(data, tmp_path / "b", FAST, progress=stop_in_epoch_two)
+    resumed = train(data, tmp_path / "b", TrainConfig(**{**FAST.__dict__, "resume": True}))
+    a = load_checkpoint(straight.checkpoint).state_dict
+    b = load_checkpoint(resumed.checkpoint).state_dict
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["train_loss"] for h in straight.history] == [h["train_loss"] for h in resumed.history]
+    with pytest.raises(Exception, match="already finished 2 of 2 epochs"):
+        train(data, tmp_path / "b", TrainConfig(**{**FAST.__dict__, "resume": True}))
+
+
+def test_early_stopping(tmp_path: Path) -> None:
+    data = colour_folder(tmp_path / "data")
+    result = train(data, tmp_path / "run", TrainConfig(**{**FAST.__dict__, "epochs": 6, "lr": 1e-9, "patience": 1, "schedule": "plateau"}))
+    assert len(result.history) == 2  # epoch 2 did not beat epoch 1
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["stopped_early"] is True
+
+
+def test_multilabel_csv_trains_exports_and_diagnoses(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    root = tmp_path / "ml data"
+    (root / "img").mkdir(parents=True)
+    rows = []
+    for i in range(32):
+        red, blue = i % 2, (i // 2) % 2
+        image = np.full((20, 20, 3), 120, np.uint8)
+        image[..., 0] = 230 if red else 40
+        image[..., 2] = 230 if blue else 40
+        image = np.clip(image + rng.normal(0, 10, image.shape), 0, 255).astype(np.uint8)
+        write_image(root / "img" / f"{i}.png", image)
+        rows.append({"path": f"img/{i}.png", "red": red, "blue": blue, "patient_id": f"P{i // 2}"})
+    manifest = root / "labels.csv"
+    with manifest.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "red", "blue", "patient_id"])
+        writer.writeheader()
+        writer.writerows(rows)
+    config = TrainConfig(**{**FAST.__dict__, "label_columns": ("red", "blue"), "epochs": 4, "plots": True})
+    result = train(manifest, tmp_path / "run", config)
+    card = result.card
+    assert card.task == "multilabel" and card.output_activation == "sigmoid" and card.class_names == ("red", "blue")
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert split["patient_level"] is True
+    assert (tmp_path / "run" / "plots" / "radar.png").is_file()
+
+    pytest.importorskip("onnx")
+    from edgedx.export.pipeline import export_checkpoint
+    from edgedx.runtime import load_model
+
+    exported = export_checkpoint(result.checkpoint, tmp_path / "export")
+    assert exported.parity["passed"]
+    model = load_model(exported.onnx_path)
+    both = np.zeros((16, 16, 3), np.uint8)
+    both[..., 0] = both[..., 2] = 230
+    diagnosis = model.diagnose(both)
+    assert isinstance(diagnosis.label, list)
+    neither = model.diagnose(np.full((16, 16, 3), 40, np.uint8)).probabilities
+    red_only = model.diagnose(np.dstack([np.full((16, 16), 230), np.full((16, 16), 120), np.full((16, 16), 40)]).astype(np.uint8))
+    assert diagnosis.label == ["red", "blue"]  # one sigmoid per label: both can be present
+    assert red_only.probabilities["red"] > red_only.probabilities["blue"] + 0.2
+    assert neither["red"] < diagnosis.probabilities["red"] and neither["blue"] < diagnosis.probabilities["blue"]
+
+
+def test_npz_predefined_splits_and_operating_threshold(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+
+    def part(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.integers(0, 2, n)
+        x = np.clip(rng.normal(60 + 120 * y[:, None, None], 25, (n, 28, 28)), 0, 255).astype(np.uint8)
+        return x, y[:, None]
+
+    (tx, ty), (vx, vy) = part(40), part(16)
+    path = tmp_path / "tiny mnist.npz"
+    np.savez(path, train_images=tx, train_labels=ty, val_images=vx, val_labels=vy)
+    config = TrainConfig(**{**FAST.__dict__, "class_names": ("normal", "pneumonia"), "target_sensitivity": 1.0})
+    result = train(path, tmp_path / "run", config)
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert len(split["train"]) == 40 and len(split["val"]) == 16  # the file's own splits
+    assert result.card.positive_class == "pneumonia"
+    assert result.card.metrics["sensitivity"] == 1.0
+
+
+def test_operating_point_reaches_target() -> None:
+    from edgedx.card import CropPolicy, ModelCard, Provenance
+
+    card = ModelCard(
+        arch="x", task="binary", class_names=("neg", "pos"), positive_class="pos", threshold=0.5, input_size=(8, 8),
+        crop=CropPolicy((8, 8), (4, 4)), provenance=Provenance("0", "2026-01-01T00:00:00+00:00"),
+    )
+    scores = np.array([0.1, 0.2, 0.35, 0.4, 0.6, 0.7, 0.8, 0.9, 0.3, 0.55])
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 0])
+    probs = np.stack([1 - scores, scores], axis=1)
+    point = operating_point(y, probs, card, target=1.0)
+    assert point["threshold"] <= 0.3 and point["card_metrics"]["sensitivity"] == 1.0
+    assert point["threshold"] > 0.2  # the highest threshold that still catches every positive
+    assert point["threshold"] == pytest.approx(0.25)  # centred between the lowest positive (0.3) and the next score (0.2)
+    point = operating_point(y, probs, card, target=0.8)
+    assert point["threshold"] == pytest.approx((0.6 + 0.55) / 2) and point["card_metrics"]["sensitivity"] == 0.8
+    assert point["card_metrics"]["specificity"] == 1.0
+    # Perfectly separated scores: target 0.8 still catches every positive, centred in the gap.
+    separated = np.array([0.1, 0.2, 0.3, 0.9, 0.95, 0.97, 0.99, 0.995])
+    truth = np.array([0, 0, 0, 1, 1, 1, 1, 1])
+    point = operating_point(truth, np.stack([1 - separated, separated], axis=1), card, target=0.8)
+    assert point["threshold"] == pytest.approx(0.6)
+    assert point["card_metrics"]["sensitivity"] == 1.0 and point["card_metrics"]["specificity"] == 1.0
+
+
+def test_an_edgedx_checkpoint_is_a_starting_point(tmp_path: Path) -> None:
+    data = colour_folder(tmp_path / "data")
+    first = train(data, tmp_path / "first", FAST)
+    from edgedx.training import models
+
+    net = models.create_model("resnet10t", 3)
+    assert models.load_weights(net, "resnet10t", str(first.checkpoint)) == "file:model.pt"
+    source = load_checkpoint(first.checkpoint).state_dict
+    assert torch.equal(net.state_dict()["conv1.0.weight"], source["conv1.0.weight"])
+    assert net.state_dict()["fc.weight"].shape[0] == 3

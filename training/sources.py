@@ -1,0 +1,538 @@
+"""Every labelled data source EdgeDx trains on, as one structure.
+
+Why: training, splitting and evaluation should not care whether the images came
+from an ImageFolder, a CSV manifest or a MedMNIST ``.npz``. :func:`load_source`
+turns each into a :class:`TrainingData`: class names, task, one target per item,
+optional patient ids and predefined splits, and a ``load(i)`` that returns the
+item as RGB uint8 (the one in-memory image format of EdgeDx).
+
+Sources:
+
+* a folder: ImageFolder layout (``root/<class>/**/<image>``), read by
+  :func:`edgedx.runtime.datasets.list_image_folder`; binary with 2 classes,
+  else multiclass; no patient ids, no predefined split.
+* a ``.csv`` manifest: one row per image with columns ``path`` (relative to the
+  CSV's folder, or absolute; a column named ``image`` or ``file`` is accepted
+  instead, looked up in that order), ``label`` (class names; another column
+  with ``label_column``), optional ``patient_id`` and ``split``
+  (``train``/``val``/``test``). Multi-label manifests name their 0/1 columns
+  with ``label_columns``.
+* a ``.npz`` in MedMNIST layout: ``{split}_images`` (N, H, W) or (N, H, W, 3)
+  uint8 and ``{split}_labels`` (N,), (N, 1) or (N, C) for the splits present.
+
+Numpy, csv and the runtime's image I/O only (no torch): cheap to import and test.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import numpy as np
+
+from edgedx.errors import InputError
+from edgedx.runtime.datasets import list_image_folder
+from edgedx.runtime.image_io import read_image, to_rgb_uint8
+
+log = logging.getLogger(__name__)
+
+Task = Literal["binary", "multiclass", "multilabel"]
+TASKS: tuple[str, ...] = ("binary", "multiclass", "multilabel")
+SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
+PATH_COLUMNS: tuple[str, ...] = ("path", "image", "file")
+PATIENT_COLUMN = "patient_id"
+SPLIT_COLUMN = "split"
+_ONE_VALUES = frozenset({"1", "1.0"})
+_ZERO_VALUES = frozenset({"0", "0.0"})
+
+Loader = Callable[[int], np.ndarray]
+
+
+@dataclass(eq=False)
+class TrainingData:
+    """Labelled items of one source, loaded lazily one image at a time.
+
+    ``targets`` is (N,) int64 class indices for binary/multiclass and (N, C)
+    float32 of 0/1 for multilabel. ``loader`` reads the item at a position of
+    the original source and ``index`` maps this object's positions to it, so a
+    :meth:`subset` shares the loader (and an npz's in-memory arrays) instead of
+    copying images.
+    """
+
+    class_names: tuple[str, ...]
+    task: Task
+    ids: list[str]
+    targets: np.ndarray
+    patient_ids: list[str] | None
+    splits: list[str] | None
+    source: str
+    loader: Loader = field(repr=False, kw_only=True)
+    index: np.ndarray | None = field(default=None, repr=False, kw_only=True)
+
+    def __post_init__(self) -> None:
+        """Catch misaligned fields early: every later step indexes them together."""
+        self.class_names = tuple(self.class_names)
+        self.targets = np.asarray(self.targets)
+        n = len(self.ids)
+        if self.task not in TASKS:
+            raise InputError(f"task {self.task!r} is not one of {', '.join(TASKS)}")
+        if self.task == "multilabel":
+            if self.targets.ndim != 2 or self.targets.shape != (n, len(self.class_names)):
+                raise InputError(
+                    f"multilabel targets must have shape ({n}, {len(self.class_names)}), got {self.targets.shape}"
+                )
+        elif self.targets.shape != (n,):
+            raise InputError(f"{self.task} targets must have shape ({n},), got {self.targets.shape}")
+        for name in ("patient_ids", "splits"):
+            value = getattr(self, name)
+            if value is not None and len(value) != n:
+                raise InputError(f"{name} has {len(value)} entries for {n} items; give one per item")
+        if self.splits is not None:
+            bad = sorted(set(self.splits) - set(SPLIT_NAMES))
+            if bad:
+                raise InputError(f"split value {bad[0]!r} is not one of train, val, test")
+        if self.index is None:
+            self.index = np.arange(n, dtype=np.int64)
+        elif len(self.index) != n:
+            raise InputError(f"index has {len(self.index)} entries for {n} items")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load(self, i: int) -> np.ndarray:
+        """RGB uint8 (H, W, 3) of item ``i``; raises ImageReadError for an unreadable file."""
+        assert self.index is not None
+        return self.loader(int(self.index[i]))
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> TrainingData:
+        """The same classes and task restricted to ``indices`` (ints or a boolean mask), fields kept aligned."""
+        idx = np.asarray(indices)
+        if idx.dtype == bool:
+            if idx.shape != (len(self),):
+                raise InputError(f"a boolean mask must have {len(self)} entries, got {idx.shape}")
+            idx = np.flatnonzero(idx)
+        idx = idx.astype(np.int64).reshape(-1)
+        if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
+            raise InputError(f"subset index out of range for {len(self)} items")
+        assert self.index is not None
+        return TrainingData(
+            class_names=self.class_names,
+            task=self.task,
+            ids=[self.ids[i] for i in idx],
+            targets=self.targets[idx],
+            patient_ids=None if self.patient_ids is None else [self.patient_ids[i] for i in idx],
+            splits=None if self.splits is None else [self.splits[i] for i in idx],
+            source=self.source,
+            loader=self.loader,
+            index=self.index[idx],
+        )
+
+    def class_counts(self) -> dict[str, int]:
+        """Items per class; for multilabel, positives per label (an item may count for several)."""
+        return dict(zip(self.class_names, (int(c) for c in self.class_matrix().sum(axis=0))))
+
+    def class_matrix(self) -> np.ndarray:
+        """(N, C) int64 0/1 membership: one-hot classes, or the multilabel targets."""
+        c = len(self.class_names)
+        if self.task == "multilabel":
+            return (self.targets > 0.5).astype(np.int64)
+        out = np.zeros((len(self), c), np.int64)
+        out[np.arange(len(self)), self.targets.astype(np.int64)] = 1
+        return out
+
+
+def load_source(
+    path: str | Path,
+    *,
+    label_column: str = "label",
+    label_columns: Sequence[str] | None = None,
+    class_names: Sequence[str] | None = None,
+    task: str | None = None,
+) -> TrainingData:
+    """Load a folder, ``.csv`` manifest or MedMNIST ``.npz`` as :class:`TrainingData`.
+
+    ``label_column`` picks the CSV column of class names; ``label_columns``
+    names the 0/1 columns of a multi-label CSV. ``class_names`` fixes the class
+    order (or names an npz's integer labels); ``task`` forces binary,
+    multiclass or multilabel where the labels allow it.
+    """
+    if task is not None and task not in TASKS:
+        raise InputError(f"task {task!r} is not one of {', '.join(TASKS)}")
+    path = Path(path)
+    if not path.exists():
+        raise InputError(
+            f"data not found: {path}; give a folder with one sub-folder per class, a .csv manifest or a .npz file"
+        )
+    if path.is_dir():
+        if label_columns is not None:
+            raise InputError(f"label_columns is for CSV manifests; {path} is a folder with one sub-folder per class")
+        data = _load_image_folder(path, class_names)
+    elif path.suffix.lower() == ".csv":
+        data = _load_csv(path, label_column, label_columns, class_names)
+    elif path.suffix.lower() == ".npz":
+        if label_columns is not None:
+            raise InputError(f"label_columns is for CSV manifests, not the .npz file {path}")
+        data = _load_npz(path, class_names)
+    else:
+        raise InputError(
+            f"cannot read labelled data from {path} (suffix {path.suffix!r}); "
+            "give a folder with one sub-folder per class, a .csv manifest or a .npz file"
+        )
+    data = _force_task(data, task)
+    log.info("loaded %d items, %s task, classes %s from %s", len(data), data.task, list(data.class_names), path)
+    return data
+
+
+def _single_label_task(n_classes: int) -> Task:
+    return "binary" if n_classes == 2 else "multiclass"
+
+
+def _force_task(data: TrainingData, task: str | None) -> TrainingData:
+    """Apply a requested task, or explain why the labels do not allow it."""
+    if task is None or task == data.task:
+        return data
+    n = len(data.class_names)
+    if data.task == "multilabel":
+        raise InputError(
+            f"task {task!r} needs one class per item, but {data.source} has multi-label targets "
+            f"({n} labels: {', '.join(data.class_names)}); use task 'multilabel'"
+        )
+    if task == "multilabel":
+        raise InputError(
+            f"task 'multilabel' needs one 0/1 target per label (CSV label_columns, or (N, C) npz labels), "
+            f"but {data.source} has one class per item; use task {data.task!r}"
+        )
+    if task == "binary" and n != 2:
+        raise InputError(
+            f"task 'binary' needs exactly 2 classes, but {data.source} has {n}: {', '.join(data.class_names)}; "
+            "use task 'multiclass'"
+        )
+    data.task = cast(Task, task)
+    return data
+
+
+def _file_loader(paths: Sequence[Path]) -> Loader:
+    """Read item ``i`` from disk; paths are kept, images are not."""
+    frozen = tuple(paths)
+    return lambda i: read_image(frozen[i])
+
+
+def _load_image_folder(root: Path, class_names: Sequence[str] | None) -> TrainingData:
+    listed = list_image_folder(root)
+    paths = [p.absolute() for p in listed.paths]
+    labels = np.asarray(listed.labels, np.int64)
+    names = listed.class_names
+    if class_names is not None:
+        labels, names = _reorder(labels, names, class_names, f"the class folders of {root}")
+    return TrainingData(
+        class_names=names,
+        task=_single_label_task(len(names)),
+        ids=[str(p) for p in paths],
+        targets=labels,
+        patient_ids=None,
+        splits=None,
+        source=str(root),
+        loader=_file_loader(paths),
+    )
+
+
+def _reorder(
+    labels: np.ndarray, found: tuple[str, ...], wanted: Sequence[str], where: str
+) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Re-index labels to the user's class order; the two name sets must be equal."""
+    wanted = tuple(str(n) for n in wanted)
+    if len(set(wanted)) != len(wanted):
+        raise InputError(f"class_names has duplicates: {list(wanted)}; give each class once")
+    if set(wanted) != set(found):
+        raise InputError(
+            f"class_names {list(wanted)} do not match {where} ({', '.join(found)}); give exactly those names"
+        )
+    mapping = np.asarray([wanted.index(n) for n in found], np.int64)
+    return mapping[labels], wanted
+
+
+# --------------------------------------------------------------------------- CSV
+
+
+def _cell(row: dict[str | None, Any], column: str) -> str:
+    value = row.get(column)
+    return value.strip() if isinstance(value, str) else ""
+
+
+def _load_csv(
+    csv_path: Path, label_column: str, label_columns: Sequence[str] | None, class_names: Sequence[str] | None
+) -> TrainingData:
+    name = csv_path.name
+    # utf-8-sig: spreadsheets often save a byte-order mark before the header.
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            reader.fieldnames = header
+            rows: list[tuple[int, dict[str | None, Any]]] = []
+            for row in reader:
+                if not any(isinstance(v, str) and v.strip() for v in row.values()):
+                    continue  # blank line
+                rows.append((reader.line_num, cast(dict[str | None, Any], row)))
+    except UnicodeDecodeError:
+        raise InputError(f"{csv_path} is not UTF-8 text; save the manifest as a UTF-8 CSV") from None
+    except csv.Error as exc:
+        raise InputError(f"{csv_path} is not a readable CSV ({exc}); fix the file") from None
+    if not header:
+        raise InputError(f"manifest {csv_path} is empty; it needs a header row (path,label) and one row per image")
+    columns = ", ".join(header)
+    path_column = next((c for c in PATH_COLUMNS if c in header), None)
+    if path_column is None:
+        raise InputError(
+            f"no image path column in {name}; expected one named {', '.join(PATH_COLUMNS)}; columns are: {columns}"
+        )
+    if label_columns is not None:
+        label_columns = [str(c) for c in label_columns]
+        if len(label_columns) < 2:
+            raise InputError(
+                f"label_columns names {len(label_columns)} column(s) {label_columns}; a multi-label manifest needs "
+                "at least 2 (for one label use label_column)"
+            )
+        for col in label_columns:
+            if col not in header:
+                raise InputError(f"label column {col!r} not in {name}; columns are: {columns}")
+    elif label_column not in header:
+        raise InputError(f"label column {label_column!r} not in {name}; columns are: {columns}")
+    if not rows:
+        raise InputError(f"manifest {csv_path} has a header but no rows; add one row per image")
+
+    base = csv_path.parent.absolute()  # ids must not depend on the working directory
+    paths: list[Path] = []
+    for line, row in rows:
+        value = _cell(row, path_column)
+        if not value:
+            raise InputError(f"empty {path_column!r} on line {line} of {name}; every row needs an image path")
+        p = Path(value)
+        paths.append(p if p.is_absolute() else base / p)
+    _check_files_exist(paths, csv_path)
+
+    patient_ids = None
+    if PATIENT_COLUMN in header:
+        patient_ids = []
+        for line, row in rows:
+            pid = _cell(row, PATIENT_COLUMN)
+            if not pid:
+                raise InputError(
+                    f"empty {PATIENT_COLUMN!r} on line {line} of {name}; fill in every patient id "
+                    "(or remove the column to split by image)"
+                )
+            patient_ids.append(pid)
+    splits = None
+    if SPLIT_COLUMN in header:
+        splits = []
+        for line, row in rows:
+            split = _cell(row, SPLIT_COLUMN).lower()
+            if split not in SPLIT_NAMES:
+                raise InputError(
+                    f"split {_cell(row, SPLIT_COLUMN)!r} on line {line} of {name} is not one of train, val, test; "
+                    "fix the value (or remove the split column to split automatically)"
+                )
+            splits.append(split)
+
+    names: tuple[str, ...]
+    task: Task
+    if label_columns is not None:
+        targets = np.zeros((len(rows), len(label_columns)), np.float32)
+        for r, (line, row) in enumerate(rows):
+            for c, col in enumerate(label_columns):
+                value = _cell(row, col)
+                if value in _ONE_VALUES:
+                    targets[r, c] = 1.0
+                elif value not in _ZERO_VALUES:
+                    raise InputError(
+                        f"label column {col!r} on line {line} of {name} holds {value!r}; multi-label columns hold 0 or 1"
+                    )
+        names = tuple(label_columns)
+        if class_names is not None:
+            names = tuple(str(n) for n in class_names)
+            if len(names) != len(label_columns) or len(set(names)) != len(names):
+                raise InputError(
+                    f"class_names {list(names)} must give {len(label_columns)} distinct names, one per label column "
+                    f"({', '.join(label_columns)})"
+                )
+        task = "multilabel"
+        for label, count in zip(names, targets.sum(axis=0)):
+            if count == 0:
+                log.warning("label %r has no positive item in %s", label, csv_path)
+    else:
+        raw: list[str] = []
+        for line, row in rows:
+            value = _cell(row, label_column)
+            if not value:
+                raise InputError(f"empty label column {label_column!r} on line {line} of {name}; every row needs a class")
+            raw.append(value)
+        found = tuple(sorted(set(raw)))
+        if class_names is not None:
+            names = tuple(str(n) for n in class_names)
+            if len(set(names)) != len(names):
+                raise InputError(f"class_names has duplicates: {list(names)}; give each class once")
+            unknown = [v for v in found if v not in names]
+            if unknown:
+                line = rows[raw.index(unknown[0])][0]
+                raise InputError(
+                    f"label {unknown[0]!r} on line {line} of {name} is not in class_names {list(names)}; "
+                    "add it or fix the label"
+                )
+            for missing in sorted(set(names) - set(found)):
+                log.warning("class %r has no item in %s", missing, csv_path)
+        else:
+            names = found
+        if len(found) < 2:
+            raise InputError(
+                f"{name} has only one class ({found[0]!r} in column {label_column!r}); "
+                "a classifier needs at least two classes"
+            )
+        lookup = {n: i for i, n in enumerate(names)}
+        targets = np.asarray([lookup[v] for v in raw], np.int64)
+        task = _single_label_task(len(names))
+
+    return TrainingData(
+        class_names=names,
+        task=task,
+        ids=[str(p) for p in paths],
+        targets=targets,
+        patient_ids=patient_ids,
+        splits=splits,
+        source=str(csv_path),
+        loader=_file_loader(paths),
+    )
+
+
+def _check_files_exist(paths: Sequence[Path], csv_path: Path) -> None:
+    """A manifest whose files are all missing is a path-root mistake; a few missing ones are skipped later."""
+    missing = [p for p in paths if not p.is_file()]
+    if not missing:
+        return
+    if len(missing) == len(paths):
+        raise InputError(
+            f"none of the {len(paths)} image paths in {csv_path} exists (first: {missing[0]}); "
+            f"relative paths are read from the manifest's folder {csv_path.parent}"
+        )
+    log.warning(
+        "%d of %d images listed in %s do not exist (first: %s); they will be skipped",
+        len(missing),
+        len(paths),
+        csv_path,
+        missing[0],
+    )
+
+
+# --------------------------------------------------------------------------- npz
+
+
+def _load_npz(npz_path: Path, class_names: Sequence[str] | None) -> TrainingData:
+    name = npz_path.name
+    if not zipfile.is_zipfile(npz_path):
+        raise InputError(f"{npz_path} is not a .npz archive (not a zip file); give a MedMNIST-style .npz")
+    try:
+        with np.load(npz_path, allow_pickle=False) as archive:
+            keys = sorted(archive.files)
+            present = [s for s in SPLIT_NAMES if f"{s}_images" in keys or f"{s}_labels" in keys]
+            if not present:
+                raise InputError(
+                    f"{name} has no MedMNIST arrays (train_images/train_labels, val_..., test_...); "
+                    f"keys present: {', '.join(keys) or 'none'}"
+                )
+            for s in present:
+                for kind in ("images", "labels"):
+                    if f"{s}_{kind}" not in keys:
+                        raise InputError(
+                            f"{name} has no '{s}_{kind}' array to go with its {s} split; "
+                            f"keys present: {', '.join(keys)}"
+                        )
+            # Read each array once: NpzFile decompresses again on every access.
+            images = {s: archive[f"{s}_images"] for s in present}
+            labels = {s: archive[f"{s}_labels"] for s in present}
+    except InputError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise InputError(f"{npz_path} is not a readable .npz file ({exc}); give a MedMNIST-style .npz") from None
+
+    for s in present:
+        img, lab = images[s], labels[s]
+        if img.dtype != np.uint8 or not (img.ndim == 3 or (img.ndim == 4 and img.shape[3] in (1, 3))):
+            raise InputError(
+                f"'{s}_images' in {name} has shape {img.shape} and type {img.dtype}; "
+                "expected uint8 (N, H, W) or (N, H, W, 3)"
+            )
+        if lab.ndim not in (1, 2) or len(lab) != len(img):
+            raise InputError(
+                f"'{s}_labels' in {name} has shape {lab.shape} for {len(img)} images; "
+                f"expected ({len(img)},), ({len(img)}, 1) or ({len(img)}, C)"
+            )
+    widths = {1 if labels[s].ndim == 1 else labels[s].shape[1] for s in present}
+    if len(widths) > 1:
+        raise InputError(f"label arrays in {name} have different widths {sorted(widths)}; they must agree")
+    width = widths.pop()
+    stacked = np.concatenate([labels[s].reshape(len(labels[s]), width) for s in present])
+    if not np.issubdtype(stacked.dtype, np.integer):
+        if not np.issubdtype(stacked.dtype, np.floating) or not np.all(stacked == np.round(stacked)):
+            raise InputError(f"labels in {name} must be whole numbers, got {stacked.dtype} values")
+    stacked = stacked.astype(np.int64)
+    if stacked.size and stacked.min() < 0:
+        raise InputError(f"labels in {name} must be >= 0, found {int(stacked.min())}")
+
+    names: tuple[str, ...]
+    task: Task
+    targets: np.ndarray
+    if width == 1:
+        n_classes = int(stacked.max()) + 1 if stacked.size else 0
+        names = tuple(str(i) for i in range(n_classes))
+        if class_names is not None:
+            names = tuple(str(n) for n in class_names)
+            if len(names) != n_classes or len(set(names)) != len(names):
+                raise InputError(
+                    f"class_names gives {len(names)} names but the labels in {name} run 0..{n_classes - 1} "
+                    f"({n_classes} classes); give {n_classes} distinct names in label order"
+                )
+        targets = stacked[:, 0]
+        if len(np.unique(targets)) < 2:
+            raise InputError(f"{name} has only one class (label {int(targets[0])}); a classifier needs at least two")
+        task = _single_label_task(len(names))
+    else:
+        bad = np.argwhere((stacked != 0) & (stacked != 1))
+        if len(bad):
+            r, c = (int(v) for v in bad[0])
+            raise InputError(
+                f"multi-label targets in {name} must be 0 or 1; item {r}, label {c} holds {int(stacked[r, c])}"
+            )
+        names = tuple(str(i) for i in range(width))
+        if class_names is not None:
+            names = tuple(str(n) for n in class_names)
+            if len(names) != width or len(set(names)) != len(names):
+                raise InputError(
+                    f"class_names gives {len(names)} names but the labels in {name} have {width} columns; "
+                    f"give {width} distinct names in column order"
+                )
+        targets = stacked.astype(np.float32)
+        task = "multilabel"
+
+    ids = [f"{name}:{s}[{j}]" for s in present for j in range(len(images[s]))]
+    split_of = [s for s in present for _ in range(len(images[s]))]
+    offsets = np.cumsum([0] + [len(images[s]) for s in present])
+    arrays = [images[s] for s in present]
+
+    def load(i: int) -> np.ndarray:
+        k = int(np.searchsorted(offsets, i, side="right")) - 1
+        return to_rgb_uint8(arrays[k][i - int(offsets[k])])
+
+    return TrainingData(
+        class_names=names,
+        task=task,
+        ids=ids,
+        targets=targets,
+        patient_ids=None,
+        splits=split_of,
+        source=str(npz_path),
+        loader=load,
+    )

@@ -110,10 +110,12 @@ def train(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda (mixed precision on CUDA).")] = "auto",
     strict: Annotated[bool, typer.Option(help="Fail on an unreadable image instead of skipping it.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last.pt.")] = False,
+    folds: Annotated[Optional[int], typer.Option(help="Patient-level k-fold cross-validation: one run per fold, mean ± sd.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for the split, initialisation and augmentation.")] = 0,
 ) -> None:
     """Fine-tune a classifier on labelled images; writes RUN_DIR/model.pt with its model card."""
     from edgedx.training.train import TrainConfig
+    from edgedx.training.train import cross_validate
     from edgedx.training.train import train as run_train
 
     config = TrainConfig(
@@ -124,6 +126,14 @@ def train(
         positive_class=positive_class, label_column=label_column, label_columns=_split_names(labels),
         class_names=_split_names(class_names), device=device, strict=strict, resume=resume, seed=seed,
     )
+    if folds is not None:
+        with progress_bar() as progress:
+            cv = cross_validate(data, out, config, folds=folds, progress=progress)
+        for key in ("accuracy", "balanced_accuracy", "macro_auc", "sensitivity", "specificity"):
+            if cv.summary.get(key):
+                console.print(f"{key}: {cv.summary[key]['mean']:.3f} ± {cv.summary[key]['sd']:.3f} over {folds} folds")
+        console.print(f"per-fold runs and cv_summary.json: {Path(out)}")
+        return
     with progress_bar() as progress:
         result = run_train(data, out, config, progress=progress)
     m = result.card.metrics

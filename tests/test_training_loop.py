@@ -157,3 +157,29 @@ def test_an_edgedx_checkpoint_is_a_starting_point(tmp_path: Path) -> None:
     source = load_checkpoint(first.checkpoint).state_dict
     assert torch.equal(net.state_dict()["conv1.0.weight"], source["conv1.0.weight"])
     assert net.state_dict()["fc.weight"].shape[0] == 3
+
+
+def test_cross_validation_keeps_patients_together(tmp_path: Path) -> None:
+    from edgedx.training.train import cross_validate
+
+    data = colour_folder(tmp_path / "data", n=9)
+    cv = cross_validate(data, tmp_path / "cv", TrainConfig(**{**FAST.__dict__, "epochs": 1}), folds=3)
+    assert len(cv.folds) == 3
+    vals = [set(json.loads((tmp_path / "cv" / f"fold_{i}" / "split.json").read_text())["val"]) for i in (1, 2, 3)]
+    assert not (vals[0] & vals[1]) and not (vals[1] & vals[2]) and sum(map(len, vals)) == 18  # each image in one val fold
+    summary = json.loads((tmp_path / "cv" / "cv_summary.json").read_text())
+    accs = [f["accuracy"] for f in summary["per_fold"]]
+    assert summary["accuracy"]["mean"] == pytest.approx(np.mean(accs))
+    assert summary["accuracy"]["sd"] == pytest.approx(np.std(accs, ddof=1))
+
+
+@pytest.mark.gpu
+def test_training_on_cuda_uses_mixed_precision(tmp_path: Path) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible to torch")
+    data = colour_folder(tmp_path / "data")
+    result = train(data, tmp_path / "run", TrainConfig(**{**FAST.__dict__, "device": "cuda"}))
+    assert result.summary["device"].startswith("cuda")
+    assert result.card.metrics["n"] > 0
+    state = load_checkpoint(result.checkpoint).state_dict
+    assert all(v.device.type == "cpu" and torch.isfinite(v.float()).all() for v in state.values())  # saved on CPU, no fp16 overflow

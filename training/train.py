@@ -39,7 +39,7 @@ from edgedx.training.checkpoint import save_checkpoint
 from edgedx.training.losses import IMBALANCE_MODES, TaskLoss, balanced_order, class_weights, loss_shares
 from edgedx.training.models import DEFAULT_ARCH, check_arch, create_model, default_input_size, default_normalization, load_weights
 from edgedx.training.sources import TrainingData, load_source
-from edgedx.training.splits import check_no_leakage, save_splits, split_indices
+from edgedx.training.splits import check_no_leakage, kfold_indices, save_splits, split_indices
 from edgedx.training.splits import summary as split_summary
 from edgedx.training.strategy import apply_strategy, freeze_batchnorm_of_frozen, parameter_groups, parse_strategy
 
@@ -181,13 +181,19 @@ def resolve_device(name: str) -> torch.device:
 
 
 def train(
-    data: str | Path, out: str | Path, config: TrainConfig = TrainConfig(), *, progress: ProgressFn = no_progress
+    data: str | Path,
+    out: str | Path,
+    config: TrainConfig = TrainConfig(),
+    *,
+    fold: tuple[int, int] | None = None,
+    progress: ProgressFn = no_progress,
 ) -> TrainResult:
     """Train on ``data`` (ImageFolder, CSV manifest or MedMNIST ``.npz``) into the run directory ``out``.
 
     Writes ``model.pt`` (best epoch, card inside), ``last.pt`` (for ``resume``),
     ``split.json``, ``metrics.json``, ``summary.json`` and, unless disabled,
-    plots and Grad-CAM overlays.
+    plots and Grad-CAM overlays. ``fold=(i, k)`` trains on fold ``i`` of a
+    patient-level k-fold split instead (see :func:`cross_validate`).
     """
     config.validate()
     check_arch(config.arch)
@@ -222,7 +228,11 @@ def train(
             f"only one class has readable images in {data_.source} (none readable for: {', '.join(empty)}); "
             "a classifier needs at least two"
         )
-    splits = split_indices(data_, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed)
+    if fold is None:
+        splits = split_indices(data_, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed)
+    else:
+        fold_train, fold_val = kfold_indices(data_, fold[1], seed=config.seed)[fold[0]]
+        splits = {"train": fold_train, "val": fold_val}
     check_no_leakage(data_, splits)
     save_splits(out / "split.json", data_, splits, seed=config.seed)
     train_idx, val_idx = splits["train"], splits["val"]
@@ -381,6 +391,35 @@ def train(
         summary["gradcam"] = [str(p) for p in _write_gradcam(out, model, decoded, val_idx, card, config.gradcam_samples)]
     (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n", encoding="utf-8")
     return TrainResult(checkpoint, card, state.best_epoch, final["metrics"], state.history, tuple(decoded.skipped), summary)
+
+
+CV_METRICS = ("accuracy", "balanced_accuracy", "macro_auc", "sensitivity", "specificity")
+
+
+@dataclass(frozen=True)
+class CrossValidationResult:
+    folds: tuple[TrainResult, ...]
+    summary: dict[str, Any]
+
+
+def cross_validate(
+    data: str | Path, out: str | Path, config: TrainConfig, *, folds: int, progress: ProgressFn = no_progress
+) -> CrossValidationResult:
+    """Patient-level k-fold cross-validation: one run per fold in ``out/fold_<i>``, mean ± sd in ``out/cv_summary.json``."""
+    if folds < 2:
+        raise InputError(f"--folds must be at least 2, got {folds}")
+    out = Path(out)
+    results = []
+    for i in range(folds):
+        results.append(train(data, out / f"fold_{i + 1}", config, fold=(i, folds), progress=progress))
+        progress("folds", i + 1, folds)
+    summary: dict[str, Any] = {"folds": folds, "seed": config.seed, "per_fold": [r.card.metrics for r in results]}
+    for key in CV_METRICS:
+        values = [r.card.metrics.get(key) for r in results]
+        finite = [float(v) for v in values if v is not None]
+        summary[key] = {"mean": float(np.mean(finite)), "sd": float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0} if finite else None
+    (out / "cv_summary.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n", encoding="utf-8")
+    return CrossValidationResult(tuple(results), summary)
 
 
 @torch.inference_mode()

@@ -100,6 +100,7 @@ def main() -> None:
             "recipe": {k: v for k, v in recipe["config"].items() if k != "class_names"},
             "n_val": m.get("n"),
             "accuracy": m.get("accuracy"),
+            "accuracy_at_0.5": result.best_metrics["at_0.5"]["accuracy"] if "at_0.5" in result.best_metrics else m.get("accuracy"),
             "balanced_accuracy": m.get("balanced_accuracy"),
             "auc": m.get("macro_auc"),
             "threshold": result.card.threshold,
@@ -115,10 +116,10 @@ def main() -> None:
         with (RESULTS / "train_real_data.jsonl").open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
-    print(f"\n{'dataset':<18} {'acc':>6} {'bal.acc':>7} {'AUC':>6} {'sens':>6} {'spec':>6} {'min':>5}")
+    print(f"\n{'dataset':<18} {'acc@0.5':>7} {'acc@thr':>7} {'bal.acc':>7} {'AUC':>6} {'sens':>6} {'spec':>6} {'min':>5}")
     for r in rows:
         f = lambda v: "  n/a" if v is None else f"{v:.3f}"  # noqa: E731
-        print(f"{r['dataset']:<18} {f(r['accuracy']):>6} {f(r['balanced_accuracy']):>7} {f(r['auc']):>6} {f(r['sensitivity']):>6} {f(r['specificity']):>6} {r['minutes']:>5}")
+        print(f"{r['dataset']:<18} {f(r['accuracy_at_0.5']):>7} {f(r['accuracy']):>7} {f(r['balanced_accuracy']):>7} {f(r['auc']):>6} {f(r['sensitivity']):>6} {f(r['specificity']):>6} {r['minutes']:>5}")
 
 
 if __name__ == "__main__":

@@ -114,3 +114,14 @@ def test_unreadable_training_images_are_skipped_and_recorded(tmp_path: Path) -> 
     assert result.card.provenance.data_summary["n_images"] == 12
     # 20x30 images resized to 16x16: the crop scale resamples whole images the same way.
     assert result.card.crop.scale == pytest.approx(((16 / 20) * (16 / 30)) ** 0.5, rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["tf_efficientnet_lite0", "resnet10t", "mobilenetv3_small_050"])
+def test_new_head_starts_at_equal_odds(arch: str) -> None:
+    """timm's EfficientNet head init gives logits with std ~10 for 2 classes; ours starts near chance."""
+    net = models.create_model(arch, 2).eval()
+    with torch.inference_mode():
+        logits = net(torch.randn(8, 3, 64, 64))
+    assert float(logits.abs().max()) < 1.0
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1] * 4))
+    assert abs(float(loss) - np.log(2)) < 0.2

@@ -48,9 +48,29 @@ def check_arch(arch: str) -> None:
 
 
 def create_model(arch: str, num_classes: int) -> nn.Module:
-    """A timm model with a fresh ``num_classes`` head, random weights."""
+    """A timm model with a fresh ``num_classes`` head (small initial weights), random backbone."""
     check_arch(arch)
-    return _timm().create_model(arch, pretrained=False, num_classes=num_classes)
+    model = _timm().create_model(arch, pretrained=False, num_classes=num_classes)
+    reset_head(model)
+    return model
+
+
+def reset_head(model: nn.Module, std: float = 0.01) -> None:
+    """Initialise the classifier with small weights and zero bias.
+
+    Some timm heads scale their init by 1/sqrt(num_classes) (EfficientNet:
+    uniform ±0.71 for 2 classes), which over 1280 features gives initial logits
+    with a std near 10 and a loss of ~3 before learning starts. A near-zero head
+    starts every class at equal odds, the usual fine-tuning practice.
+    """
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(head, nn.Module):
+        return
+    for module in head.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
 
 
 def default_normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -77,7 +77,7 @@ def test_multilabel_csv_trains_exports_and_diagnoses(tmp_path: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=["path", "red", "blue", "patient_id"])
         writer.writeheader()
         writer.writerows(rows)
-    config = TrainConfig(**{**FAST.__dict__, "label_columns": ("red", "blue"), "epochs": 4, "plots": True})
+    config = TrainConfig(**{**FAST.__dict__, "label_columns": ("red", "blue"), "epochs": 8, "plots": True})
     result = train(manifest, tmp_path / "run", config)
     card = result.card
     assert card.task == "multilabel" and card.output_activation == "sigmoid" and card.class_names == ("red", "blue")
@@ -183,3 +183,20 @@ def test_training_on_cuda_uses_mixed_precision(tmp_path: Path) -> None:
     assert result.card.metrics["n"] > 0
     state = load_checkpoint(result.checkpoint).state_dict
     assert all(v.device.type == "cpu" and torch.isfinite(v.float()).all() for v in state.values())  # saved on CPU, no fp16 overflow
+
+
+def test_multiclass_metrics_every_epoch(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for cls, colour in (("red", (220, 40, 40)), ("green", (40, 220, 40)), ("blue", (40, 40, 220))):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(8):
+            write_image(tmp_path / "data" / cls / f"{i}.png", np.clip(rng.normal(colour, 25, (18, 18, 3)), 0, 255).astype(np.uint8))
+    result = train(tmp_path / "data", tmp_path / "run", TrainConfig(**{**FAST.__dict__, "plots": True}))
+    assert result.card.task == "multiclass" and result.card.threshold is None
+    history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
+    for row in history:
+        val = row["val"]
+        assert len(val["confusion"]) == 3 and sum(map(sum, val["confusion"])) == val["n"]
+        assert set(val["per_class"]) == {"blue", "green", "red"}
+        assert all({"sensitivity", "specificity", "precision", "f1", "auc"} <= set(m) for m in val["per_class"].values())
+    assert (tmp_path / "run" / "plots" / "confusion_matrix.png").is_file()

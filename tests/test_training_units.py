@@ -125,3 +125,28 @@ def test_new_head_starts_at_equal_odds(arch: str) -> None:
     assert float(logits.abs().max()) < 1.0
     loss = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1] * 4))
     assert abs(float(loss) - np.log(2)) < 0.2
+
+
+PUBLISHED_BACKBONES = {  # the architectures of the published recipes, at the smallest input they accept
+    "inception_v3": 96, "densenet121": 32, "vgg16": 32, "vgg19": 32, "resnet18": 32, "resnet50": 32,
+    "efficientnet_b0": 32, "mobilenetv3_large_100": 32,
+    "tf_efficientnet_lite0": 32, "tf_efficientnet_lite1": 32, "tf_efficientnet_lite2": 32,
+}
+
+
+@pytest.mark.parametrize("arch", sorted(PUBLISHED_BACKBONES))
+def test_published_backbones_fine_tune_a_step(arch: str) -> None:
+    """Head reset, last-stage strategy, two learning rates and one optimiser step work for each."""
+    from edgedx.training.strategy import apply_strategy, parameter_groups, parse_strategy
+
+    size = PUBLISHED_BACKBONES[arch]
+    net = models.create_model(arch, 3)
+    trainable = apply_strategy(net, parse_strategy("last:1"))
+    frozen_before = {n: p.detach().clone() for n, p in net.named_parameters() if n not in trainable}
+    optimizer = torch.optim.AdamW(parameter_groups(net, 1e-3, 0.1))
+    net.train()
+    loss = torch.nn.functional.cross_entropy(net(torch.randn(2, 3, size, size)), torch.tensor([0, 2]))
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and abs(float(loss) - np.log(3)) < 0.5  # the small new head starts near chance
+    assert all(torch.equal(p, frozen_before[n]) for n, p in net.named_parameters() if n in frozen_before)

@@ -342,6 +342,7 @@ def train(
             "val_macro_auc": metrics["macro_auc"],
             "lr": optimizer.param_groups[0]["lr"],
             "seconds": round(time.perf_counter() - started, 2),
+            "val": metrics,  # the full set: per-class sensitivity, specificity, precision, F1, AUC, confusion
         }
         state.history.append(row)
         progress("train", epoch * steps_per_epoch, total_steps, f"epoch {epoch}/{config.epochs} val {config.monitor} {monitored:+.3f}")

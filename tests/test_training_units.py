@@ -148,5 +148,5 @@ def test_published_backbones_fine_tune_a_step(arch: str) -> None:
     loss = torch.nn.functional.cross_entropy(net(torch.randn(2, 3, size, size)), torch.tensor([0, 2]))
     loss.backward()
     optimizer.step()
-    assert torch.isfinite(loss) and abs(float(loss) - np.log(3)) < 0.5  # the small new head starts near chance
+    assert torch.isfinite(loss) and abs(loss.item() - np.log(3)) < 0.5  # the small new head starts near chance
     assert all(torch.equal(p, frozen_before[n]) for n, p in net.named_parameters() if n in frozen_before)

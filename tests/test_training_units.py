@@ -150,3 +150,15 @@ def test_published_backbones_fine_tune_a_step(arch: str) -> None:
     optimizer.step()
     assert torch.isfinite(loss) and abs(loss.item() - np.log(3)) < 0.5  # the small new head starts near chance
     assert all(torch.equal(p, frozen_before[n]) for n, p in net.named_parameters() if n in frozen_before)
+
+
+def test_strict_mode_makes_an_unreadable_image_fatal(tmp_path: Path) -> None:
+    from edgedx.runtime.image_io import write_image
+
+    for cls in ("a", "b"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(3):
+            write_image(tmp_path / "data" / cls / f"{i}.png", np.full((8, 8, 3), 60 if cls == "a" else 190, np.uint8))
+    (tmp_path / "data" / "b" / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    with pytest.raises(InputError, match=r"unreadable training image \(strict mode\).*truncated.png"):
+        train(tmp_path / "data", tmp_path / "run", TrainConfig(arch="resnet10t", weights="none", input_size=8, strict=True))

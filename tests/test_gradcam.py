@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from edgedx.card import CropPolicy, ModelCard, Provenance  # noqa: E402
 from edgedx.runtime.image_io import read_image  # noqa: E402
 from edgedx.runtime.preprocess import preprocess_batch, resize_to  # noqa: E402
 from edgedx.training import gradcam as gradcam_module  # noqa: E402
-from edgedx.training.gradcam import gradcam, overlay_cam, save_gradcam_examples  # noqa: E402
+from edgedx.training.gradcam import DISPLAY_MIN_SIDE, gradcam, overlay_cam, save_gradcam_examples  # noqa: E402
 
 SIZE = 64
 RED, BLUE = 1, 0  # class indices of the hand-built model
@@ -259,7 +261,8 @@ def test_save_gradcam_examples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert seen == [[0, 0]]
     for path in paths:
         written = read_image(path)
-        assert written.shape[1] == 2 * SIZE and written.shape[0] > SIZE  # side by side, caption on top
+        shown = SIZE * math.ceil(DISPLAY_MIN_SIDE / SIZE)  # small inputs are enlarged to be legible
+        assert written.shape[1] == 2 * shown and written.shape[0] > shown  # side by side, caption on top
 
     seen.clear()
     paths = save_gradcam_examples(model, images, multi, folder, names=["x", "y", "z"])

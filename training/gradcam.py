@@ -208,6 +208,19 @@ def _predicted(probabilities: np.ndarray, card: ModelCard) -> int:
     return int(np.argmax(probabilities))
 
 
+DISPLAY_MIN_SIDE = 160  # small inputs (cell crops, 28-px MedMNIST) are enlarged so a person can read them
+
+
+def _at_least(image: np.ndarray, side: int) -> np.ndarray:
+    """Enlarge (nearest neighbour: no invented detail) so the shorter side is at least ``side``."""
+    import cv2
+
+    factor = int(np.ceil(side / min(image.shape[:2])))
+    if factor <= 1:
+        return image
+    return cv2.resize(image, (image.shape[1] * factor, image.shape[0] * factor), interpolation=cv2.INTER_NEAREST)
+
+
 def save_gradcam_examples(
     model: nn.Module,
     images: Sequence[np.ndarray],
@@ -273,7 +286,8 @@ def save_gradcam_examples(
             lines[0] += f" | cam {card.class_names[targets[i]]}"
         if labels is not None:
             lines.append(f"true {labels[i]}")
-        panel = np.hstack([img, overlay_cam(img, cam)])
+        shown = _at_least(img, DISPLAY_MIN_SIDE)
+        panel = np.hstack([shown, overlay_cam(shown, cam)])
         picture = np.vstack([_caption_banner(lines, panel.shape[1]), panel])
         paths.append(write_image(folder / f"{chosen_names[i]}.gradcam.png", picture))
     return paths

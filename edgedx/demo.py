@@ -119,6 +119,8 @@ def run_demo(out: str | Path, *, seed: int = 0, progress: ProgressFn = no_progre
         seconds=time.perf_counter() - started,
         paths={
             "checkpoint": trained.checkpoint,
+            "training plots": trained.checkpoint.parent / "plots",
+            "grad-cam": trained.checkpoint.parent / "gradcam",
             "onnx model": exported.onnx_path,
             "export report": exported.report_path,
             "diagnoses": results,

@@ -487,14 +487,7 @@ def _load_npz(npz_path: Path, class_names: Sequence[str] | None) -> TrainingData
     targets: np.ndarray
     if width == 1:
         n_classes = int(stacked.max()) + 1 if stacked.size else 0
-        names = tuple(str(i) for i in range(n_classes))
-        if class_names is not None:
-            names = tuple(str(n) for n in class_names)
-            if len(names) != n_classes or len(set(names)) != len(names):
-                raise InputError(
-                    f"class_names gives {len(names)} names but the labels in {name} run 0..{n_classes - 1} "
-                    f"({n_classes} classes); give {n_classes} distinct names in label order"
-                )
+        names = _npz_class_names(class_names, n_classes, f"the labels in {name} run 0..{n_classes - 1} ({n_classes} classes)", "label")
         targets = stacked[:, 0]
         if len(np.unique(targets)) < 2:
             raise InputError(f"{name} has only one class (label {int(targets[0])}); a classifier needs at least two")
@@ -506,14 +499,7 @@ def _load_npz(npz_path: Path, class_names: Sequence[str] | None) -> TrainingData
             raise InputError(
                 f"multi-label targets in {name} must be 0 or 1; item {r}, label {c} holds {int(stacked[r, c])}"
             )
-        names = tuple(str(i) for i in range(width))
-        if class_names is not None:
-            names = tuple(str(n) for n in class_names)
-            if len(names) != width or len(set(names)) != len(names):
-                raise InputError(
-                    f"class_names gives {len(names)} names but the labels in {name} have {width} columns; "
-                    f"give {width} distinct names in column order"
-                )
+        names = _npz_class_names(class_names, width, f"the labels in {name} have {width} columns", "column")
         targets = stacked.astype(np.float32)
         task = "multilabel"
 
@@ -536,3 +522,13 @@ def _load_npz(npz_path: Path, class_names: Sequence[str] | None) -> TrainingData
         source=str(npz_path),
         loader=load,
     )
+
+
+def _npz_class_names(given: Sequence[str] | None, count: int, found: str, order: str) -> tuple[str, ...]:
+    """``given`` names checked against the label count, or "0", "1", ... when none are given."""
+    if given is None:
+        return tuple(str(i) for i in range(count))
+    names = tuple(str(n) for n in given)
+    if len(names) != count or len(set(names)) != len(names):
+        raise InputError(f"class_names gives {len(names)} names but {found}; give {count} distinct names in {order} order")
+    return names

@@ -200,3 +200,13 @@ def test_multiclass_metrics_every_epoch(tmp_path: Path) -> None:
         assert set(val["per_class"]) == {"blue", "green", "red"}
         assert all({"sensitivity", "specificity", "precision", "f1", "auc"} <= set(m) for m in val["per_class"].values())
     assert (tmp_path / "run" / "plots" / "confusion_matrix.png").is_file()
+
+
+def test_resume_with_more_epochs_keeps_annealing(tmp_path: Path) -> None:
+    """Raising --epochs on a finished run stretches the cosine schedule instead of restarting its cycle."""
+    data = colour_folder(tmp_path / "data")
+    train(data, tmp_path / "run", TrainConfig(**{**FAST.__dict__, "epochs": 1}))
+    resumed = train(data, tmp_path / "run", TrainConfig(**{**FAST.__dict__, "epochs": 2, "resume": True}))
+    lrs = [row["lr"] for row in resumed.history]
+    assert len(lrs) == 2
+    assert lrs[1] < 1e-3 * FAST.lr  # annealed to ~0 at the new end, not back at the peak

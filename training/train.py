@@ -20,7 +20,7 @@ import logging
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -298,6 +298,8 @@ def train(
         if not last.is_file():
             raise InputError(f"nothing to resume: {last} does not exist; run without --resume to start")
         state = _restore(last, model, optimizer, scheduler, scaler, rng, config)
+        if config.schedule == "cosine":
+            scheduler.T_max = config.epochs * steps_per_epoch  # a resumed run may have been given more epochs
         log.info("resumed after epoch %d", state.epoch)
 
     checkpoint = out / CHECKPOINT_NAME

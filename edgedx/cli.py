@@ -161,27 +161,56 @@ def _split_names(text: str | None) -> tuple[str, ...] | None:
 @app.command()
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="An EdgeDx checkpoint (model.pt from edgedx train).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the .onnx and export_report.json.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the artefacts and export_report.json.")],
+    precision: Annotated[
+        str, typer.Option(help="Comma-separated: fp32, fp16, int8 (fp32 is always built as the reference).")
+    ] = "fp32",
+    engine: Annotated[bool, typer.Option("--engine", help="Also build a TensorRT engine per precision (needs a GPU and 'edgedx[trt]').")] = False,
+    mobile: Annotated[bool, typer.Option("--mobile", help="Also write .ort files for ONNX Runtime Mobile.")] = False,
+    embed_preprocessing: Annotated[
+        bool, typer.Option("--embed-preprocessing", help="The model takes uint8 NHWC RGB crops and preprocesses them itself.")
+    ] = False,
+    simplify: Annotated[bool, typer.Option("--simplify", help="Simplify the graph with onnxslim ('edgedx[simplify]').")] = False,
+    calibration: Annotated[
+        Optional[Path], typer.Option(help="Folder of typical images for int8 calibration (default: the run's training split).")
+    ] = None,
+    verify_data: Annotated[
+        Optional[Path], typer.Option(help="Labelled folder (one sub-folder per class) to verify on (default: the run's validation split).")
+    ] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset (18 or newer).")] = 18,
 ) -> None:
-    """Export to ONNX with batch norm folded, the card embedded and parity verified against PyTorch."""
-    from edgedx.export.pipeline import export_checkpoint
+    """Export to ONNX (and ORT, TensorRT) with batch norm folded, the card embedded and every artefact verified against PyTorch."""
+    from edgedx.export.pipeline import ExportOptions, export_checkpoint
+    from edgedx.export.precision import parse_precisions
 
-    with progress_bar() as progress:
-        report = export_checkpoint(checkpoint, out, opset=opset, progress=progress)
-    p = report.parity
-    size_mb = report.onnx_path.stat().st_size / 1e6
-    console.print(
-        f"{report.onnx_path}  {size_mb:.1f} MB  fp32  parity: max abs diff {p['max_abs_diff']:.2e}, "
-        f"top-1 agreement {p['top1_agreement']:.3f}"
+    options = ExportOptions(
+        precisions=parse_precisions(precision), engine=engine, mobile=mobile, embed_preprocessing=embed_preprocessing,
+        simplify=simplify, calibration=calibration, verify_data=verify_data, opset=opset,
     )
+    with progress_bar() as progress:
+        report = export_checkpoint(checkpoint, out, options, progress=progress)
+    for artefact in report.artefacts:
+        p = artefact["parity"]
+        line = (
+            f"{report.path_of(artefact)}  {artefact['bytes'] / 1e6:.1f} MB  {artefact['precision']} {artefact['format']}  "
+            f"parity: max abs diff {p['max_abs_diff']:.2e}, top-1 agreement {p['top1_agreement']:.3f}, "
+            f"max prob delta {p['max_prob_delta']:.3f}"
+        )
+        if p["labelled"]:
+            line += f", accuracy {p['labelled']['accuracy']:.3f} (Δ {p['labelled']['accuracy_delta']:+.3f} on {p['labelled']['n']})"
+        console.print(line)
     bn = report.batchnorm
     console.print(
         f"batch norm: {bn['in_model']} in model, {bn['folded_by_exporter']} folded by the exporter, "
         f"{bn['folded_into_conv']} folded by EdgeDx, {bn['converted_to_affine']} made affine, {bn['remaining']} left"
     )
+    verification = report.data["verification"]
+    console.print(f"verified on {verification['n_samples']} crops ({verification['n_real']} real: {verification['source']})")
     console.print(f"report: {report.report_path}")
-    console.print(f"next: edgedx diagnose IMAGES... --model {report.onnx_path} --out results.jsonl")
+    engines = [a for a in report.artefacts if a["format"] == "engine"]
+    best = report.path_of(engines[-1]) if engines else report.onnx_path
+    device = " --device tensorrt" if engines else ""
+    console.print(f"next: edgedx diagnose IMAGES... --model {best}{device} --out results.jsonl")
 
 
 @app.command()

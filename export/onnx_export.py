@@ -2,7 +2,9 @@
 
 Uses torch's current (dynamo) exporter at opset 18, as one self-contained file
 (no external data). The exporter's own console chatter is captured into the log:
-the library never prints.
+the library never prints. :func:`check_graph` runs the ONNX checker and strict
+shape inference on every graph EdgeDx writes; :func:`simplify` is the optional
+onnxslim pass (constant folding, redundant-node removal).
 """
 
 from __future__ import annotations
@@ -63,3 +65,32 @@ def embed_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> onnx.Mode
     for key, value in entries.items():
         model.metadata_props.add(key=key, value=value)
     return model
+
+
+def check_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX checker (full) and strict shape inference; a broken graph never reaches disk."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+        onnx.checker.check_model(inferred, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ModelError(f"the exported graph is not valid ONNX: {str(exc).splitlines()[0][:300]}") from None
+    return inferred
+
+
+def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Graph simplification with onnxslim; the metadata (card) is kept."""
+    try:
+        import onnxslim
+    except ImportError:
+        from edgedx.errors import MissingDependencyError
+
+        raise MissingDependencyError("onnxslim", "simplify", "Simplifying the ONNX graph") from None
+    chatter = io.StringIO()
+    with contextlib.redirect_stdout(chatter), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        slim = onnxslim.slim(model)
+    log.debug("onnxslim output:\n%s", chatter.getvalue())
+    if slim is None:
+        raise ModelError("onnxslim could not simplify the graph; export without --simplify")
+    embed_metadata(slim, {p.key: p.value for p in model.metadata_props})
+    return slim

@@ -1,8 +1,12 @@
-"""``edgedx export``: checkpoint → verified ONNX with batch norm folded and the card inside.
+"""``edgedx export``: a checkpoint → verified ONNX (fp32/fp16/int8), ORT and TensorRT artefacts.
 
-Convert, then verify, and return the evidence: the report records batch-norm
-counts, parity numbers, sizes, hashes and versions. A model that fails parity is
-not left where it could be deployed by mistake.
+Convert, then verify, and return the evidence. Every artefact is run on the
+same real crops as the fp32 PyTorch model (the run's validation split, or the
+user's labelled folder) and judged against its precision's tolerance; the report
+records batch-norm counts, parity per artefact, sizes, hashes, versions and
+timings. An artefact that fails is renamed ``*.failed`` so it cannot be
+deployed by mistake, and the export raises :class:`ParityError` after writing
+the report.
 """
 
 from __future__ import annotations
@@ -10,7 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,19 +25,71 @@ import torch
 
 import edgedx
 from edgedx.card import ONNX_METADATA_KEY, ModelCard
-from edgedx.errors import ImageReadError, ParityError
+from edgedx.errors import InputError, ParityError
 from edgedx.export.bn_fold import assert_no_batchnorm, count_batchnorms, fold_batchnorms
-from edgedx.export.onnx_export import DEFAULT_OPSET, embed_metadata, torch_to_onnx
-from edgedx.export.parity import verify_onnx
+from edgedx.export.onnx_export import DEFAULT_OPSET, check_graph, embed_metadata, simplify, torch_to_onnx
+from edgedx.export.parity import ParityReport, artefact_logits, compare_logits, parity_crops, torch_logits
+from edgedx.export.precision import parse_precisions, to_fp16, to_int8
+from edgedx.export.preprocess_graph import embed_preprocessing
+from edgedx.export.samples import Samples, folder_samples, split_samples
 from edgedx.progress import ProgressFn, no_progress
-from edgedx.runtime.image_io import read_image
-from edgedx.runtime.preprocess import resize_to
+from edgedx.runtime.onnx_backend import OnnxSession
 from edgedx.training.checkpoint import build_model, file_sha256, load_checkpoint
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_SHA_KEY = "edgedx.checkpoint_sha256"
+PRECISION_KEY = "edgedx.precision"
 REPORT_NAME = "export_report.json"
+MIN_PARITY_SAMPLES = 16
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What to build. fp32 ONNX is always built: it is the reference the other artefacts derive from."""
+
+    precisions: tuple[str, ...] = ("fp32",)
+    engine: bool = False
+    mobile: bool = False
+    embed_preprocessing: bool = False
+    simplify: bool = False
+    calibration: Path | None = None
+    verify_data: Path | None = None
+    opset: int = DEFAULT_OPSET
+    verify_samples: int = 256
+    calibration_samples: int = 128
+    engine_batch: tuple[int, int, int] = (1, 8, 32)
+    workspace_gib: float = 2.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "precisions", parse_precisions(self.precisions))
+        lo, opt, hi = self.engine_batch
+        if not 1 <= lo <= opt <= hi:
+            raise InputError(f"engine batch range must satisfy 1 <= min <= opt <= max, got {self.engine_batch}")
+        if self.verify_samples < 1 or self.calibration_samples < 1:
+            raise InputError("verify_samples and calibration_samples must be at least 1")
+
+
+@dataclass(frozen=True)
+class Artefact:
+    path: Path
+    format: str  # onnx | ort | engine
+    precision: str
+    parity: ParityReport
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path.name,
+            "format": self.format,
+            "precision": self.precision,
+            "bytes": self.path.stat().st_size if self.path.exists() else None,
+            "sha256": file_sha256(self.path) if self.path.exists() else None,
+            "seconds": round(self.seconds, 2),
+            "parity": self.parity.to_dict(),
+            **self.extra,
+        }
 
 
 @dataclass(frozen=True)
@@ -42,110 +99,235 @@ class ExportReport:
     data: dict[str, Any]
 
     @property
+    def artefacts(self) -> list[dict[str, Any]]:
+        return self.data["artefacts"]
+
+    @property
     def parity(self) -> dict[str, Any]:
-        return self.data["parity"]["fp32"]
+        """Parity of the fp32 ONNX (the reference artefact)."""
+        return self.artefacts[0]["parity"]
 
     @property
     def batchnorm(self) -> dict[str, int]:
         return self.data["batchnorm"]
 
+    def path_of(self, artefact: dict[str, Any]) -> Path:
+        return self.report_path.parent / artefact["path"]
+
 
 def export_checkpoint(
     checkpoint: str | Path,
     out: str | Path,
+    options: ExportOptions | None = None,
     *,
-    opset: int = DEFAULT_OPSET,
-    parity_samples: int = 16,
     progress: ProgressFn = no_progress,
 ) -> ExportReport:
-    """Write ``out/<checkpoint stem>.onnx`` and ``out/export_report.json``; raise ParityError on mismatch."""
+    """Build, verify and report every artefact ``options`` asks for; raise ParityError if any fails."""
+    options = options or ExportOptions()
     started = time.perf_counter()
-    progress("export", 0, 4)
+    if options.engine:
+        _require_tensorrt()
     ckpt = load_checkpoint(checkpoint)
     card = ckpt.card
     model = build_model(ckpt)
-    bn_modules = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-    graph = torch_to_onnx(model, card, opset=opset)
-    progress("export", 1, 4)
-    left_by_exporter = count_batchnorms(graph)
-    graph, bn = fold_batchnorms(graph)
-    assert_no_batchnorm(graph)
-    sha = file_sha256(ckpt.path) if ckpt.path else ""
-    embed_metadata(graph, {ONNX_METADATA_KEY: card.to_json(indent=None), CHECKPOINT_SHA_KEY: sha})
-    graph.producer_name = "edgedx"
-    graph.producer_version = edgedx.__version__
-    graph.doc_string = f"EdgeDx {card.task} classifier ({card.arch}); classes: {', '.join(card.class_names)}"
-    onnx.checker.check_model(graph, full_check=True)
-    progress("export", 2, 4)
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    onnx_path = out / f"{Path(checkpoint).stem}.onnx"
+    stem = Path(checkpoint).stem
+    steps = len(options.precisions) * (1 + options.mobile + options.engine) + 2
+    done = 0
+
+    def step(info: str = "") -> None:
+        nonlocal done
+        done += 1
+        progress("export", done, steps, info)
+
+    # -- fp32 graph -------------------------------------------------------------------
+    t0 = time.perf_counter()
+    graph, bn_counts, card = _fp32_graph(model, card, options, sha=file_sha256(ckpt.path) if ckpt.path else "")
+    onnx_path = out / f"{stem}.onnx"
     onnx.save(graph, onnx_path)
-    real = validation_crops(ckpt.path, card, limit=parity_samples // 2) if ckpt.path else None
-    parity = verify_onnx(model, onnx_path, card, n_samples=parity_samples, images=real)
-    progress("export", 3, 4)
+    fp32_seconds = time.perf_counter() - t0
+    step("fp32 onnx")
+
+    # -- the crops every artefact is judged on ------------------------------------------
+    verify = _verification_samples(ckpt.path, ckpt.card, options)
+    crops = parity_crops(card, MIN_PARITY_SAMPLES, images=None if verify is None else verify.images)
+    labels = None if verify is None or card.task == "multilabel" else verify.labels
+    n_real = 0 if verify is None else len(verify)
+    reference = torch_logits(model, crops, ckpt.card)
+    step("reference")
+
+    def judge(path: Path, fmt: str, precision: str, seconds: float, run: Callable[[np.ndarray], np.ndarray], **extra: Any) -> Artefact:
+        candidate = artefact_logits(run, crops, card)
+        report = compare_logits(reference, candidate, card, precision, n_real=n_real, labels=labels)
+        log.info("%s: %s", path.name, report.summary())
+        return Artefact(path, fmt, precision, report, seconds, extra)
+
+    artefacts: list[Artefact] = []
+    onnx_variants: list[tuple[str, Path]] = []
+    calibration_info: dict[str, Any] | None = None
+    for precision in options.precisions:
+        t0 = time.perf_counter()
+        if precision == "fp32":
+            path, seconds = onnx_path, fp32_seconds
+        elif precision == "fp16":
+            path = out / f"{stem}.fp16.onnx"
+            half = to_fp16(onnx.load(str(onnx_path)))
+            embed_metadata(half, {PRECISION_KEY: "fp16"})
+            onnx.save(half, path)
+            seconds = time.perf_counter() - t0
+        else:
+            calibration = _calibration_samples(ckpt.path, ckpt.card, options)
+            calibration_info = {"source": calibration.source, "n": len(calibration)}
+            path = to_int8(onnx_path, out / f"{stem}.int8.onnx", card, calibration.images)
+            quantised = onnx.load(str(path))
+            embed_metadata(quantised, {PRECISION_KEY: "int8"})
+            onnx.save(quantised, path)
+            seconds = time.perf_counter() - t0
+        session = OnnxSession(path, device="cpu")
+        artefacts.append(judge(path, "onnx", precision, seconds, session.run))
+        onnx_variants.append((precision, path))
+        step(f"{precision} onnx")
+        if precision == "fp32" and not artefacts[0].parity.passed:
+            break  # every other artefact derives from this graph
+
+    if artefacts[0].parity.passed:
+        for precision, path in onnx_variants:
+            if options.mobile:
+                artefacts.append(_mobile(path, precision, judge))
+                step(f"{precision} ort")
+            if options.engine:
+                artefacts.append(_engine(path, precision, card, options, judge, progress))
+                step(f"{precision} engine")
 
     data = {
         "edgedx_version": edgedx.__version__,
         "checkpoint": str(checkpoint),
-        "checkpoint_sha256": sha,
-        "artefacts": [
-            {"path": onnx_path.name, "format": "onnx", "precision": "fp32", "bytes": onnx_path.stat().st_size, "sha256": file_sha256(onnx_path)}
-        ],
-        "opset": opset,
-        "batchnorm": {
-            "in_model": bn_modules,
-            "folded_by_exporter": max(0, bn_modules - left_by_exporter),
-            "folded_into_conv": bn.folded_into_conv,
-            "converted_to_affine": bn.converted_to_affine,
-            "remaining": count_batchnorms(graph),
+        "checkpoint_sha256": file_sha256(ckpt.path) if ckpt.path else "",
+        "options": _plain(options),
+        "artefacts": [a.to_dict() for a in artefacts],
+        "opset": options.opset,
+        "input_format": card.input_format,
+        "batchnorm": bn_counts,
+        "verification": {
+            "source": "synthetic images only" if verify is None else verify.source,
+            "n_samples": len(crops),
+            "n_real": n_real,
+            "n_labelled": 0 if labels is None else len(labels),
         },
-        "parity": {"fp32": {**parity.to_dict(), "n_validation_images": 0 if real is None else len(real)}},
-        "versions": {"torch": torch.__version__, "onnx": onnx.__version__, **_ort_version()},
+        "calibration": calibration_info,
+        "versions": _versions(),
         "card": card.to_dict(),
         "seconds": round(time.perf_counter() - started, 2),
     }
+    failed = [a for a in artefacts if not a.parity.passed]
+    for artefact in failed:
+        quarantined = artefact.path.with_name(artefact.path.name + ".failed")
+        artefact.path.replace(quarantined)
+        for entry in data["artefacts"]:
+            if entry["path"] == artefact.path.name:
+                entry["quarantined_as"] = quarantined.name
     report_path = out / REPORT_NAME
     report_path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    progress("export", 4, 4)
-    if not parity.passed:
-        failed = onnx_path.with_name(onnx_path.name + ".failed")
-        onnx_path.replace(failed)
-        raise ParityError(
-            f"exported model does not match PyTorch: max abs diff {parity.max_abs_diff:.3g} "
-            f"(tolerance {parity.atol:g} + {parity.rtol:g}·|x|), top-1 agreement {parity.top1_agreement:.3f}; "
-            f"kept as {failed} for inspection, see {report_path}"
+    step("report")
+    if failed:
+        lines = "; ".join(
+            f"{a.path.name} ({a.precision}) does not match PyTorch: {', '.join(a.parity.failures)}" for a in failed
         )
-    log.info("exported %s (parity max abs diff %.2g)", onnx_path, parity.max_abs_diff)
+        raise ParityError(f"{lines}; kept as *.failed for inspection, see {report_path}")
+    log.info("exported %d artefacts to %s", len(artefacts), out)
     return ExportReport(onnx_path, report_path, data)
 
 
-def validation_crops(checkpoint: Path, card: ModelCard, *, limit: int) -> np.ndarray | None:
-    """Up to ``limit`` validation images of the run (from ``split.json`` beside the checkpoint), at input size.
+def _fp32_graph(model: torch.nn.Module, card: ModelCard, options: ExportOptions, *, sha: str) -> tuple[onnx.ModelProto, dict[str, int], ModelCard]:
+    """Export, fold every batch norm, optionally embed preprocessing and simplify, embed the card; checked."""
+    bn_modules = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    graph = torch_to_onnx(model, card, opset=options.opset)
+    left_by_exporter = count_batchnorms(graph)
+    graph, bn = fold_batchnorms(graph)
+    assert_no_batchnorm(graph)
+    if options.embed_preprocessing:
+        graph, card = embed_preprocessing(graph, card)
+    embed_metadata(graph, {ONNX_METADATA_KEY: card.to_json(indent=None), CHECKPOINT_SHA_KEY: sha, PRECISION_KEY: "fp32"})
+    graph.producer_name = "edgedx"
+    graph.producer_version = edgedx.__version__
+    graph.doc_string = f"EdgeDx {card.task} classifier ({card.arch}); classes: {', '.join(card.class_names)}"
+    if options.simplify:
+        graph = simplify(graph)
+    graph = check_graph(graph)
+    assert_no_batchnorm(graph)
+    counts = {
+        "in_model": bn_modules,
+        "folded_by_exporter": max(0, bn_modules - left_by_exporter),
+        "folded_into_conv": bn.folded_into_conv,
+        "converted_to_affine": bn.converted_to_affine,
+        "remaining": count_batchnorms(graph),
+    }
+    return graph, counts, card
 
-    Parity on real images is the evidence that matters; random images fill the
-    rest of the sample. Missing or unreadable files are skipped.
-    """
-    split = checkpoint.parent / "split.json"
-    if limit < 1 or not split.is_file():
+
+def _verification_samples(checkpoint: Path | None, card: ModelCard, options: ExportOptions) -> Samples | None:
+    """The user's labelled folder, else the run's validation split, else None (synthetic crops only)."""
+    if options.verify_data is not None:
+        return folder_samples(options.verify_data, card, limit=options.verify_samples, labelled=True)
+    if checkpoint is None:
         return None
-    crops = []
-    for path in json.loads(split.read_text(encoding="utf-8")).get("val", [])[:limit]:
+    return split_samples(checkpoint, card, "val", limit=options.verify_samples)
+
+
+def _calibration_samples(checkpoint: Path | None, card: ModelCard, options: ExportOptions) -> Samples:
+    """The user's folder, else the run's training split; int8 without real images is refused."""
+    if options.calibration is not None:
+        return folder_samples(options.calibration, card, limit=options.calibration_samples, labelled=False)
+    found = None if checkpoint is None else split_samples(checkpoint, card, "train", limit=options.calibration_samples)
+    if found is None:
+        raise InputError(
+            "int8 needs calibration images and the training split recorded with the checkpoint cannot be read "
+            "(split.json missing or the data moved); give a folder of typical images with --calibration DIR"
+        )
+    return found
+
+
+def _mobile(path: Path, precision: str, judge: Callable[..., Artefact]) -> Artefact:
+    from edgedx.export.mobile import onnx_to_ort
+
+    t0 = time.perf_counter()
+    ort_path = onnx_to_ort(path)
+    session = OnnxSession(ort_path, device="cpu")
+    return judge(ort_path, "ort", precision, time.perf_counter() - t0, session.run)
+
+
+def _engine(path: Path, precision: str, card: ModelCard, options: ExportOptions, judge: Callable[..., Artefact], progress: ProgressFn) -> Artefact:
+    from edgedx.export.tensorrt import onnx_to_engine
+    from edgedx.runtime.trt_backend import TensorRTSession
+
+    lo, opt, hi = options.engine_batch
+    engine_path = path.with_suffix(".engine")
+    info = onnx_to_engine(
+        path, engine_path, card, precision=precision, onnx_sha256=file_sha256(path),
+        min_batch=lo, opt_batch=opt, max_batch=hi, workspace_gib=options.workspace_gib, progress=progress,
+    )
+    session = TensorRTSession(engine_path)
+    return judge(engine_path, "engine", precision, info.seconds, session.run, tensorrt=info.to_dict())
+
+
+def _require_tensorrt() -> None:
+    """Fail before the slow steps when an engine is asked for and TensorRT is missing."""
+    from edgedx.deps import require
+
+    require(("tensorrt",), extra="trt", purpose="Building a TensorRT engine")
+
+
+def _versions() -> dict[str, str]:
+    found = {"torch": torch.__version__, "onnx": onnx.__version__}
+    for name in ("onnxruntime", "onnxslim", "tensorrt"):
         try:
-            crops.append(read_image(path))
-        except ImageReadError as exc:
-            log.info("parity: skipping %s", exc)
-    if not crops:
-        return None
-    height, width = card.input_size
-    return np.stack([resize_to(c, height, width, card.interpolation) for c in crops])  # RGB; parity preprocesses
+            module = __import__(name)
+        except ImportError:
+            continue
+        found[name] = getattr(module, "__version__", "unknown")
+    return found
 
 
-def _ort_version() -> dict[str, str]:
-    try:
-        import onnxruntime
-    except ImportError:
-        return {}
-    return {"onnxruntime": onnxruntime.__version__}
+def _plain(options: ExportOptions) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in options.__dict__.items()}

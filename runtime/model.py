@@ -19,8 +19,12 @@ import numpy as np
 from edgedx.card import ModelCard
 from edgedx.runtime.image_io import read_image, to_rgb_uint8
 from edgedx.runtime.onnx_backend import OnnxSession
+from edgedx.runtime.trt_backend import TensorRTSession
 from edgedx.runtime.preprocess import model_input, to_probabilities
 from edgedx.runtime.tiling import SlidingResult, sliding_window_predict
+
+
+Session = OnnxSession | TensorRTSession  # anything with .card and .run(x) -> logits
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,7 @@ def decide(probabilities: np.ndarray, card: ModelCard) -> str | list[str]:
 class Model:
     """Thread-safe: it holds no per-call state and ONNX Runtime's ``run`` is thread-safe."""
 
-    def __init__(self, session: OnnxSession, *, batch_size: int = 32) -> None:
+    def __init__(self, session: Session, *, batch_size: int = 32) -> None:
         self.session = session
         self.card = session.card
         self.batch_size = batch_size
@@ -80,6 +84,16 @@ class Model:
         )
 
 
+ENGINE_SUFFIXES = (".engine", ".plan")
+
+
 def load_model(path: str | Path, *, device: str = "cpu", threads: int | None = None, batch_size: int = 32) -> Model:
-    """Load an exported ``.onnx`` with its embedded card, ready to diagnose."""
+    """Load an exported model, ready to diagnose.
+
+    ``.onnx`` and ``.ort`` files run on ONNX Runtime with the card from their
+    metadata; ``.engine``/``.plan`` files are TensorRT engines with the card in
+    the sidecar JSON beside them (``device`` must then be tensorrt, cuda or auto).
+    """
+    if Path(path).suffix.lower() in ENGINE_SUFFIXES:
+        return Model(TensorRTSession(path, device=device), batch_size=batch_size)
     return Model(OnnxSession(path, device=device, threads=threads), batch_size=batch_size)

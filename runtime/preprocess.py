@@ -65,13 +65,18 @@ def preprocess_batch(crops: np.ndarray, card: ModelCard) -> np.ndarray:
 def model_input(crops: np.ndarray, card: ModelCard) -> np.ndarray:
     """What the graph takes, per the card's ``input_format``.
 
-    ``float32_nchw``: the full preprocessing above. ``uint8_nhwc``: the graph does
-    the scaling and normalisation itself (for apps with no preprocessing code);
-    we only resize and order the channels.
+    ``float32_nchw``: the full preprocessing above. ``uint8_nhwc``: the graph takes
+    RGB pixels and does colour order, scaling and normalisation itself (for apps
+    with no preprocessing code); we only resize.
     """
     if card.input_format == "float32_nchw":
         return preprocess_batch(crops, card)
-    return np.ascontiguousarray(fit_crops(crops, card), dtype=np.uint8)
+    if crops.ndim != 4 or crops.shape[-1] != 3:
+        raise ValueError(f"expected (N, H, W, 3) RGB crops, got shape {crops.shape}")
+    height, width = card.input_size
+    if crops.shape[1:3] != (height, width):
+        crops = np.stack([resize_to(c, height, width, card.interpolation) for c in crops])
+    return np.ascontiguousarray(crops, dtype=np.uint8)
 
 
 def to_probabilities(outputs: np.ndarray, card: ModelCard) -> np.ndarray:

@@ -62,17 +62,35 @@ def test_train_passes_options_through() -> None:
 
 
 def test_export_passes_options_through(tmp_path: Path) -> None:
+    from edgedx.export.pipeline import ExportOptions
+
     fake = mock.MagicMock()
     onnx_file = tmp_path / "model.onnx"
     onnx_file.write_bytes(b"x" * 2000)
+    parity = {"max_abs_diff": 1e-6, "top1_agreement": 1.0, "max_prob_delta": 1e-7,
+              "labelled": {"accuracy": 0.9, "accuracy_delta": 0.0, "n": 10}}
     fake.return_value.onnx_path = onnx_file
-    fake.return_value.parity = {"max_abs_diff": 1e-6, "top1_agreement": 1.0}
+    fake.return_value.artefacts = [
+        {"path": "model.onnx", "format": "onnx", "precision": "fp32", "bytes": 2000, "parity": parity},
+        {"path": "model.int8.onnx", "format": "onnx", "precision": "int8", "bytes": 700, "parity": {**parity, "labelled": None}},
+    ]
+    fake.return_value.path_of = lambda a: tmp_path / a["path"]
+    fake.return_value.data = {"verification": {"n_samples": 10, "n_real": 10, "source": "val split"}}
     fake.return_value.batchnorm = {"in_model": 5, "folded_by_exporter": 5, "folded_into_conv": 0, "converted_to_affine": 0, "remaining": 0}
     with mock.patch("edgedx.export.pipeline.export_checkpoint", fake):
-        result = runner.invoke(app, ["export", "run/model.pt", "--out", "exp", "--opset", "20"])
+        result = runner.invoke(
+            app,
+            ["export", "run/model.pt", "--out", "exp", "--opset", "20", "--precision", "int8,fp16", "--mobile",
+             "--embed-preprocessing", "--calibration", "cal dir", "--verify-data", "labelled"],
+        )
     assert result.exit_code == 0, result.output
-    fake.assert_called_once_with(Path("run/model.pt"), Path("exp"), opset=20, progress=mock.ANY)
-    assert "top-1 agreement 1.000" in result.output and "edgedx diagnose" in result.output
+    expected = ExportOptions(
+        precisions=("fp32", "fp16", "int8"), mobile=True, embed_preprocessing=True,
+        calibration=Path("cal dir"), verify_data=Path("labelled"), opset=20,
+    )
+    fake.assert_called_once_with(Path("run/model.pt"), Path("exp"), expected, progress=mock.ANY)
+    assert "model.int8.onnx  0.0 MB  int8 onnx" in result.output
+    assert "accuracy 0.900 (Δ +0.000 on 10)" in result.output and "edgedx diagnose" in result.output
 
 
 def test_diagnose_passes_options_through() -> None:
@@ -179,3 +197,8 @@ def test_unknown_arch_suggests_close_matches(tmp_path: Path) -> None:
     pytest.importorskip("timm")
     proc = run_edgedx("train", str(tmp_path), "--out", str(tmp_path / "run"), "--arch", "resnet5O")
     _assert_one_line_error(proc, "unknown architecture 'resnet5O'", "resnet50")
+
+
+def test_unknown_precision_is_a_one_line_error(tmp_path: Path) -> None:
+    proc = run_edgedx("export", str(tmp_path / "model.pt"), "--out", str(tmp_path / "out"), "--precision", "fp32,int4")
+    _assert_one_line_error(proc, "unknown precision 'int4'", "fp32, fp16, int8")

@@ -71,12 +71,17 @@ def test_export_folds_batchnorm_embeds_card_and_verifies_parity(trained: Trained
     from edgedx.training.checkpoint import file_sha256, load_checkpoint
 
     report = json.loads(trained.export_report.read_text())
-    parity = report["parity"]["fp32"]
-    assert parity["passed"] is True
+    [artefact] = report["artefacts"]
+    assert artefact["path"] == "model.onnx" and artefact["precision"] == "fp32" and artefact["format"] == "onnx"
+    assert artefact["sha256"] == file_sha256(trained.onnx) and artefact["bytes"] == trained.onnx.stat().st_size
+    parity = artefact["parity"]
+    assert parity["passed"] is True and parity["failures"] == []
     assert parity["max_abs_diff"] < 1e-3 and parity["max_prob_delta"] < 1e-4  # fp32: logits agree to float rounding
-    assert parity["top1_agreement"] == 1.0
-    assert parity["n_samples"] == 16
-    assert parity["n_validation_images"] == 8  # real images from the run's split, the rest synthetic
+    assert parity["top1_agreement"] == 1.0 and parity["decision_agreement"] == 1.0
+    # every validation image of the run (32 of 160 tiles), read back from split.json, with labels
+    assert parity["n_samples"] == parity["n_real"] == 32
+    assert report["verification"]["n_labelled"] == 32
+    assert parity["labelled"]["accuracy_delta"] == 0.0
     bn = report["batchnorm"]
     assert bn["in_model"] > 0 and bn["remaining"] == 0
     assert bn["folded_by_exporter"] + bn["folded_into_conv"] + bn["converted_to_affine"] == bn["in_model"]

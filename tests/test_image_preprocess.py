@@ -396,10 +396,10 @@ def test_model_input_uint8_nhwc() -> None:
     # same size: passed through unchanged (no scaling, no normalisation)
     same = crops[:, :6, :7]
     np.testing.assert_array_equal(model_input(same, card), same)
-    # BGR card: channels reversed, still contiguous uint8
+    # BGR card: the graph takes RGB and reorders the channels itself
     bgr = model_input(same, card.replace(colour_order="BGR"))
     assert bgr.flags["C_CONTIGUOUS"] and bgr.dtype == np.uint8
-    np.testing.assert_array_equal(bgr, same[..., ::-1])
+    np.testing.assert_array_equal(bgr, same)
 
 
 # -- to_probabilities ----------------------------------------------------------------------

@@ -1,0 +1,183 @@
+"""Precision variants, embedded preprocessing, ORT mobile files and their verification."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import Trained
+
+pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from onnx import TensorProto, helper  # noqa: E402
+
+from edgedx.card import CropPolicy, ModelCard, Normalization, Provenance  # noqa: E402
+from edgedx.errors import InputError, MissingDependencyError, ModelError  # noqa: E402
+from edgedx.export.pipeline import ExportOptions, export_checkpoint  # noqa: E402
+from edgedx.export.preprocess_graph import embed_preprocessing  # noqa: E402
+from edgedx.runtime.preprocess import preprocess_batch  # noqa: E402
+
+
+def identity_graph(h: int, w: int) -> onnx.ModelProto:
+    """A float32 NCHW 'model' that returns its input, so the preprocessing itself can be read back."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["input"], ["logits"])], "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, h, w])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3, h, w])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def small_card(**changes) -> ModelCard:
+    base = ModelCard(
+        arch="x", task="binary", class_names=("neg", "pos"), positive_class="pos", threshold=0.5, input_size=(7, 5),
+        crop=CropPolicy((7, 5), (7, 5)), provenance=Provenance("0", "2026-01-01T00:00:00+00:00"),
+    )
+    return base.replace(**changes)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"colour_order": "BGR"},
+        {"normalization": Normalization(kind="per_image")},
+        {"colour_order": "BGR", "normalization": Normalization(pixel_scale=1.0, mean=(100.0, 110.0, 120.0), std=(50.0, 60.0, 70.0))},
+    ],
+    ids=["imagenet", "bgr", "per-image", "bgr-custom"],
+)
+def test_embedded_preprocessing_matches_the_runtime(changes: dict) -> None:
+    card = small_card(**changes)
+    graph, new_card = embed_preprocessing(identity_graph(7, 5), card)
+    assert new_card.input_format == "uint8_nhwc" and new_card.replace(input_format="float32_nchw") == card
+    onnx.checker.check_model(graph, full_check=True)
+    [inp] = graph.graph.input
+    assert inp.type.tensor_type.elem_type == TensorProto.UINT8
+    assert [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim] == ["batch", 7, 5, 3]
+    crops = np.random.default_rng(0).integers(0, 256, (3, 7, 5, 3), dtype=np.uint8)
+    crops[2] = 17  # a flat crop: per-image std hits its floor
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": crops})[0]
+    np.testing.assert_allclose(got, preprocess_batch(crops, card), atol=2e-5)
+
+
+def test_preprocessing_is_embedded_once() -> None:
+    graph, card = embed_preprocessing(identity_graph(7, 5), small_card())
+    with pytest.raises(ModelError, match="already inside this graph"):
+        embed_preprocessing(graph, card)
+
+
+@pytest.fixture(scope="module")
+def variants(trained: Trained, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("variants") / "out dir"
+    options = ExportOptions(precisions=("fp32", "fp16", "int8"), mobile=True, embed_preprocessing=True, simplify=True)
+    return export_checkpoint(trained.checkpoint, out, options)
+
+
+def test_every_variant_is_written_verified_and_reported(variants, trained: Trained) -> None:
+    names = [(a["path"], a["precision"], a["format"]) for a in variants.artefacts]
+    assert names == [
+        ("model.onnx", "fp32", "onnx"), ("model.fp16.onnx", "fp16", "onnx"), ("model.int8.onnx", "int8", "onnx"),
+        ("model.ort", "fp32", "ort"), ("model.fp16.ort", "fp16", "ort"), ("model.int8.ort", "int8", "ort"),
+    ]
+    report = json.loads(variants.report_path.read_text())
+    assert report["artefacts"] == variants.artefacts
+    for artefact in report["artefacts"]:
+        parity = artefact["parity"]
+        assert parity["passed"], (artefact["path"], parity["failures"])
+        assert parity["n_real"] == 32 and parity["labelled"]["n"] == 32
+        assert variants.path_of(artefact).stat().st_size == artefact["bytes"]
+    sizes = {a["path"]: a["bytes"] for a in report["artefacts"]}
+    assert sizes["model.fp16.onnx"] < 0.6 * sizes["model.onnx"]
+    assert sizes["model.int8.onnx"] < 0.4 * sizes["model.onnx"]
+    assert report["calibration"]["n"] == 128 and "train split" in report["calibration"]["source"]
+    assert report["input_format"] == "uint8_nhwc" and report["options"]["embed_preprocessing"] is True
+    assert {"torch", "onnx", "onnxruntime"} <= set(report["versions"])
+    fp32 = next(a for a in report["artefacts"] if a["path"] == "model.onnx")["parity"]
+    assert fp32["max_abs_diff"] < 1e-3  # preprocessing inside the graph changes nothing
+
+
+def test_variant_graphs_carry_card_precision_and_uint8_input(variants, trained: Trained) -> None:
+    from edgedx.training.checkpoint import load_checkpoint
+
+    trained_card = load_checkpoint(trained.checkpoint).card
+    out = variants.report_path.parent
+    for name, precision in (("model.onnx", "fp32"), ("model.fp16.onnx", "fp16"), ("model.int8.onnx", "int8")):
+        graph = onnx.load(str(out / name))
+        meta = {p.key: p.value for p in graph.metadata_props}
+        assert meta["edgedx.precision"] == precision
+        assert ModelCard.from_json(meta["edgedx.card"]) == trained_card.replace(input_format="uint8_nhwc")
+        assert not any(k.startswith("onnx.") for k in meta)
+        assert graph.graph.input[0].type.tensor_type.elem_type == TensorProto.UINT8
+        assert graph.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+        ops = {n.op_type for n in graph.graph.node}
+        assert "BatchNormalization" not in ops
+        kinds = {i.data_type for i in graph.graph.initializer}
+        if precision == "fp16":
+            assert TensorProto.FLOAT16 in kinds
+        if precision == "int8":
+            assert {"QuantizeLinear", "DequantizeLinear"} <= ops and TensorProto.INT8 in kinds
+            # preprocessing stays in float32, outside the quantised part
+            pre = [n for n in graph.graph.node if n.name.startswith("edgedx_preprocess/")]
+            assert pre and all(n.op_type not in ("QuantizeLinear", "DequantizeLinear") for n in pre)
+
+
+def test_variants_diagnose_like_the_float_model(variants, trained: Trained) -> None:
+    from edgedx.runtime import load_model
+    from edgedx.synthetic import render_field
+
+    field = render_field(np.random.default_rng(5), 237, 511, infected_fraction=0.3).image
+    reference = load_model(trained.onnx).diagnose(field)
+    out = variants.report_path.parent
+    for name, atol in (("model.onnx", 1e-4), ("model.ort", 1e-4), ("model.fp16.onnx", 0.02), ("model.int8.ort", 0.1)):
+        model = load_model(out / name)
+        assert model.card.input_format == "uint8_nhwc"
+        got = model.diagnose(field)
+        assert got.n_crops == reference.n_crops
+        for cls, p in reference.probabilities.items():
+            assert got.probabilities[cls] == pytest.approx(p, abs=atol), name
+
+
+def test_calibration_and_verification_folders(trained: Trained, tmp_path: Path) -> None:
+    options = ExportOptions(
+        precisions=("int8",), calibration=trained.data, verify_data=trained.data, calibration_samples=20, verify_samples=40,
+    )
+    report = export_checkpoint(trained.checkpoint, tmp_path / "out", options)
+    assert report.data["calibration"] == {"source": str(trained.data), "n": 20}
+    assert report.data["verification"]["source"] == str(trained.data)
+    assert report.data["verification"]["n_labelled"] == 40
+    assert [a["precision"] for a in report.artefacts] == ["fp32", "int8"]
+
+
+def test_int8_without_calibration_images_says_what_to_give(trained: Trained, tmp_path: Path) -> None:
+    lonely = tmp_path / "moved"
+    lonely.mkdir()
+    shutil.copy(trained.checkpoint, lonely / "model.pt")  # no split.json beside it
+    with pytest.raises(InputError, match="--calibration DIR"):
+        export_checkpoint(lonely / "model.pt", tmp_path / "out", ExportOptions(precisions=("int8",)))
+    report = export_checkpoint(lonely / "model.pt", tmp_path / "out2")  # fp32 still verifies, on synthetic crops
+    assert report.data["verification"] == {"source": "synthetic images only", "n_samples": 16, "n_real": 0, "n_labelled": 0}
+
+
+def test_verification_folder_must_name_the_model_classes(trained: Trained, tmp_path: Path) -> None:
+    from edgedx.runtime.image_io import write_image
+
+    for name in ("cats", "dogs"):
+        (tmp_path / "wrong" / name).mkdir(parents=True)
+        write_image(tmp_path / "wrong" / name / "a.png", np.zeros((32, 32, 3), np.uint8))
+    with pytest.raises(InputError, match=r"class folder\(s\) \['cats', 'dogs'\]"):
+        export_checkpoint(trained.checkpoint, tmp_path / "out", ExportOptions(verify_data=tmp_path / "wrong"))
+
+
+def test_engine_without_tensorrt_fails_before_any_work(trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(MissingDependencyError, match=r"pip install 'edgedx\[trt\]'"):
+        export_checkpoint(trained.checkpoint, tmp_path / "out", ExportOptions(engine=True))
+    assert not (tmp_path / "out").exists()

@@ -181,3 +181,45 @@ def test_engine_without_tensorrt_fails_before_any_work(trained: Trained, tmp_pat
     with pytest.raises(MissingDependencyError, match=r"pip install 'edgedx\[trt\]'"):
         export_checkpoint(trained.checkpoint, tmp_path / "out", ExportOptions(engine=True))
     assert not (tmp_path / "out").exists()
+
+
+def test_densenet_style_preactivation_bn_becomes_affine_through_the_real_exporter() -> None:
+    """torch's exporter folds Conv→BN itself but keeps DenseNet's BN→ReLU→Conv and BN-after-Concat."""
+    import torch
+    from torch import nn
+
+    from edgedx.export.bn_fold import count_batchnorms, fold_batchnorms
+    from edgedx.export.onnx_export import check_graph, torch_to_onnx
+
+    class DenseBlock(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))  # foldable
+            self.pre = nn.Sequential(nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))  # pre-activation
+            self.after_concat = nn.BatchNorm2d(12)
+            self.head = nn.Linear(12, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.relu(self.stem(x))
+            x = self.after_concat(torch.cat([x, self.pre(x)], dim=1))
+            return self.head(x.mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    model = DenseBlock()
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):  # non-trivial statistics
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.2, 0.2)
+    model.eval()
+    card = small_card(input_size=(11, 13))
+    graph = torch_to_onnx(model, card)
+    assert count_batchnorms(graph) == 2  # the exporter folded only the stem
+    folded, report = fold_batchnorms(graph)
+    assert report.converted_to_affine == 2 and report.remaining == 0
+    folded = check_graph(folded)
+    x = np.random.default_rng(0).normal(size=(3, 3, 11, 13)).astype(np.float32)
+    session = ort.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"])
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(session.run(None, {"input": x})[0], expected, atol=1e-5)

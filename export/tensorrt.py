@@ -22,6 +22,7 @@ from typing import Any
 
 from edgedx.card import ModelCard, now_iso
 from edgedx.errors import InputError, ModelError
+from edgedx.export.precision import PRECISIONS
 from edgedx.progress import ProgressFn, no_progress
 from edgedx.runtime.onnx_backend import check_input_matches_card
 from edgedx.runtime.trt_backend import (
@@ -38,7 +39,6 @@ __all__ = ["EngineInfo", "default_timing_cache", "onnx_to_engine", "read_sidecar
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "int8")
 TIMING_CACHE_NAME = "tensorrt.timing.cache"
 GIB = 1 << 30
 

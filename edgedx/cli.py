@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from edgedx import __version__
-from edgedx.errors import EdgeDxError
+from edgedx.errors import EdgeDxError, InputError
 from edgedx.progress import ProgressFn, no_progress
 
 app = typer.Typer(
@@ -158,6 +158,15 @@ def _split_names(text: str | None) -> tuple[str, ...] | None:
     return tuple(v.strip() for v in text.split(",") if v.strip()) if text else None
 
 
+def _batch_range(text: str) -> tuple[int, int, int]:
+    """"1,8,32" → (1, 8, 32), or a one-line error naming the value."""
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise InputError(f"--engine-batch must be three whole numbers MIN,OPT,MAX (e.g. 1,8,32), got {text!r}")
+    low, opt, high = (int(p) for p in parts)
+    return low, opt, high
+
+
 @app.command()
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="An EdgeDx checkpoint (model.pt from edgedx train).")],
@@ -177,6 +186,10 @@ def export(
     verify_data: Annotated[
         Optional[Path], typer.Option(help="Labelled folder (one sub-folder per class) to verify on (default: the run's validation split).")
     ] = None,
+    engine_batch: Annotated[
+        str, typer.Option(help="TensorRT optimisation profile batch sizes MIN,OPT,MAX.")
+    ] = "1,8,32",
+    workspace_gib: Annotated[float, typer.Option(help="TensorRT builder workspace limit in GiB.")] = 2.0,
     opset: Annotated[int, typer.Option(help="ONNX opset (18 or newer).")] = 18,
 ) -> None:
     """Export to ONNX (and ORT, TensorRT) with batch norm folded, the card embedded and every artefact verified against PyTorch."""
@@ -186,6 +199,7 @@ def export(
     options = ExportOptions(
         precisions=parse_precisions(precision), engine=engine, mobile=mobile, embed_preprocessing=embed_preprocessing,
         simplify=simplify, calibration=calibration, verify_data=verify_data, opset=opset,
+        engine_batch=_batch_range(engine_batch), workspace_gib=workspace_gib,
     )
     with progress_bar() as progress:
         report = export_checkpoint(checkpoint, out, options, progress=progress)

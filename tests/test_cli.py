@@ -81,12 +81,13 @@ def test_export_passes_options_through(tmp_path: Path) -> None:
         result = runner.invoke(
             app,
             ["export", "run/model.pt", "--out", "exp", "--opset", "20", "--precision", "int8,fp16", "--mobile",
-             "--embed-preprocessing", "--calibration", "cal dir", "--verify-data", "labelled"],
+             "--embed-preprocessing", "--calibration", "cal dir", "--verify-data", "labelled",
+             "--engine-batch", "2,4,16", "--workspace-gib", "1.5"],
         )
     assert result.exit_code == 0, result.output
     expected = ExportOptions(
         precisions=("fp32", "fp16", "int8"), mobile=True, embed_preprocessing=True,
-        calibration=Path("cal dir"), verify_data=Path("labelled"), opset=20,
+        calibration=Path("cal dir"), verify_data=Path("labelled"), opset=20, engine_batch=(2, 4, 16), workspace_gib=1.5,
     )
     fake.assert_called_once_with(Path("run/model.pt"), Path("exp"), expected, progress=mock.ANY)
     assert "model.int8.onnx  0.0 MB  int8 onnx" in result.output
@@ -202,3 +203,10 @@ def test_unknown_arch_suggests_close_matches(tmp_path: Path) -> None:
 def test_unknown_precision_is_a_one_line_error(tmp_path: Path) -> None:
     proc = run_edgedx("export", str(tmp_path / "model.pt"), "--out", str(tmp_path / "out"), "--precision", "fp32,int4")
     _assert_one_line_error(proc, "unknown precision 'int4'", "fp32, fp16, int8")
+
+
+def test_bad_engine_batch_is_a_one_line_error(tmp_path: Path) -> None:
+    proc = run_edgedx("export", str(tmp_path / "model.pt"), "--out", str(tmp_path / "out"), "--engine-batch", "8,1")
+    _assert_one_line_error(proc, "--engine-batch must be three whole numbers", "'8,1'")
+    proc = run_edgedx("export", str(tmp_path / "model.pt"), "--out", str(tmp_path / "out"), "--engine-batch", "8,4,32")
+    _assert_one_line_error(proc, "1 <= min <= opt <= max", "(8, 4, 32)")

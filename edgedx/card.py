@@ -26,7 +26,7 @@ from typing import Any, Literal, Union
 
 from edgedx.errors import CardError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: crop padding modes, aggregations, top_k, centre weighting, foreground filter
 ONNX_METADATA_KEY = "edgedx.card"
 SIDECAR_SUFFIX = ".card.json"
 
@@ -36,8 +36,9 @@ Interpolation = Literal["nearest", "linear", "area", "cubic"]
 NormKind = Literal["mean_std", "per_image"]
 OutputActivation = Literal["softmax", "sigmoid"]
 InputFormat = Literal["float32_nchw", "uint8_nhwc"]
-Padding = Literal["constant"]
-Aggregation = Literal["mean"]
+Padding = Literal["constant", "reflect", "replicate"]
+Aggregation = Literal["mean", "mean_logits", "max", "top_k_mean", "noisy_or"]
+CentreWeighting = Literal["none", "gaussian"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -80,8 +81,19 @@ class CropPolicy:
 
     The classic policy: crops of ``tile_size`` (height, width) every ``stride``
     pixels over the image resampled by ``scale``, the last crop of each row and
-    column aligned to the edge so every pixel is seen, zero padding where the
-    image is smaller than a crop, class probabilities averaged over all crops.
+    column aligned to the edge so every pixel is seen, padding (``constant``
+    with ``pad_value``, ``reflect`` or ``replicate``) where the image is smaller
+    than a crop, and the crops' class probabilities merged by ``aggregation``:
+
+    - ``mean``: mean of probabilities (diffuse findings);
+    - ``mean_logits``: softmax/sigmoid of the mean logit;
+    - ``max`` / ``top_k_mean``: the most suspicious crop(s), per class (sparse
+      findings: a few parasites on a field, one lesion on a scan);
+    - ``noisy_or``: 1 - prod(1 - p), "at least one crop is positive".
+
+    ``min_foreground`` skips crops whose fraction of foreground pixels (not
+    empty glass, not black border) is below it; ``centre_weighting`` shapes how
+    overlapping crops are blended into the per-pixel heat map.
     """
 
     tile_size: tuple[int, int]
@@ -90,6 +102,9 @@ class CropPolicy:
     padding: Padding = "constant"
     pad_value: int = 0
     aggregation: Aggregation = "mean"
+    top_k: int = 3
+    centre_weighting: CentreWeighting = "none"
+    min_foreground: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("tile_size", "stride"):
@@ -107,6 +122,10 @@ class CropPolicy:
             raise CardError(f"model card field 'crop.scale' must be a positive number, got {self.scale}")
         if not 0 <= self.pad_value <= 255:
             raise CardError(f"model card field 'crop.pad_value' must be within 0..255, got {self.pad_value}")
+        if int(self.top_k) != self.top_k or self.top_k < 1:
+            raise CardError(f"model card field 'crop.top_k' must be a positive integer, got {self.top_k}")
+        if not 0.0 <= self.min_foreground <= 1.0:
+            raise CardError(f"model card field 'crop.min_foreground' must be within [0, 1], got {self.min_foreground}")
 
 
 @dataclass(frozen=True)
@@ -210,6 +229,8 @@ class ModelCard:
             )
         if version < 1:
             raise CardError(f"model card schema_version {version} is not valid")
+        if version < SCHEMA_VERSION:
+            data = {**data, "schema_version": SCHEMA_VERSION}  # 1 → 2 only added fields with defaults
         return _from_plain(cls, data, "")
 
     @classmethod

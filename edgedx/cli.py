@@ -229,27 +229,88 @@ def export(
 
 @app.command()
 def diagnose(
-    inputs: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively) or glob patterns.")],
-    model: Annotated[Path, typer.Option("--model", "-m", help="Exported .onnx model (card embedded).")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="Exported .onnx/.ort model or TensorRT .engine.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Results file: .jsonl or .csv.")],
+    inputs: Annotated[
+        Optional[list[str]],
+        typer.Argument(help="Image files, folders (recursive), globs, video files, camera:N or stream URLs."),
+    ] = None,
     overlays: Annotated[Optional[Path], typer.Option(help="Write a heat-map overlay PNG per image into this folder.")] = None,
+    maps: Annotated[Optional[Path], typer.Option(help="Write each image's per-tile probability map (.npy) into this folder.")] = None,
     device: Device = "cpu",
-    batch_size: Annotated[int, typer.Option(help="Crops per inference call.")] = 32,
+    batch_size: Annotated[int, typer.Option(help="Crops per inference call (tiles of several images share a batch).")] = 32,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run: keep OUT's records, skip their inputs.")] = False,
+    audit: Annotated[Optional[Path], typer.Option(help="Append-only audit log (JSON Lines): input and model sha256, card, time, result.")] = None,
+    refer_band: Annotated[Optional[str], typer.Option(help="LOW,HIGH: binary results with p(positive) in [LOW, HIGH) are 'refer'.")] = None,
+    aggregation: Annotated[Optional[str], typer.Option(help="Override the card: mean, mean_logits, max, top_k_mean, noisy_or.")] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="Tiles averaged by top_k_mean.")] = None,
+    tile: Annotated[Optional[str], typer.Option(help="Override the card's tile size: N or H,W (pixels after scaling).")] = None,
+    stride: Annotated[Optional[str], typer.Option(help="Override the card's stride: N or H,W.")] = None,
+    scale: Annotated[Optional[float], typer.Option(help="Override the card's resampling factor (object size the model was trained on).")] = None,
+    padding: Annotated[Optional[str], typer.Option(help="Edges of images smaller than a tile: constant, reflect or replicate.")] = None,
+    min_foreground: Annotated[Optional[float], typer.Option(help="Skip tiles with a smaller foreground fraction (empty glass, black borders).")] = None,
+    centre_weighting: Annotated[Optional[str], typer.Option(help="Heat-map blending of overlapping tiles: none or gaussian.")] = None,
+    every: Annotated[int, typer.Option(help="Videos and cameras: diagnose every N-th frame.")] = 1,
+    window: Annotated[int, typer.Option(help="Videos and cameras: rolling decision over the last N diagnosed frames.")] = 5,
+    max_frames: Annotated[Optional[int], typer.Option(help="Videos and cameras: stop after N diagnosed frames.")] = None,
+    watch: Annotated[Optional[Path], typer.Option(help="Hot folder: diagnose each image dropped here, once, when complete (Ctrl-C stops).")] = None,
+    idle_timeout: Annotated[Optional[float], typer.Option(help="With --watch: stop after this many seconds without a new image.")] = None,
 ) -> None:
-    """Diagnose whole images with the model card's sliding crops; one record per input."""
-    from edgedx.runtime.batch import diagnose_paths
+    """Diagnose whole images with sliding crops; one record per input (or per video frame)."""
+    from edgedx.runtime.batch import diagnose_hot_folder, diagnose_paths
 
-    with progress_bar() as progress:
-        summary = diagnose_paths(
-            inputs, model, out, device=device, batch_size=batch_size, overlays=overlays, progress=progress
-        )
+    crop = {
+        "aggregation": aggregation, "top_k": top_k, "tile_size": _pair(tile, "--tile"), "stride": _pair(stride, "--stride"),
+        "scale": scale, "padding": padding, "min_foreground": min_foreground, "centre_weighting": centre_weighting,
+    }
+    crop = {k: v for k, v in crop.items() if v is not None} or None
+    band = _band(refer_band)
+    if watch is not None:
+        if inputs:
+            raise InputError("give either inputs or --watch FOLDER, not both")
+        console.print(f"watching {watch} (Ctrl-C to stop) → {out}")
+        with progress_bar() as progress:
+            summary = diagnose_hot_folder(
+                watch, model, out, device=device, batch_size=batch_size, overlays=overlays, maps=maps, audit=audit,
+                crop=crop, refer_band=band, idle_timeout_s=idle_timeout, progress=progress,
+            )
+    else:
+        if not inputs:
+            raise InputError("no inputs given; name image files, folders, globs, videos or camera:N (or use --watch FOLDER)")
+        with progress_bar() as progress:
+            summary = diagnose_paths(
+                inputs, model, out, device=device, batch_size=batch_size, overlays=overlays, maps=maps, resume=resume,
+                audit=audit, crop=crop, refer_band=band, every=every, window=window, max_frames=max_frames, progress=progress,
+            )
     counts = ", ".join(f"{n} {label}" for label, n in sorted(summary.label_counts.items())) or "none"
-    console.print(f"{summary.n_ok} diagnosed ({counts}), {summary.n_failed} failed, {summary.seconds:.1f}s → {summary.out}")
+    resumed = f", {summary.n_resumed} already done" if summary.n_resumed else ""
+    console.print(f"{summary.n_ok} diagnosed ({counts}), {summary.n_failed} failed{resumed}, {summary.seconds:.1f}s → {summary.out}")
     if summary.overlays:
         console.print(f"overlays: {overlays}")
     if summary.n_failed:
         err_console.print(f"error: {summary.n_failed} of {summary.n_inputs} inputs could not be read; see the 'error' field in {summary.out}")
         raise typer.Exit(1)
+
+
+def _pair(text: str | None, option: str) -> tuple[int, int] | None:
+    """"64" → (64, 64); "48,64" → (48, 64)."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) not in (1, 2) or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise InputError(f"{option} must be N or H,W with positive whole numbers, got {text!r}")
+    h = int(parts[0])
+    return h, int(parts[-1])
+
+
+def _band(text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise InputError(f"--refer-band must be LOW,HIGH (e.g. 0.3,0.7), got {text!r}") from None
+    return low, high
 
 
 @app.command()

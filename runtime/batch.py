@@ -1,21 +1,36 @@
-"""Batch diagnosis: many inputs → one record each, the batch goes on past bad images."""
+"""Batch diagnosis: many inputs → one record each; the batch goes on past bad images.
+
+Inputs are image files, folders, globs, video files, cameras (``camera:0``) and
+stream URLs; :func:`diagnose_hot_folder` serves a folder a scanner drops images
+into. Tiles of consecutive images share model batches and decoding runs ahead
+of inference (:meth:`edgedx.runtime.model.Model.stream`). Records are flushed
+one by one; ``resume`` continues an interrupted output without losing or
+repeating a record; ``audit`` appends a tamper-evident line per result.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from edgedx.errors import ImageReadError
+import numpy as np
+
+from edgedx.card import CropPolicy
+from edgedx.errors import EdgeDxError, ImageReadError, InputError
 from edgedx.progress import ProgressFn, no_progress
+from edgedx.runtime.audit import AuditLog, sha256_file, sha256_pixels
+from edgedx.runtime.feeds import RollingDecision, is_video_path, iter_frames, parse_stream_source, watch_folder
 from edgedx.runtime.image_io import read_image, write_image
 from edgedx.runtime.inputs import expand_inputs
-from edgedx.runtime.model import Diagnosis, Model, load_model
+from edgedx.runtime.model import Diagnosis, Model, decide, load_model
 from edgedx.runtime.overlay import render_overlay
-from edgedx.runtime.records import RecordWriter, output_format
+from edgedx.runtime.records import RecordWriter, completed_inputs, empty_record, output_format
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +45,23 @@ class DiagnoseSummary:
     label_counts: dict[str, int]
     seconds: float
     overlays: tuple[Path, ...] = field(default=())
+    n_resumed: int = 0  # inputs already in ``out`` from an interrupted run, not diagnosed again
 
     @property
     def n_ok(self) -> int:
         return self.n_inputs - self.n_failed
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One thing to diagnose: a file, or a frame of a video/camera."""
+
+    name: str  # the record's ``input``
+    image: Any  # path or RGB frame
+    path: Path | None = None
+    frame: int | None = None
+    time_s: float | None = None
+    stream: str | None = None  # the video/camera it came from (rolling decision)
 
 
 def diagnose_paths(
@@ -44,60 +72,250 @@ def diagnose_paths(
     device: str = "cpu",
     batch_size: int = 32,
     overlays: str | Path | None = None,
+    maps: str | Path | None = None,
+    resume: bool = False,
+    audit: str | Path | None = None,
+    crop: CropPolicy | Mapping[str, Any] | None = None,
+    refer_band: tuple[float, float] | None = None,
+    every: int = 1,
+    window: int = 5,
+    max_frames: int | None = None,
     progress: ProgressFn = no_progress,
 ) -> DiagnoseSummary:
-    """Diagnose every image in ``inputs`` (files, folders, globs) and write ``out``.
+    """Diagnose every input and write ``out`` (.jsonl or .csv).
 
-    Inputs, the output suffix and the model are all checked before any image is
-    read. An image that cannot be read gets a record with ``error`` set and the
-    batch continues.
+    Inputs, the output suffix and the model are checked before any image is
+    read. Videos and cameras give one record per ``every``-th frame, with a
+    rolling decision over the last ``window`` frames. ``maps`` writes each
+    image's per-tile probability map as ``.npy``; ``overlays`` as a heat-map PNG.
     """
     out = Path(out)
     output_format(out)
-    paths = expand_inputs(inputs)
-    loaded = model if isinstance(model, Model) else load_model(model, device=device, batch_size=batch_size)
-    card = loaded.card
-    overlay_dir = Path(overlays) if overlays is not None else None
-    if overlay_dir is not None:
-        overlay_dir.mkdir(parents=True, exist_ok=True)
+    files, streams = _split_inputs(inputs)
+    if every < 1 or window < 1:
+        raise InputError(f"--every and --window must be at least 1, got {every} and {window}")
+    loaded = _load(model, device, batch_size, crop, refer_band)
+
+    def items() -> Iterator[_Item]:
+        for kind, value in _ordered(inputs, files, streams):
+            if kind == "file":
+                yield _Item(str(value), value, path=value)
+            else:
+                for frame in iter_frames(value, every=every, max_frames=max_frames):
+                    yield _Item(f"{frame.source}#frame={frame.index}", frame.image, frame=frame.index, time_s=round(frame.time_s, 3), stream=frame.source)
+
+    total = len(files) if not streams else 0
+    return _run(items(), loaded, model, out, total=total, overlays=overlays, maps=maps, resume=resume, audit=audit, window=window, progress=progress)
+
+
+def diagnose_hot_folder(
+    folder: str | Path,
+    model: str | Path | Model,
+    out: str | Path,
+    *,
+    device: str = "cpu",
+    batch_size: int = 32,
+    overlays: str | Path | None = None,
+    maps: str | Path | None = None,
+    audit: str | Path | None = None,
+    crop: CropPolicy | Mapping[str, Any] | None = None,
+    refer_band: tuple[float, float] | None = None,
+    poll_s: float = 1.0,
+    settle_s: float = 2.0,
+    idle_timeout_s: float | None = None,
+    stop: threading.Event | None = None,
+    progress: ProgressFn = no_progress,
+) -> DiagnoseSummary:
+    """Diagnose each image a scanner drops into ``folder``, once, when it is completely written.
+
+    Runs until ``stop`` is set or nothing new arrives for ``idle_timeout_s``.
+    Records are appended to ``out``; the files already recorded there (and in
+    the watcher's state file beside it) are not diagnosed again after a restart.
+    """
+    out = Path(out)
+    output_format(out)
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"hot folder not found: {folder}; create it or point --watch at the scanner's output folder")
+    loaded = _load(model, device, batch_size, crop, refer_band)
+    state = out.with_name(out.name + ".watch-state.jsonl")
+
+    def items() -> Iterator[_Item]:
+        for path in watch_folder(folder, poll_s=poll_s, settle_s=settle_s, state_file=state, stop=stop, idle_timeout_s=idle_timeout_s):
+            yield _Item(str(path), path, path=path)
+
+    # one image at a time: a hot folder wants each result as soon as its file lands
+    return _run(items(), loaded, model, out, total=0, overlays=overlays, maps=maps, resume=True, audit=audit, window=1, progress=progress, prefetch=0)
+
+
+def _load(model: str | Path | Model, device: str, batch_size: int, crop: CropPolicy | Mapping[str, Any] | None, refer_band: tuple[float, float] | None) -> Model:
+    if isinstance(model, Model):
+        return model
+    return load_model(model, device=device, batch_size=batch_size, crop=crop, refer_band=refer_band)
+
+
+def _split_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[str | int]]:
+    """Stream sources (cameras, URLs, video files) apart; everything else expanded as image paths up front."""
+    if not inputs:
+        raise InputError("no inputs given")
+    streams: list[str | int] = []
+    still: list[str | Path] = []
+    for raw in inputs:
+        source = parse_stream_source(str(raw))
+        if source is not None:
+            streams.append(source)
+        elif is_video_path(raw) and Path(raw).is_file():
+            streams.append(str(raw))
+        else:
+            still.append(raw)
+    files = expand_inputs(still) if still else []
+    return files, streams
+
+
+def _ordered(inputs: Sequence[str | Path], files: list[Path], streams: list[str | int]) -> Iterator[tuple[str, Any]]:
+    """Still images first (expanded in input order), then the videos and cameras in input order."""
+    for path in files:
+        yield "file", path
+    for source in streams:
+        yield "stream", source
+
+
+def _run(
+    items: Iterator[_Item],
+    model: Model,
+    model_ref: str | Path | Model,
+    out: Path,
+    *,
+    total: int,
+    overlays: str | Path | None,
+    maps: str | Path | None,
+    resume: bool,
+    audit: str | Path | None,
+    window: int,
+    progress: ProgressFn,
+    prefetch: int = 4,
+) -> DiagnoseSummary:
+    card = model.card
+    done_before = completed_inputs(out) if resume else set()
+    overlay_dir = _folder(overlays)
+    map_dir = _folder(maps)
     written: list[Path] = []
     labels: Counter[str] = Counter()
-    failed = 0
+    rolling: dict[str, RollingDecision] = {}
+    failed = n = resumed = 0
+    pending: dict[int, _Item] = {}
     start = time.perf_counter()
-    progress("diagnose", 0, len(paths))
-    with RecordWriter(out, card.class_names) as writer:
-        for done, path in enumerate(paths, 1):
-            record: dict = {"input": str(path), "label": None, "probabilities": None, "n_crops": None, "error": None}
-            try:
-                image = read_image(path)
-                result = loaded.diagnose(image)
-            except ImageReadError as exc:
-                failed += 1
-                record["error"] = str(exc)
-                log.warning("skipped %s", exc)
-            else:
-                record.update(result.to_record())
-                labels.update(result.label if isinstance(result.label, list) else [result.label])
-                if overlay_dir is not None:
-                    written.append(_write_overlay(overlay_dir, path, image, result, loaded, written))
-            writer.write(record)
-            progress("diagnose", done, len(paths))
+    progress("diagnose", 0, total)
+
+    def todo() -> Iterator[tuple[int, Any]]:
+        nonlocal resumed
+        for k, item in enumerate(items):
+            if item.name in done_before:
+                resumed += 1
+                continue
+            pending[k] = item
+            yield k, item.image
+
+    model_path = model_ref if not isinstance(model_ref, Model) else getattr(model.session, "path", "")
+    audit_log = AuditLog(audit, model_path, card) if audit is not None else None
+    with RecordWriter(out, card.class_names, append=resume) as writer:
+        if audit_log is not None:
+            audit_log.__enter__()
+        try:
+            for key, result in model.stream(todo(), prefetch=prefetch):
+                item = pending.pop(key)
+                record = empty_record(item.name)
+                if item.frame is not None:
+                    record.update(frame=item.frame, time_s=item.time_s)
+                if isinstance(result, EdgeDxError):
+                    failed += 1
+                    record["error"] = str(result)
+                    log.warning("skipped %s", result)
+                else:
+                    record.update(result.to_record())
+                    labels.update(result.label if isinstance(result.label, list) else [result.label])
+                    if item.stream is not None:
+                        record.update(_rolling(rolling, item.stream, result, model, window))
+                    if overlay_dir is not None:
+                        try:
+                            written.append(_write_overlay(overlay_dir, item, result, model, written))
+                        except ImageReadError as exc:  # a gigapixel image is diagnosed lazily but cannot be drawn whole
+                            log.warning("no overlay for %s: %s", item.name, exc)
+                    if map_dir is not None:
+                        _write_map(map_dir, item, result)
+                writer.write(record)
+                if audit_log is not None:
+                    audit_log.append(record, input_sha256=_input_sha(item))
+                n += 1
+                progress("diagnose", n + resumed, total)
+        finally:
+            if audit_log is not None:
+                audit_log.__exit__(None, None, None)
     seconds = time.perf_counter() - start
-    log.info("diagnosed %d inputs (%d failed) in %.1fs → %s", len(paths), failed, seconds, out)
-    return DiagnoseSummary(out, len(paths), failed, dict(labels), seconds, tuple(written))
+    log.info("diagnosed %d inputs (%d failed, %d already done) in %.1fs → %s", n, failed, resumed, seconds, out)
+    return DiagnoseSummary(out, n, failed, dict(labels), seconds, tuple(written), resumed)
 
 
-def _write_overlay(folder: Path, source: Path, image, result: Diagnosis, model: Model, taken: list[Path]) -> Path:
+def _folder(path: str | Path | None) -> Path | None:
+    if path is None:
+        return None
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _rolling(rolling: dict[str, RollingDecision], stream: str, result: Diagnosis, model: Model, window: int) -> dict[str, Any]:
+    """The decision over the last ``window`` frames of this stream: one noisy frame does not flip it."""
+    card = model.card
+    smoother = rolling.setdefault(stream, RollingDecision(window, card.class_names))
+    smoothed = smoother.update(result.probabilities)
+    probs = np.asarray([smoothed[c] for c in card.class_names])
+    return {
+        "rolling_probabilities": {c: round(float(p), 6) for c, p in zip(card.class_names, probs)},
+        "rolling_label": decide(probs, card),
+        "rolling_frames": smoother.n,
+    }
+
+
+def _input_sha(item: _Item) -> str | None:
+    try:
+        return sha256_file(item.path) if item.path is not None else sha256_pixels(item.image)
+    except OSError:
+        return None
+
+
+def _stem(item: _Item) -> str:
+    base = item.path.stem if item.path is not None else Path(str(item.stream)).stem or "stream"
+    return base if item.frame is None else f"{base}.frame{item.frame:06d}"
+
+
+def _unique(folder: Path, stem: str, suffix: str, taken: list[Path]) -> Path:
+    target = folder / f"{stem}{suffix}"
+    k = 1
+    while target in taken:
+        target = folder / f"{stem}.{k}{suffix}"
+        k += 1
+    return target
+
+
+def _write_map(folder: Path, item: _Item, result: Diagnosis) -> Path:
+    """(rows, cols, classes) float32 per-tile probabilities, NaN where a tile was skipped."""
+    sliding = result.sliding
+    rows, cols = sliding.grid.shape
+    target = folder / f"{_stem(item)}.tilemap.npy"
+    np.save(target, sliding.tile_probabilities.reshape(rows, cols, -1).astype(np.float32))
+    return target
+
+
+def _write_overlay(folder: Path, item: _Item, result: Diagnosis, model: Model, taken: list[Path]) -> Path:
     """One PNG per input, named after it (numbered when two inputs share a name)."""
     card = model.card
     index = card.positive_index if card.task == "binary" else card.class_names.index(_top_label(result))
     caption = f"{_caption_label(result)}  p({card.class_names[index]})={result.probabilities[card.class_names[index]]:.2f}"
-    target = folder / f"{source.stem}.overlay.png"
-    n = 1
-    while target in taken:
-        target = folder / f"{source.stem}.{n}.overlay.png"
-        n += 1
-    return write_image(target, render_overlay(image, result.sliding, index, caption))
+    image = read_image(item.path) if item.path is not None else item.image
+    target = _unique(folder, _stem(item), ".overlay.png", taken)
+    heat = render_overlay(image, result.sliding, index, caption, weighting=model.crop.centre_weighting)
+    return write_image(target, heat)
 
 
 def _top_label(result: Diagnosis) -> str:
@@ -105,4 +323,5 @@ def _top_label(result: Diagnosis) -> str:
 
 
 def _caption_label(result: Diagnosis) -> str:
-    return ", ".join(result.label) if isinstance(result.label, list) else result.label
+    label = result.decision if result.decision is not None else result.label
+    return ", ".join(label) if isinstance(label, list) else label

@@ -10,18 +10,25 @@ This is the object a microscope or scanner application embeds::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import time
+from collections import deque
+from collections.abc import Hashable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgedx.card import ModelCard
-from edgedx.runtime.image_io import read_image, to_rgb_uint8
+from edgedx.card import CropPolicy, ModelCard
+from edgedx.errors import CardError, EdgeDxError, ImageReadError, InputError
+from edgedx.runtime.image_io import to_rgb_uint8
 from edgedx.runtime.onnx_backend import OnnxSession
-from edgedx.runtime.trt_backend import TensorRTSession
 from edgedx.runtime.preprocess import model_input, to_probabilities
-from edgedx.runtime.tiling import SlidingResult, sliding_window_predict
+from edgedx.runtime.sources import ArraySource, open_source
+from edgedx.runtime.tiling import ImageRegionSource, SlidingResult, sliding_window_many
+from edgedx.runtime.trt_backend import TensorRTSession
 
 
 Session = OnnxSession | TensorRTSession  # anything with .card and .run(x) -> logits
@@ -35,9 +42,32 @@ class Diagnosis:
     probabilities: dict[str, float]
     n_crops: int
     sliding: SlidingResult
+    decision: str | list[str] | None = None  # the label, or "refer" inside the refer band
+    top_k: tuple[tuple[str, float], ...] = ()
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def tiles_used(self) -> int:
+        return self.sliding.n_used
+
+    @property
+    def tiles_skipped(self) -> int:
+        return self.sliding.n_skipped
 
     def to_record(self) -> dict[str, Any]:
-        return {"label": self.label, "probabilities": self.probabilities, "n_crops": self.n_crops}
+        return {
+            "label": self.label,
+            "decision": self.label if self.decision is None else self.decision,
+            "probabilities": self.probabilities,
+            "top_k": [{"class": c, "probability": p} for c, p in self.top_k],
+            "n_crops": self.n_crops,
+            "tiles_used": self.tiles_used,
+            "tiles_skipped": self.tiles_skipped,
+            "timings_ms": self.timings_ms,
+        }
+
+
+REFER = "refer"
 
 
 def decide(probabilities: np.ndarray, card: ModelCard) -> str | list[str]:
@@ -58,36 +88,196 @@ def decide(probabilities: np.ndarray, card: ModelCard) -> str | list[str]:
     return names[int(np.argmax(probabilities))]
 
 
-class Model:
-    """Thread-safe: it holds no per-call state and ONNX Runtime's ``run`` is thread-safe."""
+def check_refer_band(band: tuple[float, float] | None, card: ModelCard) -> tuple[float, float] | None:
+    """A refer band ``(low, high)`` for a binary model: positive probabilities in ``[low, high)`` go to a person."""
+    if band is None:
+        return None
+    low, high = (float(v) for v in band)
+    if card.task != "binary":
+        raise InputError(f"a refer band needs a binary model; this one is {card.task}")
+    if not 0.0 <= low < high <= 1.0:
+        raise InputError(f"refer band must satisfy 0 <= low < high <= 1, got {low:g},{high:g}")
+    return low, high
 
-    def __init__(self, session: Session, *, batch_size: int = 32) -> None:
+
+def resolve_crop(base: CropPolicy, override: CropPolicy | Mapping[str, Any] | None) -> CropPolicy:
+    """The card's crop policy with per-call overrides (``{"aggregation": "max", "stride": (32, 32)}``)."""
+    if override is None:
+        return base
+    if isinstance(override, CropPolicy):
+        return override
+    unknown = sorted(set(override) - {f.name for f in dataclasses.fields(CropPolicy)})
+    if unknown:
+        raise InputError(f"unknown crop setting(s) {unknown}; known: {', '.join(f.name for f in dataclasses.fields(CropPolicy))}")
+    try:
+        return dataclasses.replace(base, **{k: v for k, v in override.items() if v is not None})
+    except CardError as exc:
+        raise InputError(str(exc).replace("model card field", "crop setting")) from None
+
+
+class Model:
+    """Thread-safe: it holds no per-call state and ONNX Runtime's ``run`` is thread-safe.
+
+    ``crop`` overrides the card's crop policy (tile, stride, scale, padding,
+    aggregation, foreground filter) for every call; ``refer_band`` marks
+    binary results whose positive probability falls inside it as "refer".
+    On GPU devices the last tile batch of a stream is padded to ``batch_size``
+    so the engine sees one shape and never re-tunes.
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        *,
+        batch_size: int = 32,
+        crop: CropPolicy | Mapping[str, Any] | None = None,
+        refer_band: tuple[float, float] | None = None,
+        top_k: int = 3,
+        pad_batches: bool | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise InputError(f"batch size must be at least 1, got {batch_size}")
         self.session = session
         self.card = session.card
         self.batch_size = batch_size
+        self.crop = resolve_crop(self.card.crop, crop)
+        self.refer_band = check_refer_band(refer_band, self.card)
+        self.top_k = max(1, min(top_k, self.card.n_classes))
+        providers = getattr(session, "providers", [])
+        self.pad_batches = bool(providers and "CPUExecutionProvider" != providers[0]) if pad_batches is None else pad_batches
 
     def predict_tiles(self, tiles: np.ndarray) -> np.ndarray:
         """(N, H, W, 3) uint8 RGB crops → (N, C) probabilities."""
         logits = self.session.run(model_input(tiles, self.card))
         return to_probabilities(logits, self.card)
 
-    def diagnose(self, image: np.ndarray | str | Path) -> Diagnosis:
-        """Diagnose one whole image (path or RGB array) with the card's sliding crops."""
-        rgb = read_image(image) if isinstance(image, (str, Path)) else to_rgb_uint8(np.asarray(image))
-        sliding = sliding_window_predict(rgb, self.predict_tiles, self.card.crop, batch_size=self.batch_size)
-        probs = sliding.probabilities
-        return Diagnosis(
-            label=decide(probs, self.card),
-            probabilities={n: round(float(p), 6) for n, p in zip(self.card.class_names, probs)},
-            n_crops=sliding.n_tiles,
-            sliding=sliding,
+    def diagnose(self, image: np.ndarray | str | Path, *, crop: CropPolicy | Mapping[str, Any] | None = None) -> Diagnosis:
+        """Diagnose one whole image (path or RGB array) with sliding crops."""
+        [(_, result)] = list(self.stream([(0, image)], crop=crop))
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def diagnose_many(self, images: Iterable[np.ndarray | str | Path], *, crop: CropPolicy | Mapping[str, Any] | None = None, prefetch: int = 4) -> Iterator[Diagnosis]:
+        """Diagnose a stream of images in order, tiles of several images sharing each model batch.
+
+        Paths are decoded in a background thread while the model runs. The first
+        unreadable image raises :class:`ImageReadError`; use :meth:`stream` to get
+        errors as results instead.
+        """
+        for _, result in self.stream(enumerate(images), crop=crop, prefetch=prefetch):
+            if isinstance(result, BaseException):
+                raise result
+            yield result
+
+    def stream(
+        self,
+        items: Iterable[tuple[Hashable, np.ndarray | str | Path | ImageRegionSource]],
+        *,
+        crop: CropPolicy | Mapping[str, Any] | None = None,
+        prefetch: int = 4,
+    ) -> Iterator[tuple[Hashable, Diagnosis | EdgeDxError]]:
+        """``(key, image)`` in → ``(key, Diagnosis or the ImageReadError)`` out, in order."""
+        policy = resolve_crop(self.crop, crop)
+        card = self.card
+        read_ms: dict[Hashable, float] = {}
+        opened: dict[Hashable, Any] = {}  # lazy sources opened here, closed when their image is done
+
+        def decoded() -> Iterator[tuple[Hashable, Any]]:
+            for key, image, ms in prefetched(items, prefetch):
+                read_ms[key] = ms
+                if hasattr(image, "close") and not isinstance(image, BaseException):
+                    opened[key] = image
+                yield key, image
+
+        outcomes = sliding_window_many(
+            decoded(), self.predict_tiles, policy, batch_size=self.batch_size,
+            activation=card.output_activation, positive_index=card.positive_index if card.task == "binary" else None,
+            pad_batches=self.pad_batches,
         )
+        for outcome in outcomes:
+            ms = read_ms.pop(outcome.key, 0.0)
+            source = opened.pop(outcome.key, None)
+            if source is not None:
+                source.close()
+            if outcome.error is not None:
+                yield outcome.key, outcome.error  # type: ignore[misc]
+                continue
+            assert outcome.result is not None
+            yield outcome.key, self._diagnosis(outcome.result, {"read": round(ms, 2), "diagnose": round(outcome.seconds * 1000, 2)})
+
+    def _diagnosis(self, sliding: SlidingResult, timings: dict[str, float]) -> Diagnosis:
+        card = self.card
+        probs = sliding.probabilities
+        label = decide(probs, card)
+        decision: str | list[str] = label
+        if self.refer_band is not None:
+            p = float(probs[card.positive_index])  # type: ignore[index]
+            if self.refer_band[0] <= p < self.refer_band[1]:
+                decision = REFER
+        order = np.argsort(-probs, kind="stable")[: self.top_k]
+        return Diagnosis(
+            label=label,
+            probabilities={n: round(float(p), 6) for n, p in zip(card.class_names, probs)},
+            n_crops=sliding.n_used,
+            sliding=sliding,
+            decision=decision,
+            top_k=tuple((card.class_names[i], round(float(probs[i]), 6)) for i in order),
+            timings_ms=timings,
+        )
+
+
+def prefetched(items: Iterable[tuple[Hashable, Any]], depth: int) -> Iterator[tuple[Hashable, Any, float]]:
+    """Decode paths ``depth`` images ahead in one background thread, so reading overlaps inference.
+
+    Yields ``(key, RGB array | lazy source | ImageReadError, read milliseconds)``
+    in input order; arrays are converted to RGB uint8. OpenCV and ONNX Runtime
+    release the GIL, so the two really run at once.
+    """
+    if depth < 1:
+        for key, image in items:
+            yield (key, *_load(image))
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgedx-read") as pool:
+        window: deque[tuple[Hashable, Future]] = deque()
+        for key, image in items:
+            window.append((key, pool.submit(_load, image)))
+            if len(window) > depth:
+                k, future = window.popleft()
+                yield (k, *future.result())
+        while window:
+            k, future = window.popleft()
+            yield (k, *future.result())
+
+
+def _load(image: Any) -> tuple[Any, float]:
+    started = time.perf_counter()
+    try:
+        if isinstance(image, (str, Path)):
+            loaded: Any = open_source(image)
+            if isinstance(loaded, ArraySource):
+                loaded = loaded.image  # in memory anyway: resample once and slice (exact, fastest)
+        elif isinstance(image, ImageRegionSource):
+            loaded = image
+        else:
+            loaded = to_rgb_uint8(np.asarray(image))
+    except ImageReadError as exc:
+        loaded = exc
+    return loaded, (time.perf_counter() - started) * 1000
 
 
 ENGINE_SUFFIXES = (".engine", ".plan")
 
 
-def load_model(path: str | Path, *, device: str = "cpu", threads: int | None = None, batch_size: int = 32) -> Model:
+def load_model(
+    path: str | Path,
+    *,
+    device: str = "cpu",
+    threads: int | None = None,
+    batch_size: int = 32,
+    crop: CropPolicy | Mapping[str, Any] | None = None,
+    refer_band: tuple[float, float] | None = None,
+) -> Model:
     """Load an exported model, ready to diagnose.
 
     ``.onnx`` and ``.ort`` files run on ONNX Runtime with the card from their
@@ -95,5 +285,7 @@ def load_model(path: str | Path, *, device: str = "cpu", threads: int | None = N
     the sidecar JSON beside them (``device`` must then be tensorrt, cuda or auto).
     """
     if Path(path).suffix.lower() in ENGINE_SUFFIXES:
-        return Model(TensorRTSession(path, device=device), batch_size=batch_size)
-    return Model(OnnxSession(path, device=device, threads=threads), batch_size=batch_size)
+        session: Session = TensorRTSession(path, device=device)
+    else:
+        session = OnnxSession(path, device=device, threads=threads)
+    return Model(session, batch_size=batch_size, crop=crop, refer_band=refer_band)

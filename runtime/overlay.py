@@ -8,13 +8,16 @@ import numpy as np
 from edgedx.runtime.tiling import SlidingResult, coverage_map
 
 
-def render_overlay(image: np.ndarray, sliding: SlidingResult, class_index: int, caption: str) -> np.ndarray:
+def render_overlay(
+    image: np.ndarray, sliding: SlidingResult, class_index: int, caption: str, *, weighting: str = "none"
+) -> np.ndarray:
     """The image with the per-tile probability of ``class_index`` blended in (red = high).
 
     Each pixel shows the mean probability of the tiles covering it, mapped back
-    from the scaled image to the original size; the caption goes on a banner.
+    from the scaled image to the original size (skipped background tiles show
+    no colour); the caption goes on a banner.
     """
-    heat = coverage_map(sliding.grid, sliding.tile_probabilities[:, class_index])
+    heat = np.nan_to_num(coverage_map(sliding.grid, sliding.tile_probabilities[:, class_index], weighting=weighting), nan=0.0)
     heat = cv2.resize(heat.astype(np.float32), (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
     coloured = cv2.applyColorMap((np.clip(heat, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)
     coloured = cv2.cvtColor(coloured, cv2.COLOR_BGR2RGB)

@@ -1,20 +1,31 @@
 """Write one diagnosis record per input, as JSON Lines or CSV by the file suffix.
 
 Records are flushed as they are written, so a long batch leaves every finished
-result on disk even if it is stopped.
+result on disk even if it is stopped; :func:`completed_inputs` reads them back
+(dropping a half-written last line) so a resumed batch neither loses nor
+repeats a record.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import logging
+import os
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
 from edgedx.errors import InputError
 
+log = logging.getLogger(__name__)
+
 FORMATS = {".jsonl": "jsonl", ".csv": "csv"}
+CSV_COLUMNS = (
+    "input", "frame", "time_s", "label", "decision", "n_crops", "tiles_used", "tiles_skipped",
+    "read_ms", "diagnose_ms", "error",
+)
 
 
 def output_format(path: Path) -> str:
@@ -25,25 +36,36 @@ def output_format(path: Path) -> str:
     return fmt
 
 
-class RecordWriter:
-    """Context manager writing records ``{input, label, probabilities, n_crops, error}``."""
+def empty_record(input_name: str) -> dict[str, Any]:
+    """Every field a record has, so JSONL and CSV consumers see the same keys whether or not it failed."""
+    return {
+        "input": input_name, "label": None, "decision": None, "probabilities": None, "top_k": None,
+        "n_crops": None, "tiles_used": None, "tiles_skipped": None, "timings_ms": None, "error": None,
+    }
 
-    def __init__(self, path: str | Path, class_names: tuple[str, ...]) -> None:
+
+class RecordWriter:
+    """Context manager writing records (see :func:`empty_record`); ``append`` continues an existing file."""
+
+    def __init__(self, path: str | Path, class_names: tuple[str, ...], *, append: bool = False) -> None:
         self.path = Path(path)
         self.format = output_format(self.path)
         self.class_names = class_names
+        self.append = append
         self._file: IO[str] | None = None
         self._csv: Any = None
 
     def __enter__(self) -> RecordWriter:
+        exists = self.append and self.path.is_file() and self.path.stat().st_size > 0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = self.path.open("w", encoding="utf-8", newline="")
+            self._file = self.path.open("a" if exists else "w", encoding="utf-8", newline="")
         except OSError as exc:
             raise InputError(f"cannot write output {self.path}: {exc.strerror or exc}") from None
         if self.format == "csv":
             self._csv = csv.writer(self._file)
-            self._csv.writerow(["input", "label", "n_crops", "error", *(f"p_{n}" for n in self.class_names)])
+            if not exists:
+                self._csv.writerow([*CSV_COLUMNS, *(f"p_{n}" for n in self.class_names)])
         return self
 
     def write(self, record: dict[str, Any]) -> None:
@@ -51,22 +73,61 @@ class RecordWriter:
         if self.format == "jsonl":
             self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
         else:
-            label = record["label"]
-            probs = record["probabilities"] or {}
-            self._csv.writerow(
-                [
-                    record["input"],
-                    ";".join(label) if isinstance(label, list) else (label or ""),
-                    record["n_crops"] if record["n_crops"] is not None else "",
-                    record["error"] or "",
-                    *(probs.get(n, "") for n in self.class_names),
-                ]
-            )
+            probs = record.get("probabilities") or {}
+            timings = record.get("timings_ms") or {}
+            row = {
+                **{k: record.get(k) for k in CSV_COLUMNS},
+                "label": _cell(record.get("label")),
+                "decision": _cell(record.get("decision")),
+                "read_ms": timings.get("read"),
+                "diagnose_ms": timings.get("diagnose"),
+            }
+            self._csv.writerow([("" if row[k] is None else row[k]) for k in CSV_COLUMNS] + [probs.get(n, "") for n in self.class_names])
         self._file.flush()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self._file is not None:
             self._file.close()
+
+
+def _cell(value: Any) -> Any:
+    return ";".join(value) if isinstance(value, list) else value
+
+
+def completed_inputs(path: str | Path) -> set[str]:
+    """The ``input`` of every complete record in an output file (empty when it does not exist).
+
+    A last line cut off by an interruption is removed from the file, so the
+    resumed batch writes that input's record again, once.
+    """
+    path = Path(path)
+    fmt = output_format(path)
+    if not path.is_file():
+        return set()
+    data = path.read_bytes()
+    cut = data.rfind(b"\n") + 1
+    if cut < len(data):
+        log.warning("%s ends in a partial record (interrupted run); dropping it before resuming", path)
+        with path.open("r+b") as f:
+            f.truncate(cut)
+            f.flush()
+            os.fsync(f.fileno())
+        data = data[:cut]
+    text = data.decode("utf-8")
+    if fmt == "jsonl":
+        done = set()
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                done.add(json.loads(line)["input"])
+            except (ValueError, KeyError, TypeError):
+                raise InputError(f"{path} line {n} is not an EdgeDx record; resume needs the file this command wrote") from None
+        return done
+    rows = list(csv.reader(io.StringIO(text)))
+    if rows and rows[0][:1] != ["input"]:
+        raise InputError(f"{path} has no EdgeDx header row; resume needs the file this command wrote")
+    return {row[0] for row in rows[1:] if row}
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:

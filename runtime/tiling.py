@@ -1,4 +1,4 @@
-"""Sliding crops: split an image into tiles, predict them with any callable, merge.
+"""Sliding crops: split images into tiles, predict them with any callable, merge.
 
 The window logic knows nothing about the model (as MONAI's splitter/merger):
 ``predict`` is any function from a batch of (N, th, tw, 3) uint8 RGB tiles to
@@ -8,20 +8,46 @@ and reusable with any backend.
 The classic policy (see :class:`edgedx.card.CropPolicy`): resample the image by
 ``scale``; tiles start every ``stride`` pixels; the last tile of each row and
 column is aligned to the far edge so every pixel is covered; an image smaller
-than a tile is zero-padded (bottom/right); probabilities are averaged over tiles.
+than a tile is padded (bottom/right) by the policy's padding mode; tiles with
+too little foreground are skipped; the used tiles' probabilities are merged by
+the policy's aggregation (:func:`aggregate`).
+
+:func:`sliding_window_many` fills each model batch with tiles from as many
+images as it takes, so small images do not leave a GPU idle, and can pad the
+last batch so the model always sees one shape. Tiles are produced lazily: an
+in-memory image is resampled once and sliced; an :class:`ImageRegionSource`
+(a huge tiled TIFF) is read region by region and never decoded whole.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 import cv2
 import numpy as np
 
 from edgedx.card import CropPolicy
+from edgedx.runtime.foreground import foreground_fraction
 
 PredictFn = Callable[[np.ndarray], np.ndarray]
+_EPS = 1e-12
+
+
+@runtime_checkable
+class ImageRegionSource(Protocol):
+    """An image read region by region (a huge tiled TIFF), never decoded whole."""
+
+    height: int
+    width: int
+
+    def read(self, y: int, x: int, h: int, w: int) -> np.ndarray:
+        """(h', w', 3) uint8 RGB region, clipped to the image."""
+        ...
 
 
 def axis_starts(length: int, tile: int, stride: int) -> list[int]:
@@ -83,33 +109,99 @@ def rescale(image: np.ndarray, policy: CropPolicy) -> np.ndarray:
     return resized[..., None] if resized.ndim == 2 else resized  # OpenCV drops a single channel axis
 
 
+def _pad(window: np.ndarray, th: int, tw: int, policy: CropPolicy) -> np.ndarray:
+    """Pad a window smaller than the tile at the bottom/right per the policy's padding mode."""
+    dh, dw = th - window.shape[0], tw - window.shape[1]
+    if dh == 0 and dw == 0:
+        return window
+    widths = ((0, dh), (0, dw), (0, 0))
+    if policy.padding == "constant":
+        return np.pad(window, widths, mode="constant", constant_values=policy.pad_value)
+    # "symmetric" mirrors including the edge pixel and, unlike "reflect", works for 1-pixel images
+    return np.pad(window, widths, mode="symmetric" if policy.padding == "reflect" else "edge")
+
+
+class _TileReader:
+    """Cuts the tiles of one image lazily: slices of the resampled array, or regions of a lazy source."""
+
+    def __init__(self, image: np.ndarray | ImageRegionSource, policy: CropPolicy) -> None:
+        self.policy = policy
+        if isinstance(image, np.ndarray):
+            if image.ndim != 3:
+                raise ValueError(f"expected an (H, W, C) image, got shape {image.shape}")
+            self.grid = plan_tiles(image.shape[0], image.shape[1], policy)
+            self._scaled: np.ndarray | None = rescale(image, policy)
+            self._source: ImageRegionSource | None = None
+        else:
+            self.grid = plan_tiles(image.height, image.width, policy)
+            self._scaled = None
+            self._source = image
+            self._fy = self.grid.height / image.height  # exact per-axis factors of the scaled size
+            self._fx = self.grid.width / image.width
+
+    def tile(self, y: int, x: int) -> np.ndarray:
+        th, tw = self.grid.tile
+        if self._scaled is not None:
+            window = self._scaled[y : y + th, x : x + tw]
+        else:
+            window = self._region(y, x, min(th, self.grid.height - y), min(tw, self.grid.width - x))
+        return _pad(window, th, tw, self.policy)
+
+    def _region(self, y: int, x: int, vh: int, vw: int) -> np.ndarray:
+        """The source pixels behind scaled window (y, x, vh, vw), resampled to exactly (vh, vw)."""
+        source = self._source
+        assert source is not None
+        if self._fy == 1.0 and self._fx == 1.0:
+            return source.read(y, x, vh, vw)
+        y0, x0 = int(math.floor(y / self._fy)), int(math.floor(x / self._fx))
+        y1 = min(source.height, max(y0 + 1, int(math.ceil((y + vh) / self._fy))))
+        x1 = min(source.width, max(x0 + 1, int(math.ceil((x + vw) / self._fx))))
+        region = source.read(y0, x0, y1 - y0, x1 - x0)
+        mode = cv2.INTER_AREA if self.policy.scale < 1.0 else cv2.INTER_LINEAR
+        resized = cv2.resize(region, (vw, vh), interpolation=mode)
+        return resized[..., None] if resized.ndim == 2 else resized
+
+
 def iter_tile_batches(scaled: np.ndarray, grid: TileGrid, policy: CropPolicy, batch_size: int) -> Iterator[np.ndarray]:
-    """Yield (n, th, tw, 3) uint8 batches of tiles, lazily, in row-major order."""
+    """Yield (n, th, tw, C) uint8 batches of the tiles of an already-resampled image, in row-major order."""
     th, tw = grid.tile
     positions = grid.positions()
     for start in range(0, len(positions), batch_size):
         chunk = positions[start : start + batch_size]
-        batch = np.full((len(chunk), th, tw, scaled.shape[2]), policy.pad_value, dtype=scaled.dtype)
-        for i, (y, x) in enumerate(chunk):
-            window = scaled[y : y + th, x : x + tw]
-            batch[i, : window.shape[0], : window.shape[1]] = window
-        yield batch
+        yield np.stack([_pad(scaled[y : y + th, x : x + tw], th, tw, policy) for y, x in chunk])
 
 
 @dataclass(frozen=True)
 class SlidingResult:
-    """Merged probabilities plus the per-tile evidence behind them."""
+    """Merged probabilities plus the per-tile evidence behind them.
+
+    ``tile_probabilities`` has one row per grid tile (row-major); rows of
+    skipped (background) tiles are NaN. ``used`` marks the tiles that were
+    predicted and merged; ``foreground`` is each tile's foreground fraction
+    (all ones when the policy does not filter).
+    """
 
     probabilities: np.ndarray  # (C,)
-    tile_probabilities: np.ndarray  # (n_tiles, C), row-major over grid
+    tile_probabilities: np.ndarray  # (n_tiles, C)
     grid: TileGrid
+    used: np.ndarray | None = None  # (n_tiles,) bool
+    foreground: np.ndarray | None = None  # (n_tiles,) float
+    foreground_fallback: bool = False  # no tile reached min_foreground, so all were used
 
     @property
     def n_tiles(self) -> int:
         return self.grid.n_tiles
 
+    @property
+    def n_used(self) -> int:
+        return self.n_tiles if self.used is None else int(self.used.sum())
+
+    @property
+    def n_skipped(self) -> int:
+        return self.n_tiles - self.n_used
+
     def tile_map(self, class_index: int) -> np.ndarray:
-        """(rows, cols) map of one class's tile probabilities: localisation for free."""
+        """(rows, cols) map of one class's tile probabilities (NaN where skipped): localisation for free."""
         return self.tile_probabilities[:, class_index].reshape(self.grid.shape)
 
 
@@ -118,33 +210,228 @@ def merge_mean(tile_probabilities: np.ndarray) -> np.ndarray:
     return tile_probabilities.mean(axis=0)
 
 
-def sliding_window_predict(
-    image: np.ndarray, predict: PredictFn, policy: CropPolicy, *, batch_size: int = 32
-) -> SlidingResult:
-    """Split ``image`` (H, W, 3) per ``policy``, run ``predict`` on tile batches, merge."""
-    if image.ndim != 3:
-        raise ValueError(f"expected an (H, W, C) image, got shape {image.shape}")
+def aggregate(
+    tile_probabilities: np.ndarray,
+    policy: CropPolicy,
+    *,
+    activation: str = "softmax",
+    positive_index: int | None = None,
+) -> np.ndarray:
+    """Merge (n, C) tile probabilities into one (C,) vector per ``policy.aggregation``.
+
+    ``mean_logits`` is computed from probabilities exactly: a softmax's log
+    probabilities differ from its logits by a per-tile constant, and a sigmoid's
+    logit is its input. For ``max``, ``top_k_mean`` and ``noisy_or`` a binary
+    task (``positive_index`` given) aggregates the positive class and completes
+    the pair; sigmoid outputs (multi-label) are aggregated per class; softmax
+    multi-class results are renormalised to sum to 1.
+    """
+    p = np.asarray(tile_probabilities, dtype=np.float64)
+    if p.ndim != 2 or p.shape[0] == 0:
+        raise ValueError(f"expected (n_tiles >= 1, C) probabilities, got shape {p.shape}")
+    how = policy.aggregation
+    if how == "mean":
+        return p.mean(axis=0)
+    if how == "mean_logits":
+        q = np.clip(p, _EPS, 1.0 - _EPS)
+        if activation == "sigmoid":
+            z = np.log(q) - np.log1p(-q)
+            return 0.5 * (1.0 + np.tanh(0.5 * z.mean(axis=0)))
+        z = np.log(q).mean(axis=0)
+        e = np.exp(z - z.max())
+        return e / e.sum()
+    if positive_index is not None and p.shape[1] == 2:
+        out = np.empty(2)
+        out[positive_index] = _reduce(p[:, positive_index : positive_index + 1], how, policy.top_k)[0]
+        out[1 - positive_index] = 1.0 - out[positive_index]
+        return out
+    merged = _reduce(p, how, policy.top_k)
+    if activation == "softmax":
+        total = merged.sum()
+        return merged / total if total > 0 else np.full_like(merged, 1.0 / len(merged))
+    return merged
+
+
+def _reduce(p: np.ndarray, how: str, top_k: int) -> np.ndarray:
+    if how == "max":
+        return p.max(axis=0)
+    if how == "top_k_mean":
+        k = min(top_k, p.shape[0])
+        return np.sort(p, axis=0)[-k:].mean(axis=0)
+    if how == "noisy_or":
+        return -np.expm1(np.log1p(-np.clip(p, 0.0, 1.0 - _EPS)).sum(axis=0))
+    raise ValueError(f"unknown aggregation {how!r}")
+
+
+@dataclass
+class _Pending:
+    """One image in flight: its tiles are being predicted, possibly alongside other images' tiles."""
+
+    key: Any
+    reader: _TileReader | None
+    error: BaseException | None = None
+    probs: np.ndarray | None = None
+    used: np.ndarray | None = None
+    foreground: np.ndarray | None = None
+    outstanding: int = 0
+    enqueued_all: bool = False
+    fallback: bool = False
+    started: float = field(default_factory=time.perf_counter)
+    seconds: float = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.error is not None or (self.enqueued_all and self.outstanding == 0)
+
+
+@dataclass(frozen=True)
+class SlidingOutcome:
+    """What :func:`sliding_window_many` yields per input, in input order."""
+
+    key: Any
+    result: SlidingResult | None
+    error: BaseException | None
+    seconds: float  # from the first tile cut to the last tile predicted
+
+
+def sliding_window_many(
+    items: Iterable[tuple[Hashable, np.ndarray | ImageRegionSource | BaseException]],
+    predict: PredictFn,
+    policy: CropPolicy,
+    *,
+    batch_size: int = 32,
+    activation: str = "softmax",
+    positive_index: int | None = None,
+    pad_batches: bool = False,
+) -> Iterator[SlidingOutcome]:
+    """Sliding crops over a stream of images, with model batches filled across images.
+
+    ``items`` yields ``(key, image)``; an exception instead of an image (it could
+    not be read) passes through as an outcome with ``error`` set. Results come
+    out in input order as soon as an image's last tile is predicted. At most one
+    batch of tiles is held at a time. ``pad_batches`` pads a short final batch
+    with blank tiles so the model only ever sees ``batch_size`` (GPU engines then
+    never re-tune for a new shape).
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    grid = plan_tiles(image.shape[0], image.shape[1], policy)
-    scaled = rescale(image, policy)
-    outputs = [np.asarray(predict(batch)) for batch in iter_tile_batches(scaled, grid, policy, batch_size)]
-    tile_probs = np.concatenate(outputs, axis=0)
-    if tile_probs.shape[0] != grid.n_tiles:
-        raise ValueError(f"predict returned {tile_probs.shape[0]} rows for {grid.n_tiles} tiles")
-    return SlidingResult(merge_mean(tile_probs), tile_probs, grid)
+    queue: deque[_Pending] = deque()
+    batch: list[tuple[_Pending, int, np.ndarray]] = []
+
+    def run_batch() -> None:
+        tiles = np.stack([t for _, _, t in batch])
+        n = len(tiles)
+        if pad_batches and n < batch_size:
+            tiles = np.concatenate([tiles, np.zeros((batch_size - n, *tiles.shape[1:]), tiles.dtype)])
+        out = np.asarray(predict(tiles))
+        if out.ndim != 2 or out.shape[0] != len(tiles):
+            raise ValueError(f"predict returned shape {out.shape} for {len(tiles)} tiles; expected {len(tiles)} rows of class probabilities")
+        for (state, index, _), row in zip(batch, out[:n]):
+            if state.probs is None:
+                state.probs = np.full((state.reader.grid.n_tiles, out.shape[1]), np.nan)  # type: ignore[union-attr]
+            state.probs[index] = row
+            state.outstanding -= 1
+            if state.done:
+                state.seconds = time.perf_counter() - state.started
+        batch.clear()
+
+    def enqueue(state: _Pending, index: int, tile: np.ndarray) -> None:
+        batch.append((state, index, tile))
+        state.outstanding += 1
+        if len(batch) == batch_size:
+            run_batch()
+
+    def finished() -> Iterator[SlidingOutcome]:
+        while queue and queue[0].done:
+            state = queue.popleft()
+            yield _outcome(state, policy, activation, positive_index)
+
+    for key, image in items:
+        if isinstance(image, BaseException):
+            queue.append(_Pending(key, None, error=image))
+            yield from finished()
+            continue
+        state = _Pending(key, _TileReader(image, policy))
+        queue.append(state)
+        grid = state.reader.grid  # type: ignore[union-attr]
+        state.used = np.zeros(grid.n_tiles, bool)
+        state.foreground = np.ones(grid.n_tiles)
+        for index, (y, x) in enumerate(grid.positions()):
+            tile = state.reader.tile(y, x)  # type: ignore[union-attr]
+            if policy.min_foreground > 0:
+                state.foreground[index] = foreground_fraction(tile[None])[0]
+                if state.foreground[index] < policy.min_foreground:
+                    continue
+            state.used[index] = True
+            enqueue(state, index, tile)
+        if not state.used.any():  # all background: judge on every tile rather than not at all
+            state.fallback = True
+            state.used[:] = True
+            for index, (y, x) in enumerate(grid.positions()):
+                enqueue(state, index, state.reader.tile(y, x))  # type: ignore[union-attr]
+        state.enqueued_all = True
+        if state.done:
+            state.seconds = time.perf_counter() - state.started
+        yield from finished()
+    if batch:
+        run_batch()
+    yield from finished()
 
 
-def coverage_map(grid: TileGrid, values: np.ndarray) -> np.ndarray:
-    """Per-pixel mean of the tile values covering each pixel of the scaled image.
+def _outcome(state: _Pending, policy: CropPolicy, activation: str, positive_index: int | None) -> SlidingOutcome:
+    if state.error is not None or state.reader is None:
+        return SlidingOutcome(state.key, None, state.error, 0.0)
+    assert state.probs is not None and state.used is not None
+    merged = aggregate(state.probs[state.used], policy, activation=activation, positive_index=positive_index)
+    result = SlidingResult(merged, state.probs, state.reader.grid, state.used, state.foreground, state.fallback)
+    return SlidingOutcome(state.key, result, None, state.seconds)
 
-    Used for heat-map overlays; pixels covered by no tile (never, under the
-    classic policy) are 0.
+
+def sliding_window_predict(
+    image: np.ndarray | ImageRegionSource,
+    predict: PredictFn,
+    policy: CropPolicy,
+    *,
+    batch_size: int = 32,
+    activation: str = "softmax",
+    positive_index: int | None = None,
+    pad_batches: bool = False,
+) -> SlidingResult:
+    """Split one image (H, W, 3) per ``policy``, run ``predict`` on tile batches, merge."""
+    [outcome] = sliding_window_many(
+        [(0, image)], predict, policy, batch_size=batch_size, activation=activation,
+        positive_index=positive_index, pad_batches=pad_batches,
+    )
+    assert outcome.result is not None
+    return outcome.result
+
+
+def centre_weights(tile: tuple[int, int], sigma_scale: float = 0.125) -> np.ndarray:
+    """Gaussian importance of each pixel of a tile (MONAI's default sigma: 1/8 of the tile)."""
+    axes = []
+    for n in tile:
+        c = (n - 1) / 2.0
+        sigma = max(sigma_scale * n, 1e-3)
+        axes.append(np.exp(-0.5 * ((np.arange(n) - c) / sigma) ** 2))
+    w = np.outer(axes[0], axes[1])
+    return np.maximum(w / w.max(), 1e-3)  # never exactly 0, so an edge covered by one tile still gets its value
+
+
+def coverage_map(grid: TileGrid, values: np.ndarray, *, weighting: str = "none") -> np.ndarray:
+    """Per-pixel (weighted) mean of the tile values covering each pixel of the scaled image.
+
+    Used for heat-map overlays. NaN values (skipped tiles) contribute nothing;
+    pixels covered by no used tile are NaN. ``weighting="gaussian"`` blends
+    overlapping tiles with more weight at each tile's centre.
     """
     total = np.zeros((grid.height, grid.width), np.float64)
     count = np.zeros((grid.height, grid.width), np.float64)
     th, tw = grid.tile
+    w = centre_weights((th, tw)) if weighting == "gaussian" else np.ones((th, tw))
     for value, (y, x) in zip(values, grid.positions()):
-        total[y : y + th, x : x + tw] += value
-        count[y : y + th, x : x + tw] += 1.0
-    return np.divide(total, count, out=np.zeros_like(total), where=count > 0)
+        if not np.isfinite(value):
+            continue
+        vh, vw = min(th, grid.height - y), min(tw, grid.width - x)
+        total[y : y + vh, x : x + vw] += value * w[:vh, :vw]
+        count[y : y + vh, x : x + vw] += w[:vh, :vw]
+    return np.divide(total, count, out=np.full_like(total, np.nan), where=count > 0)

@@ -106,7 +106,52 @@ def test_diagnose_passes_options_through() -> None:
         )
     assert result.exit_code == 0, result.output
     fake.assert_called_once_with(
-        ["a.png", "scans/*.jpg"], Path("m.onnx"), Path("o.csv"), device="cuda", batch_size=8, overlays=None, progress=mock.ANY
+        ["a.png", "scans/*.jpg"], Path("m.onnx"), Path("o.csv"), device="cuda", batch_size=8, overlays=None, maps=None,
+        resume=False, audit=None, crop=None, refer_band=None, every=1, window=5, max_frames=None, progress=mock.ANY,
+    )
+
+
+def test_diagnose_passes_crop_overrides_feeds_and_audit() -> None:
+    fake = mock.MagicMock()
+    fake.return_value.n_failed = 0
+    fake.return_value.n_resumed = 3
+    fake.return_value.label_counts = {"a": 2}
+    fake.return_value.seconds = 0.5
+    fake.return_value.overlays = ()
+    with mock.patch("edgedx.runtime.batch.diagnose_paths", fake):
+        result = runner.invoke(
+            app,
+            ["diagnose", "smear.avi", "camera:0", "--model", "m.engine", "--out", "o.jsonl", "--resume", "--audit", "audit log.jsonl",
+             "--refer-band", "0.3,0.7", "--aggregation", "top_k_mean", "--top-k", "5", "--tile", "64", "--stride", "32,48",
+             "--scale", "0.78", "--padding", "reflect", "--min-foreground", "0.2", "--centre-weighting", "gaussian",
+             "--every", "10", "--window", "3", "--max-frames", "50", "--maps", "maps"],
+        )
+    assert result.exit_code == 0, result.output
+    crop = {
+        "aggregation": "top_k_mean", "top_k": 5, "tile_size": (64, 64), "stride": (32, 48), "scale": 0.78,
+        "padding": "reflect", "min_foreground": 0.2, "centre_weighting": "gaussian",
+    }
+    fake.assert_called_once_with(
+        ["smear.avi", "camera:0"], Path("m.engine"), Path("o.jsonl"), device="cpu", batch_size=32, overlays=None,
+        maps=Path("maps"), resume=True, audit=Path("audit log.jsonl"), crop=crop, refer_band=(0.3, 0.7), every=10,
+        window=3, max_frames=50, progress=mock.ANY,
+    )
+    assert "3 already done" in result.output
+
+
+def test_diagnose_watch_calls_the_hot_folder_loop() -> None:
+    fake = mock.MagicMock()
+    fake.return_value.n_failed = 0
+    fake.return_value.n_resumed = 0
+    fake.return_value.label_counts = {}
+    fake.return_value.seconds = 0.5
+    fake.return_value.overlays = ()
+    with mock.patch("edgedx.runtime.batch.diagnose_hot_folder", fake):
+        result = runner.invoke(app, ["diagnose", "--watch", "scanner out", "--model", "m.onnx", "--out", "o.jsonl", "--idle-timeout", "60"])
+    assert result.exit_code == 0, result.output
+    fake.assert_called_once_with(
+        Path("scanner out"), Path("m.onnx"), Path("o.jsonl"), device="cpu", batch_size=32, overlays=None, maps=None,
+        audit=None, crop=None, refer_band=None, idle_timeout_s=60.0, progress=mock.ANY,
     )
 
 
@@ -210,3 +255,12 @@ def test_bad_engine_batch_is_a_one_line_error(tmp_path: Path) -> None:
     _assert_one_line_error(proc, "--engine-batch must be three whole numbers", "'8,1'")
     proc = run_edgedx("export", str(tmp_path / "model.pt"), "--out", str(tmp_path / "out"), "--engine-batch", "8,4,32")
     _assert_one_line_error(proc, "1 <= min <= opt <= max", "(8, 4, 32)")
+
+
+def test_bad_diagnose_options_are_one_line_errors(tmp_path: Path) -> None:
+    proc = run_edgedx("diagnose", "a.png", "--model", "m.onnx", "--out", str(tmp_path / "o.jsonl"), "--tile", "64,x")
+    _assert_one_line_error(proc, "--tile must be N or H,W", "'64,x'")
+    proc = run_edgedx("diagnose", "a.png", "--model", "m.onnx", "--out", str(tmp_path / "o.jsonl"), "--refer-band", "0.3")
+    _assert_one_line_error(proc, "--refer-band must be LOW,HIGH", "'0.3'")
+    proc = run_edgedx("diagnose", "--model", "m.onnx", "--out", str(tmp_path / "o.jsonl"))
+    _assert_one_line_error(proc, "no inputs given", "--watch")

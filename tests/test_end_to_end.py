@@ -132,8 +132,11 @@ def test_diagnosis_beats_chance_on_unseen_tiles_and_csv(trained: Trained) -> Non
     summary = diagnose_paths(paths, trained.onnx, out)
     assert summary.n_failed == 0 and summary.n_inputs == 40
     lines = out.read_text().splitlines()
-    assert lines[0] == "input,label,n_crops,error,p_parasitized,p_uninfected"
-    predicted = [row.split(",")[1] for row in lines[1:]]
+    assert lines[0] == (
+        "input,frame,time_s,label,decision,n_crops,tiles_used,tiles_skipped,read_ms,diagnose_ms,error,"
+        "p_parasitized,p_uninfected"
+    )
+    predicted = [row.split(",")[3] for row in lines[1:]]
     accuracy = np.mean([p == CLASSES[y] for p, y in zip(predicted, labels)])
     assert accuracy >= 0.75
 

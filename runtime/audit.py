@@ -1,0 +1,81 @@
+"""An append-only audit log: which image, which model, which card, when, what result.
+
+A clinic must be able to show, months later, that a given result came from a
+given image and a given model. Each line is one JSON object with the sha256 of
+the input (file bytes, or frame pixels) and of the model file, the card's
+schema version and provenance, the time in UTC and the result. Lines are
+appended, flushed and fsynced one by one; the log is never rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+import numpy as np
+
+from edgedx.card import ModelCard, now_iso
+from edgedx.errors import InputError
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_pixels(image: np.ndarray) -> str:
+    """Hash of a decoded frame: shape and dtype are included so two layouts never collide."""
+    a = np.ascontiguousarray(image)
+    digest = hashlib.sha256(f"{a.shape}|{a.dtype}|".encode())
+    digest.update(a.data)
+    return digest.hexdigest()
+
+
+class AuditLog:
+    """Context manager appending one line per diagnosis to ``path``."""
+
+    def __init__(self, path: str | Path, model_path: str | Path, card: ModelCard) -> None:
+        self.path = Path(path)
+        self.model = str(model_path)
+        self.model_sha256 = sha256_file(model_path) if Path(model_path).is_file() else None
+        self.card = card
+        self._file: IO[str] | None = None
+
+    def __enter__(self) -> AuditLog:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a", encoding="utf-8")
+        except OSError as exc:
+            raise InputError(f"cannot open audit log {self.path}: {exc.strerror or exc}") from None
+        return self
+
+    def append(self, record: dict[str, Any], *, input_sha256: str | None) -> None:
+        assert self._file is not None, "use AuditLog as a context manager"
+        entry = {
+            "time": now_iso(),
+            "input": record.get("input"),
+            "frame": record.get("frame"),
+            "input_sha256": input_sha256,
+            "model": self.model,
+            "model_sha256": self.model_sha256,
+            "card_schema_version": self.card.schema_version,
+            "card_created_at": self.card.provenance.created_at,
+            "arch": self.card.arch,
+            "threshold": self.card.threshold,
+            "result": {k: record.get(k) for k in ("label", "decision", "probabilities")},
+            "error": record.get("error"),
+        }
+        self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._file is not None:
+            self._file.close()

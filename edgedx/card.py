@@ -230,7 +230,7 @@ class ModelCard:
         if version < 1:
             raise CardError(f"model card schema_version {version} is not valid")
         if version < SCHEMA_VERSION:
-            data = {**data, "schema_version": SCHEMA_VERSION}  # 1 → 2 only added fields with defaults
+            data = _migrate(data, version)
         return _from_plain(cls, data, "")
 
     @classmethod
@@ -260,6 +260,20 @@ class ModelCard:
             return cls.from_json(text)
         except CardError as exc:
             raise CardError(f"{path}: {exc}") from None
+
+
+# Fields each schema version added, with the value that reproduces the older behaviour.
+_ADDED_IN = {2: {"crop": {"top_k": 3, "centre_weighting": "none", "min_foreground": 0.0}}}
+
+
+def _migrate(data: dict[str, Any], version: int) -> dict[str, Any]:
+    """An older card as the current schema: added fields get the defaults that mean "as before"."""
+    data = {**data, "schema_version": SCHEMA_VERSION}
+    for added in range(version + 1, SCHEMA_VERSION + 1):
+        for section, fields in _ADDED_IN.get(added, {}).items():
+            if isinstance(data.get(section), dict):
+                data[section] = {**fields, **data[section]}
+    return data
 
 
 def now_iso() -> str:

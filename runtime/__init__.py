@@ -1,4 +1,4 @@
-"""Torch-free inference: card-driven preprocessing, sliding crops, ONNX Runtime.
+"""Torch-free inference: card-driven preprocessing, sliding crops, ONNX Runtime or TensorRT.
 
 Embed it with::
 

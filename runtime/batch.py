@@ -105,7 +105,11 @@ def diagnose_paths(
                     yield _Item(f"{frame.source}#frame={frame.index}", frame.image, frame=frame.index, time_s=round(frame.time_s, 3), stream=frame.source)
 
     total = len(files) if not streams else 0
-    return _run(items(), loaded, model, out, total=total, overlays=overlays, maps=maps, resume=resume, audit=audit, window=window, progress=progress)
+    live = any(isinstance(s, int) or "://" in str(s) for s in streams)  # cameras and streams: no waiting for a full batch
+    return _run(
+        items(), loaded, model, out, total=total, overlays=overlays, maps=maps, resume=resume, audit=audit,
+        window=window, progress=progress, live=live,
+    )
 
 
 def diagnose_hot_folder(
@@ -145,7 +149,10 @@ def diagnose_hot_folder(
             yield _Item(str(path), path, path=path)
 
     # one image at a time: a hot folder wants each result as soon as its file lands
-    return _run(items(), loaded, model, out, total=0, overlays=overlays, maps=maps, resume=True, audit=audit, window=1, progress=progress, prefetch=0)
+    return _run(
+        items(), loaded, model, out, total=0, overlays=overlays, maps=maps, resume=True, audit=audit, window=1,
+        progress=progress, prefetch=0, live=True,
+    )
 
 
 def _load(model: str | Path | Model, device: str, batch_size: int, crop: CropPolicy | Mapping[str, Any] | None, refer_band: tuple[float, float] | None) -> Model:
@@ -194,6 +201,7 @@ def _run(
     window: int,
     progress: ProgressFn,
     prefetch: int = 4,
+    live: bool = False,
 ) -> DiagnoseSummary:
     card = model.card
     done_before = completed_inputs(out) if resume else set()
@@ -222,7 +230,7 @@ def _run(
         if audit_log is not None:
             audit_log.__enter__()
         try:
-            for key, result in model.stream(todo(), prefetch=prefetch):
+            for key, result in model.stream(todo(), prefetch=prefetch, live=live):
                 item = pending.pop(key)
                 record = empty_record(item.name)
                 if item.frame is not None:

@@ -176,8 +176,13 @@ class Model:
         *,
         crop: CropPolicy | Mapping[str, Any] | None = None,
         prefetch: int = 4,
+        live: bool = False,
     ) -> Iterator[tuple[Hashable, Diagnosis | EdgeDxError]]:
-        """``(key, image)`` in → ``(key, Diagnosis or the ImageReadError)`` out, in order."""
+        """``(key, image)`` in → ``(key, Diagnosis or the ImageReadError)`` out, in order.
+
+        ``live`` (a hot folder, a camera): each image's result comes out as soon
+        as it is ready instead of when the next images fill the batch.
+        """
         policy = resolve_crop(self.crop, crop)
         card = self.card
         read_ms: dict[Hashable, float] = {}
@@ -193,7 +198,7 @@ class Model:
         outcomes = sliding_window_many(
             decoded(), self.predict_tiles, policy, batch_size=self.batch_size,
             activation=card.output_activation, positive_index=card.positive_index if card.task == "binary" else None,
-            pad_batches=self.pad_batches,
+            pad_batches=self.pad_batches, flush_each=live,
         )
         for outcome in outcomes:
             ms = read_ms.pop(outcome.key, 0.0)

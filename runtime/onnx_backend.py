@@ -51,6 +51,27 @@ def resolve_providers(device: str, available: list[str]) -> list[str]:
     return wanted
 
 
+def provider_options(providers: list[str], model_path: Path) -> list[Any]:
+    """Providers with the options a clinic box wants.
+
+    CUDA: cuDNN's exhaustive per-shape algorithm search costs seconds for every
+    new input shape, so use its heuristic instead (tile batches have one shape
+    anyway). TensorRT provider: fp16 where the graph allows it is the user's
+    choice via the exported precision, so leave precision alone, and cache the
+    built engines beside the model so a restart does not rebuild them.
+    """
+    configured: list[Any] = []
+    for name in providers:
+        if name == "CUDAExecutionProvider":
+            configured.append((name, {"cudnn_conv_algo_search": "HEURISTIC"}))
+        elif name == "TensorrtExecutionProvider":
+            cache = model_path.parent / ".ort-trt-cache"
+            configured.append((name, {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": "True"}))
+        else:
+            configured.append(name)
+    return configured
+
+
 class OnnxSession:
     """One ONNX Runtime session plus the model card embedded in the file."""
 
@@ -65,7 +86,9 @@ class OnnxSession:
         if threads:
             options.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+            self.session = ort.InferenceSession(
+                str(self.path), sess_options=options, providers=provider_options(providers, self.path)
+            )
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
             raise ModelError(f"{self.path}: not a loadable ONNX model ({str(exc).splitlines()[0]})") from None
         active = self.session.get_providers()

@@ -303,6 +303,7 @@ def sliding_window_many(
     activation: str = "softmax",
     positive_index: int | None = None,
     pad_batches: bool = False,
+    flush_each: bool = False,
 ) -> Iterator[SlidingOutcome]:
     """Sliding crops over a stream of images, with model batches filled across images.
 
@@ -311,7 +312,9 @@ def sliding_window_many(
     out in input order as soon as an image's last tile is predicted. At most one
     batch of tiles is held at a time. ``pad_batches`` pads a short final batch
     with blank tiles so the model only ever sees ``batch_size`` (GPU engines then
-    never re-tune for a new shape).
+    never re-tune for a new shape). ``flush_each`` runs the batch at the end of
+    every image, for live sources (a hot folder, a camera) where the next image
+    may be minutes away and a result must not wait for it.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -370,6 +373,8 @@ def sliding_window_many(
             for index, (y, x) in enumerate(grid.positions()):
                 enqueue(state, index, state.reader.tile(y, x))  # type: ignore[union-attr]
         state.enqueued_all = True
+        if flush_each and batch:
+            run_batch()
         if state.done:
             state.seconds = time.perf_counter() - state.started
         yield from finished()

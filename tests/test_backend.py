@@ -107,3 +107,14 @@ def test_diagnose_on_cuda_matches_cpu(trained: Trained) -> None:
     a, b = cpu.diagnose(image), gpu.diagnose(image)
     assert a.n_crops == b.n_crops
     np.testing.assert_allclose(list(a.probabilities.values()), list(b.probabilities.values()), atol=1e-3)
+
+
+def test_gpu_providers_get_options_that_avoid_per_shape_tuning(tmp_path) -> None:
+    from edgedx.runtime.onnx_backend import provider_options
+
+    got = provider_options(["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], tmp_path / "m.onnx")
+    trt, cuda, cpu = got
+    assert cuda == ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"})
+    assert trt[0] == "TensorrtExecutionProvider" and trt[1]["trt_engine_cache_enable"] == "True"
+    assert trt[1]["trt_engine_cache_path"] == str(tmp_path / ".ort-trt-cache")
+    assert cpu == "CPUExecutionProvider"

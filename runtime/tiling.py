@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 
 from edgedx.card import CropPolicy
-from edgedx.runtime.foreground import foreground_fraction
+from edgedx.runtime.foreground import estimate_background, foreground_fraction
 
 PredictFn = Callable[[np.ndarray], np.ndarray]
 _EPS = 1e-12
@@ -132,9 +132,12 @@ class _TileReader:
             self.grid = plan_tiles(image.shape[0], image.shape[1], policy)
             self._scaled: np.ndarray | None = rescale(image, policy)
             self._source: ImageRegionSource | None = None
+            # the image's own glass colour; a lazily read image uses the fixed rule instead
+            self.background = estimate_background(self._scaled) if policy.min_foreground > 0 else None
         else:
             self.grid = plan_tiles(image.height, image.width, policy)
             self._scaled = None
+            self.background = None
             self._source = image
             self._fy = self.grid.height / image.height  # exact per-axis factors of the scaled size
             self._fx = self.grid.width / image.width
@@ -362,7 +365,7 @@ def sliding_window_many(
         for index, (y, x) in enumerate(grid.positions()):
             tile = state.reader.tile(y, x)  # type: ignore[union-attr]
             if policy.min_foreground > 0:
-                state.foreground[index] = foreground_fraction(tile[None])[0]
+                state.foreground[index] = foreground_fraction(tile[None], state.reader.background)[0]  # type: ignore[union-attr]
                 if state.foreground[index] < policy.min_foreground:
                     continue
             state.used[index] = True

@@ -12,7 +12,7 @@ import pytest
 
 from edgedx.card import CropPolicy
 from edgedx.errors import InputError
-from edgedx.runtime.foreground import foreground_fraction
+from edgedx.runtime.foreground import estimate_background, foreground_fraction
 from edgedx.runtime.tiling import aggregate, coverage_map, plan_tiles, sliding_window_many, sliding_window_predict
 
 
@@ -101,6 +101,17 @@ def test_foreground_fraction_ignores_glass_and_black_borders() -> None:
     half[:, :, :4] = (180, 90, 140)
     got = foreground_fraction(np.concatenate([glass, border, stained, grey_tissue, half]))
     np.testing.assert_allclose(got, [0, 0, 1, 1, 0.5])
+
+
+def test_tinted_glass_is_background_relative_to_the_image() -> None:
+    field = np.zeros((64, 64, 3), np.uint8)
+    field[:] = (179, 210, 179)  # greenish illumination: fails the fixed "colourless" rule
+    field[:16, :16] = (160, 90, 150)  # one stained cell
+    assert foreground_fraction(field[None, 32:, 32:])[0] == 1.0  # fixed rule: tinted glass looks like something
+    background = estimate_background(field)
+    np.testing.assert_array_equal(background, [179, 210, 179])
+    got = foreground_fraction(np.stack([field[32:, 32:], field[:32, :32], field[8:40, 8:40]]), background)
+    np.testing.assert_allclose(got, [0.0, 0.25, 64 / 1024])
 
 
 def test_background_tiles_are_skipped_counted_and_nan_in_the_map() -> None:

@@ -345,28 +345,81 @@ def evaluate(
 
 @app.command()
 def bench(
-    model: Annotated[Path, typer.Argument(help="Exported .onnx model.")],
+    models: Annotated[list[Path], typer.Argument(help="Exported artefacts (.onnx, .ort, .engine), e.g. the fp32/fp16/int8 files of one export.")],
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8",
-    seconds: Annotated[float, typer.Option(help="Minimum timed seconds per batch size.")] = 2.0,
+    devices: Annotated[str, typer.Option(help="Comma-separated devices: cpu, cuda, tensorrt, auto.")] = "cpu",
+    image_sizes: Annotated[
+        Optional[str], typer.Option(help="Whole-image sizes WxH, comma-separated (e.g. 1280x960,4000x3000): per-stage breakdown.")
+    ] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Labelled ImageFolder: each artefact's accuracy goes into the table.")] = None,
+    seconds: Annotated[float, typer.Option(help="Minimum timed seconds per measurement.")] = 2.0,
     threads: Annotated[Optional[int], typer.Option(help="Inference threads (default: ONNX Runtime's).")] = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON.")] = None,
-    device: Device = "cpu",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write results and environment as JSON.")] = None,
 ) -> None:
-    """Model latency: p50/p90/p99 and throughput per batch size."""
-    from edgedx.runtime.bench import bench_model
+    """Latency and throughput: p50/p90/p99 and images/s per artefact, device and batch size; whole images by stage."""
+    from edgedx.runtime.bench import bench_models
 
     sizes = _parse_ints(batch_sizes, "--batch-sizes")
     with progress_bar() as progress:
-        report = bench_model(model, batch_sizes=sizes, device=device, threads=threads, min_seconds=seconds, progress=progress)
-    table = Table(title=f"{model.name} on {', '.join(report.providers)}, input {report.input_size[0]}×{report.input_size[1]}")
-    for col in ("batch", "runs", "p50 ms", "p90 ms", "p99 ms", "images/s"):
-        table.add_column(col, justify="right")
+        report = bench_models(
+            models, batch_sizes=sizes, devices=_split_list(devices), image_sizes=_image_sizes(image_sizes), data=data,
+            threads=threads, min_seconds=seconds, progress=progress,
+        )
+    env = report.environment
+    table = Table(title=f"{env['cpu']} ({env['cores']} cores), GPU: {env['gpu']}", box=box.SIMPLE)
+    for col in ("artefact", "precision", "device", "MB", "parity / accuracy", "batch", "p50 ms", "p90 ms", "p99 ms", "images/s"):
+        table.add_column(col, justify="left" if col in ("artefact", "precision", "device", "parity / accuracy") else "right")
     for r in report.rows:
-        table.add_row(str(r.batch_size), str(r.runs), f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}", f"{r.p99_ms:.2f}", f"{r.images_per_s:.0f}")
+        table.add_row(
+            r.artefact, r.precision, f"{r.device} ({r.providers[0] if r.providers else '?'})", f"{r.size_mb:.1f}",
+            _quality(r.parity, r.accuracy), str(r.batch_size), f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}", f"{r.p99_ms:.2f}",
+            f"{r.images_per_s:.0f}",
+        )
     console.print(table)
+    if report.image_rows:
+        whole = Table(title="whole images (median ms per stage)", box=box.SIMPLE)
+        for col in ("artefact", "device", "image", "tiles", "decode", "tile+prep", "inference", "merge", "p50 ms", "tiles/s"):
+            whole.add_column(col, justify="left" if col in ("artefact", "device", "image") else "right")
+        for r in report.image_rows:
+            st = r.stages_ms
+            whole.add_row(
+                r.artefact, r.device, f"{r.image_size[1]}×{r.image_size[0]}", str(r.tiles), f"{st['decode']:.1f}",
+                f"{st['tiling_preprocess']:.1f}", f"{st['inference']:.1f}", f"{st['merge']:.2f}", f"{r.p50_ms:.1f}",
+                f"{r.tiles_per_s:.0f}",
+            )
+        console.print(whole)
     if json_out:
         json_out.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
         console.print(f"results: {json_out}")
+
+
+def _quality(parity: dict | None, accuracy: float | None) -> str:
+    parts = []
+    if parity and parity.get("top1_agreement") is not None:
+        parts.append(f"agree {parity['top1_agreement']:.3f}")
+    if accuracy is not None:
+        parts.append(f"acc {accuracy:.3f}")
+    return ", ".join(parts) or "—"
+
+
+def _split_list(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise InputError(f"expected a comma-separated list, got {text!r}")
+    return items
+
+
+def _image_sizes(text: str | None) -> list[tuple[int, int]]:
+    """"1280x960,512x512" → [(960, 1280), (512, 512)] as (height, width)."""
+    if not text:
+        return []
+    sizes = []
+    for item in _split_list(text):
+        parts = item.lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise InputError(f"--image-sizes takes WxH items like 1280x960, got {item!r}")
+        sizes.append((int(parts[1]), int(parts[0])))
+    return sizes
 
 
 @app.command()

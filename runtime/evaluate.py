@@ -16,7 +16,7 @@ from edgedx.errors import ImageReadError, InputError
 from edgedx.progress import ProgressFn, no_progress
 from edgedx.runtime.datasets import list_image_folder
 from edgedx.runtime.metrics import classification_metrics, roc_auc
-from edgedx.runtime.model import decide, load_model
+from edgedx.runtime.model import Model, decide, load_model
 
 
 @dataclass(frozen=True)
@@ -38,10 +38,11 @@ class EvaluationReport:
 
 
 def evaluate_folder(
-    model: str | Path, data: str | Path, *, device: str = "cpu", batch_size: int = 32, progress: ProgressFn = no_progress
+    model: str | Path | Model, data: str | Path, *, device: str = "cpu", batch_size: int = 32, progress: ProgressFn = no_progress
 ) -> EvaluationReport:
     """Diagnose every image of an ImageFolder and score the decisions against the folder labels."""
-    loaded = load_model(model, device=device, batch_size=batch_size)
+    loaded = model if isinstance(model, Model) else load_model(model, device=device, batch_size=batch_size)
+    model = getattr(loaded.session, "path", model) if isinstance(model, Model) else model
     card = loaded.card
     if card.task == "multilabel":
         raise InputError("evaluate on a labelled folder needs a binary or multiclass model; this card is multilabel")

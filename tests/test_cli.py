@@ -166,11 +166,19 @@ def test_evaluate_bench_demo_pass_options_through(tmp_path: Path) -> None:
 
     bench = mock.MagicMock()
     bench.return_value.rows = ()
-    bench.return_value.providers = ("CPUExecutionProvider",)
-    bench.return_value.input_size = (32, 32)
-    with mock.patch("edgedx.runtime.bench.bench_model", bench):
-        assert runner.invoke(app, ["bench", "m.onnx", "--batch-sizes", "1,4,16", "--seconds", "0.5"]).exit_code == 0
-    bench.assert_called_once_with(Path("m.onnx"), batch_sizes=[1, 4, 16], device="cpu", threads=None, min_seconds=0.5, progress=mock.ANY)
+    bench.return_value.image_rows = ()
+    bench.return_value.environment = {"cpu": "x86", "cores": 2, "gpu": "unknown"}
+    with mock.patch("edgedx.runtime.bench.bench_models", bench):
+        result = runner.invoke(
+            app,
+            ["bench", "m.onnx", "m.int8.onnx", "--batch-sizes", "1,4,16", "--seconds", "0.5", "--devices", "cpu,cuda",
+             "--image-sizes", "1280x960,511x237", "--data", "val dir"],
+        )
+        assert result.exit_code == 0, result.output
+    bench.assert_called_once_with(
+        [Path("m.onnx"), Path("m.int8.onnx")], batch_sizes=[1, 4, 16], devices=["cpu", "cuda"],
+        image_sizes=[(960, 1280), (237, 511)], data=Path("val dir"), threads=None, min_seconds=0.5, progress=mock.ANY,
+    )
     bad = runner.invoke(app, ["bench", "m.onnx", "--batch-sizes", "1,x"])
     assert bad.exit_code == 2 and "comma-separated integers" in bad.output
 

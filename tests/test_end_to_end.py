@@ -165,6 +165,36 @@ def test_evaluate_and_bench_do_their_job(trained: Trained) -> None:
     assert bench.providers[0] == "CPUExecutionProvider"
 
 
+def test_bench_sweeps_artefacts_with_stages_parity_accuracy_and_environment(trained: Trained, tmp_path: Path) -> None:
+    from edgedx.runtime.bench import bench_models
+    from edgedx.runtime.tiling import plan_tiles
+    from edgedx.training.checkpoint import load_checkpoint
+
+    from edgedx.synthetic import render_tile_dataset, write_image_folder
+
+    images, labels = render_tile_dataset(np.random.default_rng(8), 24, TILE)
+    write_image_folder(tmp_path / "bench data", images, labels, CLASSES)
+    report = bench_models(
+        [trained.onnx], batch_sizes=(2,), image_sizes=[(237, 511)], data=tmp_path / "bench data",
+        min_runs=3, min_seconds=0.05,
+    )
+    [row] = report.rows
+    assert row.artefact == "model.onnx" and row.precision == "fp32" and row.device == "cpu"
+    assert row.size_mb == pytest.approx(trained.onnx.stat().st_size / 1e6, abs=0.01)
+    assert row.parity["top1_agreement"] == 1.0 and row.parity["passed"] is True  # from export_report.json beside it
+    assert 0.75 <= row.accuracy <= 1.0
+    [image] = report.image_rows
+    card = load_checkpoint(trained.checkpoint).card
+    assert image.image_size == (237, 511) and image.tiles == plan_tiles(237, 511, card.crop).n_tiles
+    assert set(image.stages_ms) == {"decode", "tiling_preprocess", "inference", "merge"}
+    assert all(v > 0 for v in image.stages_ms.values())
+    assert sum(image.stages_ms.values()) <= image.p90_ms * 1.5
+    assert image.tiles_per_s == pytest.approx(image.images_per_s * image.tiles)
+    env = report.environment
+    assert env["cores"] >= 1 and env["versions"]["onnxruntime"] and env["providers"]["model.onnx@cpu"][0] == "CPUExecutionProvider"
+    assert json.loads(json.dumps(report.to_dict()))["image_rows"][0]["tiles"] == image.tiles
+
+
 def test_embedding_api_on_array_and_path(trained: Trained) -> None:
     from edgedx.runtime import load_model
 

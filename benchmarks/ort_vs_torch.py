@@ -3,8 +3,8 @@
     python benchmarks/ort_vs_torch.py [--archs resnet18,tf_efficientnet_lite0] [--batches 1,8]
         [--size 224] [--threads 2] [--rounds 5] [--seconds 1.0]
 
-Each architecture is built with random weights (speed does not depend on the
-weights), exported the way ``edgedx export`` does it (torch's exporter at opset
+Each architecture is built with random weights and random batch-norm statistics
+(speed does not depend on the weights), exported the way ``edgedx export`` does it (torch's exporter at opset
 18, every batch norm folded, the card embedded, checked) into a temporary
 folder, and loaded through ``edgedx.runtime.onnx_backend.OnnxSession``.
 PyTorch runs the same module in eval mode under ``torch.inference_mode()``
@@ -50,7 +50,7 @@ from edgedx.export.onnx_export import check_graph, embed_metadata, torch_to_onnx
 from edgedx.export.parity import parity_inputs
 from edgedx.export.pipeline import PRECISION_KEY
 from edgedx.runtime.onnx_backend import OnnxSession
-from edgedx.training.models import create_model, default_normalization
+from edgedx.training.models import create_model, default_normalization, reset_head
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 2.0
@@ -153,6 +153,26 @@ def fmt_ratio(stats: dict[str, float]) -> str:
 # -- this benchmark -----------------------------------------------------------------------------
 
 
+def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial batch-norm statistics and head, so the logit check exercises the folding and is not ~0.
+
+    timm initialises running stats to 0/1 and zero-initialises the last BN of
+    each ResNet block; with EdgeDx's near-zero head the logits would be ~1e-2
+    and any graph would "match". Speed does not depend on these values.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.weight.copy_(0.5 + torch.rand(n, generator=g))
+                m.bias.copy_(0.1 * torch.randn(n, generator=g))
+                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+        reset_head(model, std=0.05)
+    return model.eval()
+
+
 def bench_card(arch: str, size: int, model: torch.nn.Module) -> ModelCard:
     """A binary card at ``size`` px with the architecture's own normalisation, for a model that was never trained."""
     mean, std = default_normalization(model)
@@ -181,7 +201,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="edgedx-ort-vs-torch-") as tmp:
         for arch in archs:
-            model = create_model(arch, 2).eval()
+            model = randomise(create_model(arch, 2))
             card = bench_card(arch, args.size, model)
             t0 = time.perf_counter()
             path = export_fp32(model, card, Path(tmp) / f"{arch}.onnx")

@@ -595,7 +595,7 @@ def _jsonable(value: Any) -> Any:
 
 def _write_plots(out: Path, history, y, probs, card: ModelCard, final: dict[str, Any], monitor: str) -> None:
     """Learning curves, ROC with the operating point, confusion matrix and the six-metric radar."""
-    from edgedx.training import plots
+    from edgedx.runtime import plots
 
     folder = out / "plots"
     curve_metric = {"auc": "val_macro_auc", "loss": "val_loss"}.get(monitor, f"val_{monitor}")

@@ -50,7 +50,7 @@ _PER_CLASS_KEYS = RADAR_KEYS[1:]
 
 def _new_figure(width: float, height: float) -> Figure:
     """A Figure on its own Agg canvas (never registered with pyplot)."""
-    require(("matplotlib",), extra="train", purpose="Plotting")
+    require(("matplotlib",), extra="plots", purpose="Plotting")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -315,29 +315,43 @@ def _band(text: str | None) -> tuple[float, float] | None:
 
 @app.command()
 def evaluate(
-    model: Annotated[Path, typer.Argument(help="Exported .onnx model.")],
-    data: Annotated[Path, typer.Argument(help="ImageFolder with one sub-folder per class, named as the model's classes.")],
+    model: Annotated[Path, typer.Argument(help="Exported .onnx/.ort model or TensorRT .engine.")],
+    data: Annotated[Path, typer.Argument(help="ImageFolder (sub-folders named as the model's classes), CSV manifest or .npz.")],
+    split: Annotated[str, typer.Option(help="Which split of a .npz or a CSV with a split column.")] = "val",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for evaluation.json, plots and report.html.")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals (0: none).")] = 1000,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON.")] = None,
     device: Device = "cpu",
 ) -> None:
     """Score a deployed model on labelled images, through the same path as diagnose."""
-    from edgedx.runtime.evaluate import evaluate_folder
+    from edgedx.runtime.evaluate import evaluate as evaluate_data
 
     with progress_bar() as progress:
-        report = evaluate_folder(model, data, device=device, progress=progress)
+        report = evaluate_data(model, data, split=split, device=device, bootstrap=bootstrap, out=out, progress=progress)
     m = report.metrics
-    table = Table(title=f"{model.name} on {data}")
+    table = Table(title=f"{model.name} on {report.data}")
     for col in ("class", "sensitivity", "specificity", "precision", "f1", "support"):
         table.add_column(col)
     for name, row in m["per_class"].items():
         table.add_row(name, *(_fmt(row[k]) for k in ("sensitivity", "specificity", "precision", "f1", "support")))
     console.print(table)
+    ci = m.get("ci95") or {}
+
+    def with_ci(key: str, value: float | None) -> str:
+        interval = ci.get(key)
+        return _fmt(value) + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+
     console.print(
-        f"n {m['n']}  accuracy {m['accuracy']:.3f}  balanced accuracy {m['balanced_accuracy']:.3f}  "
-        f"AUC {_fmt(m.get('auc', m.get('macro_auc')))}  threshold {_fmt(report.threshold)}"
+        f"n {m['n']}  accuracy {with_ci('accuracy', m['accuracy'])}  balanced accuracy {with_ci('balanced_accuracy', m['balanced_accuracy'])}  "
+        f"AUC {with_ci('auc', m.get('auc', m.get('macro_auc')))}  threshold {_fmt(report.threshold)}"
     )
+    if "at_0.5" in m:
+        half = m["at_0.5"]
+        console.print(f"at 0.5: accuracy {_fmt(half['accuracy'])}  sensitivity {_fmt(half['sensitivity'])}  specificity {_fmt(half['specificity'])}")
     if report.failed:
         console.print(f"{len(report.failed)} image(s) could not be read", style="yellow")
+    if out:
+        console.print(f"report: {out / 'report.html'}")
     if json_out:
         json_out.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
         console.print(f"report: {json_out}")

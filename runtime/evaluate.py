@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from edgedx.errors import ImageReadError, InputError
+from edgedx.card import ModelCard
+from edgedx.errors import EdgeDxError, InputError
 from edgedx.progress import ProgressFn, no_progress
-from edgedx.runtime.datasets import list_image_folder
+from edgedx.runtime.labelled import load_labelled
 from edgedx.runtime.metrics import classification_metrics, roc_auc
 from edgedx.runtime.model import Model, decide, load_model
 
@@ -37,48 +38,96 @@ class EvaluationReport:
         }
 
 
-def evaluate_folder(
-    model: str | Path | Model, data: str | Path, *, device: str = "cpu", batch_size: int = 32, progress: ProgressFn = no_progress
+def evaluate(
+    model: str | Path | Model,
+    data: str | Path,
+    *,
+    split: str = "val",
+    device: str = "cpu",
+    batch_size: int = 32,
+    bootstrap: int = 1000,
+    out: str | Path | None = None,
+    seed: int = 0,
+    progress: ProgressFn = no_progress,
 ) -> EvaluationReport:
-    """Diagnose every image of an ImageFolder and score the decisions against the folder labels."""
+    """Diagnose every labelled image through the production path and score the decisions.
+
+    ``data`` is an ImageFolder, a CSV manifest or a MedMNIST ``.npz`` (``split``
+    picks its part). Metrics are at the card's threshold, and also at 0.5 for
+    binary models; ``bootstrap`` resamples give 95% intervals. ``out`` writes
+    ``evaluation.json``, the ROC / confusion-matrix / radar plots and a one-page
+    ``report.html``.
+    """
     loaded = model if isinstance(model, Model) else load_model(model, device=device, batch_size=batch_size)
     model = getattr(loaded.session, "path", model) if isinstance(model, Model) else model
     card = loaded.card
     if card.task == "multilabel":
-        raise InputError("evaluate on a labelled folder needs a binary or multiclass model; this card is multilabel")
-    labelled = list_image_folder(data, min_classes=1)
-    unknown = [c for c in labelled.class_names if c not in card.class_names]
-    if unknown:
-        raise InputError(
-            f"class folder(s) {unknown} in {data} are not classes of this model ({list(card.class_names)}); "
-            "name the sub-folders after the model's classes"
-        )
+        raise InputError("evaluate needs a binary or multiclass model; this card is multilabel")
+    labelled = load_labelled(data, card.class_names, split=split)
     y_true: list[int] = []
     probs: list[np.ndarray] = []
-    preds: list[int] = []
     failed: list[str] = []
-    total = len(labelled.paths)
+    total = len(labelled)
     progress("evaluate", 0, total)
-    for i, (path, label) in enumerate(zip(labelled.paths, labelled.labels), 1):
-        try:
-            result = loaded.diagnose(path)
-        except ImageReadError as exc:
-            failed.append(str(exc))
+    for done, (i, result) in enumerate(loaded.stream(enumerate(labelled.images)), 1):
+        if isinstance(result, EdgeDxError):
+            failed.append(str(result))
         else:
-            p = result.sliding.probabilities
-            y_true.append(card.class_names.index(labelled.class_names[label]))
-            probs.append(p)
-            preds.append(card.class_names.index(decide(p, card)))  # type: ignore[arg-type]
-        progress("evaluate", i, total)
+            y_true.append(int(labelled.labels[i]))
+            probs.append(result.sliding.probabilities)
+        progress("evaluate", done, total)
     if not y_true:
         raise InputError(f"no image in {data} could be read")
     truth = np.asarray(y_true)
     p_all = np.stack(probs)
-    metrics = classification_metrics(truth, p_all, card.class_names, y_pred=np.asarray(preds)).to_dict()
+    metrics = score(truth, p_all, card, card.threshold)
+    if card.task == "binary":
+        metrics["at_0.5"] = score(truth, p_all, card, 0.5)
+    if bootstrap > 0:
+        metrics["ci95"] = bootstrap_intervals(truth, p_all, card, n=bootstrap, seed=seed)
+    report = EvaluationReport(str(model), labelled.source, card.threshold, metrics, tuple(failed))
+    if out is not None:
+        from edgedx.runtime.report_html import write_evaluation
+
+        write_evaluation(Path(out), report, card, truth, p_all)
+    return report
+
+
+def evaluate_folder(model: str | Path | Model, data: str | Path, **kwargs: Any) -> EvaluationReport:
+    """:func:`evaluate` without intervals (kept for callers of the first version)."""
+    kwargs.setdefault("bootstrap", 0)
+    return evaluate(model, data, **kwargs)
+
+
+def score(truth: np.ndarray, probs: np.ndarray, card: ModelCard, threshold: float | None) -> dict[str, Any]:
+    """Classification metrics with decisions at ``threshold`` (binary) or argmax (multiclass)."""
+    decided = card if threshold == card.threshold else card.replace(threshold=threshold)
+    preds = np.asarray([card.class_names.index(decide(p, decided)) for p in probs])  # type: ignore[arg-type]
+    metrics = classification_metrics(truth, probs, card.class_names, y_pred=preds, positive_index=card.positive_index or 1).to_dict()
+    metrics["threshold"] = threshold
     if card.task == "binary":
         pos = card.positive_index
-        metrics["auc"] = _none_if_nan(roc_auc((truth == pos).astype(int), p_all[:, pos]))
-    return EvaluationReport(str(model), str(data), card.threshold, metrics, tuple(failed))
+        metrics["auc"] = _none_if_nan(roc_auc((truth == pos).astype(int), probs[:, pos]))
+        stats = metrics["per_class"][card.class_names[pos]]  # type: ignore[index]
+        metrics.update(sensitivity=stats["sensitivity"], specificity=stats["specificity"], precision=stats["precision"], f1=stats["f1"])
+    return metrics
+
+
+CI_KEYS = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "precision", "f1", "auc")
+
+
+def bootstrap_intervals(truth: np.ndarray, probs: np.ndarray, card: ModelCard, *, n: int = 1000, seed: int = 0) -> dict[str, list[float] | None]:
+    """95% percentile bootstrap intervals (resampling images) for the headline metrics."""
+    rng = np.random.default_rng(seed)
+    samples: dict[str, list[float]] = {k: [] for k in CI_KEYS}
+    for _ in range(n):
+        idx = rng.integers(0, len(truth), len(truth))
+        m = score(truth[idx], probs[idx], card, card.threshold)
+        for key in CI_KEYS:
+            value = m.get(key, m.get("macro_auc") if key == "auc" else None)
+            if value is not None and np.isfinite(value):
+                samples[key].append(float(value))
+    return {k: ([float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if len(v) >= n // 2 else None) for k, v in samples.items()}
 
 
 def _none_if_nan(x: float) -> float | None:

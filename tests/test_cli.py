@@ -160,9 +160,13 @@ def test_evaluate_bench_demo_pass_options_through(tmp_path: Path) -> None:
     evaluate.return_value.metrics = {"n": 2, "accuracy": 1.0, "balanced_accuracy": 1.0, "auc": 1.0, "per_class": {}}
     evaluate.return_value.failed = ()
     evaluate.return_value.threshold = 0.5
-    with mock.patch("edgedx.runtime.evaluate.evaluate_folder", evaluate):
-        assert runner.invoke(app, ["evaluate", "m.onnx", "data"]).exit_code == 0
-    evaluate.assert_called_once_with(Path("m.onnx"), Path("data"), device="cpu", progress=mock.ANY)
+    evaluate.return_value.data = "data"
+    with mock.patch("edgedx.runtime.evaluate.evaluate", evaluate):
+        result = runner.invoke(app, ["evaluate", "m.onnx", "data.npz", "--split", "train", "--out", "rep", "--bootstrap", "50"])
+        assert result.exit_code == 0, result.output
+    evaluate.assert_called_once_with(
+        Path("m.onnx"), Path("data.npz"), split="train", device="cpu", bootstrap=50, out=Path("rep"), progress=mock.ANY
+    )
 
     bench = mock.MagicMock()
     bench.return_value.rows = ()

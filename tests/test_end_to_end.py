@@ -205,3 +205,41 @@ def test_embedding_api_on_array_and_path(trained: Trained) -> None:
     assert result.n_crops == expected_crops(50, 70, TILE, TILE // 2)
     assert set(result.probabilities) == set(CLASSES)
     assert result.sliding.tile_map(0).shape == result.sliding.grid.shape
+
+
+def test_evaluate_csv_and_npz_with_intervals_plots_and_html(trained: Trained, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from edgedx.runtime.evaluate import evaluate
+    from edgedx.synthetic import render_tile_dataset
+
+    images, labels = render_tile_dataset(np.random.default_rng(11), 30, TILE)
+    card_classes = ("parasitized", "uninfected")  # the trained model's class order (sorted folder names)
+    # npz: integer labels in the model's class order
+    npz = tmp_path / "tiles set.npz"
+    model_labels = np.asarray([card_classes.index(CLASSES[y]) for y in labels])
+    np.savez(npz, val_images=images, val_labels=model_labels[:, None])
+    report = evaluate(trained.onnx, npz, bootstrap=200, out=tmp_path / "report dir")
+    m = report.metrics
+    assert m["n"] == 30 and report.data.endswith("(val)")
+    assert m["accuracy"] >= 0.7
+    low, high = m["ci95"]["accuracy"]
+    assert low <= m["accuracy"] <= high and high - low > 0
+    assert m["at_0.5"]["threshold"] == 0.5 and m["threshold"] == report.threshold
+    assert {"sensitivity", "specificity", "auc"} <= set(m)
+    out = tmp_path / "report dir"
+    for name in ("evaluation.json", "roc.png", "confusion_matrix.png", "radar.png", "report.html"):
+        assert (out / name).stat().st_size > 500, name
+    page = (out / "report.html").read_text()
+    assert "Intended use" in page and "not a medical device" in page and "data:image/png;base64," in page
+    # the same images as a CSV manifest give the same numbers
+    from edgedx.runtime.image_io import write_image
+
+    rows = ["path,label,split"]
+    (tmp_path / "csv imgs").mkdir()
+    for i, (image, y) in enumerate(zip(images, labels)):
+        write_image(tmp_path / "csv imgs" / f"{i}.png", image)
+        rows.append(f"csv imgs/{i}.png,{CLASSES[y]},val")
+    rows.append("csv imgs/0.png,uninfected,train")  # other splits are ignored
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    again = evaluate(trained.onnx, tmp_path / "manifest.csv", bootstrap=0)
+    assert again.metrics["accuracy"] == m["accuracy"] and again.metrics["n"] == 30

@@ -1,0 +1,105 @@
+"""Labelled evaluation data in the three layouts training reads, without torch.
+
+An ImageFolder (one sub-folder per class), a CSV manifest (``path,label[,split]``,
+paths relative to the CSV) or a MedMNIST-style ``.npz`` (``<split>_images``,
+``<split>_labels``, integer labels in the model's class order). Labels become
+indices into the *model's* class names, so a folder may hold only some classes.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgedx.errors import InputError
+from edgedx.runtime.datasets import list_image_folder
+
+PATH_COLUMNS = ("path", "image", "file", "filename")
+
+
+@dataclass(frozen=True)
+class LabelledSet:
+    names: list[str]  # what each record is called (a path, or "file.npz:val[3]")
+    images: list[Path | np.ndarray]
+    labels: np.ndarray  # (N,) indices into the model's class names
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def load_labelled(data: str | Path, class_names: tuple[str, ...], *, split: str = "val", label_column: str = "label") -> LabelledSet:
+    """Read ``data`` (folder, .csv or .npz) for a model with ``class_names``."""
+    path = Path(data)
+    if not path.exists():
+        raise InputError(f"evaluation data not found: {path}")
+    if path.is_dir():
+        return _folder(path, class_names)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return _csv(path, class_names, split, label_column)
+    if suffix == ".npz":
+        return _npz(path, class_names, split)
+    raise InputError(f"evaluation data must be a folder, a .csv manifest or a .npz file, got {path}")
+
+
+def _folder(root: Path, class_names: tuple[str, ...]) -> LabelledSet:
+    found = list_image_folder(root, min_classes=1)
+    unknown = [c for c in found.class_names if c not in class_names]
+    if unknown:
+        raise InputError(
+            f"class folder(s) {unknown} in {root} are not classes of this model ({list(class_names)}); "
+            "name the sub-folders after the model's classes"
+        )
+    labels = np.asarray([class_names.index(found.class_names[i]) for i in found.labels], np.int64)
+    return LabelledSet([str(p) for p in found.paths], list(found.paths), labels, str(root))
+
+
+def _csv(path: Path, class_names: tuple[str, ...], split: str, label_column: str) -> LabelledSet:
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise InputError(f"{path} has no rows")
+    columns = list(rows[0])
+    path_column = next((c for c in PATH_COLUMNS if c in columns), None)
+    if path_column is None or label_column not in columns:
+        raise InputError(
+            f"{path} needs a path column ({'/'.join(PATH_COLUMNS)}) and a '{label_column}' column; it has {columns}"
+        )
+    if "split" in columns:
+        rows = [r for r in rows if (r.get("split") or "").strip() == split]
+        if not rows:
+            raise InputError(f"{path} has no rows with split '{split}'; choose another with --split")
+    names, images, labels = [], [], []
+    for n, row in enumerate(rows, 2):
+        label = (row.get(label_column) or "").strip()
+        if label not in class_names:
+            raise InputError(f"{path} line {n}: label {label!r} is not a class of this model ({list(class_names)})")
+        image = (path.parent / row[path_column].strip()).resolve()
+        names.append(str(image))
+        images.append(image)
+        labels.append(class_names.index(label))
+    return LabelledSet(names, images, np.asarray(labels, np.int64), str(path))
+
+
+def _npz(path: Path, class_names: tuple[str, ...], split: str) -> LabelledSet:
+    with np.load(path, allow_pickle=False) as archive:
+        keys = set(archive.files)
+        if f"{split}_images" not in keys or f"{split}_labels" not in keys:
+            splits = sorted({k.rsplit("_", 1)[0] for k in keys if k.endswith("_images")})
+            raise InputError(f"{path.name} has no '{split}' split; it has {splits or 'none'}: choose one with --split")
+        images = archive[f"{split}_images"]
+        labels = archive[f"{split}_labels"]
+    labels = labels.reshape(len(labels), -1)
+    if labels.shape[1] != 1:
+        raise InputError(f"{path.name} has multi-label targets; evaluate supports one class per image")
+    labels = labels[:, 0].astype(np.int64)
+    if labels.min() < 0 or labels.max() >= len(class_names):
+        raise InputError(
+            f"{path.name} labels run {labels.min()}..{labels.max()} but the model has {len(class_names)} classes {list(class_names)}"
+        )
+    names = [f"{path.name}:{split}[{i}]" for i in range(len(images))]
+    return LabelledSet(names, list(images), labels, f"{path} ({split})")

@@ -37,18 +37,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.metadata as md
 import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+
+from _env import cpu_model, default_images, git_rev, version  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,36 +59,6 @@ MAKE_MODEL = (
     "python benchmarks/export_real_data.py --datasets malaria_cells_iml"
 )
 VARIANTS = ("edgedx", "edgedx_many", "monai_torch", "monai_ort")
-
-
-def default_images() -> Path:
-    data = Path(os.environ.get("EDGEDX_DATA", ROOT.parent / "shared" / "data"))
-    return data / "malaria_fields_iml" / "images"
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_rev() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def version(name: str) -> str:
-    try:
-        return md.version(name)
-    except md.PackageNotFoundError:
-        return "absent"
 
 
 def main() -> None:

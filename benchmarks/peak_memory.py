@@ -27,7 +27,6 @@ to benchmarks/results/peak_memory.jsonl.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata as md
 import json
 import os
 import platform
@@ -41,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _env import cpu_model, default_images, git_rev, version  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 ONNX = Path("/tmp/edgedx-real-export/malaria_cells_iml/model.onnx")
@@ -53,11 +54,6 @@ MiB = 1 << 20
 CASES = ("tiff_lazy", "array")
 
 
-def default_images() -> Path:
-    data = Path(os.environ.get("EDGEDX_DATA", ROOT.parent / "shared" / "data"))
-    return data / "malaria_fields_iml" / "images"
-
-
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
@@ -65,31 +61,6 @@ def peak_rss_bytes() -> int:
 def current_rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_rev() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def version(name: str) -> str:
-    try:
-        return md.version(name)
-    except md.PackageNotFoundError:
-        return "absent"
 
 
 # -- the cases, each in its own process ---------------------------------------------------------

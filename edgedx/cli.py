@@ -229,11 +229,13 @@ def export(
 
 @app.command()
 def diagnose(
-    model: Annotated[Path, typer.Option("--model", "-m", help="Exported .onnx/.ort model or TensorRT .engine.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Results file: .jsonl or .csv.")],
     inputs: Annotated[
         Optional[list[str]],
         typer.Argument(help="Image files, folders (recursive), globs, video files, camera:N or stream URLs."),
+    ] = None,
+    model: Annotated[
+        Optional[Path], typer.Option("--model", "-m", help="Exported .onnx/.ort model or TensorRT .engine (default: the bundled model).")
     ] = None,
     overlays: Annotated[Optional[Path], typer.Option(help="Write a heat-map overlay PNG per image into this folder.")] = None,
     maps: Annotated[Optional[Path], typer.Option(help="Write each image's per-tile probability map (.npy) into this folder.")] = None,
@@ -259,6 +261,11 @@ def diagnose(
     """Diagnose whole images with sliding crops; one record per input (or per video frame)."""
     from edgedx.runtime.batch import diagnose_hot_folder, diagnose_paths
 
+    if model is None:
+        from edgedx.runtime.bundled import DEFAULT_MODEL, bundled_model_path
+
+        model = bundled_model_path()
+        err_console.print(f"no --model given: using the bundled model {DEFAULT_MODEL} ({model.name}; research use, not a medical device; see edgedx models)")
     crop = {
         "aggregation": aggregation, "top_k": top_k, "tile_size": _pair(tile, "--tile"), "stride": _pair(stride, "--stride"),
         "scale": scale, "padding": padding, "min_foreground": min_foreground, "centre_weighting": centre_weighting,
@@ -311,6 +318,28 @@ def _band(text: str | None) -> tuple[float, float] | None:
     except ValueError:
         raise InputError(f"--refer-band must be LOW,HIGH (e.g. 0.3,0.7), got {text!r}") from None
     return low, high
+
+
+@app.command()
+def models() -> None:
+    """List the models bundled with EdgeDx and their cards (use one with diagnose, or leave out --model)."""
+    from edgedx.runtime.bundled import DEFAULT_MODEL, bundled_models
+
+    table = Table(title="bundled models", box=box.SIMPLE)
+    for col in ("name", "task", "classes", "input", "threshold", "validation", "MB", "file"):
+        table.add_column(col)
+    found = bundled_models()
+    for m in found:
+        card = m.card
+        metrics = card.metrics
+        shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("auc", "sensitivity", "specificity") if isinstance(metrics.get(k), (int, float)))
+        table.add_row(
+            m.name + (" (default)" if m.name == DEFAULT_MODEL else ""), card.task, ", ".join(card.class_names),
+            f"{card.input_size[1]}×{card.input_size[0]}", _fmt(card.threshold), shown or "—", f"{m.path.stat().st_size / 1e6:.1f}", str(m.path),
+        )
+    console.print(table)
+    for m in found:
+        console.print(f"{m.name}: {m.card.intended_use}")
 
 
 @app.command()

@@ -16,7 +16,7 @@ from conftest import run_edgedx
 from edgedx.cli import app
 
 runner = CliRunner()
-COMMANDS = ("train", "export", "diagnose", "evaluate", "bench", "demo")
+COMMANDS = ("train", "export", "diagnose", "evaluate", "bench", "demo", "models")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -276,3 +276,27 @@ def test_bad_diagnose_options_are_one_line_errors(tmp_path: Path) -> None:
     _assert_one_line_error(proc, "--refer-band must be LOW,HIGH", "'0.3'")
     proc = run_edgedx("diagnose", "--model", "m.onnx", "--out", str(tmp_path / "o.jsonl"))
     _assert_one_line_error(proc, "no inputs given", "--watch")
+
+
+def test_diagnose_without_model_uses_the_bundled_one_and_says_so() -> None:
+    from edgedx.runtime.bundled import bundled_model_path
+
+    fake = mock.MagicMock()
+    fake.return_value.n_failed = 0
+    fake.return_value.n_resumed = 0
+    fake.return_value.label_counts = {}
+    fake.return_value.seconds = 0.1
+    fake.return_value.overlays = ()
+    with mock.patch("edgedx.runtime.batch.diagnose_paths", fake):
+        result = runner.invoke(app, ["diagnose", "skin.jpg", "--out", "o.jsonl"])
+    assert result.exit_code == 0, result.output
+    assert fake.call_args.args[1] == bundled_model_path("isic_mel_nv")
+    assert "using the bundled model isic_mel_nv" in result.output and "not a medical device" in result.output
+
+
+def test_models_lists_the_bundled_model_with_its_card() -> None:
+    pytest.importorskip("onnxruntime")
+    result = runner.invoke(app, ["models"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "isic_mel_nv (default)" in result.output and "melanoma, nevus" in result.output
+    assert "not a medical device" in result.output and "auc 0.842" in result.output

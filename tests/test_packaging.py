@@ -32,5 +32,6 @@ def test_wheel_contains_every_module(tmp_path: Path) -> None:
     expected = {f"{target}/{p.name}" for folder, target in STAGES.items() for p in (ROOT / folder).glob("*.py")}
     assert expected - names == set()
     assert "edgedx/py.typed" in names
+    assert "edgedx/runtime/models/isic_mel_nv.fp16.onnx" in names  # the bundled default model ships
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "edgedx = edgedx.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()

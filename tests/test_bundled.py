@@ -1,0 +1,35 @@
+"""The bundled default model: a real, verified export with its card, usable with no training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+
+from edgedx.errors import InputError  # noqa: E402
+from edgedx.runtime import load_model  # noqa: E402
+from edgedx.runtime.bundled import DEFAULT_MODEL, bundled_model_path, bundled_models  # noqa: E402
+
+
+def test_the_default_model_is_bundled_with_a_complete_card() -> None:
+    [model] = [m for m in bundled_models() if m.name == DEFAULT_MODEL]
+    card = model.card
+    assert card.task == "binary" and card.class_names == ("melanoma", "nevus") and card.positive_class == "melanoma"
+    assert 0 < card.threshold < 1 and card.metrics["auc"] > 0.8
+    assert "not a medical device" in card.intended_use
+    assert model.path.stat().st_size < 10e6  # small enough to ship
+
+
+def test_the_default_model_diagnoses_an_odd_sized_image() -> None:
+    model = load_model(bundled_model_path())
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (237, 511, 3), dtype=np.uint8)
+    result = model.diagnose(image)
+    assert result.label in ("melanoma", "nevus") and result.n_crops >= 1
+    assert sum(result.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_an_unknown_bundled_name_lists_the_known_ones() -> None:
+    with pytest.raises(InputError, match="isic_mel_nv"):
+        bundled_model_path("chest")

@@ -153,7 +153,7 @@ class Model:
 
     def diagnose(self, image: np.ndarray | str | Path, *, crop: CropPolicy | Mapping[str, Any] | None = None) -> Diagnosis:
         """Diagnose one whole image (path or RGB array) with sliding crops."""
-        [(_, result)] = list(self.stream([(0, image)], crop=crop))
+        [(_, result)] = list(self.stream([(0, image)], crop=crop, prefetch=0))  # one image: no reader thread
         if isinstance(result, BaseException):
             raise result
         return result

@@ -147,6 +147,9 @@ def run_pass(model: Any, fields: list[str], images: Path, boxes: dict, crop: dic
     return {"fields": per_field, "seconds": time.perf_counter() - started, "kept": kept}
 
 
+FALSE_ALARMS_PER_FIELD = (0.5, 1, 2)
+
+
 def score_pass(run: dict[str, Any], policy: Any, card: Any) -> dict[str, Any]:
     threshold = 0.5 if card.threshold is None else card.threshold
     pos = card.positive_index
@@ -169,7 +172,19 @@ def score_pass(run: dict[str, Any], policy: Any, card: Any) -> dict[str, Any]:
             m = mask & f["used"]
             n_par += 1
             hit += bool(m.any() and np.nanmax(f["p"][m]) >= threshold)
+    # Parasites found at a fixed false-alarm rate: the threshold that lets through k negative tiles per field.
+    negatives = np.sort(p[~y])[::-1]
+    at_rate = {}
+    for per_field in FALSE_ALARMS_PER_FIELD:
+        k = min(len(negatives), int(per_field * len(fields)))
+        cut = float(negatives[k - 1]) if k else 1.0  # scores strictly above the k-th highest negative
+        found = sum(
+            bool((mask & f["used"]).any() and np.nanmax(f["p"][mask & f["used"]]) > cut)
+            for f in fields for mask in f["per_parasite"]
+        )
+        at_rate[str(per_field)] = {"threshold": cut, "parasites_found": int(found), "tile_sensitivity": float((p[y] > cut).mean()) if y.any() else None}
     tiles = {
+        "parasites_at_false_alarms_per_field": at_rate,
         "tiles_total": int(sum(len(f["p"]) for f in fields)),
         "tiles_used": int(sum(f["used"].sum() for f in fields)),
         "tiles_skipped": int(sum((~f["used"]).sum() for f in fields)),
@@ -317,6 +332,15 @@ def main() -> None:
         print(f"| min_foreground {fg:g}, scale {policy.scale:g} | {t['tiles_used']} / {t['tiles_skipped']} | {t['tile_positive']} / {t['tile_negative']} | "
               f"{fmt(t['tile_auc'])} | {fmt(t['tile_auc_clear_negatives'])} | {fmt(t['tile_sensitivity'])} / {fmt(t['tile_specificity'])} | "
               f"{t['parasites_found']} / {t['parasites']} | {seconds:.0f} |")
+    print("\nParasites found at a fixed false-alarm rate (false tiles per field; threshold chosen on these fields)\n")
+    print("| pass | " + " | ".join(f"{r} false/field: found (tile sens, threshold)" for r in FALSE_ALARMS_PER_FIELD) + " |")
+    print("|---|" + "---|" * len(FALSE_ALARMS_PER_FIELD))
+    for fg, policy, _, s in rows:
+        cells = []
+        for r in FALSE_ALARMS_PER_FIELD:
+            a = s["tiles"]["parasites_at_false_alarms_per_field"][str(r)]
+            cells.append(f"{a['parasites_found']} / {s['tiles']['parasites']} ({fmt(a['tile_sensitivity'])}, {a['threshold']:.3f})")
+        print(f"| min_foreground {fg:g}, scale {policy.scale:g} | " + " | ".join(cells) + " |")
     for fg, policy, _, s in rows:
         if s["tiles"]["tile_foreground_min"] is not None:
             print(f"min_foreground {fg:g}: tile foreground fraction min {s['tiles']['tile_foreground_min']:.3f}, 1st percentile {s['tiles']['tile_foreground_p1']:.3f}")

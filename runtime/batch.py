@@ -97,7 +97,7 @@ def diagnose_paths(
     loaded = _load(model, device, batch_size, crop, refer_band)
 
     def items() -> Iterator[_Item]:
-        for kind, value in _ordered(inputs, files, streams):
+        for kind, value in _ordered(files, streams):
             if kind == "file":
                 yield _Item(str(value), value, path=value)
             else:
@@ -179,7 +179,7 @@ def _split_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[str | 
     return files, streams
 
 
-def _ordered(inputs: Sequence[str | Path], files: list[Path], streams: list[str | int]) -> Iterator[tuple[str, Any]]:
+def _ordered(files: list[Path], streams: list[str | int]) -> Iterator[tuple[str, Any]]:
     """Still images first (expanded in input order), then the videos and cameras in input order."""
     for path in files:
         yield "file", path

@@ -216,7 +216,7 @@ def export_checkpoint(
             "n_labelled": 0 if labels is None else len(labels),
         },
         "calibration": calibration_info,
-        "versions": _versions(),
+        "versions": _versions(options),
         "card": card.to_dict(),
         "seconds": round(time.perf_counter() - started, 2),
     }
@@ -318,9 +318,11 @@ def _require_tensorrt() -> None:
     require(("tensorrt",), extra="trt", purpose="Building a TensorRT engine")
 
 
-def _versions() -> dict[str, str]:
+def _versions(options: ExportOptions) -> dict[str, str]:
+    """Versions of what built the artefacts (TensorRT only when it was used: importing it starts CUDA)."""
     found = {"torch": torch.__version__, "onnx": onnx.__version__}
-    for name in ("onnxruntime", "onnxslim", "tensorrt"):
+    used = ("onnxruntime", *(("onnxslim",) if options.simplify else ()), *(("tensorrt",) if options.engine else ()))
+    for name in used:
         try:
             module = __import__(name)
         except ImportError:

@@ -9,6 +9,7 @@ A user can give a folder instead (``--calibration DIR``, ``--verify-data DIR``).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -133,21 +134,24 @@ def _fit(rgb: np.ndarray, card: ModelCard) -> np.ndarray:
 
 def _reload_source(card: ModelCard):  # noqa: ANN202 - TrainingData, imported lazily
     """The run's data source, loaded the way training loaded it, or None if it is gone."""
-    from edgedx.training.sources import load_source
-
     summary = card.provenance.data_summary or {}
     source = summary.get("source")
     if not source:
         return None
     options = card.provenance.training or {}
+    columns = options.get("label_columns")
+    return _load_source_once(
+        str(source), options.get("label_column") or "label", tuple(columns) if columns else None, card.class_names, card.task
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def _load_source_once(source: str, label_column: str, label_columns: tuple[str, ...] | None, class_names: tuple[str, ...], task: str):  # noqa: ANN202
+    """Verification (val) and calibration (train) read the same source: load it once per export."""
+    from edgedx.training.sources import load_source
+
     try:
-        return load_source(
-            source,
-            label_column=options.get("label_column") or "label",
-            label_columns=options.get("label_columns"),
-            class_names=card.class_names,
-            task=card.task,
-        )
+        return load_source(source, label_column=label_column, label_columns=label_columns, class_names=class_names, task=task)
     except EdgeDxError as exc:
         log.warning("cannot reload the training data %s (%s)", source, exc)
         return None

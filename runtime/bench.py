@@ -12,6 +12,7 @@ recorded with the numbers.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -234,8 +235,6 @@ def artefact_precision(model: Model) -> str:
 
 def export_parity(path: Path) -> dict[str, Any] | None:
     """This artefact's parity from ``export_report.json`` beside it, if the export wrote one."""
-    import json
-
     report = path.parent / "export_report.json"
     if not report.is_file():
         return None

@@ -330,7 +330,7 @@ class TensorRTSession:
         if device not in DEVICES:
             raise ModelError(
                 f"a TensorRT engine runs only on an NVIDIA GPU, not on device {device!r}; "
-                "use the .onnx model for --device cpu"
+                "pass --device tensorrt to run it, or use the .onnx model for --device cpu"
             )
         trt = import_tensorrt("Running a TensorRT engine")
         cudart = import_cudart("Running a TensorRT engine")

@@ -20,6 +20,10 @@ class InputError(EdgeDxError):
     """A path, option or data set given by the user cannot be used."""
 
 
+class StreamLostError(InputError):
+    """A camera or stream stopped delivering frames and did not come back within its reconnect attempts."""
+
+
 class ImageReadError(EdgeDxError):
     """One image could not be read; batch commands record it and go on."""
 

@@ -33,6 +33,7 @@ from edgedx.export.precision import parse_precisions, to_fp16, to_int8
 from edgedx.export.preprocess_graph import embed_preprocessing
 from edgedx.export.samples import Samples, folder_samples, split_samples
 from edgedx.progress import ProgressFn, no_progress
+from edgedx.runtime.integrity import CHECKSUM_SUFFIX, atomic_write_bytes, write_checksum
 from edgedx.runtime.onnx_backend import OnnxSession
 from edgedx.training.checkpoint import build_model, file_sha256, load_checkpoint
 
@@ -133,6 +134,7 @@ def export_checkpoint(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(checkpoint).stem
+    _forget_previous_export(out, stem)
     steps = len(options.precisions) * (1 + options.mobile + options.engine) + 2
     done = 0
 
@@ -227,8 +229,11 @@ def export_checkpoint(
         for entry in data["artefacts"]:
             if entry["path"] == artefact.path.name:
                 entry["quarantined_as"] = quarantined.name
+    for artefact in artefacts:
+        if artefact.parity.passed:
+            write_checksum(artefact.path)  # the runtime refuses a copy that no longer matches
     report_path = out / REPORT_NAME
-    report_path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    atomic_write_bytes(report_path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
     step("report")
     if failed:
         lines = "; ".join(
@@ -237,6 +242,13 @@ def export_checkpoint(
         raise ParityError(f"{lines}; kept as *.failed for inspection, see {report_path}")
     log.info("exported %d artefacts to %s", len(artefacts), out)
     return ExportReport(onnx_path, report_path, data)
+
+
+def _forget_previous_export(out: Path, stem: str) -> None:
+    """Checksums and the report of an earlier export into ``out`` describe files about to be replaced."""
+    (out / REPORT_NAME).unlink(missing_ok=True)
+    for old in out.glob(f"{stem}*{CHECKSUM_SUFFIX}"):
+        old.unlink()
 
 
 def _fp32_graph(model: torch.nn.Module, card: ModelCard, options: ExportOptions, *, sha: str) -> tuple[onnx.ModelProto, dict[str, int], ModelCard]:

@@ -2,7 +2,8 @@
 
 A clinic must be able to show, months later, that a given result came from a
 given image and a given model. Each line is one JSON object with the sha256 of
-the input (file bytes, or frame pixels) and of the model file, the card's
+the input (file bytes, or frame pixels) and of the model file (with
+``names="hash"`` the file name is replaced by its sha256, for privacy), the card's
 schema version and provenance, the time in UTC and the result. Lines are
 appended, flushed and fsynced one by one; the log is never rewritten.
 """
@@ -20,14 +21,7 @@ import numpy as np
 
 from edgedx.card import ModelCard, now_iso
 from edgedx.errors import InputError
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+from edgedx.runtime.integrity import sha256_file
 
 
 def sha256_pixels(image: np.ndarray) -> str:
@@ -38,10 +32,16 @@ def sha256_pixels(image: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+NAME_MODES = ("path", "hash")
+
+
 class AuditLog:
     """Context manager appending one line per diagnosis to ``path``."""
 
-    def __init__(self, path: str | Path, model_path: str | Path, card: ModelCard) -> None:
+    def __init__(self, path: str | Path, model_path: str | Path, card: ModelCard, *, names: str = "path") -> None:
+        if names not in NAME_MODES:
+            raise InputError(f"unknown audit name mode {names!r}; choose path (file names) or hash (sha256 of each name, for privacy)")
+        self.names = names
         self.path = Path(path)
         self.model = str(model_path)
         self.model_sha256 = sha256_file(model_path) if Path(model_path).is_file() else None
@@ -60,7 +60,7 @@ class AuditLog:
         assert self._file is not None, "use AuditLog as a context manager"
         entry = {
             "time": now_iso(),
-            "input": record.get("input"),
+            **self._name(record.get("input")),
             "frame": record.get("frame"),
             "input_sha256": input_sha256,
             "model": self.model,
@@ -75,6 +75,12 @@ class AuditLog:
         self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
+
+    def _name(self, name: Any) -> dict[str, Any]:
+        """The input's name, or with ``names="hash"`` its sha256 (file names often carry patient names)."""
+        if self.names == "path" or name is None:
+            return {"input": name}
+        return {"input": None, "input_name_sha256": hashlib.sha256(str(name).encode("utf-8")).hexdigest()}
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self._file is not None:

@@ -10,11 +10,13 @@ repeating a record; ``audit`` appends a tamper-evident line per result.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,11 +26,14 @@ import numpy as np
 from edgedx.card import CropPolicy
 from edgedx.errors import EdgeDxError, ImageReadError, InputError
 from edgedx.progress import ProgressFn, no_progress
-from edgedx.runtime.audit import AuditLog, sha256_file, sha256_pixels
-from edgedx.runtime.feeds import RollingDecision, is_video_path, iter_frames, parse_stream_source, watch_folder
-from edgedx.runtime.image_io import read_image, write_image
+from edgedx.runtime.audit import AuditLog, sha256_pixels
+from edgedx.runtime.feeds import RollingDecision, is_video_path, iter_frames, parse_stream_source, redact_url, watch_folder
+from edgedx.runtime import image_io
+from edgedx.runtime.image_io import default_max_pixels, read_image, set_default_max_pixels, write_image
 from edgedx.runtime.inputs import expand_inputs
+from edgedx.runtime.integrity import atomic_path, sha256_file
 from edgedx.runtime.model import Diagnosis, Model, decide, load_model
+from edgedx.runtime.outputs import RunSettings, check_not_inputs, check_writable, prepare_records_file
 from edgedx.runtime.overlay import render_overlay
 from edgedx.runtime.records import RecordWriter, completed_inputs, empty_record, output_format
 
@@ -74,42 +79,69 @@ def diagnose_paths(
     overlays: str | Path | None = None,
     maps: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     audit: str | Path | None = None,
+    audit_names: str = "path",
     crop: CropPolicy | Mapping[str, Any] | None = None,
     refer_band: tuple[float, float] | None = None,
     every: int = 1,
     window: int = 5,
     max_frames: int | None = None,
+    reconnect: int = 5,
+    max_pixels: int | None = None,
     progress: ProgressFn = no_progress,
 ) -> DiagnoseSummary:
     """Diagnose every input and write ``out`` (.jsonl or .csv).
 
-    Inputs, the output suffix and the model are checked before any image is
-    read. Videos and cameras give one record per ``every``-th frame, with a
-    rolling decision over the last ``window`` frames. ``maps`` writes each
-    image's per-tile probability map as ``.npy``; ``overlays`` as a heat-map PNG.
+    Inputs, outputs and the model are checked before any image is read: the
+    output folders must be writable with room left and never an input. Running
+    the same command again continues ``out`` (each input keeps exactly one
+    record; see :mod:`edgedx.runtime.outputs`); ``overwrite`` starts it again.
+    Videos and cameras give one record per ``every``-th frame, with a rolling
+    decision over the last ``window`` frames; a camera or stream that fails gets
+    a record saying so. ``maps`` writes each image's per-tile probability map
+    as ``.npy``; ``overlays`` as a heat-map PNG. ``audit_names="hash"`` keeps
+    file names out of the audit log (their sha256 instead). A camera or stream
+    that drops is reopened up to ``reconnect`` times with back-off; images over
+    ``max_pixels`` are refused from their header (default: see
+    :func:`edgedx.runtime.image_io.default_max_pixels`).
     """
     out = Path(out)
     output_format(out)
+    if max_pixels is None:
+        default_max_pixels()  # a bad EDGEDX_MAX_IMAGE_PIXELS fails now, not at the first image
     files, streams = _split_inputs(inputs)
     if every < 1 or window < 1:
         raise InputError(f"--every and --window must be at least 1, got {every} and {window}")
+    folders = [Path(str(raw)) for raw in inputs if Path(str(raw)).is_dir()]
+    _check_outputs(out, overlays, maps, audit, files, folders)
     loaded = _load(model, device, batch_size, crop, refer_band)
+    settings = {"every": every, "window": window}
+    resume = prepare_records_file(out, _run_settings(loaded, model, settings), _mode(resume, overwrite))
+    sole_stream = len(streams) == 1 and not files
 
     def items() -> Iterator[_Item]:
         for kind, value in _ordered(files, streams):
             if kind == "file":
                 yield _Item(str(value), value, path=value)
-            else:
-                for frame in iter_frames(value, every=every, max_frames=max_frames):
+                continue
+            frames = 0
+            try:
+                for frame in iter_frames(value, every=every, max_frames=max_frames, reconnect=reconnect):
+                    frames += 1
                     yield _Item(f"{frame.source}#frame={frame.index}", frame.image, frame=frame.index, time_s=round(frame.time_s, 3), stream=frame.source)
+            except InputError as exc:  # a camera/stream that cannot open or is lost: say so, go on with the rest
+                if sole_stream and frames == 0:
+                    raise
+                yield _Item(_stream_label(value), exc, stream=_stream_label(value))
 
     total = len(files) if not streams else 0
     live = any(isinstance(s, int) or "://" in str(s) for s in streams)  # cameras and streams: no waiting for a full batch
-    return _run(
-        items(), loaded, model, out, total=total, overlays=overlays, maps=maps, resume=resume, audit=audit,
-        window=window, progress=progress, live=live,
-    )
+    with pixel_limit(max_pixels):
+        return _run(
+            items(), loaded, model, out, total=total, overlays=overlays, maps=maps, resume=resume, audit=audit,
+            audit_names=audit_names, window=window, progress=progress, live=live,
+        )
 
 
 def diagnose_hot_folder(
@@ -122,11 +154,13 @@ def diagnose_hot_folder(
     overlays: str | Path | None = None,
     maps: str | Path | None = None,
     audit: str | Path | None = None,
+    audit_names: str = "path",
     crop: CropPolicy | Mapping[str, Any] | None = None,
     refer_band: tuple[float, float] | None = None,
     poll_s: float = 1.0,
     settle_s: float = 2.0,
     idle_timeout_s: float | None = None,
+    max_pixels: int | None = None,
     stop: threading.Event | None = None,
     progress: ProgressFn = no_progress,
 ) -> DiagnoseSummary:
@@ -141,7 +175,9 @@ def diagnose_hot_folder(
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"hot folder not found: {folder}; create it or point --watch at the scanner's output folder")
+    _check_outputs(out, overlays, maps, audit, [], [folder])
     loaded = _load(model, device, batch_size, crop, refer_band)
+    prepare_records_file(out, _run_settings(loaded, model, {"watch": True}), "resume")
     state = out.with_name(out.name + ".watch-state.jsonl")
 
     def items() -> Iterator[_Item]:
@@ -149,16 +185,67 @@ def diagnose_hot_folder(
             yield _Item(str(path), path, path=path)
 
     # one image at a time: a hot folder wants each result as soon as its file lands
-    return _run(
-        items(), loaded, model, out, total=0, overlays=overlays, maps=maps, resume=True, audit=audit, window=1,
-        progress=progress, prefetch=0, live=True,
-    )
+    with pixel_limit(max_pixels):
+        return _run(
+            items(), loaded, model, out, total=0, overlays=overlays, maps=maps, resume=True, audit=audit,
+            audit_names=audit_names, window=1, progress=progress, prefetch=0, live=True,
+        )
 
 
 def _load(model: str | Path | Model, device: str, batch_size: int, crop: CropPolicy | Mapping[str, Any] | None, refer_band: tuple[float, float] | None) -> Model:
     if isinstance(model, Model):
         return model
     return load_model(model, device=device, batch_size=batch_size, crop=crop, refer_band=refer_band)
+
+
+@contextmanager
+def pixel_limit(max_pixels: int | None) -> Iterator[None]:
+    """Apply a per-run decode limit to every image read during the run, then restore the previous one."""
+    if max_pixels is None:
+        yield
+        return
+    previous = image_io._max_pixels_override
+    set_default_max_pixels(max_pixels)
+    try:
+        yield
+    finally:
+        image_io._max_pixels_override = previous
+
+
+def _check_outputs(out: Path, overlays: str | Path | None, maps: str | Path | None, audit: str | Path | None, files: list[Path], folders: list[Path]) -> None:
+    """Every place this run writes is writable, has room, and is not an input (before the model loads)."""
+    targets = {"--out": out, "--overlays": _path(overlays), "--maps": _path(maps), "--audit": _path(audit)}
+    check_not_inputs(targets, files, folders)
+    for option, target in targets.items():
+        if target is not None:
+            check_writable(target, option, is_folder=option in ("--overlays", "--maps"))
+
+
+def _path(value: str | Path | None) -> Path | None:
+    return None if value is None else Path(value)
+
+
+def _mode(resume: bool, overwrite: bool) -> str:
+    if resume and overwrite:
+        raise InputError("--resume continues the results file and --overwrite replaces it: give one of them")
+    return "overwrite" if overwrite else "resume" if resume else "auto"
+
+
+def _run_settings(model: Model, model_ref: str | Path | Model, extra: Mapping[str, Any]) -> RunSettings:
+    """The model's bytes and every setting that shapes a record (crop policy, threshold, refer band)."""
+    path = Path(model_ref) if not isinstance(model_ref, Model) else getattr(model.session, "path", None)
+    sha = sha256_file(path) if path is not None and Path(path).is_file() else None
+    settings = {
+        "crop": dataclasses.asdict(model.crop), "threshold": model.card.threshold,
+        "refer_band": list(model.refer_band) if model.refer_band else None, **extra,
+    }
+    return RunSettings(sha, settings)
+
+
+def _stream_label(source: str | int) -> str:
+    if isinstance(source, int):
+        return f"camera:{source}"
+    return redact_url(source) if "://" in source else source
 
 
 def _split_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[str | int]]:
@@ -199,6 +286,7 @@ def _run(
     resume: bool,
     audit: str | Path | None,
     window: int,
+    audit_names: str = "path",
     progress: ProgressFn,
     prefetch: int = 4,
     live: bool = False,
@@ -225,7 +313,7 @@ def _run(
             yield k, item.image
 
     model_path = model_ref if not isinstance(model_ref, Model) else getattr(model.session, "path", "")
-    audit_log = AuditLog(audit, model_path, card) if audit is not None else None
+    audit_log = AuditLog(audit, model_path, card, names=audit_names) if audit is not None else None
     with RecordWriter(out, card.class_names, append=resume) as writer:
         if audit_log is not None:
             audit_log.__enter__()
@@ -251,9 +339,9 @@ def _run(
                             log.warning("no overlay for %s: %s", item.name, exc)
                     if map_dir is not None:
                         _write_map(map_dir, item, result)
-                writer.write(record)
-                if audit_log is not None:
+                if audit_log is not None:  # audit first: a kill in between repeats an audit line, never loses one
                     audit_log.append(record, input_sha256=_input_sha(item))
+                writer.write(record)
                 n += 1
                 progress("diagnose", n + resumed, total)
         finally:
@@ -286,6 +374,8 @@ def _rolling(rolling: dict[str, RollingDecision], stream: str, result: Diagnosis
 
 
 def _input_sha(item: _Item) -> str | None:
+    if isinstance(item.image, BaseException):
+        return None
     try:
         return sha256_file(item.path) if item.path is not None else sha256_pixels(item.image)
     except OSError:
@@ -311,7 +401,8 @@ def _write_map(folder: Path, item: _Item, result: Diagnosis) -> Path:
     sliding = result.sliding
     rows, cols = sliding.grid.shape
     target = folder / f"{_stem(item)}.tilemap.npy"
-    np.save(target, sliding.tile_probabilities.reshape(rows, cols, -1).astype(np.float32))
+    with atomic_path(target) as tmp, tmp.open("wb") as f:
+        np.save(f, sliding.tile_probabilities.reshape(rows, cols, -1).astype(np.float32))
     return target
 
 
@@ -323,7 +414,9 @@ def _write_overlay(folder: Path, item: _Item, result: Diagnosis, model: Model, t
     image = read_image(item.path) if item.path is not None else item.image
     target = _unique(folder, _stem(item), ".overlay.png", taken)
     heat = render_overlay(image, result.sliding, index, caption, weighting=model.crop.centre_weighting)
-    return write_image(target, heat)
+    with atomic_path(target) as tmp:
+        write_image(tmp, heat)
+    return target
 
 
 def _top_label(result: Diagnosis) -> str:

@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 from edgedx.runtime.image_io import is_image_path, to_rgb_uint8
 
-from edgedx.errors import InputError
+from edgedx.errors import EdgeDxError, InputError, StreamLostError
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm", ".m
 STREAM_SCHEMES = ("rtsp://", "http://", "https://", "udp://")
 CAMERA_PREFIXES = ("camera:", "cam:")
 TEMP_SUFFIXES = (".tmp", ".part", ".crdownload")
+BACKOFF_FIRST_S = 0.5  # wait before the first reconnect attempt; doubles each failed attempt
+BACKOFF_CAP_S = 8.0  # longest wait between attempts
 
 
 # -- video files, cameras and streams ------------------------------------------------------
@@ -96,22 +98,57 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
+@dataclass
+class FeedStats:
+    """What one camera, stream or video delivered; pass one to :func:`iter_frames` to watch it fill.
+
+    Updated as frames flow, so a caller can read it mid-run (a status page) as
+    well as after the iterator ends or raises.
+    """
+
+    source: str = ""
+    frames_read: int = 0  # grabbed from the source, including those skipped by ``every``
+    frames_yielded: int = 0
+    decode_failures: int = 0  # grabbed but not decodable: skipped, no reconnect
+    reconnects: int = 0  # times the source came back after a loss
+    reconnect_attempts: int = 0  # reopenings tried, successful or not
+    seconds_disconnected: float = 0.0  # from a failed grab (or open) to the next frame, summed
+    size_changes: int = 0  # frames whose size differs from the previous frame's
+
+
+def backoff_delays(attempts: int, *, first_s: float = BACKOFF_FIRST_S, cap_s: float = BACKOFF_CAP_S) -> list[float]:
+    """The waits before reconnect attempts 1..n: 0.5, 1, 2, 4, 8, 8, ... s (no jitter: logs and tests can predict them)."""
+    return [min(cap_s, first_s * 2.0**k) for k in range(attempts)]
+
+
 def iter_frames(
     source: str | Path | int,
     *,
     every: int = 1,
     max_frames: int | None = None,
+    reconnect: int = 5,
+    timeout_s: float = 10.0,
+    stats: FeedStats | None = None,
 ) -> Iterator[Frame]:
     """Yield every ``every``-th frame of a video file, camera or stream, as RGB.
 
     ``source`` is a file path, a camera index (int, or ``camera:0``/``cam:0``) or a
     stream URL (``rtsp://``, ``http(s)://``, ``udp://``). Skipped frames are only
     grabbed, not decoded, so ``every=10`` on a 30 fps camera costs little.
-    ``max_frames`` caps the frames yielded (None: to the end of the file, or until
-    the camera/stream stops delivering).
+    ``max_frames`` caps the frames yielded (None: to the end of the file; a
+    camera or stream runs until it is lost).
+
+    A camera or stream that stops delivering (a cable pulled, a network drop) is
+    released and reopened after 0.5, 1, 2, 4, 8, 8, ... s (:func:`backoff_delays`),
+    and frame indices continue where they left off. After ``reconnect``
+    consecutive failed attempts (0: none) it raises :class:`StreamLostError`.
+    A frame that fails to decode is counted and skipped. Streams are opened with
+    ``timeout_s`` as FFmpeg's open and read timeout, so a dead address cannot hang
+    the reader. ``stats`` (a :class:`FeedStats`) is updated as frames flow.
 
     Arguments and a missing file are checked at call time; a source that OpenCV
-    cannot open raises :class:`InputError` on the first ``next()``.
+    cannot open raises :class:`InputError` on the first ``next()`` (for cameras
+    and streams, after the reconnect attempts).
     """
     if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
         raise InputError(f"every={every!r}: must be a positive integer (1 keeps every frame, 5 every fifth)")
@@ -119,8 +156,13 @@ def iter_frames(
         isinstance(max_frames, bool) or not isinstance(max_frames, numbers.Integral) or max_frames < 1
     ):
         raise InputError(f"max_frames={max_frames!r}: must be a positive integer, or None for no limit")
+    if isinstance(reconnect, bool) or not isinstance(reconnect, numbers.Integral) or reconnect < 0:
+        raise InputError(f"reconnect={reconnect!r}: must be 0 or more attempts (0 gives up at the first lost frame)")
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real) or not (0 < timeout_s < math.inf):
+        raise InputError(f"timeout_s={timeout_s!r}: must be a positive number of seconds, e.g. 10")
     target, label, kind = _resolve_source(source)
-    return _frames(target, label, kind, int(every), None if max_frames is None else int(max_frames))
+    feed = _Feed(target, label, kind, int(reconnect), float(timeout_s), stats if stats is not None else FeedStats())
+    return feed.frames(int(every), None if max_frames is None else int(max_frames))
 
 
 def _resolve_source(source: str | Path | int) -> tuple[str | int, str, str]:
@@ -164,48 +206,192 @@ def _open_hint(label: str, kind: str) -> str:
     )
 
 
-def _frames(target: str | int, label: str, kind: str, every: int, max_frames: int | None) -> Iterator[Frame]:
-    capture = cv2.VideoCapture(target)
-    try:
-        if not capture.isOpened():
-            raise InputError(_open_hint(label, kind))
-        fps = capture.get(cv2.CAP_PROP_FPS)
-        fps = fps if math.isfinite(fps) and fps > 0 else 0.0
-        log.info("reading %s (%s, %.3g fps, every %d frame(s))", label, capture.getBackendName(), fps, every)
-        started = time.monotonic()
-        index = -1
-        yielded = 0
-        while max_frames is None or yielded < max_frames:
-            if not capture.grab():
-                break
-            index += 1
-            if index % every:
-                continue
-            ok, raw = capture.retrieve()
-            if not ok or raw is None:
-                log.warning("%s: frame %d could not be decoded; skipped", label, index)
-                continue
-            time_s = _frame_time(capture, index, fps, started, kind)
-            yield Frame(index=index, time_s=time_s, image=to_rgb_uint8(raw, bgr=True), source=label)
-            yielded += 1
-        if index < 0 and kind == "file":
-            raise InputError(_open_hint(label, kind) + "; no frame could be decoded")
-        if kind != "file" and (max_frames is None or yielded < max_frames):
-            log.warning("%s stopped delivering frames after %d frame(s)", label, index + 1)
-        log.info("%s: %d frame(s) read, %d yielded", label, index + 1, yielded)
-    finally:
-        capture.release()
+def _lost_hint(kind: str) -> str:
+    if kind == "camera":
+        return "check the camera's cable and power, that no other program took it over, and the kernel log (dmesg) for USB resets"
+    return "check that the stream is still running, the network path to it (ping the host), and the streaming device's logs"
 
 
-def _frame_time(capture: cv2.VideoCapture, index: int, fps: float, started: float, kind: str) -> float:
-    """The container's timestamp when it has one, else index/fps, else (live sources) wall-clock time."""
+# Seams for tests: a fake capture, and a clock that sleeping advances instead of waiting.
+_sleep: Callable[[float], None] = time.sleep
+_clock: Callable[[], float] = time.monotonic
+
+
+def _open_capture(target: str | int, kind: str, timeout_s: float) -> cv2.VideoCapture:
+    """Open ``target``; streams through FFmpeg with open/read timeouts so a dead address cannot hang.
+
+    FFmpeg refuses to open when given a parameter it does not support, so the
+    timeouts go only to FFmpeg. Cameras (V4L2 on Linux) give up on a silent
+    device by themselves after ``OPENCV_VIDEOIO_V4L_SELECT_TIMEOUT`` (10 s by default).
+    """
+    if kind == "stream" and cv2.videoio_registry.hasBackend(cv2.CAP_FFMPEG):
+        ms = max(1, round(timeout_s * 1000))
+        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
+        return cv2.VideoCapture(target, cv2.CAP_FFMPEG, params)
+    return cv2.VideoCapture(target)
+
+
+class _Feed:
+    """One source being read: the open capture, the reconnect budget and the running statistics."""
+
+    def __init__(self, target: str | int, label: str, kind: str, reconnect: int, timeout_s: float, stats: FeedStats) -> None:
+        self.target, self.label, self.kind = target, label, kind
+        self.live = kind != "file"
+        self.reconnect = reconnect
+        self.timeout_s = timeout_s
+        self.stats = stats
+        stats.source = label
+        self.capture: cv2.VideoCapture | None = None
+        self._failed_attempts = 0  # consecutive reconnect attempts without a frame
+        self._session_frames = 0  # frames grabbed since the capture was last opened
+
+    def frames(self, every: int, max_frames: int | None) -> Iterator[Frame]:
+        stats = self.stats
+        index = -1  # the source's frame number, kept across reconnects
+        shape: tuple[int, ...] | None = None
+        lost_at: float | None = None  # when the frames stopped, while reconnecting
+        try:
+            self.capture = _open_capture(self.target, self.kind, self.timeout_s)
+            if not self.capture.isOpened():
+                if not self.live:
+                    raise InputError(_open_hint(self.label, self.kind))
+                lost_at = _clock()
+                self._reopen(lost_at, index)
+            fps = self.capture.get(cv2.CAP_PROP_FPS)
+            fps = fps if math.isfinite(fps) and fps > 0 else 0.0
+            log.info("reading %s (%s, %.3g fps, every %d frame(s))", self.label, self.capture.getBackendName(), fps, every)
+            started = _clock()
+            while max_frames is None or stats.frames_yielded < max_frames:
+                if not self.capture.grab():
+                    if not self.live or self._finished():
+                        break
+                    if lost_at is None:
+                        lost_at = _clock()
+                        log.warning("%s stopped delivering frames after %d frame(s); reconnecting", self.label, index + 1)
+                    self._reopen(lost_at, index)
+                    continue
+                if lost_at is not None:
+                    self._back(lost_at)
+                    lost_at = None
+                index += 1
+                stats.frames_read += 1
+                self._session_frames += 1
+                if index % every:
+                    continue
+                image = self._decode(index)
+                if image is None:
+                    continue
+                if shape is not None and image.shape != shape:
+                    stats.size_changes += 1
+                    log.log(
+                        logging.WARNING if stats.size_changes <= 3 else logging.DEBUG,
+                        "%s: frame %d is %dx%d, the previous frame was %dx%d",
+                        self.label, index, image.shape[1], image.shape[0], shape[1], shape[0],
+                    )
+                shape = image.shape
+                time_s = _clock() - started if self.live else _file_time(self.capture, index, fps)
+                stats.frames_yielded += 1  # before the yield: a caller reading stats mid-run sees this frame
+                yield Frame(index=index, time_s=time_s, image=image, source=self.label)
+            if index < 0 and not self.live:
+                raise InputError(_open_hint(self.label, self.kind) + "; no frame could be decoded")
+        finally:
+            if lost_at is not None:  # lost for good (or the caller stopped while reconnecting)
+                stats.seconds_disconnected += _clock() - lost_at
+            if self.capture is not None:
+                self.capture.release()
+            log.info(
+                "%s: %d frame(s) read, %d yielded, %d not decodable, %d reconnect(s), %.1f s disconnected, %d size change(s)",
+                self.label, stats.frames_read, stats.frames_yielded, stats.decode_failures, stats.reconnects,
+                stats.seconds_disconnected, stats.size_changes,
+            )
+
+    def _finished(self) -> bool:
+        """A stream that is really a file (``http://.../clip.mp4``) ends after its frame count; reopening would replay it.
+
+        Live streams report no frame count (0 or less), so they always reconnect.
+        """
+        assert self.capture is not None
+        count = self.capture.get(cv2.CAP_PROP_FRAME_COUNT)
+        if self.kind == "stream" and math.isfinite(count) and count > 0 and self._session_frames >= count:
+            log.info("%s ended after its %d frame(s) (a finite stream, not reconnected)", self.label, int(count))
+            return True
+        return False
+
+    def _decode(self, index: int) -> np.ndarray | None:
+        """The grabbed frame as RGB, or None (counted) when it cannot be decoded."""
+        assert self.capture is not None
+        ok, raw = self.capture.retrieve()
+        try:
+            if ok and raw is not None and raw.size:
+                return to_rgb_uint8(raw, bgr=True)
+            reason = "the decoder returned nothing"
+        except EdgeDxError as exc:  # e.g. an unexpected pixel layout from a camera driver
+            reason = str(exc)
+        self.stats.decode_failures += 1
+        log.warning("%s: frame %d could not be decoded (%s); skipped", self.label, index, reason)
+        return None
+
+    def _reopen(self, lost_at: float, index: int) -> None:
+        """Release, wait, reopen until the source opens; raise once ``reconnect`` attempts in a row failed.
+
+        An attempt also fails when the source opens but its first grab does not
+        deliver; the caller then comes back here and the back-off carries on.
+        """
+        assert self.capture is not None
+        self.capture.release()
+        attempt = self._failed_attempts
+        while True:
+            if attempt >= self.reconnect:
+                self._give_up(lost_at, index, attempt)
+            delay = backoff_delays(attempt + 1)[-1]
+            attempt += 1
+            log.warning(
+                "%s: %s; reconnect attempt %d/%d in %.3g s",
+                self.label, "no frame yet" if index < 0 else f"no frame since frame {index}", attempt, self.reconnect, delay,
+            )
+            _sleep(delay)
+            self.stats.reconnect_attempts += 1
+            self.capture = _open_capture(self.target, self.kind, self.timeout_s)
+            if self.capture.isOpened():
+                self._failed_attempts = attempt  # until a frame arrives, this attempt counts as failed
+                self._session_frames = 0
+                return
+            self.capture.release()
+
+    def _back(self, lost_at: float) -> None:
+        """A frame arrived after a loss: count the reconnection and reset the back-off."""
+        away = _clock() - lost_at
+        self.stats.reconnects += 1
+        self.stats.seconds_disconnected += away
+        log.info("%s is back after %.1f s (%d attempt(s))", self.label, away, self._failed_attempts)
+        self._failed_attempts = 0
+
+    def _give_up(self, lost_at: float, index: int, attempts: int) -> None:
+        """Raise: InputError with the opening hint when no frame ever came, else StreamLostError."""
+        seconds = _clock() - lost_at
+        if index < 0:
+            raise InputError(
+                f"{_open_hint(self.label, self.kind)} (no frame in {attempts + 1} attempt(s) over {seconds:.1f} s; "
+                "reconnect=N sets how many retries)"
+            )
+        tried = (
+            f"{attempts} reconnect attempt(s) over {seconds:.1f} s failed"
+            if attempts
+            else "no reconnection was tried (reconnect=0)"
+        )
+        raise StreamLostError(
+            f"{self.label} stopped delivering frames after {index + 1} frame(s) and did not come back: {tried}; "
+            f"{_lost_hint(self.kind)}, then start again (reconnect=N allows more attempts, up to {BACKOFF_CAP_S:.0f} s apart)"
+        )
+
+
+def _file_time(capture: cv2.VideoCapture, index: int, fps: float) -> float:
+    """The container's timestamp when it has one, else index/fps, else 0."""
     msec = capture.get(cv2.CAP_PROP_POS_MSEC)
     if math.isfinite(msec) and (msec > 0 or (index == 0 and msec == 0)):
         return msec / 1000.0
-    if fps > 0 and kind == "file":
+    if fps > 0:
         return index / fps
-    if kind != "file":
-        return time.monotonic() - started
     return 0.0
 
 

@@ -115,6 +115,19 @@ def resolve_crop(base: CropPolicy, override: CropPolicy | Mapping[str, Any] | No
         raise InputError(str(exc).replace("model card field", "crop setting")) from None
 
 
+def check_tile_fits(policy: CropPolicy, card: ModelCard) -> None:
+    """A crop larger than the model input would be shrunk before the model sees it: objects would look
+    smaller than in training, and the result would be wrong without any error. Refuse it and name the fix."""
+    (th, tw), (ih, iw) = policy.tile_size, card.input_size
+    if th > ih or tw > iw:
+        factor = max(th / ih, tw / iw)
+        raise InputError(
+            f"tile {th}×{tw} is larger than the model input {ih}×{iw}: each crop would be shrunk {factor:.3g}× "
+            f"and objects would look smaller than in training; keep the tile at most {ih}×{iw} and use "
+            f"--scale {policy.scale / factor:.3g} to cover more of the image per crop instead"
+        )
+
+
 class Model:
     """Thread-safe: it holds no per-call state and ONNX Runtime's ``run`` is thread-safe.
 
@@ -141,6 +154,7 @@ class Model:
         self.card = session.card
         self.batch_size = batch_size
         self.crop = resolve_crop(self.card.crop, crop)
+        check_tile_fits(self.crop, self.card)
         self.refer_band = check_refer_band(refer_band, self.card)
         self.top_k = max(1, min(top_k, self.card.n_classes))
         providers = getattr(session, "providers", [])
@@ -209,9 +223,10 @@ class Model:
                 yield outcome.key, outcome.error  # type: ignore[misc]
                 continue
             assert outcome.result is not None
-            yield outcome.key, self._diagnosis(outcome.result, {"read": round(ms, 2), "diagnose": round(outcome.seconds * 1000, 2)})
+            yield outcome.key, self.to_diagnosis(outcome.result, {"read": round(ms, 2), "diagnose": round(outcome.seconds * 1000, 2)})
 
-    def _diagnosis(self, sliding: SlidingResult, timings: dict[str, float]) -> Diagnosis:
+    def to_diagnosis(self, sliding: SlidingResult, timings: dict[str, float]) -> Diagnosis:
+        """Merged tiles → the decision, refer band and top-k (shared by the local and Ray engines)."""
         card = self.card
         probs = sliding.probabilities
         label = decide(probs, card)
@@ -263,6 +278,8 @@ def _load(image: Any) -> tuple[Any, float]:
             if isinstance(loaded, ArraySource):
                 loaded = loaded.image  # in memory anyway: resample once and slice (exact, fastest)
         elif isinstance(image, ImageRegionSource):
+            loaded = image
+        elif isinstance(image, EdgeDxError):  # an input that failed upstream (a lost camera) keeps its error
             loaded = image
         else:
             loaded = to_rgb_uint8(np.asarray(image))

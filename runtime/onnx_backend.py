@@ -16,6 +16,7 @@ import numpy as np
 
 from edgedx.card import ONNX_METADATA_KEY, ModelCard
 from edgedx.errors import CardError, MissingDependencyError, ModelError
+from edgedx.runtime.integrity import verify_model_file
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class OnnxSession:
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelError(f"model file not found: {self.path}")
+        verify_model_file(self.path)
         providers = resolve_providers(device, ort.get_available_providers())
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -90,7 +92,10 @@ class OnnxSession:
                 str(self.path), sess_options=options, providers=provider_options(providers, self.path)
             )
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
-            raise ModelError(f"{self.path}: not a loadable ONNX model ({str(exc).splitlines()[0]})") from None
+            raise ModelError(
+                f"{self.path}: not a loadable ONNX model ({str(exc).splitlines()[0][:200]}); the file may be truncated "
+                "or not an ONNX file: copy it again from the export folder or re-export it with edgedx export"
+            ) from None
         active = self.session.get_providers()
         if providers[0] not in active:
             raise ModelError(

@@ -70,24 +70,38 @@ class RecordWriter:
 
     def write(self, record: dict[str, Any]) -> None:
         assert self._file is not None, "use RecordWriter as a context manager"
-        if self.format == "jsonl":
-            self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        else:
-            probs = record.get("probabilities") or {}
-            timings = record.get("timings_ms") or {}
-            row = {
-                **{k: record.get(k) for k in CSV_COLUMNS},
-                "label": _cell(record.get("label")),
-                "decision": _cell(record.get("decision")),
-                "read_ms": timings.get("read"),
-                "diagnose_ms": timings.get("diagnose"),
-            }
-            self._csv.writerow([("" if row[k] is None else row[k]) for k in CSV_COLUMNS] + [probs.get(n, "") for n in self.class_names])
-        self._file.flush()
+        try:
+            if self.format == "jsonl":
+                self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            else:
+                self._csv.writerow(self._row(record))
+            self._file.flush()
+        except OSError as exc:  # disk full, share gone: stop with the path; finished records stay on disk
+            raise InputError(
+                f"cannot write results to {self.path}: {exc.strerror or exc}; the records written so far are kept — "
+                "free space (or fix the location) and run the same command again to continue"
+            ) from None
+
+    def _row(self, record: dict[str, Any]) -> list[Any]:
+        probs = record.get("probabilities") or {}
+        timings = record.get("timings_ms") or {}
+        row = {
+            **{k: record.get(k) for k in CSV_COLUMNS},
+            "label": _cell(record.get("label")),
+            "decision": _cell(record.get("decision")),
+            "read_ms": timings.get("read"),
+            "diagnose_ms": timings.get("diagnose"),
+        }
+        return [("" if row[k] is None else row[k]) for k in CSV_COLUMNS] + [probs.get(n, "") for n in self.class_names]
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        if self._file is not None:
+        if self._file is None:
+            return
+        try:
             self._file.close()
+        except OSError as error:  # the data that failed to flush is the record already reported
+            if exc is None:
+                raise InputError(f"cannot write results to {self.path}: {error.strerror or error}") from None
 
 
 def _cell(value: Any) -> Any:

@@ -232,6 +232,10 @@ def aggregate(
     p = np.asarray(tile_probabilities, dtype=np.float64)
     if p.ndim != 2 or p.shape[0] == 0:
         raise ValueError(f"expected (n_tiles >= 1, C) probabilities, got shape {p.shape}")
+    if activation not in ("softmax", "sigmoid"):
+        raise ValueError(f"unknown activation {activation!r}; expected softmax or sigmoid")
+    if positive_index is not None and not (p.shape[1] == 2 and positive_index in (0, 1)):
+        raise ValueError(f"positive_index {positive_index!r} needs two-class probabilities, got {p.shape[1]} classes")
     how = policy.aggregation
     if how == "mean":
         return p.mean(axis=0)
@@ -364,8 +368,9 @@ def sliding_window_many(
         state.foreground = np.ones(grid.n_tiles)
         for index, (y, x) in enumerate(grid.positions()):
             tile = state.reader.tile(y, x)  # type: ignore[union-attr]
-            if policy.min_foreground > 0:
-                state.foreground[index] = foreground_fraction(tile[None], state.reader.background)[0]  # type: ignore[union-attr]
+            if policy.min_foreground > 0:  # judged on the image's own pixels, never on edge padding
+                vh, vw = min(tile.shape[0], grid.height - y), min(tile.shape[1], grid.width - x)
+                state.foreground[index] = foreground_fraction(tile[None, :vh, :vw], state.reader.background)[0]  # type: ignore[union-attr]
                 if state.foreground[index] < policy.min_foreground:
                     continue
             state.used[index] = True
@@ -432,6 +437,11 @@ def coverage_map(grid: TileGrid, values: np.ndarray, *, weighting: str = "none")
     pixels covered by no used tile are NaN. ``weighting="gaussian"`` blends
     overlapping tiles with more weight at each tile's centre.
     """
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    if len(values) != grid.n_tiles:
+        raise ValueError(f"{len(values)} values for a grid of {grid.n_tiles} tiles")
+    if weighting not in ("none", "gaussian"):
+        raise ValueError(f"unknown weighting {weighting!r}; expected none or gaussian")
     total = np.zeros((grid.height, grid.width), np.float64)
     count = np.zeros((grid.height, grid.width), np.float64)
     th, tw = grid.tile

@@ -35,6 +35,7 @@ import numpy as np
 
 from edgedx.card import ModelCard, now_iso, sidecar_path
 from edgedx.errors import CardError, MissingDependencyError, ModelError
+from edgedx.runtime.integrity import atomic_write_bytes, verify_model_file
 from edgedx.runtime.onnx_backend import check_input_matches_card
 
 log = logging.getLogger(__name__)
@@ -149,19 +150,6 @@ def _check_build_block(build: Any, where: Path) -> dict[str, Any]:
             f"rebuild with: {REBUILD}"
         )
     return dict(build)
-
-
-def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
-    """Write to a temporary file beside ``path`` and rename it, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise ModelError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 # -- what this machine has ------------------------------------------------------------
@@ -338,6 +326,7 @@ class TensorRTSession:
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelError(f"engine file not found: {self.path}")
+        verify_model_file(self.path)
         self.card, self.build = read_sidecar(self.path)
         gpu, capability = current_gpu()
         check_engine_compatible(self.build, trt.__version__, gpu, capability, self.path)

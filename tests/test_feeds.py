@@ -105,7 +105,7 @@ def test_non_video_file_and_folder_are_input_errors(tmp_path: Path) -> None:
 
 def test_unopenable_camera_says_what_to_check() -> None:
     with pytest.raises(InputError) as info:
-        list(iter_frames("camera:97"))
+        list(iter_frames("camera:97", reconnect=0))  # retries: tests/test_feeds_reconnect.py
     text = str(info.value)
     assert "camera:97" in text and "index" in text and "permission" in text
 

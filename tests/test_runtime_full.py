@@ -259,3 +259,26 @@ def test_flush_each_gives_each_result_before_the_next_image_arrives() -> None:
     batched = sliding_window_many(source(), brightness_model, policy(), batch_size=8)
     arrived.clear()
     assert next(batched).key == "a" and arrived == ["a", "b"]  # without it, tiles wait for a full batch
+
+
+@pytest.mark.parametrize("pad_value", [0, 128, 235])
+def test_edge_padding_never_counts_as_foreground(pad_value: int) -> None:
+    """A 20-px-high strip: each tile is mostly padding. Stained pixels decide, not the padding colour."""
+    image = np.full((20, 128, 3), 235, np.uint8)
+    image[:, :32] = (200, 40, 90)
+    crop = policy(tile_size=(32, 32), stride=(32, 32), min_foreground=0.5, pad_value=pad_value)
+    result = sliding_window_predict(image, lambda b: np.tile([0.5, 0.5], (len(b), 1)), crop)
+    np.testing.assert_allclose(result.foreground, [1.0, 0.0, 0.0, 0.0])
+    assert result.used.tolist() == [True, False, False, False]
+
+
+def test_coverage_map_and_aggregate_refuse_mismatched_inputs() -> None:
+    grid = plan_tiles(64, 64, policy(tile_size=(32, 32), stride=(32, 32)))
+    with pytest.raises(ValueError, match="2 values for a grid of 4 tiles"):
+        coverage_map(grid, np.ones(2))
+    with pytest.raises(ValueError, match="unknown weighting 'gausian'"):
+        coverage_map(grid, np.ones(4), weighting="gausian")
+    with pytest.raises(ValueError, match="unknown activation 'sigmod'"):
+        aggregate(np.full((3, 2), 0.5), policy(), activation="sigmod")
+    with pytest.raises(ValueError, match="positive_index 1 needs two-class"):
+        aggregate(np.full((3, 3), 1 / 3), policy(aggregation="max"), positive_index=1)

@@ -6,7 +6,7 @@ with ``weights_only=True`` (no pickled code runs when a checkpoint is opened).
 
 from __future__ import annotations
 
-import hashlib
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from torch import nn
 
 from edgedx.card import ModelCard
 from edgedx.errors import CardError, ModelError
+from edgedx.runtime.integrity import sha256_file as file_sha256  # noqa: F401  (re-exported for export/)
 
 FORMAT = "edgedx-checkpoint"
 FORMAT_VERSION = 1
@@ -46,15 +47,32 @@ def save_checkpoint(path: str | Path, card: ModelCard, state_dict: dict[str, tor
     return path
 
 
+def safe_torch_load(path: Path, what: str) -> Any:
+    """``torch.load`` that never runs pickled code: tensors, dicts, lists and numbers only.
+
+    A file carrying pickled objects (which could execute anything on load) is
+    refused with a message saying so, not with torch's internals.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" in str(exc).lower() or "weights_only" in str(exc):
+            raise ModelError(
+                f"{path}: refused — this {what} contains pickled Python objects, which could run code when "
+                "opened, and EdgeDx loads tensors only. Use a checkpoint written by edgedx train, or save plain "
+                "weights with torch.save(model.state_dict(), ...) or safetensors"
+            ) from None
+        raise ModelError(f"{path}: not a readable {what} ({str(exc).splitlines()[0][:160]})") from None
+    except Exception as exc:  # truncated or foreign files raise various zip/EOF errors
+        raise ModelError(f"{path}: not a readable {what}; the file may be truncated ({str(exc).splitlines()[0][:160]})") from None
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint`; errors say what is wrong with the file."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated or foreign files raise various pickle/zip errors
-        raise ModelError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0][:160]})") from None
+    payload = safe_torch_load(path, "checkpoint")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelError(
             f"{path} is not an EdgeDx checkpoint (no model card inside); train one with: edgedx train DATA --out RUN_DIR"
@@ -80,9 +98,3 @@ def build_model(checkpoint: Checkpoint) -> nn.Module:
     return model.eval()
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

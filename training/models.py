@@ -108,10 +108,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError and friends for unsafe/corrupt files
-        raise ModelError(f"{path}: not a plain state_dict file ({str(exc).splitlines()[0]})") from None
+    from edgedx.training.checkpoint import safe_torch_load
+
+    obj = safe_torch_load(path, "weights file")
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from contextlib import contextmanager
 from collections.abc import Iterator
@@ -112,6 +113,7 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last.pt.")] = False,
     folds: Annotated[Optional[int], typer.Option(help="Patient-level k-fold cross-validation: one run per fold, mean ± sd.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for the split, initialisation and augmentation.")] = 0,
+    nproc: Annotated[int, typer.Option(help="Data-parallel processes (DDP: gloo on CPU, one GPU each with nccl); --batch-size stays the global batch.")] = 1,
 ) -> None:
     """Fine-tune a classifier on labelled images; writes RUN_DIR/model.pt with its model card."""
     from edgedx.training.train import TrainConfig
@@ -126,16 +128,28 @@ def train(
         positive_class=positive_class, label_column=label_column, label_columns=_split_names(labels),
         class_names=_split_names(class_names), device=device, strict=strict, resume=resume, seed=seed,
     )
+    from edgedx.training.distributed import is_main, launch_train
+
     if folds is not None:
-        with progress_bar() as progress:
-            cv = cross_validate(data, out, config, folds=folds, progress=progress)
+        if nproc != 1:
+            cv = launch_train(data, out, config, nproc=nproc, folds=folds)
+        else:
+            with progress_bar() as progress:
+                cv = cross_validate(data, out, config, folds=folds, progress=progress)
+        if not is_main():  # under torchrun every process runs this command; rank 0 reports
+            return
         for key in ("accuracy", "balanced_accuracy", "macro_auc", "sensitivity", "specificity"):
             if cv.summary.get(key):
                 console.print(f"{key}: {cv.summary[key]['mean']:.3f} ± {cv.summary[key]['sd']:.3f} over {folds} folds")
         console.print(f"per-fold runs and cv_summary.json: {Path(out)}")
         return
-    with progress_bar() as progress:
-        result = run_train(data, out, config, progress=progress)
+    if nproc != 1:
+        result = launch_train(data, out, config, nproc=nproc)
+    else:
+        with progress_bar() as progress:
+            result = run_train(data, out, config, progress=progress)
+    if not is_main():
+        return
     m = result.card.metrics
     line = f"best epoch {result.best_epoch}: val accuracy {_fmt(m.get('accuracy'))}, balanced accuracy {_fmt(m.get('balanced_accuracy'))}, AUC {_fmt(m.get('macro_auc'))}"
     if result.card.task == "binary":
@@ -229,7 +243,7 @@ def export(
 
 @app.command()
 def diagnose(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Results file: .jsonl or .csv.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Results file: .jsonl or .csv (--engine ray: a folder of shards named *.jsonl or *.parquet).")],
     inputs: Annotated[
         Optional[list[str]],
         typer.Argument(help="Image files, folders (recursive), globs, video files, camera:N or stream URLs."),
@@ -241,8 +255,10 @@ def diagnose(
     maps: Annotated[Optional[Path], typer.Option(help="Write each image's per-tile probability map (.npy) into this folder.")] = None,
     device: Device = "cpu",
     batch_size: Annotated[int, typer.Option(help="Crops per inference call (tiles of several images share a batch).")] = 32,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run: keep OUT's records, skip their inputs.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue OUT even without its .run.json (running the same command again continues it anyway).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start OUT again instead of continuing it.")] = False,
     audit: Annotated[Optional[Path], typer.Option(help="Append-only audit log (JSON Lines): input and model sha256, card, time, result.")] = None,
+    audit_names: Annotated[str, typer.Option(help="Audit log names inputs by: path, or hash (sha256 of the name, for privacy).")] = "path",
     refer_band: Annotated[Optional[str], typer.Option(help="LOW,HIGH: binary results with p(positive) in [LOW, HIGH) are 'refer'.")] = None,
     aggregation: Annotated[Optional[str], typer.Option(help="Override the card: mean, mean_logits, max, top_k_mean, noisy_or.")] = None,
     top_k: Annotated[Optional[int], typer.Option(help="Tiles averaged by top_k_mean.")] = None,
@@ -255,8 +271,12 @@ def diagnose(
     every: Annotated[int, typer.Option(help="Videos and cameras: diagnose every N-th frame.")] = 1,
     window: Annotated[int, typer.Option(help="Videos and cameras: rolling decision over the last N diagnosed frames.")] = 5,
     max_frames: Annotated[Optional[int], typer.Option(help="Videos and cameras: stop after N diagnosed frames.")] = None,
+    reconnect: Annotated[int, typer.Option(help="Cameras and streams: reopen a dropped source up to N times (back-off 0.5 s doubling to 8 s); 0 fails at once.")] = 5,
+    max_pixels: Annotated[Optional[int], typer.Option(help="Refuse images above this many pixels, read from the header before decoding (default 250 million or $EDGEDX_MAX_IMAGE_PIXELS).")] = None,
     watch: Annotated[Optional[Path], typer.Option(help="Hot folder: diagnose each image dropped here, once, when complete (Ctrl-C stops).")] = None,
     idle_timeout: Annotated[Optional[float], typer.Option(help="With --watch: stop after this many seconds without a new image.")] = None,
+    engine: Annotated[str, typer.Option(help="local (this process) or ray (Ray Data: parallel reading, a pool of model actors; still images only; needs 'edgedx[ray]').")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="--engine ray: the cluster (auto, or ray://HOST:10001); default: a local Ray on this machine.")] = None,
 ) -> None:
     """Diagnose whole images with sliding crops; one record per input (or per video frame)."""
     from edgedx.runtime.batch import diagnose_hot_folder, diagnose_paths
@@ -272,14 +292,30 @@ def diagnose(
     }
     crop = {k: v for k, v in crop.items() if v is not None} or None
     band = _band(refer_band)
-    if watch is not None:
+    _check_engine(engine, address, {
+        "--watch": watch is not None, "--resume": resume, "--overlays": overlays is not None, "--maps": maps is not None,
+        "--audit": audit is not None, "--every/--window/--max-frames": (every, window, max_frames) != (1, 5, None),
+        "--max-pixels": max_pixels is not None,
+    })
+    if engine == "ray":
+        from edgedx.runtime.ray_engine import diagnose_ray
+
+        if not inputs:
+            raise InputError("no inputs given; name image files, folders or globs")
+        with progress_bar() as progress:
+            summary = diagnose_ray(
+                inputs, model, out, address=address, device=device, batch_size=batch_size, crop=crop, refer_band=band,
+                overwrite=overwrite, progress=progress,
+            )
+    elif watch is not None:
         if inputs:
             raise InputError("give either inputs or --watch FOLDER, not both")
         console.print(f"watching {watch} (Ctrl-C to stop) → {out}")
         with progress_bar() as progress:
             summary = diagnose_hot_folder(
                 watch, model, out, device=device, batch_size=batch_size, overlays=overlays, maps=maps, audit=audit,
-                crop=crop, refer_band=band, idle_timeout_s=idle_timeout, progress=progress,
+                audit_names=audit_names, crop=crop, refer_band=band, idle_timeout_s=idle_timeout, max_pixels=max_pixels,
+                progress=progress,
             )
     else:
         if not inputs:
@@ -287,7 +323,8 @@ def diagnose(
         with progress_bar() as progress:
             summary = diagnose_paths(
                 inputs, model, out, device=device, batch_size=batch_size, overlays=overlays, maps=maps, resume=resume,
-                audit=audit, crop=crop, refer_band=band, every=every, window=window, max_frames=max_frames, progress=progress,
+                overwrite=overwrite, audit=audit, audit_names=audit_names, crop=crop, refer_band=band, every=every, window=window, max_frames=max_frames,
+                reconnect=reconnect, max_pixels=max_pixels, progress=progress,
             )
     counts = ", ".join(f"{n} {label}" for label, n in sorted(summary.label_counts.items())) or "none"
     resumed = f", {summary.n_resumed} already done" if summary.n_resumed else ""
@@ -297,6 +334,19 @@ def diagnose(
     if summary.n_failed:
         err_console.print(f"error: {summary.n_failed} of {summary.n_inputs} inputs could not be read; see the 'error' field in {summary.out}")
         raise typer.Exit(1)
+
+
+def _check_engine(engine: str, address: str | None, local_only: dict[str, bool]) -> None:
+    """--engine ray runs still images through Ray Data; options only the local engine has are refused by name."""
+    if engine not in ("local", "ray"):
+        raise InputError(f"--engine must be local or ray, got {engine!r}")
+    if engine == "local":
+        if address is not None:
+            raise InputError("--address names a Ray cluster: add --engine ray, or leave out --address")
+        return
+    given = [option for option, used in local_only.items() if used]
+    if given:
+        raise InputError(f"{', '.join(given)} work only with the local engine: leave out --engine ray, or leave out {given[0]}")
 
 
 def _pair(text: str | None, option: str) -> tuple[int, int] | None:
@@ -510,14 +560,24 @@ def _fmt(value: object) -> str:
 
 def main() -> None:
     """Entry point: the one place EdgeDx errors become a one-line message and exit code 1."""
+    signal.signal(signal.SIGTERM, _stop)  # a service stop ends like Ctrl-C: files closed, records kept
+    signal.signal(signal.SIGINT, _stop)
     try:
         app()
     except EdgeDxError as exc:
         err_console.print(f"error: {exc}", style="red", soft_wrap=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        err_console.print("interrupted")
+    except (_Stopped, KeyboardInterrupt):
+        err_console.print("interrupted: everything finished so far is saved; run the same command again to continue")
         sys.exit(130)
+
+
+class _Stopped(BaseException):
+    """Ctrl-C or SIGTERM. Not a KeyboardInterrupt, which click swallows with a silent exit: the user must hear how to go on."""
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise _Stopped(signum)
 
 
 if __name__ == "__main__":

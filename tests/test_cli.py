@@ -61,6 +61,23 @@ def test_train_passes_options_through() -> None:
     assert "val accuracy 0.900" in result.output and "no patient ids" in result.output
 
 
+def test_train_nproc_hands_the_run_to_the_launcher() -> None:
+    from edgedx.training.train import TrainConfig
+
+    fake = mock.MagicMock()
+    fake.return_value.card.metrics = {"accuracy": 0.75, "balanced_accuracy": 0.7, "macro_auc": 0.8}
+    fake.return_value.card.task = "multiclass"
+    fake.return_value.summary = {}
+    fake.return_value.skipped = ()
+    single = mock.MagicMock()
+    with mock.patch("edgedx.training.distributed.launch_train", fake), mock.patch("edgedx.training.train.train", single):
+        result = runner.invoke(app, ["train", "data", "--out", "run", "--nproc", "2", "--batch-size", "16", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    fake.assert_called_once_with(Path("data"), Path("run"), TrainConfig(batch_size=16, device="cpu"), nproc=2)
+    single.assert_not_called()
+    assert "val accuracy 0.750" in result.output
+
+
 def test_export_passes_options_through(tmp_path: Path) -> None:
     from edgedx.export.pipeline import ExportOptions
 
@@ -107,7 +124,8 @@ def test_diagnose_passes_options_through() -> None:
     assert result.exit_code == 0, result.output
     fake.assert_called_once_with(
         ["a.png", "scans/*.jpg"], Path("m.onnx"), Path("o.csv"), device="cuda", batch_size=8, overlays=None, maps=None,
-        resume=False, audit=None, crop=None, refer_band=None, every=1, window=5, max_frames=None, progress=mock.ANY,
+        resume=False, overwrite=False, audit=None, audit_names="path", crop=None, refer_band=None, every=1, window=5,
+        max_frames=None, reconnect=5, max_pixels=None, progress=mock.ANY,
     )
 
 
@@ -124,7 +142,8 @@ def test_diagnose_passes_crop_overrides_feeds_and_audit() -> None:
             ["diagnose", "smear.avi", "camera:0", "--model", "m.engine", "--out", "o.jsonl", "--resume", "--audit", "audit log.jsonl",
              "--refer-band", "0.3,0.7", "--aggregation", "top_k_mean", "--top-k", "5", "--tile", "64", "--stride", "32,48",
              "--scale", "0.78", "--padding", "reflect", "--min-foreground", "0.2", "--centre-weighting", "gaussian",
-             "--every", "10", "--window", "3", "--max-frames", "50", "--maps", "maps"],
+             "--every", "10", "--window", "3", "--max-frames", "50", "--maps", "maps", "--audit-names", "hash",
+             "--reconnect", "2", "--max-pixels", "1000000"],
         )
     assert result.exit_code == 0, result.output
     crop = {
@@ -133,10 +152,39 @@ def test_diagnose_passes_crop_overrides_feeds_and_audit() -> None:
     }
     fake.assert_called_once_with(
         ["smear.avi", "camera:0"], Path("m.engine"), Path("o.jsonl"), device="cpu", batch_size=32, overlays=None,
-        maps=Path("maps"), resume=True, audit=Path("audit log.jsonl"), crop=crop, refer_band=(0.3, 0.7), every=10,
-        window=3, max_frames=50, progress=mock.ANY,
+        maps=Path("maps"), resume=True, overwrite=False, audit=Path("audit log.jsonl"), audit_names="hash", crop=crop,
+        refer_band=(0.3, 0.7), every=10, window=3, max_frames=50, reconnect=2, max_pixels=1000000, progress=mock.ANY,
     )
     assert "3 already done" in result.output
+
+
+def test_diagnose_engine_ray_calls_diagnose_ray_and_refuses_local_only_options() -> None:
+    fake = mock.MagicMock()
+    fake.return_value.n_failed = 0
+    fake.return_value.n_resumed = 0
+    fake.return_value.label_counts = {"a": 3}
+    fake.return_value.seconds = 2.0
+    fake.return_value.overlays = ()
+    with mock.patch("edgedx.runtime.ray_engine.diagnose_ray", fake), mock.patch("edgedx.runtime.batch.diagnose_paths") as local:
+        result = runner.invoke(
+            app,
+            ["diagnose", "scans", "--model", "m.onnx", "--out", "shards.parquet", "--engine", "ray", "--address", "ray://head:10001",
+             "--device", "cuda", "--batch-size", "16", "--tile", "64", "--refer-band", "0.3,0.7", "--overwrite"],
+        )
+        assert result.exit_code == 0, result.output
+        fake.assert_called_once_with(
+            ["scans"], Path("m.onnx"), Path("shards.parquet"), address="ray://head:10001", device="cuda", batch_size=16,
+            crop={"tile_size": (64, 64)}, refer_band=(0.3, 0.7), overwrite=True, progress=mock.ANY,
+        )
+        for extra, named in ((["--resume"], "--resume"), (["--overlays", "ov"], "--overlays"), (["--audit", "a.jsonl"], "--audit"),
+                             (["--every", "5"], "--every"), (["--watch", "in"], "--watch")):
+            refused = runner.invoke(app, ["diagnose", "scans", "--model", "m.onnx", "--out", "o.jsonl", "--engine", "ray", *extra])
+            assert refused.exit_code != 0 and named in str(refused.exception) and "local engine" in str(refused.exception)
+        wrong = runner.invoke(app, ["diagnose", "scans", "--model", "m.onnx", "--out", "o.jsonl", "--address", "auto"])
+        assert wrong.exit_code != 0 and "--engine ray" in str(wrong.exception)
+        unknown = runner.invoke(app, ["diagnose", "scans", "--model", "m.onnx", "--out", "o.jsonl", "--engine", "spark"])
+        assert unknown.exit_code != 0 and "'spark'" in str(unknown.exception)
+    assert fake.call_count == 1 and local.call_count == 0
 
 
 def test_diagnose_watch_calls_the_hot_folder_loop() -> None:
@@ -151,7 +199,7 @@ def test_diagnose_watch_calls_the_hot_folder_loop() -> None:
     assert result.exit_code == 0, result.output
     fake.assert_called_once_with(
         Path("scanner out"), Path("m.onnx"), Path("o.jsonl"), device="cpu", batch_size=32, overlays=None, maps=None,
-        audit=None, crop=None, refer_band=None, idle_timeout_s=60.0, progress=mock.ANY,
+        audit=None, audit_names="path", crop=None, refer_band=None, idle_timeout_s=60.0, max_pixels=None, progress=mock.ANY,
     )
 
 

@@ -34,6 +34,7 @@ from edgedx.errors import ImageReadError, InputError
 from edgedx.progress import ProgressFn, no_progress
 from edgedx.runtime.metrics import classification_metrics, threshold_for_sensitivity
 from edgedx.runtime.preprocess import preprocess_batch, resize_to, to_probabilities
+from edgedx.training import distributed
 from edgedx.training.augment import PRESETS, augment
 from edgedx.training.checkpoint import save_checkpoint
 from edgedx.training.losses import IMBALANCE_MODES, TaskLoss, balanced_order, class_weights, loss_shares
@@ -194,9 +195,22 @@ def train(
     ``split.json``, ``metrics.json``, ``summary.json`` and, unless disabled,
     plots and Grad-CAM overlays. ``fold=(i, k)`` trains on fold ``i`` of a
     patient-level k-fold split instead (see :func:`cross_validate`).
+
+    Under ``torchrun`` (or ``edgedx train --nproc N``, see
+    :mod:`edgedx.training.distributed`) every process calls this: training is
+    data-parallel, ``config.batch_size`` is the global batch, only rank 0 writes
+    files, and every rank returns rank 0's result.
     """
     config.validate()
     check_arch(config.arch)
+    with distributed.session(resolve_device(config.device)) as ctx:
+        distributed.check_batch(config.batch_size, ctx.world)
+        return _train(ctx, data, Path(out), config, fold=fold, progress=progress if ctx.is_main else no_progress)
+
+
+def _train(
+    ctx: distributed.Context, data: str | Path, out: Path, config: TrainConfig, *, fold: tuple[int, int] | None, progress: ProgressFn
+) -> TrainResult:
     source = load_source(
         data,
         label_column=config.label_column,
@@ -206,11 +220,11 @@ def train(
     )
     task = source.task
     positive = pick_positive_class(source.class_names, config.positive_class) if task == "binary" else None
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
+    main = ctx.is_main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    device = ctx.device
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
 
     class_names = source.class_names
     model = create_model(config.arch, len(class_names))
@@ -228,13 +242,15 @@ def train(
             f"only one class has readable images in {data_.source} (none readable for: {', '.join(empty)}); "
             "a classifier needs at least two"
         )
+    # Every rank computes the same patient-level split from the seed; only training batches are sharded.
     if fold is None:
         splits = split_indices(data_, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed)
     else:
         fold_train, fold_val = kfold_indices(data_, fold[1], seed=config.seed)[fold[0]]
         splits = {"train": fold_train, "val": fold_val}
     check_no_leakage(data_, splits)
-    save_splits(out / "split.json", data_, splits, seed=config.seed)
+    if main:
+        save_splits(out / "split.json", data_, splits, seed=config.seed)
     train_idx, val_idx = splits["train"], splits["val"]
     if len(val_idx) == 0:
         raise InputError("the validation split is empty; raise --val-fraction or add images")
@@ -243,7 +259,7 @@ def train(
     pretrained = weights_used != "none"
     backbone_factor = config.backbone_lr_factor if config.backbone_lr_factor is not None else (0.1 if pretrained else 1.0)
     trainable = apply_strategy(model, strategy)
-    model.to(device)
+    model = distributed.prepare_model(model, ctx).to(device)
     weights = class_weights(targets[train_idx], task, len(class_names)) if config.imbalance == "weighted" else None
     loss_fn = TaskLoss(task, weights).to(device)
     eval_loss = TaskLoss(task, weights)  # on CPU, where validation logits are gathered
@@ -275,7 +291,9 @@ def train(
             },
             split_seed=config.seed,
             weights=weights_used,
-            training={**_jsonable(asdict(config)), "strategy": str(strategy), "backbone_lr_factor": backbone_factor},
+            training={
+                **_jsonable(asdict(config)), "strategy": str(strategy), "backbone_lr_factor": backbone_factor, "world_size": ctx.world,
+            },
         ),
     )
 
@@ -297,10 +315,13 @@ def train(
     if config.resume:
         if not last.is_file():
             raise InputError(f"nothing to resume: {last} does not exist; run without --resume to start")
-        state = _restore(last, model, optimizer, scheduler, scaler, rng, config)
+        state = _restore(last, model, optimizer, scheduler, scaler, config)
         if config.schedule == "cosine":
             scheduler.T_max = config.epochs * steps_per_epoch  # a resumed run may have been given more epochs
-        log.info("resumed after epoch %d", state.epoch)
+        if main:
+            log.info("resumed after epoch %d", state.epoch)
+    _seed_dropout(config.seed, ctx.rank, state.epoch)
+    stepper = distributed.wrap(model, ctx)  # DDP averages gradients; ``model`` stays the plain module that is saved
 
     checkpoint = out / CHECKPOINT_NAME
     total_steps = config.epochs * steps_per_epoch
@@ -308,31 +329,36 @@ def train(
         started = time.perf_counter()
         model.train()
         freeze_batchnorm_of_frozen(model, trainable)
-        order = balanced_order(targets[train_idx], task, rng) if config.imbalance == "sampler" else rng.permutation(len(train_idx))
+        epoch_rng = np.random.default_rng([config.seed, epoch])  # identical on every rank, and on resume
+        order = balanced_order(targets[train_idx], task, epoch_rng) if config.imbalance == "sampler" else epoch_rng.permutation(len(train_idx))
         order = train_idx[order]
         running, seen = 0.0, 0
-        for b in range(steps_per_epoch):
-            idx = order[b * config.batch_size : (b + 1) * config.batch_size]
-            if len(idx) < 2 and len(order) > 1:  # batch norm cannot train on a single sample
+        for b, (start, whole, idx) in enumerate(distributed.rank_batches(order, config.batch_size, ctx.rank, ctx.world)):
+            if len(idx) < 2 and len(order) > 1:  # batch norm cannot train on a single sample (equal on every rank)
                 continue
-            batch = np.stack([augment(decoded.images[i], config.augmentation, rng) for i in idx])
+            positions = start + ctx.rank + ctx.world * np.arange(len(idx))  # place in the global batch order
+            batch = np.stack([_augment(decoded.images[i], config, epoch, p) for i, p in zip(idx, positions)])
             x = torch.from_numpy(preprocess_batch(batch, card)).to(device)
             target = _target_tensor(targets[idx], task).to(device)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                loss = loss_fn(model(x), target)
+                loss = loss_fn(stepper(x), target)
+            share = _batch_share(targets[idx], targets[whole], task, weights) if ctx.distributed else 1.0
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            # DDP averages gradients over ranks: scaled like this, the average is the whole global batch's gradient.
+            scaler.scale(loss * (share * ctx.world) if ctx.distributed else loss).backward()
             scaler.step(optimizer)
             scaler.update()
             if config.schedule == "cosine":
                 scheduler.step()
-            running += loss.item() * len(idx)
-            seen += len(idx)
+            running += loss.item() * share * len(whole)
+            seen += len(whole)
             step = (epoch - 1) * steps_per_epoch + b + 1
             progress("train", step, total_steps, f"epoch {epoch}/{config.epochs} loss {running / seen:.3f}")
-        val_loss, probs = predict(model, decoded.images, targets, val_idx, card, config.batch_size, device, eval_loss)
+        running = ctx.sum(running)  # the global batches' mean losses, whatever the number of ranks
+        distributed.average_buffers(model, ctx)
+        val_loss, probs = _evaluate(ctx, model, decoded.images, targets, val_idx, card, config.batch_size, eval_loss)
         metrics = score(targets[val_idx], probs, card)
-        monitored = -val_loss if config.monitor == "loss" else _monitored(metrics, config.monitor)
+        monitored = ctx.broadcast(-val_loss if config.monitor == "loss" else _monitored(metrics, config.monitor))
         if config.schedule == "plateau":
             scheduler.step(monitored)
         row = {
@@ -348,52 +374,60 @@ def train(
         }
         state.history.append(row)
         progress("train", epoch * steps_per_epoch, total_steps, f"epoch {epoch}/{config.epochs} val {config.monitor} {monitored:+.3f}")
-        log.info("epoch %d: %s", epoch, row)
+        if main:
+            log.info("epoch %d: %s", epoch, row)
         if state.best_score is None or monitored > state.best_score:
             state.best_score, state.best_epoch, state.since_best = monitored, epoch, 0
             state.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            save_checkpoint(checkpoint, card.replace(metrics={"split": "val", "epoch": epoch, **_headline(metrics)}), state.best_state, epoch=epoch)
+            if main:
+                save_checkpoint(checkpoint, card.replace(metrics={"split": "val", "epoch": epoch, **_headline(metrics)}), state.best_state, epoch=epoch)
         else:
             state.since_best += 1
         state.epoch = epoch
-        _save_last(last, model, optimizer, scheduler, scaler, rng, state)
+        if main:
+            _save_last(last, model, optimizer, scheduler, scaler, state)
         if config.patience is not None and state.since_best >= config.patience:
-            log.info("early stopping after epoch %d: no %s improvement for %d epochs", epoch, config.monitor, config.patience)
+            if main:
+                log.info("early stopping after epoch %d: no %s improvement for %d epochs", epoch, config.monitor, config.patience)
             state.stopped_early = True
             break
 
     # The best epoch's weights: choose the operating threshold on validation data.
     model.load_state_dict(state.best_state)
-    _, val_probs = predict(model, decoded.images, targets, val_idx, card, config.batch_size, device, eval_loss)
+    _, val_probs = _evaluate(ctx, model, decoded.images, targets, val_idx, card, config.batch_size, eval_loss)
     final = operating_point(targets[val_idx], val_probs, card, config.target_sensitivity)
     card = card.replace(threshold=final["threshold"], metrics={"split": "val", "epoch": state.best_epoch, **final["card_metrics"]})
-    save_checkpoint(checkpoint, card, state.best_state, epoch=state.best_epoch)
     report: dict[str, Any] = {"best_epoch": state.best_epoch, "stopped_early": state.stopped_early, "val": final["metrics"], "history": state.history}
     if len(splits.get("test", [])):
-        _, test_probs = predict(model, decoded.images, targets, splits["test"], card, config.batch_size, device, eval_loss)
+        _, test_probs = _evaluate(ctx, model, decoded.images, targets, splits["test"], card, config.batch_size, eval_loss)
         report["test"] = score(targets[splits["test"]], test_probs, card, threshold=card.threshold)
-    (out / "metrics.json").write_text(json.dumps(_jsonable(report), indent=2) + "\n", encoding="utf-8")
-    (out / "card.json").write_text(card.to_json() + "\n", encoding="utf-8")
-
-    summary = {
-        "data": data_.source,
-        "task": task,
-        "class_counts_train": {n: c for n, c in zip(class_names, _counts(targets[train_idx], task, len(class_names)))},
-        "loss_shares": loss_shares(targets[train_idx], task, class_names, weights),
-        "imbalance": config.imbalance,
-        "splits": split_summary(data_, splits),
-        "skipped": decoded.skipped,
-        "weights": weights_used,
-        "strategy": str(strategy),
-        "trainable_parameters": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
-        "device": str(device),
-    }
-    if config.plots:
-        _write_plots(out, state.history, targets[val_idx], val_probs, card, final, config.monitor)
-    if config.gradcam_samples:
-        summary["gradcam"] = [str(p) for p in _write_gradcam(out, model, decoded, val_idx, card, config.gradcam_samples)]
-    (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n", encoding="utf-8")
-    return TrainResult(checkpoint, card, state.best_epoch, final["metrics"], state.history, tuple(decoded.skipped), summary)
+    result = None
+    if main:  # the other ranks wait for rank 0's result below
+        save_checkpoint(checkpoint, card, state.best_state, epoch=state.best_epoch)
+        (out / "metrics.json").write_text(json.dumps(_jsonable(report), indent=2) + "\n", encoding="utf-8")
+        (out / "card.json").write_text(card.to_json() + "\n", encoding="utf-8")
+        summary = {
+            "data": data_.source,
+            "task": task,
+            "class_counts_train": {n: c for n, c in zip(class_names, _counts(targets[train_idx], task, len(class_names)))},
+            "loss_shares": loss_shares(targets[train_idx], task, class_names, weights),
+            "imbalance": config.imbalance,
+            "splits": split_summary(data_, splits),
+            "skipped": decoded.skipped,
+            "weights": weights_used,
+            "strategy": str(strategy),
+            "trainable_parameters": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
+            "device": str(device),
+            "world_size": ctx.world,
+            "batch_norm": "synchronised" if ctx.synced_batchnorm else ("per process" if ctx.distributed else "single process"),
+        }
+        if config.plots:
+            _write_plots(out, state.history, targets[val_idx], val_probs, card, final, config.monitor)
+        if config.gradcam_samples:
+            summary["gradcam"] = [str(p) for p in _write_gradcam(out, model, decoded, val_idx, card, config.gradcam_samples)]
+        (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n", encoding="utf-8")
+        result = TrainResult(checkpoint, card, state.best_epoch, final["metrics"], state.history, tuple(decoded.skipped), summary)
+    return ctx.broadcast(result)
 
 
 CV_METRICS = ("accuracy", "balanced_accuracy", "macro_auc", "sensitivity", "specificity")
@@ -413,15 +447,19 @@ def cross_validate(
         raise InputError(f"--folds must be at least 2, got {folds}")
     out = Path(out)
     results = []
-    for i in range(folds):
-        results.append(train(data, out / f"fold_{i + 1}", config, fold=(i, folds), progress=progress))
-        progress("folds", i + 1, folds)
-    summary: dict[str, Any] = {"folds": folds, "seed": config.seed, "per_fold": [r.card.metrics for r in results]}
-    for key in CV_METRICS:
-        values = [r.card.metrics.get(key) for r in results]
-        finite = [float(v) for v in values if v is not None]
-        summary[key] = {"mean": float(np.mean(finite)), "sd": float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0} if finite else None
-    (out / "cv_summary.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n", encoding="utf-8")
+    config.validate()
+    with distributed.session(resolve_device(config.device)) as ctx:  # one process group for every fold
+        progress = progress if ctx.is_main else no_progress
+        for i in range(folds):
+            results.append(train(data, out / f"fold_{i + 1}", config, fold=(i, folds), progress=progress))
+            progress("folds", i + 1, folds)
+        summary: dict[str, Any] = {"folds": folds, "seed": config.seed, "per_fold": [r.card.metrics for r in results]}
+        for key in CV_METRICS:
+            values = [r.card.metrics.get(key) for r in results]
+            finite = [float(v) for v in values if v is not None]
+            summary[key] = {"mean": float(np.mean(finite)), "sd": float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0} if finite else None
+        if ctx.is_main:
+            (out / "cv_summary.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n", encoding="utf-8")
     return CrossValidationResult(tuple(results), summary)
 
 
@@ -431,15 +469,34 @@ def predict(
     batch_size: int, device: torch.device, loss_fn: nn.Module,
 ) -> tuple[float, np.ndarray]:
     """Mean loss (``loss_fn`` on CPU) and probabilities (through the runtime's activation) on the items ``idx``."""
+    out = _logits(model, images, idx, card, batch_size, device)
+    loss = float(loss_fn(out, _target_tensor(targets[idx], card.task)))
+    return loss, to_probabilities(out.numpy(), card)
+
+
+@torch.inference_mode()
+def _logits(model: nn.Module, images: list[np.ndarray], idx: np.ndarray, card: ModelCard, batch_size: int, device: torch.device) -> torch.Tensor:
+    """The model's float32 logits on CPU for the items ``idx`` (an empty (0, C) tensor for none)."""
     model.eval()
-    logits = []
+    logits = [torch.zeros((0, card.n_classes))]
     for b in range(0, len(idx), batch_size):
         chunk = idx[b : b + batch_size]
         x = torch.from_numpy(preprocess_batch(np.stack([images[i] for i in chunk]), card)).to(device)
         logits.append(model(x).float().cpu())
-    out = torch.cat(logits)
-    loss = float(loss_fn(out, _target_tensor(targets[idx], card.task)))
-    return loss, to_probabilities(out.numpy(), card)
+    return torch.cat(logits)
+
+
+def _evaluate(
+    ctx: distributed.Context, model: nn.Module, images: list[np.ndarray], targets: np.ndarray, idx: np.ndarray,
+    card: ModelCard, batch_size: int, loss_fn: nn.Module,
+) -> tuple[float, np.ndarray]:
+    """:func:`predict` with the items shared out over the ranks and the logits gathered: every rank gets the full result."""
+    if not ctx.distributed:
+        return predict(model, images, targets, idx, card, batch_size, ctx.device, loss_fn)
+    mine = idx[distributed.shard_positions(len(idx), ctx.rank, ctx.world)]
+    full = torch.from_numpy(distributed.gather_rows(ctx, _logits(model, images, mine, card, batch_size, ctx.device).numpy(), len(idx)))
+    loss = float(loss_fn(full, _target_tensor(targets[idx], card.task)))
+    return loss, to_probabilities(full.numpy(), card)
 
 
 def score(y: np.ndarray, probs: np.ndarray, card: ModelCard, *, threshold: float | None = None) -> dict[str, Any]:
@@ -522,14 +579,13 @@ class _RunState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _save_last(path: Path, model, optimizer, scheduler, scaler, rng: np.random.Generator, state: _RunState) -> None:
+def _save_last(path: Path, model, optimizer, scheduler, scaler, state: _RunState) -> None:
     """Everything needed to continue exactly where this epoch ended (atomic write)."""
     payload = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
-        "numpy_rng": json.dumps(rng.bit_generator.state),
         "torch_rng": torch.get_rng_state(),
         "state": {k: v for k, v in asdict(state).items() if k not in ("best_state", "history")},
         "history": json.dumps(_jsonable(state.history)),
@@ -540,18 +596,42 @@ def _save_last(path: Path, model, optimizer, scheduler, scaler, rng: np.random.G
     tmp.replace(path)
 
 
-def _restore(path: Path, model, optimizer, scheduler, scaler, rng: np.random.Generator, config: TrainConfig) -> _RunState:
+def _restore(path: Path, model, optimizer, scheduler, scaler, config: TrainConfig) -> _RunState:
+    """Load ``last.pt``; epoch orders and augmentations derive from (seed, epoch), so no numpy state is needed."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
     scaler.load_state_dict(payload["scaler"])
-    rng.bit_generator.state = json.loads(payload["numpy_rng"])
     torch.set_rng_state(payload["torch_rng"])
     state = _RunState(**payload["state"], best_state=payload["best_state"], history=json.loads(payload["history"]))
     if state.epoch >= config.epochs:
         raise InputError(f"the run already finished {state.epoch} of {config.epochs} epochs; raise --epochs to train further")
     return state
+
+
+def _augment(image: np.ndarray, config: TrainConfig, epoch: int, position: int) -> np.ndarray:
+    """Augment from a generator seeded by (seed, epoch, place in the epoch's order): the same on any number of ranks."""
+    if config.augmentation == "none":
+        return image
+    return augment(image, config.augmentation, np.random.default_rng([config.seed, epoch, int(position)]))
+
+
+def _batch_share(mine: np.ndarray, whole: np.ndarray, task: str, weights: np.ndarray | None) -> float:
+    """This rank's share of the global batch's loss denominator (its weight sum, or its count).
+
+    The task loss is a (weighted) mean over the rank's items; times this share it
+    becomes the rank's part of the global batch's mean, as one process computes it.
+    """
+    if weights is None or task == "multilabel":
+        return len(mine) / len(whole)
+    return float(weights[mine].sum() / weights[whole].sum())
+
+
+def _seed_dropout(seed: int, rank: int, epoch: int) -> None:
+    """Ranks other than 0 draw their own dropout masks (rank 0 keeps the single-process stream)."""
+    if rank:
+        torch.manual_seed(int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0]))
 
 
 def _target_tensor(targets: np.ndarray, task: str) -> torch.Tensor:

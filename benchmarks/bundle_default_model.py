@@ -21,6 +21,7 @@ import onnx
 
 from edgedx.card import ONNX_METADATA_KEY, ModelCard
 from edgedx.export.onnx_export import embed_metadata
+from edgedx.runtime.integrity import write_checksum
 
 TARGET = Path(__file__).resolve().parents[1] / "runtime" / "models" / "isic_mel_nv.fp16.onnx"
 INTENDED_USE = (
@@ -45,6 +46,7 @@ def main() -> None:
     embed_metadata(graph, {ONNX_METADATA_KEY: card.to_json(indent=None)})
     TARGET.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(graph, str(TARGET))
+    write_checksum(TARGET)  # the runtime verifies the shipped file against it
     print(f"{TARGET} ({TARGET.stat().st_size / 1e6:.1f} MB): parity max prob delta {entry['parity']['max_prob_delta']:.3g}, "
           f"validation AUC {card.metrics.get('auc')}")
 

@@ -33,3 +33,10 @@ def test_the_default_model_diagnoses_an_odd_sized_image() -> None:
 def test_an_unknown_bundled_name_lists_the_known_ones() -> None:
     with pytest.raises(InputError, match="isic_mel_nv"):
         bundled_model_path("chest")
+
+
+def test_the_bundled_model_ships_with_its_checksum() -> None:
+    from edgedx.runtime.integrity import sha256_file, verify_model_file
+
+    path = bundled_model_path()
+    assert verify_model_file(path) == sha256_file(path)  # None would mean nothing was checked

@@ -33,5 +33,6 @@ def test_wheel_contains_every_module(tmp_path: Path) -> None:
     assert expected - names == set()
     assert "edgedx/py.typed" in names
     assert "edgedx/runtime/models/isic_mel_nv.fp16.onnx" in names  # the bundled default model ships
+    assert "edgedx/runtime/models/isic_mel_nv.fp16.onnx.sha256" in names  # with the checksum the runtime verifies
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "edgedx = edgedx.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()

@@ -188,12 +188,12 @@ def export(
     precision: Annotated[
         str, typer.Option(help="Comma-separated: fp32, fp16, int8 (fp32 is always built as the reference).")
     ] = "fp32",
-    engine: Annotated[bool, typer.Option("--engine", help="Also build a TensorRT engine per precision (needs a GPU and 'edgedx[trt]').")] = False,
+    engine: Annotated[bool, typer.Option("--engine", help="Also build a TensorRT engine per precision (needs a GPU and 'edgedx\\[trt]').")] = False,
     mobile: Annotated[bool, typer.Option("--mobile", help="Also write .ort files for ONNX Runtime Mobile.")] = False,
     embed_preprocessing: Annotated[
         bool, typer.Option("--embed-preprocessing", help="The model takes uint8 NHWC RGB crops and preprocesses them itself.")
     ] = False,
-    simplify: Annotated[bool, typer.Option("--simplify", help="Simplify the graph with onnxslim ('edgedx[simplify]').")] = False,
+    simplify: Annotated[bool, typer.Option("--simplify", help="Simplify the graph with onnxslim ('edgedx\\[simplify]').")] = False,
     calibration: Annotated[
         Optional[Path], typer.Option(help="Folder of typical images for int8 calibration (default: the run's training split).")
     ] = None,
@@ -275,7 +275,7 @@ def diagnose(
     max_pixels: Annotated[Optional[int], typer.Option(help="Refuse images above this many pixels, read from the header before decoding (default 250 million or $EDGEDX_MAX_IMAGE_PIXELS).")] = None,
     watch: Annotated[Optional[Path], typer.Option(help="Hot folder: diagnose each image dropped here, once, when complete (Ctrl-C stops).")] = None,
     idle_timeout: Annotated[Optional[float], typer.Option(help="With --watch: stop after this many seconds without a new image.")] = None,
-    engine: Annotated[str, typer.Option(help="local (this process) or ray (Ray Data: parallel reading, a pool of model actors; still images only; needs 'edgedx[ray]').")] = "local",
+    engine: Annotated[str, typer.Option(help="local (this process) or ray (Ray Data: parallel reading, a pool of model actors; still images only; needs 'edgedx\\[ray]').")] = "local",
     address: Annotated[Optional[str], typer.Option(help="--engine ray: the cluster (auto, or ray://HOST:10001); default: a local Ray on this machine.")] = None,
 ) -> None:
     """Diagnose whole images with sliding crops; one record per input (or per video frame)."""

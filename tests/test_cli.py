@@ -348,3 +348,11 @@ def test_models_lists_the_bundled_model_with_its_card() -> None:
     assert result.exit_code == 0, result.output
     assert "isic_mel_nv (default)" in result.output and "melanoma, nevus" in result.output
     assert "not a medical device" in result.output and "auc 0.842" in result.output
+
+
+def test_help_shows_extras_literally() -> None:
+    """Rich reads "[ray]" as markup and would drop it: the pip extra must survive into the help."""
+    diagnose_help = runner.invoke(app, ["diagnose", "--help"], env={"COLUMNS": "400"}).output
+    export_help = runner.invoke(app, ["export", "--help"], env={"COLUMNS": "400"}).output
+    assert "edgedx[ray]" in diagnose_help
+    assert "edgedx[trt]" in export_help and "edgedx[simplify]" in export_help

@@ -33,7 +33,7 @@ BLOOD = ("basophil", "eosinophil", "erythroblast", "immature_granulocytes", "lym
 RECIPES: dict[str, dict] = {
     "bloodmnist": {
         "source": "bloodmnist/bloodmnist.npz",
-        "config": dict(input_size=64, epochs=4, batch_size=64, lr=2e-3, augmentation="microscopy", class_names=BLOOD),
+        "config": dict(input_size=64, epochs=12, batch_size=64, lr=2e-3, backbone_lr_factor=0.5, augmentation="microscopy", class_names=BLOOD, monitor="accuracy"),
         "published": "ACC 0.958 (ResNet-18, 28 px, scratch); 0.989 (MedMNIST+, pretrained ResNet-18, 224 px) — test set",
     },
     "pneumoniamnist": {
@@ -43,7 +43,7 @@ RECIPES: dict[str, dict] = {
     },
     "breastmnist": {
         "source": "breastmnist/breastmnist.npz",
-        "config": dict(input_size=64, epochs=12, batch_size=32, lr=2e-3, augmentation="oct", class_names=("malignant", "benign_normal"), positive_class="malignant", monitor="auc"),
+        "config": dict(input_size=96, epochs=20, batch_size=32, lr=2e-3, backbone_lr_factor=1.0, augmentation="oct", class_names=("malignant", "benign_normal"), positive_class="malignant", monitor="accuracy"),
         "published": "ACC 0.863 (scratch, 28 px); 0.872 (MedMNIST+, 224 px) — test set",
     },
     "malaria_cells_iml": {

@@ -15,15 +15,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import platform
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+RESULTS = HERE.parent / "results"
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 from evaluate_exports import AIMS, aim_met, validation_data  # noqa: E402
+from _env import git_rev  # noqa: E402
 from train_real_data import RECIPES, data_root, isic_manifest  # noqa: E402
 
 from edgedx.errors import ParityError  # noqa: E402
@@ -69,6 +74,10 @@ def main() -> None:
         "auc": m.get("auc", m.get("macro_auc")), "ci95": m.get("ci95"), "aim": AIMS[args.dataset], "aim_met": aim_met(args.dataset, m),
         "report": str(run / "evaluation" / "report.html"),
     }
+    summary.update(machine=f"{platform.machine()} {os.cpu_count()} cores", git=git_rev(), time=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with (RESULTS / "real_data_recipes.jsonl").open("a", encoding="utf-8") as f:
+        f.write(json.dumps(summary) + "\n")
     print(json.dumps(summary, indent=2))
 
 

@@ -38,13 +38,16 @@ NAME_MODES = ("path", "hash")
 class AuditLog:
     """Context manager appending one line per diagnosis to ``path``."""
 
-    def __init__(self, path: str | Path, model_path: str | Path, card: ModelCard, *, names: str = "path") -> None:
+    def __init__(
+        self, path: str | Path, model_path: str | Path, card: ModelCard, *, names: str = "path", model_sha256: str | None = None
+    ) -> None:
         if names not in NAME_MODES:
             raise InputError(f"unknown audit name mode {names!r}; choose path (file names) or hash (sha256 of each name, for privacy)")
         self.names = names
         self.path = Path(path)
         self.model = str(model_path)
-        self.model_sha256 = sha256_file(model_path) if Path(model_path).is_file() else None
+        # the session's hash when the caller has it: a run reads its model file once
+        self.model_sha256 = model_sha256 or (sha256_file(model_path) if Path(model_path).is_file() else None)
         self.card = card
         self._file: IO[str] | None = None
 

@@ -16,7 +16,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,7 @@ from edgedx.errors import EdgeDxError, ImageReadError, InputError
 from edgedx.progress import ProgressFn, no_progress
 from edgedx.runtime.audit import AuditLog, sha256_pixels
 from edgedx.runtime.feeds import RollingDecision, is_video_path, iter_frames, parse_stream_source, redact_url, watch_folder
-from edgedx.runtime import image_io
-from edgedx.runtime.image_io import default_max_pixels, read_image, set_default_max_pixels, write_image
+from edgedx.runtime.image_io import default_max_pixels, pixel_limit, read_image, write_image
 from edgedx.runtime.inputs import expand_inputs
 from edgedx.runtime.integrity import atomic_path, sha256_file
 from edgedx.runtime.model import Diagnosis, Model, decide, load_model
@@ -117,7 +115,7 @@ def diagnose_paths(
     _check_outputs(out, overlays, maps, audit, files, folders)
     loaded = _load(model, device, batch_size, crop, refer_band)
     settings = {"every": every, "window": window}
-    resume = prepare_records_file(out, _run_settings(loaded, model, settings), _mode(resume, overwrite))
+    resume = prepare_records_file(out, _run_settings(loaded, settings), _mode(resume, overwrite))
     sole_stream = len(streams) == 1 and not files
 
     def items() -> Iterator[_Item]:
@@ -177,7 +175,7 @@ def diagnose_hot_folder(
         raise InputError(f"hot folder not found: {folder}; create it or point --watch at the scanner's output folder")
     _check_outputs(out, overlays, maps, audit, [], [folder])
     loaded = _load(model, device, batch_size, crop, refer_band)
-    prepare_records_file(out, _run_settings(loaded, model, {"watch": True}), "resume")
+    prepare_records_file(out, _run_settings(loaded, {"watch": True}), "resume")
     state = out.with_name(out.name + ".watch-state.jsonl")
 
     def items() -> Iterator[_Item]:
@@ -196,20 +194,6 @@ def _load(model: str | Path | Model, device: str, batch_size: int, crop: CropPol
     if isinstance(model, Model):
         return model
     return load_model(model, device=device, batch_size=batch_size, crop=crop, refer_band=refer_band)
-
-
-@contextmanager
-def pixel_limit(max_pixels: int | None) -> Iterator[None]:
-    """Apply a per-run decode limit to every image read during the run, then restore the previous one."""
-    if max_pixels is None:
-        yield
-        return
-    previous = image_io._max_pixels_override
-    set_default_max_pixels(max_pixels)
-    try:
-        yield
-    finally:
-        image_io._max_pixels_override = previous
 
 
 def _check_outputs(out: Path, overlays: str | Path | None, maps: str | Path | None, audit: str | Path | None, files: list[Path], folders: list[Path]) -> None:
@@ -231,10 +215,9 @@ def _mode(resume: bool, overwrite: bool) -> str:
     return "overwrite" if overwrite else "resume" if resume else "auto"
 
 
-def _run_settings(model: Model, model_ref: str | Path | Model, extra: Mapping[str, Any]) -> RunSettings:
+def _run_settings(model: Model, extra: Mapping[str, Any]) -> RunSettings:
     """The model's bytes and every setting that shapes a record (crop policy, threshold, refer band)."""
-    path = Path(model_ref) if not isinstance(model_ref, Model) else getattr(model.session, "path", None)
-    sha = sha256_file(path) if path is not None and Path(path).is_file() else None
+    sha = getattr(model.session, "sha256", None)
     settings = {
         "crop": dataclasses.asdict(model.crop), "threshold": model.card.threshold,
         "refer_band": list(model.refer_band) if model.refer_band else None, **extra,
@@ -313,7 +296,7 @@ def _run(
             yield k, item.image
 
     model_path = model_ref if not isinstance(model_ref, Model) else getattr(model.session, "path", "")
-    audit_log = AuditLog(audit, model_path, card, names=audit_names) if audit is not None else None
+    audit_log = AuditLog(audit, model_path, card, names=audit_names, model_sha256=getattr(model.session, "sha256", None)) if audit is not None else None
     with RecordWriter(out, card.class_names, append=resume) as writer:
         if audit_log is not None:
             audit_log.__enter__()

@@ -20,6 +20,8 @@ import io
 import logging
 import os
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +88,21 @@ def set_default_max_pixels(n: int | None) -> None:
     """
     global _max_pixels_override
     _max_pixels_override = None if n is None else _check_limit(n, "--max-pixels")
+
+
+@contextmanager
+def pixel_limit(max_pixels: int | None) -> Iterator[None]:
+    """Apply ``max_pixels`` (None: leave it) to every image read inside the block, then restore the previous limit."""
+    global _max_pixels_override
+    if max_pixels is None:
+        yield
+        return
+    previous = _max_pixels_override
+    set_default_max_pixels(max_pixels)
+    try:
+        yield
+    finally:
+        _max_pixels_override = previous
 
 
 def default_max_pixels() -> int:

@@ -73,15 +73,18 @@ def expected_sha256(path: str | Path) -> tuple[str, Path] | None:
     return None
 
 
-def verify_model_file(path: str | Path) -> str | None:
-    """Refuse a model file whose bytes differ from its recorded sha256; returns the hash when one was recorded."""
+def verify_model_file(path: str | Path) -> str:
+    """The model file's sha256, after refusing a file whose bytes differ from its recorded sha256.
+
+    Sessions keep the result, so a run hashes its model once (run manifest, audit log).
+    """
     path = Path(path)
+    got = sha256_file(path)
     recorded = expected_sha256(path)
     if recorded is None:
         log.debug("%s: no recorded sha256 beside it; integrity not checked", path)
-        return None
+        return got
     want, where = recorded
-    got = sha256_file(path)
     if got != want:
         raise ModelError(
             f"{path} does not match the sha256 recorded in {where.name} ({got[:12]}… ≠ {want[:12]}…, "

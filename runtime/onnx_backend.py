@@ -81,7 +81,7 @@ class OnnxSession:
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelError(f"model file not found: {self.path}")
-        verify_model_file(self.path)
+        self.sha256 = verify_model_file(self.path)  # refused here if truncated or edited; reused by runs
         providers = resolve_providers(device, ort.get_available_providers())
         options = ort.SessionOptions()
         options.log_severity_level = 3

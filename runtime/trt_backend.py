@@ -326,7 +326,7 @@ class TensorRTSession:
         self.path = Path(path)
         if not self.path.is_file():
             raise ModelError(f"engine file not found: {self.path}")
-        verify_model_file(self.path)
+        self.sha256 = verify_model_file(self.path)  # refused here if truncated or edited; reused by runs
         self.card, self.build = read_sidecar(self.path)
         gpu, capability = current_gpu()
         check_engine_compatible(self.build, trt.__version__, gpu, capability, self.path)

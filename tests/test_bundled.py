@@ -36,7 +36,8 @@ def test_an_unknown_bundled_name_lists_the_known_ones() -> None:
 
 
 def test_the_bundled_model_ships_with_its_checksum() -> None:
-    from edgedx.runtime.integrity import sha256_file, verify_model_file
+    from edgedx.runtime.integrity import expected_sha256, sha256_file, verify_model_file
 
     path = bundled_model_path()
-    assert verify_model_file(path) == sha256_file(path)  # None would mean nothing was checked
+    assert expected_sha256(path) == (sha256_file(path), path.with_name(path.name + ".sha256"))  # recorded, so checked
+    assert verify_model_file(path) == sha256_file(path)

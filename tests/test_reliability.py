@@ -24,7 +24,7 @@ from conftest import ROOT, Trained, run_edgedx
 from edgedx.errors import InputError, ModelError
 from edgedx.runtime.batch import diagnose_paths
 from edgedx.runtime.image_io import write_image
-from edgedx.runtime.integrity import checksum_path, sha256_file, verify_model_file
+from edgedx.runtime.integrity import checksum_path, expected_sha256, sha256_file, verify_model_file
 from edgedx.runtime.model import load_model
 from edgedx.runtime.records import read_records
 
@@ -50,7 +50,9 @@ def model_copy(trained: Trained, folder: Path) -> Path:
 def test_export_writes_a_checksum_that_sha256sum_accepts(trained: Trained) -> None:
     line = checksum_path(trained.onnx).read_text()
     assert line == f"{sha256_file(trained.onnx)}  {trained.onnx.name}\n"
+    assert expected_sha256(trained.onnx) == (sha256_file(trained.onnx), checksum_path(trained.onnx))
     assert verify_model_file(trained.onnx) == sha256_file(trained.onnx)
+    assert load_model(trained.onnx).session.sha256 == sha256_file(trained.onnx)  # hashed once, kept by the session
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])

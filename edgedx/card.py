@@ -26,7 +26,7 @@ from typing import Any, Literal, Union
 
 from edgedx.errors import CardError
 
-SCHEMA_VERSION = 2  # 2: crop padding modes, aggregations, top_k, centre weighting, foreground filter
+SCHEMA_VERSION = 3  # 2: crop padding modes, aggregations, top_k, centre weighting, foreground filter; 3: crop modes
 ONNX_METADATA_KEY = "edgedx.card"
 SIDECAR_SUFFIX = ".card.json"
 
@@ -39,6 +39,8 @@ InputFormat = Literal["float32_nchw", "uint8_nhwc"]
 Padding = Literal["constant", "reflect", "replicate"]
 Aggregation = Literal["mean", "mean_logits", "max", "top_k_mean", "noisy_or"]
 CentreWeighting = Literal["none", "gaussian"]
+CropMode = Literal["fit", "shorter_side", "scale"]
+CROP_MODES: tuple[str, ...] = ("fit", "shorter_side", "scale")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -79,8 +81,18 @@ class Normalization:
 class CropPolicy:
     """How a whole image is cut into model-sized crops and merged back.
 
-    The classic policy: crops of ``tile_size`` (height, width) every ``stride``
-    pixels over the image resampled by ``scale``, the last crop of each row and
+    Training cuts its crops by the same rule and validates through it, so the
+    numbers on the card describe what ``diagnose`` does. ``mode`` says how an
+    image of any size is resampled before it is cut:
+
+    - ``fit``: the whole image is resized to ``tile_size`` (one crop; lesion
+      photographs, chest X-rays: the finding is the whole picture);
+    - ``shorter_side``: resized, keeping its aspect ratio, so its shorter side is
+      ``shorter_side`` pixels (the longer one rounds to the nearest pixel), then cut;
+    - ``scale``: resampled by the fixed factor ``scale`` (microscopy: cells keep
+      the size they had in training), then cut.
+
+    Crops of ``tile_size`` (height, width) start every ``stride`` pixels, the last crop of each row and
     column aligned to the edge so every pixel is seen, padding (``constant``
     with ``pad_value``, ``reflect`` or ``replicate``) where the image is smaller
     than a crop, and the crops' class probabilities merged by ``aggregation``:
@@ -105,6 +117,8 @@ class CropPolicy:
     top_k: int = 3
     centre_weighting: CentreWeighting = "none"
     min_foreground: float = 0.0
+    mode: CropMode = "scale"
+    shorter_side: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("tile_size", "stride"):
@@ -126,6 +140,26 @@ class CropPolicy:
             raise CardError(f"model card field 'crop.top_k' must be a positive integer, got {self.top_k}")
         if not 0.0 <= self.min_foreground <= 1.0:
             raise CardError(f"model card field 'crop.min_foreground' must be within [0, 1], got {self.min_foreground}")
+        if self.mode not in CROP_MODES:
+            raise CardError(f"model card field 'crop.mode' must be one of {list(CROP_MODES)}, got {self.mode!r}")
+        if self.mode == "shorter_side":
+            if self.shorter_side is None or int(self.shorter_side) != self.shorter_side or self.shorter_side < 1:
+                raise CardError(
+                    f"model card field 'crop.shorter_side' must be a positive integer with crop.mode 'shorter_side', got {self.shorter_side!r}"
+                )
+        elif self.shorter_side is not None:
+            raise CardError(f"model card field 'crop.shorter_side' is only used with crop.mode 'shorter_side' (mode is {self.mode!r}); set it to null")
+        if self.mode != "scale" and self.scale != 1.0:
+            raise CardError(f"model card field 'crop.scale' is only used with crop.mode 'scale' (mode is {self.mode!r}); set it to 1")
+
+    def describe(self) -> str:
+        """The resampling rule in words, for summaries and errors."""
+        if self.mode == "fit":
+            return f"fit: whole image resized to {self.tile_size[0]}×{self.tile_size[1]}"
+        stride = f"{self.tile_size[0]}×{self.tile_size[1]} crops every {self.stride[0]}×{self.stride[1]} px"
+        if self.mode == "shorter_side":
+            return f"shorter_side: shorter side resized to {self.shorter_side} px, {stride}"
+        return f"scale: resampled by {self.scale:g}, {stride}"
 
 
 @dataclass(frozen=True)
@@ -263,7 +297,10 @@ class ModelCard:
 
 
 # Fields each schema version added, with the value that reproduces the older behaviour.
-_ADDED_IN = {2: {"crop": {"top_k": 3, "centre_weighting": "none", "min_foreground": 0.0}}}
+_ADDED_IN = {
+    2: {"crop": {"top_k": 3, "centre_weighting": "none", "min_foreground": 0.0}},
+    3: {"crop": {"mode": "scale", "shorter_side": None}},  # before 3 every card resampled by its fixed scale
+}
 
 
 def _migrate(data: dict[str, Any], version: int) -> dict[str, Any]:

@@ -93,6 +93,7 @@ def train(
     optimizer: Annotated[str, typer.Option(help="adamw or sgd (momentum 0.9, Nesterov).")] = "adamw",
     schedule: Annotated[str, typer.Option(help="cosine or plateau (reduce on plateau of the monitored metric).")] = "cosine",
     input_size: Annotated[Optional[int], typer.Option(help="Model input side in pixels (default: the architecture's).")] = None,
+    crop: Annotated[str, typer.Option(help="How images become crops, in training and in diagnose: fit (whole image resized), shorter_side[:N] (shorter side to N, then sliding crops), scale[:F] (fixed factor, then sliding crops) or auto (scale when all training images have one size, else fit).")] = "auto",
     weights: Annotated[str, typer.Option(help="Starting weights: imagenet, none, a state_dict/safetensors file, or an EdgeDx checkpoint.")] = "imagenet",
     strategy: Annotated[str, typer.Option(help="full, frozen (feature extractor) or last:N (fine-tune the last N stages).")] = "full",
     backbone_lr_factor: Annotated[Optional[float], typer.Option(help="Pretrained layers' lr = lr x this (default 0.1 when pretrained).")] = None,
@@ -122,7 +123,7 @@ def train(
 
     config = TrainConfig(
         arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
-        input_size=input_size, weights=weights, strategy=strategy, backbone_lr_factor=backbone_lr_factor,
+        input_size=input_size, crop=crop, weights=weights, strategy=strategy, backbone_lr_factor=backbone_lr_factor,
         imbalance=imbalance, augmentation=augment, normalization=normalization, monitor=monitor, patience=patience,
         target_sensitivity=target_sensitivity, val_fraction=val_fraction, test_fraction=test_fraction,
         positive_class=positive_class, label_column=label_column, label_columns=_split_names(labels),
@@ -158,6 +159,9 @@ def train(
             f"sensitivity {_fmt(m.get('sensitivity'))}, specificity {_fmt(m.get('specificity'))}"
         )
     console.print(line)
+    crop_info = result.summary.get("crop") if result.summary else None
+    if crop_info:
+        console.print(f"crops: {crop_info['policy']} ({crop_info['reason']}); validation metrics are measured as diagnose runs")
     note = result.summary.get("splits", {}).get("note") if result.summary else None
     if note:
         console.print(f"note: {note}", style="yellow")

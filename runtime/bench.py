@@ -31,7 +31,7 @@ from edgedx.progress import ProgressFn, no_progress
 from edgedx.runtime.image_io import decode_image
 from edgedx.runtime.model import Model, load_model
 from edgedx.runtime.preprocess import model_input, to_probabilities
-from edgedx.runtime.tiling import aggregate, iter_tile_batches, plan_tiles, rescale
+from edgedx.runtime.tiling import merge, split_tiles
 
 log = logging.getLogger(__name__)
 
@@ -195,15 +195,19 @@ def _bench_image(
         t0 = time.perf_counter()
         image = decode_image(encoded)
         t1 = time.perf_counter()
-        grid = plan_tiles(image.shape[0], image.shape[1], policy)
-        batches = [model_input(b, card) for b in iter_tile_batches(rescale(image, policy), grid, policy, model.batch_size)]
+        tiles, crops = split_tiles(image, policy)  # the runtime's splitter, foreground filter included
+        size = model.batch_size
+        batches = [model_input(tiles[i : i + size], card) for i in range(0, len(tiles), size)]
         t2 = time.perf_counter()
         logits = [model.session.run(b) for b in batches]
         t3 = time.perf_counter()
-        aggregate(to_probabilities(np.concatenate(logits), card), policy, activation=card.output_activation,
-                  positive_index=card.positive_index if card.task == "binary" else None)
+        layout = crops.layout()
+        tile_probs = np.full((layout.grid.n_tiles, card.n_classes), np.nan)
+        tile_probs[layout.used] = to_probabilities(np.concatenate(logits), card)
+        merge(layout, tile_probs, policy, activation=card.output_activation,
+              positive_index=card.positive_index if card.task == "binary" else None)
         t4 = time.perf_counter()
-        n_tiles = grid.n_tiles
+        n_tiles = len(tiles)
         for key, value in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             stages[key].append(value * 1000.0)
 

@@ -27,7 +27,7 @@ from edgedx.runtime.image_io import to_rgb_uint8
 from edgedx.runtime.onnx_backend import OnnxSession
 from edgedx.runtime.preprocess import model_input, to_probabilities
 from edgedx.runtime.sources import ArraySource, open_source
-from edgedx.runtime.tiling import ImageRegionSource, SlidingResult, sliding_window_many
+from edgedx.runtime.tiling import ImageRegionSource, ResampledImage, SlidingResult, sliding_window_many
 from edgedx.runtime.trt_backend import TensorRTSession
 
 
@@ -109,8 +109,17 @@ def resolve_crop(base: CropPolicy, override: CropPolicy | Mapping[str, Any] | No
     unknown = sorted(set(override) - {f.name for f in dataclasses.fields(CropPolicy)})
     if unknown:
         raise InputError(f"unknown crop setting(s) {unknown}; known: {', '.join(f.name for f in dataclasses.fields(CropPolicy))}")
+    changes = {k: v for k, v in override.items() if v is not None}
+    # a scale or a shorter side names its resampling mode; the other mode's setting no longer applies
+    if "scale" in changes and "mode" not in changes:
+        changes.update(mode="scale", shorter_side=None)
+    elif "shorter_side" in changes and "mode" not in changes:
+        changes.update(mode="shorter_side", scale=1.0)
+    elif changes.get("mode") == "fit":
+        changes.setdefault("scale", 1.0)
+        changes.setdefault("shorter_side", None)
     try:
-        return dataclasses.replace(base, **{k: v for k, v in override.items() if v is not None})
+        return dataclasses.replace(base, **changes)
     except CardError as exc:
         raise InputError(str(exc).replace("model card field", "crop setting")) from None
 
@@ -186,7 +195,7 @@ class Model:
 
     def stream(
         self,
-        items: Iterable[tuple[Hashable, np.ndarray | str | Path | ImageRegionSource]],
+        items: Iterable[tuple[Hashable, np.ndarray | str | Path | ImageRegionSource | ResampledImage]],
         *,
         crop: CropPolicy | Mapping[str, Any] | None = None,
         prefetch: int = 4,
@@ -277,7 +286,7 @@ def _load(image: Any) -> tuple[Any, float]:
             loaded: Any = open_source(image)
             if isinstance(loaded, ArraySource):
                 loaded = loaded.image  # in memory anyway: resample once and slice (exact, fastest)
-        elif isinstance(image, ImageRegionSource):
+        elif isinstance(image, (ImageRegionSource, ResampledImage)):
             loaded = image
         elif isinstance(image, EdgeDxError):  # an input that failed upstream (a lost camera) keeps its error
             loaded = image

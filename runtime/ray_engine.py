@@ -47,12 +47,11 @@ from edgedx.runtime.inputs import expand_inputs
 from edgedx.runtime.model import ENGINE_SUFFIXES, Model, load_model, prefetched
 from edgedx.runtime.outputs import check_not_inputs, check_writable
 from edgedx.runtime.records import empty_record
-from edgedx.runtime.tiling import SlidingResult, TileGrid, aggregate, sliding_window_many
+from edgedx.runtime.tiling import CropLayout, SlidingResult, TileBatcher, TileGrid, merge, split_tiles
 
 log = logging.getLogger(__name__)
 
 SHARD_FORMATS = {".jsonl": "jsonl", ".parquet": "parquet"}
-CUT_BATCH = 4096  # tiles handed to the capturing predict at once while cutting one image
 GPU_DEVICES = ("cuda", "tensorrt")
 READ_TASK_MEMORY = 256 * 2**20  # bytes a read task reserves: a decoded 20 MP image, its resampled copy and tiles
 
@@ -347,43 +346,31 @@ def read_and_cut(row: dict[str, Any], policy: CropPolicy) -> dict[str, Any]:
     try:
         if isinstance(image, BaseException):
             raise image
-        tiles, sliding = cut_tiles(image, policy)
+        tiles, layout = cut_tiles(image, policy)
     except EdgeDxError as exc:
         return _error_row(name, str(exc).replace(path, name), read_ms, policy)
     finally:
         if hasattr(image, "close") and not isinstance(image, BaseException):
             image.close()
-    grid = sliding.grid
-    assert sliding.used is not None and sliding.foreground is not None
+    grid = layout.grid
     return {
         "input": name, "error": "", "read_ms": read_ms, "cut_ms": (time.perf_counter() - started) * 1000,
-        "tiles": tiles, "used": sliding.used, "foreground": sliding.foreground.astype(np.float64),
+        "tiles": tiles, "used": layout.used, "foreground": layout.foreground.astype(np.float64),
         "height": grid.height, "width": grid.width, "row_starts": np.asarray(grid.row_starts, np.int64),
-        "col_starts": np.asarray(grid.col_starts, np.int64), "fallback": sliding.foreground_fallback,
+        "col_starts": np.asarray(grid.col_starts, np.int64), "source_size": np.asarray(grid.source_size, np.int64),
+        "fallback": layout.fallback,
     }
 
 
-def cut_tiles(image: Any, policy: CropPolicy) -> tuple[np.ndarray, SlidingResult]:
-    """The tiles the local engine would predict for ``image``, in its order, and the grid around them.
+def cut_tiles(image: Any, policy: CropPolicy) -> tuple[np.ndarray, CropLayout]:
+    """The tiles the local engine would predict for ``image``, in its order, and the layout around them.
 
-    Runs :func:`sliding_window_many` itself with a predict that only keeps the
-    tiles, so the policy (scale, padding, foreground filter, all-background
-    fallback) cannot drift from the local engine's. Tiles ``k`` belong to grid
-    positions ``flatnonzero(used)[k]``.
+    The runtime's splitter itself, so the policy (resampling mode, padding,
+    foreground filter, all-background fallback) cannot drift from the local
+    engine's. Tile ``k`` belongs to grid position ``flatnonzero(used)[k]``.
     """
-    kept: list[np.ndarray] = []
-
-    def keep(tiles: np.ndarray) -> np.ndarray:
-        kept.append(tiles)
-        return np.zeros((len(tiles), 1))
-
-    [outcome] = sliding_window_many([(0, image)], keep, policy, batch_size=CUT_BATCH, activation="sigmoid")
-    if outcome.error is not None:
-        raise outcome.error
-    assert outcome.result is not None
-    th, tw = policy.tile_size
-    tiles = np.concatenate(kept) if kept else np.zeros((0, th, tw, 3), np.uint8)
-    return tiles, outcome.result
+    tiles, crops = split_tiles(image, policy)
+    return tiles, crops.layout()
 
 
 def _error_row(name: str, error: str, read_ms: float, policy: CropPolicy) -> dict[str, Any]:
@@ -392,7 +379,7 @@ def _error_row(name: str, error: str, read_ms: float, policy: CropPolicy) -> dic
     return {
         "input": name, "error": error, "read_ms": read_ms, "cut_ms": 0.0, "tiles": np.zeros((0, th, tw, 3), np.uint8),
         "used": np.zeros(0, bool), "foreground": np.zeros(0), "height": 0, "width": 0,
-        "row_starts": empty_i, "col_starts": empty_i, "fallback": False,
+        "row_starts": empty_i, "col_starts": empty_i, "source_size": np.zeros(2, np.int64), "fallback": False,
     }
 
 
@@ -430,36 +417,28 @@ class TileDiagnoser:
         return pa.Table.from_pylist(records, schema=self.schema)
 
     def _predict(self, tile_sets: list[np.ndarray]) -> np.ndarray:
-        """The tiles of all images of the batch, ``batch_size`` per model call (padded on GPUs, as locally)."""
-        n_classes = self.model.card.n_classes
+        """The tiles of all images of the batch through the runtime's batcher (padded on GPUs, as locally)."""
         if not tile_sets or sum(len(t) for t in tile_sets) == 0:
-            return np.zeros((0, n_classes))
+            return np.zeros((0, self.model.card.n_classes))
         tiles = np.concatenate([np.asarray(t, np.uint8) for t in tile_sets])
-        size = self.model.batch_size
-        out = []
-        for start in range(0, len(tiles), size):
-            chunk = tiles[start : start + size]
-            n = len(chunk)
-            if self.model.pad_batches and n < size:
-                chunk = np.concatenate([chunk, np.zeros((size - n, *chunk.shape[1:]), chunk.dtype)])
-            out.append(np.asarray(self.model.predict_tiles(chunk))[:n])
-        return np.concatenate(out)
+        return TileBatcher(self.model.predict_tiles, self.model.batch_size, pad_batches=self.model.pad_batches).predict_all(tiles)
 
     def _sliding(self, row: Mapping[str, Any], probs: np.ndarray) -> SlidingResult:
-        """The local engine's SlidingResult: all grid rows NaN but the used ones, merged by the card's policy."""
+        """The local engine's SlidingResult: all grid rows NaN but the used ones, merged by the runtime's merger."""
         card, policy = self.model.card, self.model.crop
         used = np.asarray(row["used"], bool)
         grid = TileGrid(
             int(row["height"]), int(row["width"]), policy.tile_size,
-            tuple(int(v) for v in row["row_starts"]), tuple(int(v) for v in row["col_starts"]), policy.scale,
+            tuple(int(v) for v in row["row_starts"]), tuple(int(v) for v in row["col_starts"]),
+            (int(row["source_size"][0]), int(row["source_size"][1])),
         )
         tile_probs = np.full((grid.n_tiles, probs.shape[1]), np.nan)
         tile_probs[np.flatnonzero(used)] = probs
-        merged = aggregate(
-            tile_probs[used], policy, activation=card.output_activation,
+        layout = CropLayout(grid, used, np.asarray(row["foreground"], np.float64), bool(row["fallback"]))
+        return merge(
+            layout, tile_probs, policy, activation=card.output_activation,
             positive_index=card.positive_index if card.task == "binary" else None,
         )
-        return SlidingResult(merged, tile_probs, grid, used, np.asarray(row["foreground"], np.float64), bool(row["fallback"]))
 
 
 def record_schema(card: ModelCard) -> Any:

@@ -5,8 +5,15 @@ The window logic knows nothing about the model (as MONAI's splitter/merger):
 (N, C) class probabilities. That keeps the tiling testable with analytic fakes
 and reusable with any backend.
 
-The classic policy (see :class:`edgedx.card.CropPolicy`): resample the image by
-``scale``; tiles start every ``stride`` pixels; the last tile of each row and
+One implementation, in three pieces that everything calls (training
+validation, export verification, ``evaluate``, ``diagnose``, ``bench`` and the
+Ray engine): the splitter :class:`ImageCrops` (image + policy → grid, crops,
+foreground mask), the batcher :class:`TileBatcher` (fills model batches across
+images, pads the last one), the merger :func:`merge` (aggregation → result and
+tile map); :func:`sliding_window_many` composes them.
+
+The policy (see :class:`edgedx.card.CropPolicy`): resample the image per the
+policy's mode (``fit``, ``shorter_side`` or ``scale``); tiles start every ``stride`` pixels; the last tile of each row and
 column is aligned to the far edge so every pixel is covered; an image smaller
 than a tile is padded (bottom/right) by the policy's padding mode; tiles with
 too little foreground are skipped; the used tiles' probabilities are merged by
@@ -62,14 +69,14 @@ def axis_starts(length: int, tile: int, stride: int) -> list[int]:
 
 @dataclass(frozen=True)
 class TileGrid:
-    """Where the tiles of one image lie, in the coordinates of the scaled image."""
+    """Where the tiles of one image lie, in the coordinates of the resampled image."""
 
-    height: int  # of the scaled image
+    height: int  # of the resampled image
     width: int
     tile: tuple[int, int]
     row_starts: tuple[int, ...]
     col_starts: tuple[int, ...]
-    scale: float
+    source_size: tuple[int, int]  # (height, width) of the image before resampling
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -79,6 +86,11 @@ class TileGrid:
     @property
     def n_tiles(self) -> int:
         return len(self.row_starts) * len(self.col_starts)
+
+    @property
+    def factors(self) -> tuple[float, float]:
+        """(y, x) resampling factors from the source image to the grid's image (they differ under ``fit``)."""
+        return self.height / self.source_size[0], self.width / self.source_size[1]
 
     def positions(self) -> list[tuple[int, int]]:
         """Top-left (y, x) of every tile, row-major."""
@@ -90,23 +102,55 @@ def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
+def resampled_size(height: int, width: int, policy: CropPolicy) -> tuple[int, int]:
+    """The size an image of ``height`` x ``width`` is resampled to before it is cut, per ``policy.mode``."""
+    if policy.mode == "fit":
+        return policy.tile_size
+    if policy.mode == "shorter_side":
+        side = int(policy.shorter_side)  # type: ignore[arg-type]  # the card guarantees it in this mode
+        if height <= width:
+            return side, max(1, round(width * side / height))
+        return max(1, round(height * side / width)), side
+    return scaled_size(height, width, policy.scale)
+
+
 def plan_tiles(height: int, width: int, policy: CropPolicy) -> TileGrid:
-    """The tile grid for an image of ``height`` x ``width`` (before scaling)."""
-    sh, sw = scaled_size(height, width, policy.scale)
+    """The tile grid for an image of ``height`` x ``width`` (before resampling)."""
+    sh, sw = resampled_size(height, width, policy)
     th, tw = policy.tile_size
     rows = axis_starts(sh, th, policy.stride[0])
     cols = axis_starts(sw, tw, policy.stride[1])
-    return TileGrid(sh, sw, (th, tw), tuple(rows), tuple(cols), policy.scale)
+    return TileGrid(sh, sw, (th, tw), tuple(rows), tuple(cols), (height, width))
+
+
+def _interpolation(source: tuple[int, int], target: tuple[int, int]) -> int:
+    """Area averaging when shrinking in both axes; linear otherwise (area degenerates when enlarging)."""
+    return cv2.INTER_AREA if target[0] <= source[0] and target[1] <= source[1] else cv2.INTER_LINEAR
 
 
 def rescale(image: np.ndarray, policy: CropPolicy) -> np.ndarray:
-    """Resample the image so objects have the size the model was trained on."""
-    if policy.scale == 1.0:
+    """Resample the image per the policy's mode, so objects have the size the model was trained on."""
+    size = resampled_size(image.shape[0], image.shape[1], policy)
+    if size == image.shape[:2]:
         return image
-    sh, sw = scaled_size(image.shape[0], image.shape[1], policy.scale)
-    mode = cv2.INTER_AREA if policy.scale < 1.0 else cv2.INTER_LINEAR
-    resized = cv2.resize(image, (sw, sh), interpolation=mode)
+    resized = cv2.resize(image, (size[1], size[0]), interpolation=_interpolation(image.shape[:2], size))
     return resized[..., None] if resized.ndim == 2 else resized  # OpenCV drops a single channel axis
+
+
+@dataclass(frozen=True)
+class ResampledImage:
+    """An image already resampled by :func:`rescale` for a policy, with the size it had before.
+
+    Training resamples each image once and keeps only this (small) array; the
+    splitter accepts it in place of the original and cuts exactly the same crops.
+    """
+
+    pixels: np.ndarray
+    source_size: tuple[int, int]
+
+    @classmethod
+    def of(cls, image: np.ndarray, policy: CropPolicy) -> ResampledImage:
+        return cls(rescale(image, policy), (int(image.shape[0]), int(image.shape[1])))
 
 
 def _pad(window: np.ndarray, th: int, tw: int, policy: CropPolicy) -> np.ndarray:
@@ -121,26 +165,41 @@ def _pad(window: np.ndarray, th: int, tw: int, policy: CropPolicy) -> np.ndarray
     return np.pad(window, widths, mode="symmetric" if policy.padding == "reflect" else "edge")
 
 
+def random_tile(image: ResampledImage, policy: CropPolicy, rng: np.random.Generator) -> np.ndarray:
+    """One training crop drawn by the deployment rule: a tile-sized window of the resampled image at a random
+    position (the whole image under ``fit``), padded like the splitter pads."""
+    th, tw = policy.tile_size
+    scaled = image.pixels
+    y = int(rng.integers(0, max(0, scaled.shape[0] - th) + 1))
+    x = int(rng.integers(0, max(0, scaled.shape[1] - tw) + 1))
+    return _pad(scaled[y : y + th, x : x + tw], th, tw, policy)
+
+
+ImageInput = np.ndarray | ResampledImage | ImageRegionSource
+
+
 class _TileReader:
     """Cuts the tiles of one image lazily: slices of the resampled array, or regions of a lazy source."""
 
-    def __init__(self, image: np.ndarray | ImageRegionSource, policy: CropPolicy) -> None:
+    def __init__(self, image: ImageInput, policy: CropPolicy) -> None:
         self.policy = policy
-        if isinstance(image, np.ndarray):
+        self._source: ImageRegionSource | None = None
+        if isinstance(image, ResampledImage):
+            self.grid = plan_tiles(*image.source_size, policy)
+            if image.pixels.shape[:2] != (self.grid.height, self.grid.width):
+                raise ValueError(f"resampled image is {image.pixels.shape[:2]}, the policy makes {(self.grid.height, self.grid.width)}")
+            self._scaled: np.ndarray | None = image.pixels
+        elif isinstance(image, np.ndarray):
             if image.ndim != 3:
                 raise ValueError(f"expected an (H, W, C) image, got shape {image.shape}")
             self.grid = plan_tiles(image.shape[0], image.shape[1], policy)
-            self._scaled: np.ndarray | None = rescale(image, policy)
-            self._source: ImageRegionSource | None = None
-            # the image's own glass colour; a lazily read image uses the fixed rule instead
-            self.background = estimate_background(self._scaled) if policy.min_foreground > 0 else None
+            self._scaled = rescale(image, policy)
         else:
             self.grid = plan_tiles(image.height, image.width, policy)
             self._scaled = None
-            self.background = None
             self._source = image
-            self._fy = self.grid.height / image.height  # exact per-axis factors of the scaled size
-            self._fx = self.grid.width / image.width
+        # the image's own glass colour; a lazily read image uses the fixed rule instead
+        self.background = estimate_background(self._scaled) if policy.min_foreground > 0 and self._scaled is not None else None
 
     def tile(self, y: int, x: int) -> np.ndarray:
         th, tw = self.grid.tile
@@ -154,15 +213,63 @@ class _TileReader:
         """The source pixels behind scaled window (y, x, vh, vw), resampled to exactly (vh, vw)."""
         source = self._source
         assert source is not None
-        if self._fy == 1.0 and self._fx == 1.0:
+        fy, fx = self.grid.factors
+        if fy == 1.0 and fx == 1.0:
             return source.read(y, x, vh, vw)
-        y0, x0 = int(math.floor(y / self._fy)), int(math.floor(x / self._fx))
-        y1 = min(source.height, max(y0 + 1, int(math.ceil((y + vh) / self._fy))))
-        x1 = min(source.width, max(x0 + 1, int(math.ceil((x + vw) / self._fx))))
+        y0, x0 = int(math.floor(y / fy)), int(math.floor(x / fx))
+        y1 = min(source.height, max(y0 + 1, int(math.ceil((y + vh) / fy))))
+        x1 = min(source.width, max(x0 + 1, int(math.ceil((x + vw) / fx))))
         region = source.read(y0, x0, y1 - y0, x1 - x0)
-        mode = cv2.INTER_AREA if self.policy.scale < 1.0 else cv2.INTER_LINEAR
-        resized = cv2.resize(region, (vw, vh), interpolation=mode)
+        resized = cv2.resize(region, (vw, vh), interpolation=_interpolation(self.grid.source_size, (self.grid.height, self.grid.width)))
         return resized[..., None] if resized.ndim == 2 else resized
+
+
+class ImageCrops:
+    """The splitter: one image + a crop policy → its grid and the crops to predict, lazily.
+
+    Iterating yields ``(grid index, tile)`` for every tile with enough
+    foreground (all of them when the policy does not filter). If no tile has
+    enough, every tile is yielded after all (judging on every crop beats not
+    judging at all) and ``fallback`` is set. ``used`` and ``foreground`` are
+    complete once the iteration ends.
+    """
+
+    def __init__(self, image: ImageInput, policy: CropPolicy) -> None:
+        self.policy = policy
+        self._reader = _TileReader(image, policy)
+        self.grid = self._reader.grid
+        self.used = np.zeros(self.grid.n_tiles, bool)
+        self.foreground = np.ones(self.grid.n_tiles)
+        self.fallback = False
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        grid, policy, reader = self.grid, self.policy, self._reader
+        for index, (y, x) in enumerate(grid.positions()):
+            tile = reader.tile(y, x)
+            if policy.min_foreground > 0:  # judged on the image's own pixels, never on edge padding
+                vh, vw = min(tile.shape[0], grid.height - y), min(tile.shape[1], grid.width - x)
+                self.foreground[index] = foreground_fraction(tile[None, :vh, :vw], reader.background)[0]
+                if self.foreground[index] < policy.min_foreground:
+                    continue
+            self.used[index] = True
+            yield index, tile
+        if not self.used.any():
+            self.fallback = True
+            self.used[:] = True
+            for index, (y, x) in enumerate(grid.positions()):
+                yield index, reader.tile(y, x)
+
+    def layout(self) -> CropLayout:
+        """The splitter's decisions, once the crops have been iterated."""
+        return CropLayout(self.grid, self.used, self.foreground, self.fallback)
+
+
+def split_tiles(image: ImageInput, policy: CropPolicy) -> tuple[np.ndarray, ImageCrops]:
+    """All crops of one image to predict, stacked in grid order (tile ``k`` is at ``flatnonzero(used)[k]``)."""
+    crops = ImageCrops(image, policy)
+    th, tw = policy.tile_size
+    tiles = [tile for _, tile in crops]
+    return (np.stack(tiles) if tiles else np.zeros((0, th, tw, 3), np.uint8)), crops
 
 
 def iter_tile_batches(scaled: np.ndarray, grid: TileGrid, policy: CropPolicy, batch_size: int) -> Iterator[np.ndarray]:
@@ -172,6 +279,59 @@ def iter_tile_batches(scaled: np.ndarray, grid: TileGrid, policy: CropPolicy, ba
     for start in range(0, len(positions), batch_size):
         chunk = positions[start : start + batch_size]
         yield np.stack([_pad(scaled[y : y + th, x : x + tw], th, tw, policy) for y, x in chunk])
+
+
+class TileBatcher:
+    """The batcher: fills model batches with tiles from any number of images and hands each row back.
+
+    ``add`` queues one tile for an owner; a full batch runs at once, ``flush``
+    runs a short one. With ``pad_batches`` a short batch is padded with blank
+    tiles to ``batch_size`` (GPU engines then never see a new shape): the one
+    place where batches are padded.
+    """
+
+    def __init__(self, predict: PredictFn, batch_size: int, *, pad_batches: bool = False) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.predict = predict
+        self.batch_size = batch_size
+        self.pad_batches = pad_batches
+        self._pending: list[tuple[Callable[[int, np.ndarray], None], int, np.ndarray]] = []
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def add(self, deliver: Callable[[int, np.ndarray], None], index: int, tile: np.ndarray) -> None:
+        """Queue ``tile``; ``deliver(index, probabilities)`` is called when its batch has run."""
+        self._pending.append((deliver, index, tile))
+        if len(self._pending) == self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        tiles = np.stack([t for _, _, t in self._pending])
+        n = len(tiles)
+        if self.pad_batches and n < self.batch_size:
+            tiles = np.concatenate([tiles, np.zeros((self.batch_size - n, *tiles.shape[1:]), tiles.dtype)])
+        out = np.asarray(self.predict(tiles))
+        if out.ndim != 2 or out.shape[0] != len(tiles):
+            raise ValueError(f"predict returned shape {out.shape} for {len(tiles)} tiles; expected {len(tiles)} rows of class probabilities")
+        pending, self._pending = self._pending, []
+        for (deliver, index, _), row in zip(pending, out[:n]):
+            deliver(index, row)
+
+    def predict_all(self, tiles: np.ndarray) -> np.ndarray:
+        """(N, th, tw, 3) tiles → (N, C) rows, ``batch_size`` per model call (padded like any batch)."""
+        rows: list[np.ndarray | None] = [None] * len(tiles)
+
+        def keep(index: int, row: np.ndarray) -> None:
+            rows[index] = row
+
+        for index, tile in enumerate(tiles):
+            self.add(keep, index, tile)
+        self.flush()
+        return np.stack(rows) if len(tiles) else np.zeros((0, 0))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -270,25 +430,54 @@ def _reduce(p: np.ndarray, how: str, top_k: int) -> np.ndarray:
     raise ValueError(f"unknown aggregation {how!r}")
 
 
+@dataclass(frozen=True)
+class CropLayout:
+    """What the splitter decided for one image: its grid, which tiles were predicted, their foreground."""
+
+    grid: TileGrid
+    used: np.ndarray  # (n_tiles,) bool
+    foreground: np.ndarray  # (n_tiles,) float
+    fallback: bool  # no tile reached min_foreground, so all were used
+
+
+def merge(
+    layout: CropLayout,
+    tile_probabilities: np.ndarray,
+    policy: CropPolicy,
+    *,
+    activation: str = "softmax",
+    positive_index: int | None = None,
+) -> SlidingResult:
+    """The merger: one image's (n_tiles, C) tile probabilities (NaN where skipped) → its :class:`SlidingResult`."""
+    merged = aggregate(tile_probabilities[layout.used], policy, activation=activation, positive_index=positive_index)
+    return SlidingResult(merged, tile_probabilities, layout.grid, layout.used, layout.foreground, layout.fallback)
+
+
 @dataclass
 class _Pending:
     """One image in flight: its tiles are being predicted, possibly alongside other images' tiles."""
 
     key: Any
-    reader: _TileReader | None
+    crops: ImageCrops | None
     error: BaseException | None = None
     probs: np.ndarray | None = None
-    used: np.ndarray | None = None
-    foreground: np.ndarray | None = None
     outstanding: int = 0
     enqueued_all: bool = False
-    fallback: bool = False
     started: float = field(default_factory=time.perf_counter)
     seconds: float = 0.0
 
     @property
     def done(self) -> bool:
         return self.error is not None or (self.enqueued_all and self.outstanding == 0)
+
+    def receive(self, index: int, row: np.ndarray) -> None:
+        """A tile's probabilities, delivered by the batcher."""
+        if self.probs is None:
+            self.probs = np.full((self.crops.grid.n_tiles, len(row)), np.nan)  # type: ignore[union-attr]
+        self.probs[index] = row
+        self.outstanding -= 1
+        if self.done:
+            self.seconds = time.perf_counter() - self.started
 
 
 @dataclass(frozen=True)
@@ -302,7 +491,7 @@ class SlidingOutcome:
 
 
 def sliding_window_many(
-    items: Iterable[tuple[Hashable, np.ndarray | ImageRegionSource | BaseException]],
+    items: Iterable[tuple[Hashable, ImageInput | BaseException]],
     predict: PredictFn,
     policy: CropPolicy,
     *,
@@ -312,7 +501,7 @@ def sliding_window_many(
     pad_batches: bool = False,
     flush_each: bool = False,
 ) -> Iterator[SlidingOutcome]:
-    """Sliding crops over a stream of images, with model batches filled across images.
+    """Sliding crops over a stream of images: split → batch → merge, with model batches filled across images.
 
     ``items`` yields ``(key, image)``; an exception instead of an image (it could
     not be read) passes through as an outcome with ``error`` set. Results come
@@ -323,85 +512,41 @@ def sliding_window_many(
     every image, for live sources (a hot folder, a camera) where the next image
     may be minutes away and a result must not wait for it.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batcher = TileBatcher(predict, batch_size, pad_batches=pad_batches)
     queue: deque[_Pending] = deque()
-    batch: list[tuple[_Pending, int, np.ndarray]] = []
-
-    def run_batch() -> None:
-        tiles = np.stack([t for _, _, t in batch])
-        n = len(tiles)
-        if pad_batches and n < batch_size:
-            tiles = np.concatenate([tiles, np.zeros((batch_size - n, *tiles.shape[1:]), tiles.dtype)])
-        out = np.asarray(predict(tiles))
-        if out.ndim != 2 or out.shape[0] != len(tiles):
-            raise ValueError(f"predict returned shape {out.shape} for {len(tiles)} tiles; expected {len(tiles)} rows of class probabilities")
-        for (state, index, _), row in zip(batch, out[:n]):
-            if state.probs is None:
-                state.probs = np.full((state.reader.grid.n_tiles, out.shape[1]), np.nan)  # type: ignore[union-attr]
-            state.probs[index] = row
-            state.outstanding -= 1
-            if state.done:
-                state.seconds = time.perf_counter() - state.started
-        batch.clear()
-
-    def enqueue(state: _Pending, index: int, tile: np.ndarray) -> None:
-        batch.append((state, index, tile))
-        state.outstanding += 1
-        if len(batch) == batch_size:
-            run_batch()
 
     def finished() -> Iterator[SlidingOutcome]:
         while queue and queue[0].done:
             state = queue.popleft()
-            yield _outcome(state, policy, activation, positive_index)
+            if state.error is not None or state.crops is None:
+                yield SlidingOutcome(state.key, None, state.error, 0.0)
+                continue
+            assert state.probs is not None
+            result = merge(state.crops.layout(), state.probs, policy, activation=activation, positive_index=positive_index)
+            yield SlidingOutcome(state.key, result, None, state.seconds)
 
     for key, image in items:
         if isinstance(image, BaseException):
             queue.append(_Pending(key, None, error=image))
             yield from finished()
             continue
-        state = _Pending(key, _TileReader(image, policy))
+        state = _Pending(key, ImageCrops(image, policy))
         queue.append(state)
-        grid = state.reader.grid  # type: ignore[union-attr]
-        state.used = np.zeros(grid.n_tiles, bool)
-        state.foreground = np.ones(grid.n_tiles)
-        for index, (y, x) in enumerate(grid.positions()):
-            tile = state.reader.tile(y, x)  # type: ignore[union-attr]
-            if policy.min_foreground > 0:  # judged on the image's own pixels, never on edge padding
-                vh, vw = min(tile.shape[0], grid.height - y), min(tile.shape[1], grid.width - x)
-                state.foreground[index] = foreground_fraction(tile[None, :vh, :vw], state.reader.background)[0]  # type: ignore[union-attr]
-                if state.foreground[index] < policy.min_foreground:
-                    continue
-            state.used[index] = True
-            enqueue(state, index, tile)
-        if not state.used.any():  # all background: judge on every tile rather than not at all
-            state.fallback = True
-            state.used[:] = True
-            for index, (y, x) in enumerate(grid.positions()):
-                enqueue(state, index, state.reader.tile(y, x))  # type: ignore[union-attr]
+        for index, tile in state.crops:  # type: ignore[union-attr]
+            state.outstanding += 1
+            batcher.add(state.receive, index, tile)
         state.enqueued_all = True
-        if flush_each and batch:
-            run_batch()
+        if flush_each:
+            batcher.flush()
         if state.done:
             state.seconds = time.perf_counter() - state.started
         yield from finished()
-    if batch:
-        run_batch()
+    batcher.flush()
     yield from finished()
 
 
-def _outcome(state: _Pending, policy: CropPolicy, activation: str, positive_index: int | None) -> SlidingOutcome:
-    if state.error is not None or state.reader is None:
-        return SlidingOutcome(state.key, None, state.error, 0.0)
-    assert state.probs is not None and state.used is not None
-    merged = aggregate(state.probs[state.used], policy, activation=activation, positive_index=positive_index)
-    result = SlidingResult(merged, state.probs, state.reader.grid, state.used, state.foreground, state.fallback)
-    return SlidingOutcome(state.key, result, None, state.seconds)
-
-
 def sliding_window_predict(
-    image: np.ndarray | ImageRegionSource,
+    image: ImageInput,
     predict: PredictFn,
     policy: CropPolicy,
     *,

@@ -136,7 +136,7 @@ def test_plan_tiles_odd_image() -> None:
     assert grid.n_tiles == 105 == len(grid.positions())
     assert grid.row_starts[-1] == H - 64 and grid.col_starts[-1] == W - 64
     assert grid.row_starts[:3] == (0, 32, 64)
-    assert grid.tile == (64, 64) and grid.scale == 1.0
+    assert grid.tile == (64, 64) and grid.factors == (1.0, 1.0)
     # row-major: x varies fastest
     positions = grid.positions()
     assert positions[:2] == [(0, 0), (0, 32)] and positions[15] == (32, 0) and positions[-1] == (H - 64, W - 64)
@@ -157,7 +157,7 @@ def test_plan_tiles_with_scale() -> None:
     assert (grid.height, grid.width) == (sh, sw)
     assert grid.shape == (n_starts(sh, 48, 24), n_starts(sw, 48, 24))
     assert grid.row_starts[-1] == sh - 48 and grid.col_starts[-1] == sw - 48
-    assert grid.scale == 0.5
+    assert grid.source_size == (H, W) and grid.factors == (sh / H, sw / W)
     # the resampled image has exactly the planned size
     scaled = rescale(np.zeros((H, W, 3), np.uint8), policy)
     assert scaled.shape == (sh, sw, 3)

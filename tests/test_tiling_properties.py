@@ -242,7 +242,7 @@ def test_plan_covers_every_pixel_with_in_bounds_tiles_of_the_tile_size(case: Cas
     for size, original in ((sh, case.height), (sw, case.width)):
         assert size >= 1 and (abs(size - original * policy.scale) <= 0.5 or size == 1)
     assert rescale(np.zeros((case.height, case.width, 3), np.uint8), policy).shape == (sh, sw, 3)
-    assert grid.tile == policy.tile_size and grid.scale == policy.scale
+    assert grid.tile == policy.tile_size and grid.source_size == (case.height, case.width)
     assert grid.row_starts == tuple(axis_starts(sh, policy.tile_size[0], policy.stride[0]))
     assert grid.col_starts == tuple(axis_starts(sw, policy.tile_size[1], policy.stride[1]))
     assert grid.shape == (len(grid.row_starts), len(grid.col_starts))

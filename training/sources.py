@@ -38,6 +38,7 @@ import numpy as np
 from edgedx.errors import InputError
 from edgedx.runtime.datasets import list_image_folder
 from edgedx.runtime.image_io import read_image, to_rgb_uint8
+from edgedx.runtime.sources import source_pixels
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class TrainingData:
     source: str
     loader: Loader = field(repr=False, kw_only=True)
     index: np.ndarray | None = field(default=None, repr=False, kw_only=True)
+    locator: Callable[[int], Path] | None = field(default=None, repr=False, kw_only=True)  # file-backed sources
 
     def __post_init__(self) -> None:
         """Catch misaligned fields early: every later step indexes them together."""
@@ -109,6 +111,19 @@ class TrainingData:
         assert self.index is not None
         return self.loader(int(self.index[i]))
 
+    def item(self, i: int) -> Path | np.ndarray:
+        """What ``diagnose`` would be given for item ``i``: its file (read by the runtime's own path), else its pixels."""
+        assert self.index is not None
+        return self.locator(int(self.index[i])) if self.locator is not None else self.load(i)
+
+    def size(self, i: int) -> tuple[int, int]:
+        """(height, width) of item ``i`` as loaded, from the file header when there is a file (no decoding)."""
+        assert self.index is not None
+        if self.locator is not None:
+            return source_pixels(self.locator(int(self.index[i])))
+        image = self.load(i)
+        return int(image.shape[0]), int(image.shape[1])
+
     def subset(self, indices: Sequence[int] | np.ndarray) -> TrainingData:
         """The same classes and task restricted to ``indices`` (ints or a boolean mask), fields kept aligned."""
         idx = np.asarray(indices)
@@ -130,6 +145,7 @@ class TrainingData:
             source=self.source,
             loader=self.loader,
             index=self.index[idx],
+            locator=self.locator,
         )
 
     def class_counts(self) -> dict[str, int]:
@@ -238,6 +254,7 @@ def _load_image_folder(root: Path, class_names: Sequence[str] | None) -> Trainin
         splits=None,
         source=str(root),
         loader=_file_loader(paths),
+        locator=tuple(paths).__getitem__,
     )
 
 
@@ -405,6 +422,7 @@ def _load_csv(
         splits=splits,
         source=str(csv_path),
         loader=_file_loader(paths),
+        locator=tuple(paths).__getitem__,
     )
 
 

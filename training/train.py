@@ -9,7 +9,10 @@ target sensitivity.
 
 Images go through :func:`edgedx.runtime.preprocess.preprocess_batch` with the
 same card the deployed model carries, so training and deployment see identical
-inputs. The best epoch is kept as a copy of the weights, never an alias of the
+inputs. Training crops are drawn by the card's crop policy
+(:mod:`edgedx.training.crops`), and validation, the operating threshold and the
+card's metrics come from the runtime's own diagnosis path: sliding crops merged
+per image (:mod:`edgedx.training.validation`). The best epoch is kept as a copy of the weights, never an alias of the
 live model; ``last.pt`` holds everything needed to resume.
 """
 
@@ -29,14 +32,17 @@ import torch
 from torch import nn
 
 import edgedx
-from edgedx.card import CropPolicy, ModelCard, Normalization, Provenance, now_iso
-from edgedx.errors import ImageReadError, InputError
+from edgedx.card import ModelCard, Normalization, Provenance, now_iso
+from edgedx.errors import InputError
 from edgedx.progress import ProgressFn, no_progress
 from edgedx.runtime.metrics import classification_metrics, threshold_for_sensitivity
-from edgedx.runtime.preprocess import preprocess_batch, resize_to, to_probabilities
+from edgedx.runtime.preprocess import preprocess_batch
+from edgedx.runtime.tiling import random_tile
 from edgedx.training import distributed
 from edgedx.training.augment import PRESETS, augment
 from edgedx.training.checkpoint import save_checkpoint
+from edgedx.training.crops import CropChoice, DecodedImages, decode_all, plan_crop_policy
+from edgedx.training.validation import as_logits, predict_resampled
 from edgedx.training.losses import IMBALANCE_MODES, TaskLoss, balanced_order, class_weights, loss_shares
 from edgedx.training.models import DEFAULT_ARCH, check_arch, create_model, default_input_size, default_normalization, load_weights
 from edgedx.training.sources import TrainingData, load_source
@@ -86,6 +92,7 @@ class TrainConfig:
     label_columns: tuple[str, ...] | None = None
     class_names: tuple[str, ...] | None = None
     stride_fraction: float = 0.5
+    crop: str = "auto"  # auto | fit | shorter_side[:N] | scale[:F]: how images become crops, in training and in diagnose
     strict: bool = False
     resume: bool = False
     gradcam_samples: int = 8
@@ -113,6 +120,7 @@ class TrainConfig:
             if not ok:
                 raise InputError(message)
         parse_strategy(self.strategy)
+        CropChoice.parse(self.crop)
 
 
 @dataclass(frozen=True)
@@ -136,41 +144,6 @@ def pick_positive_class(class_names: tuple[str, ...], requested: str | None) -> 
     if len(negatives) == 1:
         return next(n for n in class_names if n not in negatives)
     return class_names[-1]
-
-
-@dataclass
-class DecodedImages:
-    """The data decoded once at the model's input size (uint8), plus what was skipped."""
-
-    data: TrainingData  # only the readable items
-    images: list[np.ndarray]
-    skipped: list[str]
-    scales: list[float]
-
-
-def decode_all(data: TrainingData, size: tuple[int, int], *, strict: bool, progress: ProgressFn) -> DecodedImages:
-    """Read every item once; an unreadable one is skipped and listed, or fatal with ``strict``.
-
-    ``scales`` records how much each image was shrunk or enlarged, so the card's
-    crop policy resamples whole images the same way at diagnosis.
-    """
-    images, kept, skipped, scales = [], [], [], []
-    for i in range(len(data)):
-        try:
-            rgb = data.load(i)
-        except ImageReadError as exc:
-            if strict:
-                raise InputError(f"unreadable training image (strict mode): {exc}") from None
-            skipped.append(str(exc))
-            log.warning("skipping %s", exc)
-            continue
-        scales.append(math.sqrt(size[0] / rgb.shape[0] * size[1] / rgb.shape[1]))
-        images.append(resize_to(rgb, size[0], size[1], "area"))
-        kept.append(i)
-        progress("load images", i + 1, len(data))
-    if not kept:
-        raise InputError(f"no readable image in {data.source}")
-    return DecodedImages(data.subset(np.asarray(kept)), images, skipped, scales)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -232,7 +205,10 @@ def _train(
     size = (config.input_size, config.input_size) if config.input_size else default_input_size(model)
     mean, std = default_normalization(model)
 
-    decoded = decode_all(source, size, strict=config.strict, progress=progress)
+    planned = plan_crop_policy(source, config.crop, size, config.stride_fraction)
+    if main:
+        log.info("crop policy: %s (%s)", planned.policy.describe(), planned.reason)
+    decoded = decode_all(source, planned.policy, strict=config.strict, progress=progress)
     data_ = decoded.data
     targets = data_.targets
     present = np.flatnonzero(data_.class_matrix().any(axis=0))
@@ -273,11 +249,7 @@ def _train(
         input_size=size,
         normalization=Normalization(kind="per_image") if config.normalization == "per_image" else Normalization(mean=mean, std=std),
         output_activation="sigmoid" if task == "multilabel" else "softmax",
-        crop=CropPolicy(
-            tile_size=size,
-            stride=(max(1, round(size[0] * config.stride_fraction)), max(1, round(size[1] * config.stride_fraction))),
-            scale=round(float(np.median(decoded.scales)), 6),
-        ),
+        crop=planned.policy,
         provenance=Provenance(
             edgedx_version=edgedx.__version__,
             created_at=now_iso(),
@@ -337,7 +309,7 @@ def _train(
             if len(idx) < 2 and len(order) > 1:  # batch norm cannot train on a single sample (equal on every rank)
                 continue
             positions = start + ctx.rank + ctx.world * np.arange(len(idx))  # place in the global batch order
-            batch = np.stack([_augment(decoded.images[i], config, epoch, p) for i, p in zip(idx, positions)])
+            batch = np.stack([_training_crop(decoded, i, card, config, epoch, p) for i, p in zip(idx, positions)])
             x = torch.from_numpy(preprocess_batch(batch, card)).to(device)
             target = _target_tensor(targets[idx], task).to(device)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
@@ -420,6 +392,7 @@ def _train(
             "device": str(device),
             "world_size": ctx.world,
             "batch_norm": "synchronised" if ctx.synced_batchnorm else ("per process" if ctx.distributed else "single process"),
+            "crop": {"policy": card.crop.describe(), "reason": planned.reason, "validated_as": "diagnose: sliding crops merged per image"},
         }
         if config.plots:
             _write_plots(out, state.history, targets[val_idx], val_probs, card, final, config.monitor)
@@ -463,40 +436,23 @@ def cross_validate(
     return CrossValidationResult(tuple(results), summary)
 
 
-@torch.inference_mode()
-def predict(
-    model: nn.Module, images: list[np.ndarray], targets: np.ndarray, idx: np.ndarray, card: ModelCard,
-    batch_size: int, device: torch.device, loss_fn: nn.Module,
-) -> tuple[float, np.ndarray]:
-    """Mean loss (``loss_fn`` on CPU) and probabilities (through the runtime's activation) on the items ``idx``."""
-    out = _logits(model, images, idx, card, batch_size, device)
-    loss = float(loss_fn(out, _target_tensor(targets[idx], card.task)))
-    return loss, to_probabilities(out.numpy(), card)
-
-
-@torch.inference_mode()
-def _logits(model: nn.Module, images: list[np.ndarray], idx: np.ndarray, card: ModelCard, batch_size: int, device: torch.device) -> torch.Tensor:
-    """The model's float32 logits on CPU for the items ``idx`` (an empty (0, C) tensor for none)."""
-    model.eval()
-    logits = [torch.zeros((0, card.n_classes))]
-    for b in range(0, len(idx), batch_size):
-        chunk = idx[b : b + batch_size]
-        x = torch.from_numpy(preprocess_batch(np.stack([images[i] for i in chunk]), card)).to(device)
-        logits.append(model(x).float().cpu())
-    return torch.cat(logits)
-
-
 def _evaluate(
-    ctx: distributed.Context, model: nn.Module, images: list[np.ndarray], targets: np.ndarray, idx: np.ndarray,
+    ctx: distributed.Context, model: nn.Module, images: list, targets: np.ndarray, idx: np.ndarray,
     card: ModelCard, batch_size: int, loss_fn: nn.Module,
 ) -> tuple[float, np.ndarray]:
-    """:func:`predict` with the items shared out over the ranks and the logits gathered: every rank gets the full result."""
-    if not ctx.distributed:
-        return predict(model, images, targets, idx, card, batch_size, ctx.device, loss_fn)
-    mine = idx[distributed.shard_positions(len(idx), ctx.rank, ctx.world)]
-    full = torch.from_numpy(distributed.gather_rows(ctx, _logits(model, images, mine, card, batch_size, ctx.device).numpy(), len(idx)))
-    loss = float(loss_fn(full, _target_tensor(targets[idx], card.task)))
-    return loss, to_probabilities(full.numpy(), card)
+    """Loss and merged probabilities of the items ``idx``, diagnosed as ``diagnose`` would (sliding crops, merged).
+
+    Under DDP the images are shared out over the ranks and the merged rows
+    gathered, so every rank gets the full result. The loss is the task loss of
+    the merged probabilities (:func:`as_logits`).
+    """
+    if ctx.distributed:
+        mine = idx[distributed.shard_positions(len(idx), ctx.rank, ctx.world)]
+        probs = distributed.gather_rows(ctx, predict_resampled(model, card, images, mine, batch_size=batch_size, device=ctx.device), len(idx))
+    else:
+        probs = predict_resampled(model, card, images, idx, batch_size=batch_size, device=ctx.device)
+    loss = float(loss_fn(as_logits(probs, card.output_activation), _target_tensor(targets[idx], card.task)))
+    return loss, probs
 
 
 def score(y: np.ndarray, probs: np.ndarray, card: ModelCard, *, threshold: float | None = None) -> dict[str, Any]:
@@ -610,11 +566,13 @@ def _restore(path: Path, model, optimizer, scheduler, scaler, config: TrainConfi
     return state
 
 
-def _augment(image: np.ndarray, config: TrainConfig, epoch: int, position: int) -> np.ndarray:
-    """Augment from a generator seeded by (seed, epoch, place in the epoch's order): the same on any number of ranks."""
+def _training_crop(decoded: DecodedImages, i: int, card: ModelCard, config: TrainConfig, epoch: int, position: int) -> np.ndarray:
+    """A random crop by the card's rule (the whole image under ``fit``), then augmented; from generators seeded by
+    (seed, epoch, place in the epoch's order), so the same on any number of ranks and on resume."""
+    crop = random_tile(decoded.images[i], card.crop, np.random.default_rng([config.seed, epoch, int(position), 1]))
     if config.augmentation == "none":
-        return image
-    return augment(image, config.augmentation, np.random.default_rng([config.seed, epoch, int(position)]))
+        return crop
+    return augment(crop, config.augmentation, np.random.default_rng([config.seed, epoch, int(position)]))
 
 
 def _batch_share(mine: np.ndarray, whole: np.ndarray, task: str, weights: np.ndarray | None) -> float:
@@ -704,7 +662,7 @@ def _write_gradcam(out: Path, model: nn.Module, decoded: DecodedImages, val_idx:
     names = [re.sub(r"[^A-Za-z0-9._-]+", "_", f"val_{k:02d}_{Path(decoded.data.ids[i]).stem}")[:80] for k, i in enumerate(chosen)]
     try:
         return save_gradcam_examples(
-            model.cpu(), [decoded.images[i] for i in chosen], card, out / "gradcam", names=names, labels=labels, max_images=n
+            model.cpu(), [decoded.images[i].pixels for i in chosen], card, out / "gradcam", names=names, labels=labels, max_images=n
         )
     except Exception as exc:  # Grad-CAM is evidence, not the product: never lose a finished run over it
         log.warning("Grad-CAM overlays failed for %s: %s", card.arch, exc)

@@ -204,6 +204,9 @@ def export(
     verify_data: Annotated[
         Optional[Path], typer.Option(help="Labelled folder (one sub-folder per class) to verify on (default: the run's validation split).")
     ] = None,
+    synthetic_verification_only: Annotated[
+        bool, typer.Option("--synthetic-verification-only", help="When no labelled images exist: verify parity on synthetic images only, with no accuracy check (said in the report).")
+    ] = False,
     engine_batch: Annotated[
         str, typer.Option(help="TensorRT optimisation profile batch sizes MIN,OPT,MAX.")
     ] = "1,8,32",
@@ -217,6 +220,7 @@ def export(
     options = ExportOptions(
         precisions=parse_precisions(precision), engine=engine, mobile=mobile, embed_preprocessing=embed_preprocessing,
         simplify=simplify, calibration=calibration, verify_data=verify_data, opset=opset,
+        synthetic_verification_only=synthetic_verification_only,
         engine_batch=_batch_range(engine_batch), workspace_gib=workspace_gib,
     )
     with progress_bar() as progress:
@@ -237,7 +241,10 @@ def export(
         f"{bn['folded_into_conv']} folded by EdgeDx, {bn['converted_to_affine']} made affine, {bn['remaining']} left"
     )
     verification = report.data["verification"]
-    console.print(f"verified on {verification['n_samples']} crops ({verification['n_real']} real: {verification['source']})")
+    console.print(
+        f"verified as diagnose runs on {verification['n_samples']} images ({verification.get('n_crops', '?')} crops; "
+        f"{verification['n_real']} real, {verification['n_labelled']} labelled: {verification['source']})"
+    )
     console.print(f"report: {report.report_path}")
     engines = [a for a in report.artefacts if a["format"] == "engine"]
     best = report.path_of(engines[-1]) if engines else report.onnx_path

@@ -36,6 +36,10 @@ class ParityError(EdgeDxError):
     """An exported model does not reproduce the PyTorch model within tolerance."""
 
 
+class PartialExportError(ParityError):
+    """Some artefacts passed verification and stay; others were refused (the message names both and the next step)."""
+
+
 class MissingDependencyError(EdgeDxError):
     """An optional package is not installed; the message gives the pip command."""
 

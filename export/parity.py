@@ -1,17 +1,20 @@
 """Verify an exported artefact against the PyTorch model it came from.
 
-Like Polygraphy's comparator: run both on the same crops and return the
-evidence (max absolute and relative difference of the logits, top-1 agreement,
+Like Polygraphy's comparator: run both on the same images through the
+runtime's diagnosis path (:func:`diagnose_outputs`: the same reading, crops,
+preprocessing, batching and merging as ``diagnose``; only the engine differs)
+and return the evidence (max absolute and relative difference of the logits, top-1 agreement,
 agreement of the decision at the card's threshold, max and mean probability
 delta), plus a pass/fail against per-precision tolerances. fp32 must match the
-logits tightly; fp16 and int8 cannot, so they are judged by agreement and by how
-far the probabilities move. On a labelled set the report adds the accuracy and
-AUC of the reference and of the variant.
+logits of every crop tightly; fp16 and int8 cannot, so they are judged by how
+often the per-image decisions agree and how far the merged probabilities move.
+On a labelled set the report adds the accuracy and AUC of the reference and of
+the variant, per image, as ``evaluate`` would compute them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,7 +24,8 @@ from torch import nn
 
 from edgedx.card import ModelCard
 from edgedx.runtime.metrics import classification_metrics
-from edgedx.runtime.model import decide
+from edgedx.errors import EdgeDxError
+from edgedx.runtime.model import Model, decide
 from edgedx.runtime.preprocess import model_input, preprocess_batch, to_probabilities
 
 
@@ -53,7 +57,7 @@ TOLERANCES: dict[str, Tolerance] = {
 @dataclass(frozen=True)
 class ParityReport:
     precision: str
-    n_samples: int
+    n_samples: int  # images
     n_real: int
     max_abs_diff: float
     max_rel_diff: float
@@ -64,6 +68,7 @@ class ParityReport:
     tolerance: Tolerance
     failures: tuple[str, ...]
     labelled: dict[str, Any] | None = None
+    n_crops: int | None = None  # crops whose logits were compared (None: one per image)
 
     @property
     def passed(self) -> bool:
@@ -124,6 +129,70 @@ def artefact_logits(run: Callable[[np.ndarray], np.ndarray], crops: np.ndarray, 
     return np.concatenate(out)
 
 
+@dataclass(frozen=True)
+class PathOutputs:
+    """What the diagnosis path produced for a set of images with one engine."""
+
+    keys: list[Hashable]  # the images diagnosed, in order
+    crop_logits: np.ndarray  # (n_crops, C): every crop the engine saw, in the order it saw them
+    probabilities: np.ndarray  # (n_images, C): merged per image, as a diagnose record has them
+    failed: list[tuple[Hashable, str]]  # images that could not be read
+
+
+class _RecordingSession:
+    """A session that keeps the logits of every batch it runs (the crops' own evidence)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.card = inner.card
+        self.providers = list(getattr(inner, "providers", []))  # so Model pads GPU batches exactly as it would
+        self.logits: list[np.ndarray] = []
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        out = np.asarray(self.inner.run(x), np.float32)
+        self.logits.append(out)
+        return out
+
+
+def diagnose_outputs(session: Any, items: Iterable[tuple[Hashable, Any]], *, batch_size: int = 32) -> PathOutputs:
+    """Diagnose ``items`` with ``session`` as the engine, through the runtime's :class:`Model` (``diagnose``'s path).
+
+    Any object with ``card`` and ``run(x) -> logits`` is an engine: an ONNX
+    Runtime or TensorRT session, or the PyTorch reference
+    (:class:`edgedx.training.validation.TorchSession`). Crop logits are recorded
+    as the engine returns them; a padded last GPU batch is trimmed off.
+    """
+    recorder = _RecordingSession(session)
+    model = Model(recorder, batch_size=batch_size)
+    keys, rows, failed, n_crops = [], [], [], 0
+    for key, result in model.stream(items, prefetch=0):
+        if isinstance(result, EdgeDxError):
+            failed.append((key, str(result)))
+            continue
+        keys.append(key)
+        rows.append(result.sliding.probabilities)
+        n_crops += result.n_crops
+    n_classes = session.card.n_classes
+    logits = np.concatenate(recorder.logits)[:n_crops] if recorder.logits else np.zeros((0, n_classes), np.float32)
+    probs = np.stack(rows) if rows else np.zeros((0, n_classes))
+    return PathOutputs(keys, logits.reshape(len(logits), -1), probs, failed)
+
+
+def compare_outputs(
+    reference: PathOutputs, candidate: PathOutputs, card: ModelCard, precision: str, *, n_real: int = 0, labels: np.ndarray | None = None
+) -> ParityReport:
+    """Judge an artefact's diagnosis-path outputs against the reference's: crop logits, then per-image results.
+
+    ``labels`` (class indices) belong to the first ``len(labels)`` images of ``reference.keys``.
+    """
+    if reference.keys != candidate.keys:
+        raise ValueError(f"the artefact diagnosed {len(candidate.keys)} images, the reference {len(reference.keys)}: they must see the same images")
+    return _judge(
+        reference.crop_logits, candidate.crop_logits, reference.probabilities, candidate.probabilities, card, precision,
+        n_real=n_real, labels=labels, n_crops=len(reference.crop_logits),
+    )
+
+
 def compare_logits(
     reference: np.ndarray,
     candidate: np.ndarray,
@@ -133,20 +202,29 @@ def compare_logits(
     n_real: int = 0,
     labels: np.ndarray | None = None,
 ) -> ParityReport:
-    """The comparison itself (pure numpy, so it is testable on its own).
+    """The comparison on one crop per image (pure numpy, so it is testable on its own).
 
     ``labels`` (class indices, for the first ``len(labels)`` samples) adds the
     accuracy and AUC of both models and their difference.
     """
+    ref, got = np.asarray(reference, np.float64), np.asarray(candidate, np.float64)
+    if ref.shape != got.shape:
+        raise ValueError(f"reference logits {ref.shape} and candidate logits {got.shape} differ in shape")
+    return _judge(ref, got, to_probabilities(ref, card), to_probabilities(got, card), card, precision, n_real=n_real, labels=labels)
+
+
+def _judge(
+    ref_logits: np.ndarray, got_logits: np.ndarray, p_ref: np.ndarray, p_got: np.ndarray, card: ModelCard, precision: str,
+    *, n_real: int, labels: np.ndarray | None, n_crops: int | None = None,
+) -> ParityReport:
+    """Logits per crop against the precision's atol/rtol; agreement and probability change per image."""
     tol = TOLERANCES[precision]
-    ref = reference.astype(np.float64)
-    got = candidate.astype(np.float64)
+    ref = np.asarray(ref_logits, np.float64)
+    got = np.asarray(got_logits, np.float64)
     if ref.shape != got.shape:
         raise ValueError(f"reference logits {ref.shape} and candidate logits {got.shape} differ in shape")
     diff = np.abs(ref - got)
     rel = diff / np.maximum(np.abs(ref), 1e-6)
-    p_ref = to_probabilities(ref, card)
-    p_got = to_probabilities(got, card)
     prob_delta = np.abs(p_ref - p_got)
     top1 = float(np.mean(np.argmax(p_ref, axis=1) == np.argmax(p_got, axis=1)))
     decisions = float(np.mean([decide(a, card) == decide(b, card) for a, b in zip(p_ref, p_got)]))
@@ -172,10 +250,10 @@ def compare_logits(
         )
     return ParityReport(
         precision=precision,
-        n_samples=int(ref.shape[0]),
+        n_samples=int(p_ref.shape[0]),
         n_real=int(n_real),
-        max_abs_diff=float(diff.max()),
-        max_rel_diff=float(rel.max()),
+        max_abs_diff=float(diff.max()) if diff.size else 0.0,
+        max_rel_diff=float(rel.max()) if rel.size else 0.0,
         top1_agreement=top1,
         decision_agreement=decisions,
         max_prob_delta=float(prob_delta.max()),
@@ -183,6 +261,7 @@ def compare_logits(
         tolerance=tol,
         failures=tuple(failures),
         labelled=labelled,
+        n_crops=n_crops,
     )
 
 

@@ -1,12 +1,16 @@
 """``edgedx export``: a checkpoint → verified ONNX (fp32/fp16/int8), ORT and TensorRT artefacts.
 
-Convert, then verify, and return the evidence. Every artefact is run on the
-same real crops as the fp32 PyTorch model (the run's validation split, or the
-user's labelled folder) and judged against its precision's tolerance; the report
-records batch-norm counts, parity per artefact, sizes, hashes, versions and
-timings. An artefact that fails is renamed ``*.failed`` so it cannot be
-deployed by mistake, and the export raises :class:`ParityError` after writing
-the report.
+Convert, then verify, and return the evidence. Every artefact diagnoses the
+same real images as the fp32 PyTorch model (the run's validation split, or the
+user's labelled folder), both through the runtime's own diagnosis path (same
+reading, crops, preprocessing and merging as ``diagnose``), and is judged
+against its precision's tolerance; the report records batch-norm counts, parity
+per artefact, sizes, hashes, versions and timings. If labelled images cannot be
+found the export stops and names ``--verify-data``: verification is never
+silently weaker. An artefact that fails is renamed ``*.failed`` so it cannot be
+deployed by mistake; the ones that passed stay, and the export raises
+:class:`ParityError` (:class:`PartialExportError` when some passed) after
+writing the report, naming both and the next step.
 """
 
 from __future__ import annotations
@@ -25,17 +29,18 @@ import torch
 
 import edgedx
 from edgedx.card import ONNX_METADATA_KEY, ModelCard
-from edgedx.errors import InputError, ParityError
+from edgedx.errors import InputError, ParityError, PartialExportError
 from edgedx.export.bn_fold import assert_no_batchnorm, count_batchnorms, fold_batchnorms
 from edgedx.export.onnx_export import DEFAULT_OPSET, check_graph, embed_metadata, simplify, torch_to_onnx
-from edgedx.export.parity import ParityReport, artefact_logits, compare_logits, parity_crops, torch_logits
+from edgedx.export.parity import ParityReport, PathOutputs, compare_outputs, diagnose_outputs, parity_crops
 from edgedx.export.precision import parse_precisions, to_fp16, to_int8
 from edgedx.export.preprocess_graph import embed_preprocessing
-from edgedx.export.samples import Samples, folder_samples, split_samples
+from edgedx.export.samples import Samples, SplitUnavailable, calibration_crops, folder_samples, split_samples
 from edgedx.progress import ProgressFn, no_progress
 from edgedx.runtime.integrity import CHECKSUM_SUFFIX, atomic_write_bytes, write_checksum
 from edgedx.runtime.onnx_backend import OnnxSession
 from edgedx.training.checkpoint import build_model, file_sha256, load_checkpoint
+from edgedx.training.validation import TorchSession
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +61,7 @@ class ExportOptions:
     simplify: bool = False
     calibration: Path | None = None
     verify_data: Path | None = None
+    synthetic_verification_only: bool = False  # explicit opt-in: parity on synthetic images, no accuracy check
     opset: int = DEFAULT_OPSET
     verify_samples: int = 256
     calibration_samples: int = 128
@@ -151,17 +157,16 @@ def export_checkpoint(
     fp32_seconds = time.perf_counter() - t0
     step("fp32 onnx")
 
-    # -- the crops every artefact is judged on ------------------------------------------
+    # -- the images every artefact is judged on, through the diagnosis path ---------------
     verify = _verification_samples(ckpt.path, ckpt.card, options)
-    crops = parity_crops(card, MIN_PARITY_SAMPLES, images=None if verify is None else verify.images)
-    labels = None if verify is None or card.task == "multilabel" else verify.labels
-    n_real = 0 if verify is None else len(verify)
-    reference = torch_logits(model, crops, ckpt.card)
+    items, n_real = _verification_items(verify, card)
+    reference = diagnose_outputs(TorchSession(model, ckpt.card), items)
+    labels = _labels_of(verify, reference, n_real, card)
     step("reference")
 
-    def judge(path: Path, fmt: str, precision: str, seconds: float, run: Callable[[np.ndarray], np.ndarray], **extra: Any) -> Artefact:
-        candidate = artefact_logits(run, crops, card)
-        report = compare_logits(reference, candidate, card, precision, n_real=n_real, labels=labels)
+    def judge(path: Path, fmt: str, precision: str, seconds: float, session: Any, **extra: Any) -> Artefact:
+        candidate = diagnose_outputs(session, items)
+        report = compare_outputs(reference, candidate, card, precision, n_real=n_real, labels=labels)
         log.info("%s: %s", path.name, report.summary())
         return Artefact(path, fmt, precision, report, seconds, extra)
 
@@ -180,14 +185,14 @@ def export_checkpoint(
             seconds = time.perf_counter() - t0
         else:
             calibration = _calibration_samples(ckpt.path, ckpt.card, options)
-            calibration_info = {"source": calibration.source, "n": len(calibration)}
-            path = to_int8(onnx_path, out / f"{stem}.int8.onnx", card, calibration.images)
+            crops = calibration_crops(calibration, ckpt.card, limit=options.calibration_samples)
+            calibration_info = {"source": calibration.source, "n_images": len(calibration), "n_crops": len(crops)}
+            path = to_int8(onnx_path, out / f"{stem}.int8.onnx", card, crops)
             quantised = onnx.load(str(path))
             embed_metadata(quantised, {PRECISION_KEY: "int8"})
             onnx.save(quantised, path)
             seconds = time.perf_counter() - t0
-        session = OnnxSession(path, device="cpu")
-        artefacts.append(judge(path, "onnx", precision, seconds, session.run))
+        artefacts.append(judge(path, "onnx", precision, seconds, OnnxSession(path, device="cpu")))
         onnx_variants.append((precision, path))
         step(f"{precision} onnx")
         if precision == "fp32" and not artefacts[0].parity.passed:
@@ -212,10 +217,13 @@ def export_checkpoint(
         "input_format": card.input_format,
         "batchnorm": bn_counts,
         "verification": {
-            "source": "synthetic images only" if verify is None else verify.source,
-            "n_samples": len(crops),
+            "source": "synthetic images only (asked for with --synthetic-verification-only)" if verify is None else verify.source,
+            "path": "diagnose: the card's crop policy, crops merged per image",
+            "n_samples": len(reference.keys),
+            "n_crops": len(reference.crop_logits),
             "n_real": n_real,
             "n_labelled": 0 if labels is None else len(labels),
+            "unreadable": [message for _, message in reference.failed],
         },
         "calibration": calibration_info,
         "versions": _versions(options),
@@ -236,18 +244,37 @@ def export_checkpoint(
     atomic_write_bytes(report_path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
     step("report")
     if failed:
-        lines = "; ".join(
-            f"{a.path.name} ({a.precision}) does not match PyTorch: {', '.join(a.parity.failures)}" for a in failed
-        )
-        raise ParityError(f"{lines}; kept as *.failed for inspection, see {report_path}")
+        raise _refusal(artefacts, failed, report_path, options)
     log.info("exported %d artefacts to %s", len(artefacts), out)
     return ExportReport(onnx_path, report_path, data)
 
 
+def _refusal(artefacts: list[Artefact], failed: list[Artefact], report_path: Path, options: ExportOptions) -> ParityError:
+    """What passed, what was refused and why, and what to do next: one message for the one catch site."""
+    refused = "; ".join(
+        f"{a.path.name} ({a.precision} {a.format}) refused: {', '.join(a.parity.failures)} (kept as {a.path.name}.failed)" for a in failed
+    )
+    passed = [a for a in artefacts if a.parity.passed]
+    if not passed:
+        return ParityError(f"{refused}; nothing was derived from it. Evidence: {report_path}")
+    hints = []
+    if any(a.precision == "int8" for a in failed):
+        hints.append("retry int8 with --calibration DIR (typical images of the deployment)" if options.calibration is None else "int8 is optional: export without it")
+    if any(a.precision == "fp16" for a in failed):
+        hints.append("fp16 is optional: export without it")
+    ship = ", ".join(a.path.name for a in passed)
+    return PartialExportError(
+        f"partial export: passed {ship}; {refused}. Next: ship {passed[0].path.name}"
+        + (f", or {'; or '.join(hints)}" if hints else "")
+        + f". Evidence: {report_path}"
+    )
+
+
 def _forget_previous_export(out: Path, stem: str) -> None:
-    """Checksums and the report of an earlier export into ``out`` describe files about to be replaced."""
+    """Checksums, refused ``*.failed`` artefacts and the report of an earlier export into ``out`` describe files about
+    to be replaced: a new export starts without them (it writes its own refusals again if it has any)."""
     (out / REPORT_NAME).unlink(missing_ok=True)
-    for old in out.glob(f"{stem}*{CHECKSUM_SUFFIX}"):
+    for old in [*out.glob(f"{stem}*{CHECKSUM_SUFFIX}"), *out.glob(f"{stem}*.failed")]:
         old.unlink()
 
 
@@ -279,25 +306,61 @@ def _fp32_graph(model: torch.nn.Module, card: ModelCard, options: ExportOptions,
 
 
 def _verification_samples(checkpoint: Path | None, card: ModelCard, options: ExportOptions) -> Samples | None:
-    """The user's labelled folder, else the run's validation split, else None (synthetic crops only)."""
+    """The user's labelled folder, else the run's validation split; never silently nothing.
+
+    None only when the user asked for synthetic-only verification. When the
+    run's labelled images cannot be found, the export stops and says why and
+    which option fixes it.
+    """
     if options.verify_data is not None:
         return folder_samples(options.verify_data, card, limit=options.verify_samples, labelled=True)
-    if checkpoint is None:
+    if options.synthetic_verification_only:
         return None
-    return split_samples(checkpoint, card, "val", limit=options.verify_samples)
+    why = "the checkpoint is not in a run folder"
+    if checkpoint is not None:
+        try:
+            found = split_samples(checkpoint, card, "val", limit=options.verify_samples)
+        except SplitUnavailable as exc:
+            why = str(exc)
+        else:
+            if found.labels is not None or card.task == "multilabel":
+                return found
+            why = f"the labels of {found.source} are not known"
+    raise InputError(
+        f"cannot verify on labelled images: {why}. Give a labelled folder (one sub-folder per class) with --verify-data DIR, "
+        "or accept parity on synthetic images only, with no accuracy check, with --synthetic-verification-only"
+    )
+
+
+def _verification_items(verify: Samples | None, card: ModelCard) -> tuple[list[tuple[int, Any]], int]:
+    """(key, image) pairs: the real images first, topped up with synthetic ones to at least MIN_PARITY_SAMPLES."""
+    real = [] if verify is None else list(verify.items)
+    missing = MIN_PARITY_SAMPLES - len(real)
+    synthetic = list(parity_crops(card, missing)) if missing > 0 else []
+    return list(enumerate([*real, *synthetic])), len(real)
+
+
+def _labels_of(verify: Samples | None, reference: PathOutputs, n_real: int, card: ModelCard) -> np.ndarray | None:
+    """Labels of the real images that were diagnosed (they come first in ``reference.keys``)."""
+    if verify is None or verify.labels is None or card.task == "multilabel":
+        return None
+    read = [int(k) for k in reference.keys if int(k) < n_real]
+    if not read:
+        raise InputError(f"none of the {n_real} verification images of {verify.source} could be read: {reference.failed[0][1] if reference.failed else ''}")
+    return verify.labels[read]
 
 
 def _calibration_samples(checkpoint: Path | None, card: ModelCard, options: ExportOptions) -> Samples:
     """The user's folder, else the run's training split; int8 without real images is refused."""
     if options.calibration is not None:
         return folder_samples(options.calibration, card, limit=options.calibration_samples, labelled=False)
-    found = None if checkpoint is None else split_samples(checkpoint, card, "train", limit=options.calibration_samples)
-    if found is None:
-        raise InputError(
-            "int8 needs calibration images and the training split recorded with the checkpoint cannot be read "
-            "(split.json missing or the data moved); give a folder of typical images with --calibration DIR"
-        )
-    return found
+    why = "the checkpoint is not in a run folder"
+    if checkpoint is not None:
+        try:
+            return split_samples(checkpoint, card, "train", limit=options.calibration_samples)
+        except SplitUnavailable as exc:
+            why = str(exc)
+    raise InputError(f"int8 needs calibration images and the run's training split cannot be read ({why}); give a folder of typical images with --calibration DIR")
 
 
 def _mobile(path: Path, precision: str, judge: Callable[..., Artefact]) -> Artefact:
@@ -305,8 +368,7 @@ def _mobile(path: Path, precision: str, judge: Callable[..., Artefact]) -> Artef
 
     t0 = time.perf_counter()
     ort_path = onnx_to_ort(path)
-    session = OnnxSession(ort_path, device="cpu")
-    return judge(ort_path, "ort", precision, time.perf_counter() - t0, session.run)
+    return judge(ort_path, "ort", precision, time.perf_counter() - t0, OnnxSession(ort_path, device="cpu"))
 
 
 def _engine(path: Path, precision: str, card: ModelCard, options: ExportOptions, judge: Callable[..., Artefact], progress: ProgressFn) -> Artefact:
@@ -319,8 +381,7 @@ def _engine(path: Path, precision: str, card: ModelCard, options: ExportOptions,
         path, engine_path, card, precision=precision, onnx_sha256=file_sha256(path),
         min_batch=lo, opt_batch=opt, max_batch=hi, workspace_gib=options.workspace_gib, progress=progress,
     )
-    session = TensorRTSession(engine_path)
-    return judge(engine_path, "engine", precision, info.seconds, session.run, tensorrt=info.to_dict())
+    return judge(engine_path, "engine", precision, info.seconds, TensorRTSession(engine_path), tensorrt=info.to_dict())
 
 
 def _require_tensorrt() -> None:

@@ -16,6 +16,32 @@ CLASSES = ("uninfected", "parasitized")
 TILE = 32
 
 
+INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "avx512_bf16", "avx512_fp16", "asimddp", "i8mm")
+
+
+def cpu_description() -> str:
+    """The CPU model and the flags that decide int8/fp16 kernels (results differ between AVX2, VNNI, AMX and ARM)."""
+    import platform
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("model name", "Model", "CPU part") and value.strip() and model in ("", platform.machine()):
+            model = value.strip()
+        if key.strip() in ("flags", "Features"):
+            flags |= set(value.split())
+    present = [f for f in INT8_FLAGS if f in flags]
+    return f"cpu: {model}; {platform.machine()}, {os.cpu_count()} cores; int8/fp16 flags: {' '.join(present) or 'none of ' + ' '.join(INT8_FLAGS)}"
+
+
+def pytest_report_header() -> str:
+    return cpu_description()
+
+
 @dataclass(frozen=True)
 class Trained:
     root: Path  # a folder whose name has a space

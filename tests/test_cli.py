@@ -92,7 +92,7 @@ def test_export_passes_options_through(tmp_path: Path) -> None:
         {"path": "model.int8.onnx", "format": "onnx", "precision": "int8", "bytes": 700, "parity": {**parity, "labelled": None}},
     ]
     fake.return_value.path_of = lambda a: tmp_path / a["path"]
-    fake.return_value.data = {"verification": {"n_samples": 10, "n_real": 10, "source": "val split"}}
+    fake.return_value.data = {"verification": {"n_samples": 10, "n_crops": 14, "n_real": 10, "n_labelled": 10, "source": "val split"}}
     fake.return_value.batchnorm = {"in_model": 5, "folded_by_exporter": 5, "folded_into_conv": 0, "converted_to_affine": 0, "remaining": 0}
     with mock.patch("edgedx.export.pipeline.export_checkpoint", fake):
         result = runner.invoke(
@@ -108,6 +108,7 @@ def test_export_passes_options_through(tmp_path: Path) -> None:
     )
     fake.assert_called_once_with(Path("run/model.pt"), Path("exp"), expected, progress=mock.ANY)
     assert "model.int8.onnx  0.0 MB  int8 onnx" in result.output
+    assert "verified as diagnose runs on 10 images (14 crops; 10 real, 10 labelled: val split)" in result.output
     assert "accuracy 0.900 (Δ +0.000 on 10)" in result.output and "edgedx diagnose" in result.output
 
 

@@ -121,9 +121,9 @@ def test_export_fails_loudly_and_quarantines_on_parity_failure(trained: Trained,
         ref = np.zeros((4, 2))
         return compare_logits(ref, ref + 0.5, card, precision)
 
-    monkeypatch.setattr(pipeline, "compare_logits", broken_compare)
+    monkeypatch.setattr(pipeline, "compare_outputs", broken_compare)
     out = tmp_path / "export"
-    with pytest.raises(ParityError, match=r"model.onnx \(fp32\) does not match PyTorch: logits differ by up to 0.5"):
+    with pytest.raises(ParityError, match=r"model.onnx \(fp32 onnx\) refused: logits differ by up to 0.5.*nothing was derived from it"):
         pipeline.export_checkpoint(trained.checkpoint, out, pipeline.ExportOptions(precisions=("fp32", "fp16")))
     assert not (out / "model.onnx").exists()
     assert (out / "model.onnx.failed").exists()
@@ -132,3 +132,37 @@ def test_export_fails_loudly_and_quarantines_on_parity_failure(trained: Trained,
     [entry] = report["artefacts"]
     assert entry["parity"]["passed"] is False and entry["quarantined_as"] == "model.onnx.failed"
     assert parity_mod.TOLERANCES["fp32"].atol == entry["parity"]["tolerance"]["atol"]
+
+
+def test_a_refused_variant_leaves_the_passing_artefacts_and_names_the_next_step(
+    trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gate both ways on one export, with the comparison injected: no CPU's fp16/int8 rounding decides it."""
+    from edgedx.errors import PartialExportError
+    from edgedx.export import pipeline
+
+    real_compare = pipeline.compare_outputs
+
+    def fp16_refused(reference, candidate, card, precision, **kwargs):
+        if precision != "fp16":
+            return real_compare(reference, candidate, card, precision, **kwargs)
+        ref = np.zeros((20, 2))
+        flipped = ref.copy()
+        flipped[:3] = [-1.0, 1.0]
+        return compare_logits(ref, flipped, card, precision)
+
+    monkeypatch.setattr(pipeline, "compare_outputs", fp16_refused)
+    out = tmp_path / "export"
+    with pytest.raises(PartialExportError) as info:
+        pipeline.export_checkpoint(trained.checkpoint, out, pipeline.ExportOptions(precisions=("fp32", "fp16")))
+    message = str(info.value)
+    assert "passed model.onnx" in message and "model.fp16.onnx (fp16 onnx) refused: top-1 agreement 0.850 < 0.98" in message
+    assert "Next: ship model.onnx" in message and "fp16 is optional" in message
+    assert (out / "model.onnx").is_file() and (out / "model.onnx.sha256").is_file()  # the passing artefact stays, deployable
+    assert (out / "model.fp16.onnx.failed").is_file() and not (out / "model.fp16.onnx").exists()
+    report = json.loads((out / "export_report.json").read_text())
+    assert [a["parity"]["passed"] for a in report["artefacts"]] == [True, False]
+
+    monkeypatch.setattr(pipeline, "compare_outputs", real_compare)  # a later export that passes
+    pipeline.export_checkpoint(trained.checkpoint, out, pipeline.ExportOptions(precisions=("fp32",)))
+    assert not list(out.glob("*.failed"))  # no stale refusals beside the new artefacts

@@ -254,7 +254,7 @@ def _train(
             edgedx_version=edgedx.__version__,
             created_at=now_iso(),
             data_summary={
-                "source": data_.source,
+                "source": str(Path(data_.source).resolve()),  # export finds it from any directory
                 "n_images": len(data_),
                 "class_counts": data_.class_counts(),
                 "n_skipped": len(decoded.skipped),

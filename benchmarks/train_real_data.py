@@ -30,30 +30,37 @@ BLOOD = ("basophil", "eosinophil", "erythroblast", "immature_granulocytes", "lym
 # One recipe per dataset: ImageNet-pretrained EfficientNet-Lite0 (offline weights),
 # small inputs upsampled from 28 px (MedMNIST) or cell crops, a modality preset,
 # class-weighted loss, best epoch by validation balanced accuracy (AUC for binary).
+# ``crop`` (TrainConfig) is the card's crop policy per modality, used in training and
+# diagnose alike; ``crop_why`` says why in one line (documentation, not a TrainConfig field).
 RECIPES: dict[str, dict] = {
     "bloodmnist": {
         "source": "bloodmnist/bloodmnist.npz",
-        "config": dict(input_size=64, epochs=12, batch_size=64, lr=2e-3, backbone_lr_factor=0.5, augmentation="microscopy", class_names=BLOOD, monitor="accuracy"),
+        "config": dict(input_size=64, epochs=12, batch_size=64, lr=2e-3, backbone_lr_factor=0.5, augmentation="microscopy", class_names=BLOOD, monitor="accuracy", crop="scale"),
+        "crop_why": "microscopy: cells keep the size they were trained at (fixed factor, sliding crops), whatever the field size",
         "published": "ACC 0.958 (ResNet-18, 28 px, scratch); 0.989 (MedMNIST+, pretrained ResNet-18, 224 px) — test set",
     },
     "pneumoniamnist": {
         "source": "pneumoniamnist/pneumoniamnist.npz",
-        "config": dict(input_size=64, epochs=5, batch_size=64, lr=2e-3, augmentation="xray", class_names=("normal", "pneumonia"), monitor="auc"),
+        "config": dict(input_size=64, epochs=5, batch_size=64, lr=2e-3, augmentation="xray", class_names=("normal", "pneumonia"), monitor="auc", crop="fit"),
+        "crop_why": "chest X-ray: the diagnosis needs the whole film, so the whole image is resized to the input",
         "published": "ACC 0.854 (scratch, 28 px); 0.911 (MedMNIST+, 224 px) — test set",
     },
     "breastmnist": {
         "source": "breastmnist/breastmnist.npz",
-        "config": dict(input_size=96, epochs=20, batch_size=32, lr=2e-3, backbone_lr_factor=1.0, augmentation="oct", class_names=("malignant", "benign_normal"), positive_class="malignant", monitor="accuracy"),
+        "config": dict(input_size=96, epochs=20, batch_size=32, lr=2e-3, backbone_lr_factor=1.0, augmentation="oct", class_names=("malignant", "benign_normal"), positive_class="malignant", monitor="accuracy", crop="fit"),
+        "crop_why": "ultrasound: the lesion and its surroundings make the call, so the whole frame is resized to the input",
         "published": "ACC 0.863 (scratch, 28 px); 0.872 (MedMNIST+, 224 px) — test set",
     },
     "malaria_cells_iml": {
         "source": "malaria_cells_iml/malaria_cells_iml.npz",
-        "config": dict(input_size=64, epochs=4, batch_size=64, lr=2e-3, augmentation="microscopy", class_names=("uninfected", "parasitized"), monitor="auc"),
+        "config": dict(input_size=64, epochs=4, batch_size=64, lr=2e-3, augmentation="microscopy", class_names=("uninfected", "parasitized"), monitor="auc", crop="scale"),
+        "crop_why": "microscopy: a fixed factor keeps cells (and parasites) at their trained pixel size on crops or whole fields",
         "published": "P. falciparum, patient split (Rajaraman 2018): acc 0.959, sens 0.947, spec 0.972, AUC 0.991 — other data",
     },
     "isic_mel_nv": {
         "source": "isic_mel_nv/labels.csv",
-        "config": dict(input_size=192, epochs=10, batch_size=16, lr=1e-3, augmentation="dermoscopy", positive_class="melanoma", label_column="diagnosis", monitor="auc", val_fraction=0.25),
+        "config": dict(input_size=192, epochs=10, batch_size=16, lr=1e-3, augmentation="dermoscopy", positive_class="melanoma", label_column="diagnosis", monitor="auc", val_fraction=0.25, crop="shorter_side:192"),
+        "crop_why": "dermoscopy practice: shorter side to 192 px, train on crops, predict by averaging sliding crops",
         "published": "—",
     },
 }

@@ -126,7 +126,7 @@ def run_pass(model: Any, fields: list[str], images: Path, boxes: dict, crop: dic
             raise result
         s = result.sliding
         positions = np.asarray(s.grid.positions(), dtype=np.float64)
-        positive, difficult, touched, per_parasite = tile_labels(positions, s.grid.tile, s.grid.scale, boxes.get(name, []))
+        positive, difficult, touched, per_parasite = tile_labels(positions, s.grid.tile, float(np.sqrt(np.prod(s.grid.factors))), boxes.get(name, []))
         used = np.ones(s.n_tiles, bool) if s.used is None else s.used.copy()
         per_field.append({
             "name": name,

@@ -42,6 +42,13 @@ def pytest_report_header() -> str:
     return cpu_description()
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The CPU line also under ``-q`` (which hides the header): a failure must say which CPU's kernels ran."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and session.config.get_verbosity() < 0:
+        reporter.write_line(cpu_description())
+
+
 @dataclass(frozen=True)
 class Trained:
     root: Path  # a folder whose name has a space

@@ -16,6 +16,7 @@ from conftest import Trained
 
 pytest.importorskip("onnxruntime")
 
+from edgedx.card import SCHEMA_VERSION  # noqa: E402
 from edgedx.runtime import load_model  # noqa: E402
 from edgedx.runtime.batch import diagnose_hot_folder, diagnose_paths  # noqa: E402
 from edgedx.runtime.image_io import write_image  # noqa: E402
@@ -100,7 +101,7 @@ def test_audit_log_names_input_and_model_by_hash(trained: Trained, tmp_path: Pat
     for entry, path in zip(entries, [*paths, bad, paths[0]]):
         assert entry["input"] == str(path)
         assert entry["input_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
-        assert entry["model_sha256"] == model_sha and entry["card_schema_version"] == 2
+        assert entry["model_sha256"] == model_sha and entry["card_schema_version"] == SCHEMA_VERSION
         assert entry["time"].endswith("+00:00")
     assert entries[2]["error"] and entries[2]["result"]["label"] is None
     assert entries[0]["result"]["label"] in ("uninfected", "parasitized")

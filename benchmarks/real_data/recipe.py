@@ -8,6 +8,14 @@ selection and thresholds); the export builds fp32 + fp16 ONNX verified against P
 on the validation split; the fp32 artefact is then scored by ``edgedx evaluate``'s
 library call on that same split (bootstrap intervals, HTML report). Data come from
 $EDGEDX_DATA or ../shared/data and never enter the repository.
+
+Then the evidence that the card describes the deployed path: the card's validation
+metrics against ``evaluate``'s metrics of the fp32 ONNX on the same images (AUC and
+accuracy within 0.005), and every validation image diagnosed twice — the trained
+PyTorch model behind the runtime (``diagnose_probabilities``) and the ONNX artefact
+(``load_model(...).stream``) — with the decisions at the card's threshold compared
+(at least 99.5% identical). One JSON line per run goes to
+benchmarks/results/card_vs_evaluate.jsonl and a table row is printed.
 """
 
 from __future__ import annotations
@@ -28,14 +36,76 @@ RESULTS = HERE.parent / "results"
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 from evaluate_exports import AIMS, aim_met, validation_data  # noqa: E402
-from _env import git_rev  # noqa: E402
+from _env import cpu_model, git_rev  # noqa: E402
 from train_real_data import RECIPES, data_root, isic_manifest  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 from edgedx.errors import ParityError  # noqa: E402
 from edgedx.export.pipeline import ExportOptions, export_checkpoint  # noqa: E402
 from edgedx.runtime import load_model  # noqa: E402
 from edgedx.runtime.evaluate import evaluate  # noqa: E402
+from edgedx.runtime.labelled import load_labelled  # noqa: E402
+from edgedx.runtime.model import decide  # noqa: E402
+from edgedx.training.checkpoint import build_model, load_checkpoint  # noqa: E402
 from edgedx.training.train import TrainConfig, train  # noqa: E402
+from edgedx.training.validation import diagnose_probabilities  # noqa: E402
+
+# The issue's aims: card metrics = evaluate of the fp32 ONNX on the same validation images.
+METRIC_TOLERANCE = 0.005
+MIN_IDENTICAL = 0.995
+
+
+def _auc(m: dict) -> float | None:
+    return m.get("auc", m.get("macro_auc"))
+
+
+def card_vs_evaluate(dataset: str, epochs: int, checkpoint: Path, model_path: Path, data: Path, card_metrics: dict, eval_metrics: dict, batch_size: int) -> dict:
+    """Card metrics vs evaluate metrics, and per-image decisions of the PyTorch and ONNX paths."""
+    ckpt = load_checkpoint(checkpoint)
+    onnx = load_model(model_path, batch_size=batch_size)
+    labelled = load_labelled(data, onnx.card.class_names, split="val")
+    items = list(enumerate(labelled.images))
+    started = time.perf_counter()
+    keys_t, probs_t, failed_t = diagnose_probabilities(build_model(ckpt), ckpt.card, items, batch_size=batch_size)
+    torch_s = time.perf_counter() - started
+    started = time.perf_counter()
+    onnx_rows = {k: r for k, r in onnx.stream(items)}
+    onnx_s = time.perf_counter() - started
+    failed_o = [k for k, r in onnx_rows.items() if not hasattr(r, "sliding")]
+    common = [k for k in keys_t if k not in failed_o]
+    p_t = probs_t[[keys_t.index(k) for k in common]] if len(common) != len(keys_t) else probs_t
+    p_o = np.stack([onnx_rows[k].sliding.probabilities for k in common])
+    same = [decide(a, ckpt.card) == decide(b, onnx.card) for a, b in zip(p_t, p_o)]
+    identical = float(np.mean(same)) if same else 0.0
+    card_auc, eval_auc = _auc(card_metrics), _auc(eval_metrics)
+    d_acc = abs(card_metrics["accuracy"] - eval_metrics["accuracy"])
+    d_auc = abs(card_auc - eval_auc) if card_auc is not None and eval_auc is not None else None
+    row = {
+        "dataset": dataset, "epochs": epochs, "crop_policy": onnx.card.crop.describe(),
+        "n": len(labelled), "n_card": card_metrics.get("n"), "n_evaluate": eval_metrics.get("n"), "n_compared": len(common),
+        "failed": {"torch": [str(k) for k, _ in failed_t], "onnx": [str(k) for k in failed_o]},
+        "threshold": {"card": card_metrics.get("threshold", ckpt.card.threshold), "checkpoint": ckpt.card.threshold, "onnx": onnx.card.threshold},
+        "card_accuracy": card_metrics["accuracy"], "evaluate_accuracy": eval_metrics["accuracy"], "abs_delta_accuracy": d_acc,
+        "card_auc": card_auc, "evaluate_auc": eval_auc, "abs_delta_auc": d_auc,
+        "identical_decisions": identical, "n_different": int(len(same) - sum(same)),
+        "max_abs_delta_p": float(np.max(np.abs(p_t - p_o))) if len(common) else None,
+        "aims": {"metric_tolerance": METRIC_TOLERANCE, "min_identical": MIN_IDENTICAL},
+        "seconds": {"torch_path": round(torch_s, 1), "onnx_path": round(onnx_s, 1)},
+    }
+    row["passed"] = bool(
+        d_acc <= METRIC_TOLERANCE and (d_auc is None or d_auc <= METRIC_TOLERANCE) and identical >= MIN_IDENTICAL
+        and row["n_card"] == row["n_evaluate"] == len(labelled) == len(common)
+    )
+    row.update(cpu=cpu_model(), git=git_rev(), time=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    return row
+
+
+def table_row(r: dict) -> str:
+    f = lambda v, d=3: "n/a" if v is None else f"{v:.{d}f}"  # noqa: E731
+    return (f"| {r['dataset']} | {r['crop_policy']} | {r['n']} | {f(r['card_accuracy'])} / {f(r['evaluate_accuracy'])} | "
+            f"{f(r['card_auc'])} / {f(r['evaluate_auc'])} | {100 * r['identical_decisions']:.1f}% | {r['max_abs_delta_p']:.1e} | "
+            f"{'yes' if r['passed'] else 'NO'} |")
 
 
 def main() -> None:
@@ -79,6 +149,12 @@ def main() -> None:
     with (RESULTS / "real_data_recipes.jsonl").open("a", encoding="utf-8") as f:
         f.write(json.dumps(summary) + "\n")
     print(json.dumps(summary, indent=2))
+    check = card_vs_evaluate(args.dataset, config.epochs, result.checkpoint, model_path, validation_data(run / "run", card),
+                             result.card.metrics, m, config.batch_size)
+    with (RESULTS / "card_vs_evaluate.jsonl").open("a", encoding="utf-8") as f:
+        f.write(json.dumps(check) + "\n")
+    print("| dataset | crop policy | n | card acc / evaluate acc | card AUC / evaluate AUC | identical decisions | max abs dp | passed |")
+    print(table_row(check))
 
 
 if __name__ == "__main__":

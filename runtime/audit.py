@@ -11,7 +11,6 @@ appended, flushed and fsynced one by one; the log is never rewritten.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from types import TracebackType
@@ -22,6 +21,7 @@ import numpy as np
 from edgedx.card import ModelCard, now_iso
 from edgedx.errors import InputError
 from edgedx.runtime.integrity import sha256_file
+from edgedx.runtime.names import json_line
 
 
 def sha256_pixels(image: np.ndarray) -> str:
@@ -75,7 +75,7 @@ class AuditLog:
             "result": {k: record.get(k) for k in ("label", "decision", "probabilities")},
             "error": record.get("error"),
         }
-        self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        self._file.write(json_line(entry) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
 
@@ -83,7 +83,7 @@ class AuditLog:
         """The input's name, or with ``names="hash"`` its sha256 (file names often carry patient names)."""
         if self.names == "path" or name is None:
             return {"input": name}
-        return {"input": None, "input_name_sha256": hashlib.sha256(str(name).encode("utf-8")).hexdigest()}
+        return {"input": None, "input_name_sha256": hashlib.sha256(str(name).encode("utf-8", "surrogateescape")).hexdigest()}
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self._file is not None:

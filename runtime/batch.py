@@ -33,7 +33,7 @@ from edgedx.runtime.integrity import atomic_path, sha256_file
 from edgedx.runtime.model import Diagnosis, Model, decide, load_model
 from edgedx.runtime.outputs import RunSettings, check_not_inputs, check_writable, prepare_records_file
 from edgedx.runtime.overlay import render_overlay
-from edgedx.runtime.records import RecordWriter, completed_inputs, empty_record, output_format
+from edgedx.runtime.records import RecordWriter, completed_inputs, empty_record, output_format, record_key
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ def _run(
     def todo() -> Iterator[tuple[int, Any]]:
         nonlocal resumed
         for k, item in enumerate(items):
-            if item.name in done_before:
+            if record_key(item.name, out) in done_before:
                 resumed += 1
                 continue
             pending[k] = item

@@ -34,6 +34,8 @@ from edgedx.runtime.image_io import is_image_path, to_rgb_uint8
 
 from edgedx.errors import EdgeDxError, InputError, StreamLostError
 
+from edgedx.runtime.names import json_line, json_lines
+
 log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm", ".mpg", ".mpeg"})
@@ -518,12 +520,10 @@ def _load_state(state: Path) -> dict[str, Signature]:
     if not state.exists():
         return done
     try:
-        lines = state.read_text(encoding="utf-8").splitlines()
+        text = state.read_text(encoding="utf-8", errors="replace")
     except OSError as exc:
         raise InputError(f"cannot read state_file {state}: {exc.strerror or exc}; check its permissions") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for number, line in json_lines(text):
         try:
             record = json.loads(line)
             done[str(record["path"])] = (int(record["size"]), int(record["mtime_ns"]))
@@ -536,7 +536,7 @@ def _load_state(state: Path) -> dict[str, Signature]:
 def _append_state(state: Path, key: str, signature: Signature) -> None:
     """Append one record and force it to disk, so a power cut cannot lose a handled file."""
     state.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps({"path": key, "size": signature[0], "mtime_ns": signature[1]}, ensure_ascii=False)
+    line = json_line({"path": key, "size": signature[0], "mtime_ns": signature[1]})
     with open(state, "a", encoding="utf-8") as handle:
         handle.write(line + "\n")
         handle.flush()

@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import IO, Any
 
 from edgedx.errors import InputError
+from edgedx.runtime.names import csv_text, json_line, json_lines
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class RecordWriter:
         assert self._file is not None, "use RecordWriter as a context manager"
         try:
             if self.format == "jsonl":
-                self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+                self._file.write(json_line(record) + "\n")
             else:
                 self._csv.writerow(self._row(record))
             self._file.flush()
@@ -92,7 +93,7 @@ class RecordWriter:
             "read_ms": timings.get("read"),
             "diagnose_ms": timings.get("diagnose"),
         }
-        return [("" if row[k] is None else row[k]) for k in CSV_COLUMNS] + [probs.get(n, "") for n in self.class_names]
+        return [("" if row[k] is None else csv_text(row[k])) for k in CSV_COLUMNS] + [probs.get(n, "") for n in self.class_names]
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self._file is None:
@@ -108,8 +109,14 @@ def _cell(value: Any) -> Any:
     return ";".join(value) if isinstance(value, list) else value
 
 
+def record_key(name: str, path: str | Path) -> str:
+    """How an input's name appears in the ``input`` field read back from ``path`` (CSV cells are made safe)."""
+    return csv_text(name) if output_format(Path(path)) == "csv" else name
+
+
 def completed_inputs(path: str | Path) -> set[str]:
-    """The ``input`` of every complete record in an output file (empty when it does not exist).
+    """The ``input`` of every complete record in an output file (empty when it does not exist), as
+    :func:`record_key` writes it.
 
     A last line cut off by an interruption is removed from the file, so the
     resumed batch writes that input's record again, once.
@@ -130,9 +137,7 @@ def completed_inputs(path: str | Path) -> set[str]:
     text = data.decode("utf-8")
     if fmt == "jsonl":
         done = set()
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
+        for n, line in json_lines(text):
             try:
                 done.add(json.loads(line)["input"])
             except (ValueError, KeyError, TypeError):
@@ -146,5 +151,4 @@ def completed_inputs(path: str | Path) -> set[str]:
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
     """Read back a JSON Lines output (for tests and downstream tools)."""
-    with Path(path).open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for _, line in json_lines(Path(path).read_text(encoding="utf-8"))]

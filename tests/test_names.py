@@ -1,0 +1,90 @@
+"""Names a hostile or unlucky share holds: not UTF-8, spreadsheet formulas, line separators; every output keeps them."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import Trained
+
+from edgedx.runtime.names import csv_text, json_line, json_lines, printable_name
+from edgedx.runtime.records import completed_inputs, read_records
+
+
+def test_json_line_round_trips_a_latin1_name_exactly() -> None:
+    name = os.fsdecode(b"/scans/M\xfcller \xe9t\xe9.png")  # a Latin-1 name as Python holds it (lone surrogates)
+    line = json_line({"input": name, "ok": "Zürich ✓"})
+    line.encode("utf-8")  # valid UTF-8: no surrogate reaches the file
+    back = json.loads(line)
+    assert back["input"] == name and os.fsencode(back["input"]) == b"/scans/M\xfcller \xe9t\xe9.png"
+    assert "Zürich ✓" in line  # other characters stay readable
+
+
+def test_csv_cells_are_readable_and_never_formulas() -> None:
+    assert printable_name(os.fsdecode(b"M\xfcller.png")) == "M\\xfcller.png"
+    for formula in ("=HYPERLINK(\"http://x\")", "+1", "-2", "@SUM(A1)", "\tx"):
+        assert csv_text(formula) == "'" + formula
+    assert csv_text("field 1.png") == "field 1.png" and csv_text(0.5) == 0.5 and csv_text(None) is None
+
+
+def test_json_lines_split_on_newlines_only() -> None:
+    text = json_line({"input": "a\u2028b\u0085c.png"}) + "\n" + json_line({"input": "d.png"}) + "\n"
+    assert [json.loads(line)["input"] for _, line in json_lines(text)] == ["a\u2028b\u0085c.png", "d.png"]
+
+
+@pytest.fixture()
+def hostile_folder(tmp_path: Path) -> tuple[Path, list[Path]]:
+    from edgedx.runtime.image_io import write_image
+    from edgedx.synthetic import render_field
+
+    folder = tmp_path / "share"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    names = [b"M\xfcller.png", b"=cmd|calc.png", b"line\xe2\x80\xa8sep.png", b"plain.png"]
+    paths = []
+    for raw in names:
+        path = Path(os.fsdecode(os.path.join(os.fsencode(folder), raw)))
+        write_image(path, render_field(rng, 60, 80, infected_fraction=0.2).image)
+        paths.append(path)
+    return folder, paths
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_a_batch_of_hostile_names_completes_resumes_and_audits(trained: Trained, tmp_path: Path, hostile_folder, suffix: str) -> None:
+    from edgedx.runtime.batch import diagnose_paths
+
+    folder, paths = hostile_folder
+    out = tmp_path / f"results{suffix}"
+    audit = tmp_path / "audit.jsonl"
+    summary = diagnose_paths([folder], trained.onnx, out, audit=audit)
+    assert summary.n_inputs == 4 and summary.n_failed == 0
+    out.read_bytes().decode("utf-8")  # the whole output is valid UTF-8
+    entries = [json.loads(line) for _, line in json_lines(audit.read_text(encoding="utf-8"))]
+    assert sorted(e["input"] for e in entries) == sorted(str(p) for p in paths)
+    if suffix == ".jsonl":
+        assert sorted(r["input"] for r in read_records(out)) == sorted(str(p) for p in paths)
+    else:
+        with out.open(newline="", encoding="utf-8") as f:
+            cells = [row[0] for row in csv.reader(f)][1:]
+        assert any(c.endswith("M\\xfcller.png") for c in cells)
+    # the same command again: everything is already done, nothing repeats
+    again = diagnose_paths([folder], trained.onnx, out, audit=audit)
+    assert again.n_resumed == 4 and len(completed_inputs(out)) == 4
+
+
+def test_a_formula_name_is_neutralised_in_csv_and_still_resumes(trained: Trained, tmp_path: Path, hostile_folder, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgedx.runtime.batch import diagnose_paths
+
+    folder, _ = hostile_folder
+    monkeypatch.chdir(folder)  # names as a user types them: the cell starts with the name
+    out = tmp_path / "results.csv"
+    diagnose_paths(["=cmd|calc.png", "plain.png"], trained.onnx, out)
+    with out.open(newline="", encoding="utf-8") as f:
+        cells = [row[0] for row in csv.reader(f)][1:]
+    assert cells == ["'=cmd|calc.png", "plain.png"]
+    assert diagnose_paths(["=cmd|calc.png", "plain.png"], trained.onnx, out).n_resumed == 2

@@ -31,7 +31,7 @@ from edgedx.runtime.image_io import default_max_pixels, pixel_limit, read_image,
 from edgedx.runtime.inputs import expand_inputs
 from edgedx.runtime.integrity import atomic_path, sha256_file
 from edgedx.runtime.model import Diagnosis, Model, decide, load_model
-from edgedx.runtime.outputs import RunSettings, check_not_inputs, check_writable, prepare_records_file
+from edgedx.runtime.outputs import RunSettings, check_distinct, check_not_inputs, check_writable, exclusive_outputs, prepare_records_file
 from edgedx.runtime.overlay import render_overlay
 from edgedx.runtime.records import RecordWriter, completed_inputs, empty_record, output_format, record_key
 
@@ -114,8 +114,22 @@ def diagnose_paths(
     folders = [Path(str(raw)) for raw in inputs if Path(str(raw)).is_dir()]
     _check_outputs(out, overlays, maps, audit, files, folders)
     loaded = _load(model, device, batch_size, crop, refer_band)
+    with exclusive_outputs({"--out": out, "--audit": _path(audit)}):
+        return _diagnose_locked(
+            files, streams, loaded, model, out, overlays=overlays, maps=maps, resume=_mode(resume, overwrite), audit=audit,
+            audit_names=audit_names, every=every, window=window, max_frames=max_frames, reconnect=reconnect,
+            max_pixels=max_pixels, progress=progress,
+        )
+
+
+def _diagnose_locked(
+    files: list[Path], streams: list[str | int], loaded: Model, model: str | Path | Model, out: Path, *, overlays: str | Path | None,
+    maps: str | Path | None, resume: str, audit: str | Path | None, audit_names: str, every: int, window: int,
+    max_frames: int | None, reconnect: int, max_pixels: int | None, progress: ProgressFn,
+) -> DiagnoseSummary:
+    """:func:`diagnose_paths` once this process holds the outputs."""
     settings = {"every": every, "window": window}
-    resume = prepare_records_file(out, _run_settings(loaded, settings), _mode(resume, overwrite))
+    resumed = prepare_records_file(out, _run_settings(loaded, settings), resume)
     sole_stream = len(streams) == 1 and not files
 
     def items() -> Iterator[_Item]:
@@ -137,7 +151,7 @@ def diagnose_paths(
     live = any(isinstance(s, int) or "://" in str(s) for s in streams)  # cameras and streams: no waiting for a full batch
     with pixel_limit(max_pixels):
         return _run(
-            items(), loaded, model, out, total=total, overlays=overlays, maps=maps, resume=resume, audit=audit,
+            items(), loaded, model, out, total=total, overlays=overlays, maps=maps, resume=resumed, audit=audit,
             audit_names=audit_names, window=window, progress=progress, live=live,
         )
 
@@ -175,7 +189,6 @@ def diagnose_hot_folder(
         raise InputError(f"hot folder not found: {folder}; create it or point --watch at the scanner's output folder")
     _check_outputs(out, overlays, maps, audit, [], [folder])
     loaded = _load(model, device, batch_size, crop, refer_band)
-    prepare_records_file(out, _run_settings(loaded, {"watch": True}), "resume")
     state = out.with_name(out.name + ".watch-state.jsonl")
 
     def items() -> Iterator[_Item]:
@@ -183,7 +196,8 @@ def diagnose_hot_folder(
             yield _Item(str(path), path, path=path)
 
     # one image at a time: a hot folder wants each result as soon as its file lands
-    with pixel_limit(max_pixels):
+    with exclusive_outputs({"--out": out, "--audit": _path(audit)}), pixel_limit(max_pixels):
+        prepare_records_file(out, _run_settings(loaded, {"watch": True}), "resume")
         return _run(
             items(), loaded, model, out, total=0, overlays=overlays, maps=maps, resume=True, audit=audit,
             audit_names=audit_names, window=1, progress=progress, prefetch=0, live=True,
@@ -199,6 +213,7 @@ def _load(model: str | Path | Model, device: str, batch_size: int, crop: CropPol
 def _check_outputs(out: Path, overlays: str | Path | None, maps: str | Path | None, audit: str | Path | None, files: list[Path], folders: list[Path]) -> None:
     """Every place this run writes is writable, has room, and is not an input (before the model loads)."""
     targets = {"--out": out, "--overlays": _path(overlays), "--maps": _path(maps), "--audit": _path(audit)}
+    check_distinct({"--out": out, "--audit": _path(audit)})
     check_not_inputs(targets, files, folders)
     for option, target in targets.items():
         if target is not None:

@@ -15,7 +15,8 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,3 +157,79 @@ def _check_same(out: Path, previous: Mapping[str, Any], run: RunSettings) -> Non
 def _plain(value: Any) -> Any:
     """What the value looks like after a JSON round trip (tuples become lists)."""
     return json.loads(json.dumps(value, default=str))
+
+
+def check_distinct(targets: Mapping[str, Path | None]) -> dict[str, Path]:
+    """The named output files, refusing two options that name the same file."""
+    named = {option: Path(path) for option, path in targets.items() if path is not None}
+    seen: dict[str, str] = {}
+    for option, path in named.items():
+        real = os.path.realpath(path)
+        if real in seen:
+            raise InputError(f"{seen[real]} and {option} are the same file {path}; give each its own file")
+        seen[real] = option
+    return named
+
+
+def lock_path(target: Path) -> Path:
+    return target.with_name(target.name + ".lock")
+
+
+@contextmanager
+def exclusive_outputs(targets: Mapping[str, Path | None]) -> Iterator[None]:
+    """Hold an exclusive lock on each output file for the whole run; refuse two options naming one file.
+
+    Two runs appending to one results file interleave lines and repeat inputs;
+    an audit log that is also the results file corrupts both. The lock is an
+    OS lock on ``OUT.lock`` (released by the kernel even after ``kill -9``), and
+    the refusal names the process that holds it.
+    """
+    named = check_distinct(targets)
+    held: list[tuple[Path, Any]] = []
+    try:
+        for option, path in named.items():
+            held.append((lock_path(path), _lock(path, option)))
+        yield
+    finally:
+        for lock, handle in reversed(held):
+            _unlock(handle)
+            lock.unlink(missing_ok=True)
+
+
+def _lock(path: Path, option: str) -> Any:
+    lock = lock_path(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(lock, "a+", encoding="utf-8")  # noqa: SIM115 - held for the run, closed in _unlock
+    try:
+        _os_lock(handle)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise InputError(
+            f"{path} (for {option}) is being written by another EdgeDx process (pid {holder}, lock {lock}); "
+            "wait for it to finish, or choose another file"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def _os_lock(handle: Any) -> None:
+    try:
+        import fcntl
+    except ImportError:  # Windows: lock the first byte, without waiting
+        import msvcrt
+
+        msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        return
+    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _unlock(handle: Any) -> None:
+    try:
+        handle.close()  # closing releases an flock; msvcrt locks end with the handle too
+    except OSError:
+        pass

@@ -88,3 +88,20 @@ def test_a_formula_name_is_neutralised_in_csv_and_still_resumes(trained: Trained
         cells = [row[0] for row in csv.reader(f)][1:]
     assert cells == ["'=cmd|calc.png", "plain.png"]
     assert diagnose_paths(["=cmd|calc.png", "plain.png"], trained.onnx, out).n_resumed == 2
+
+
+def test_two_runs_never_share_one_output(trained: Trained, tmp_path: Path, hostile_folder) -> None:
+    from edgedx.errors import InputError
+    from edgedx.runtime.batch import diagnose_paths
+    from edgedx.runtime.outputs import exclusive_outputs
+
+    folder, _ = hostile_folder
+    out = tmp_path / "results.jsonl"
+    with pytest.raises(InputError, match=r"--out and --audit are the same file"):
+        diagnose_paths([folder], trained.onnx, out, audit=out)
+    assert not out.exists()
+    with exclusive_outputs({"--out": out}):  # another run holds it
+        with pytest.raises(InputError, match=rf"being written by another EdgeDx process \(pid {os.getpid()}"):
+            diagnose_paths([folder], trained.onnx, out)
+    assert diagnose_paths([folder], trained.onnx, out).n_inputs == 4  # released: the next run goes ahead
+    assert not (tmp_path / "results.jsonl.lock").exists()

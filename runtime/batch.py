@@ -27,7 +27,7 @@ from edgedx.errors import EdgeDxError, ImageReadError, InputError
 from edgedx.progress import ProgressFn, no_progress
 from edgedx.runtime.audit import AuditLog, sha256_pixels
 from edgedx.runtime.feeds import RollingDecision, is_video_path, iter_frames, parse_stream_source, redact_url, watch_folder
-from edgedx.runtime.image_io import default_max_pixels, pixel_limit, read_image, write_image
+from edgedx.runtime.image_io import check_regular_file, default_max_pixels, pixel_limit, read_image, write_image
 from edgedx.runtime.inputs import expand_inputs
 from edgedx.runtime.integrity import atomic_path, sha256_file
 from edgedx.runtime.model import Diagnosis, Model, decide, load_model
@@ -338,7 +338,7 @@ def _run(
                     if map_dir is not None:
                         _write_map(map_dir, item, result)
                 if audit_log is not None:  # audit first: a kill in between repeats an audit line, never loses one
-                    audit_log.append(record, input_sha256=_input_sha(item))
+                    audit_log.append(record, input_sha256=_input_sha(item, result))
                 writer.write(record)
                 n += 1
                 progress("diagnose", n + resumed, total)
@@ -371,12 +371,20 @@ def _rolling(rolling: dict[str, RollingDecision], stream: str, result: Diagnosis
     }
 
 
-def _input_sha(item: _Item) -> str | None:
-    if isinstance(item.image, BaseException):
+def _input_sha(item: _Item, result: Diagnosis | EdgeDxError) -> str | None:
+    """The sha256 of what was diagnosed: the file bytes hashed as they were read (never re-read: a replacement or a
+    pipe must not answer for them), a frame's pixels; a lazily read tiled TIFF is hashed here, a regular file only.
+    An input that could not be read has none."""
+    if isinstance(result, EdgeDxError) or isinstance(item.image, BaseException):
         return None
+    if result.input_sha256 is not None:
+        return result.input_sha256
+    if item.path is None:
+        return sha256_pixels(item.image)
     try:
-        return sha256_file(item.path) if item.path is not None else sha256_pixels(item.image)
-    except OSError:
+        check_regular_file(item.path)
+        return sha256_file(item.path)
+    except (OSError, ImageReadError):
         return None
 
 

@@ -16,9 +16,11 @@ CLI's ``--max-pixels``), else ``EDGEDX_MAX_IMAGE_PIXELS``, else 250 megapixels.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
+import stat
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -149,12 +151,50 @@ def read_image(path: str | Path, *, max_pixels: int | None = None) -> np.ndarray
     """Return the image at ``path`` as an (H, W, 3) uint8 RGB array.
 
     Raises :class:`ImageReadError` with the reason: missing, unreadable, empty,
-    not an image (PDF, DICOM, text, ...), truncated, corrupt, or over
-    ``max_pixels`` (default :func:`default_max_pixels`), checked from the
-    header before decoding. A wrong suffix is only logged: the content decides.
+    not a regular file (a pipe or device is never opened), not an image (PDF,
+    DICOM, text, ...), truncated, corrupt, or over ``max_pixels`` (default
+    :func:`default_max_pixels`), checked from the header before decoding. A
+    wrong suffix is only logged: the content decides.
     """
     path = Path(path)
     limit = _resolve_limit(max_pixels)
+    return _decode(read_file_bytes(path), str(path), limit, suffix=path.suffix.lower(), path=path)
+
+
+def read_image_hashed(path: str | Path, *, max_pixels: int | None = None) -> tuple[np.ndarray, str]:
+    """:func:`read_image` plus the sha256 of exactly the bytes that were decoded (for the audit log: read once)."""
+    path = Path(path)
+    limit = _resolve_limit(max_pixels)
+    data = read_file_bytes(path)
+    digest = hashlib.sha256(memoryview(data)).hexdigest()
+    return _decode(data, str(path), limit, suffix=path.suffix.lower(), path=path), digest
+
+
+_NOT_REGULAR = ((stat.S_ISFIFO, "named pipe"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"))
+
+
+def check_regular_file(path: Path) -> os.stat_result:
+    """Stat ``path`` (following links) and refuse anything but a regular file before it is opened:
+    opening a pipe blocks forever and a device such as /dev/zero never ends."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: file not found (was it moved or deleted after the folder was listed?)") from None
+    except PermissionError:
+        raise ImageReadError(f"{path}: permission denied; give the user running EdgeDx read access to it") from None
+    except OSError as exc:
+        raise ImageReadError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageReadError(f"{path}: is a directory, not an image")
+    for test, kind in _NOT_REGULAR:
+        if test(st.st_mode):
+            raise ImageReadError(f"{path}: is a {kind}, not an image file; EdgeDx never opens pipes, devices or sockets")
+    return st
+
+
+def read_file_bytes(path: Path) -> np.ndarray:
+    """The bytes of a regular file, read once."""
+    check_regular_file(path)
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except FileNotFoundError:
@@ -167,7 +207,7 @@ def read_image(path: str | Path, *, max_pixels: int | None = None) -> np.ndarray
         raise ImageReadError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if data.size == 0:
         raise ImageReadError(f"{path}: empty file (0 bytes)")
-    return _decode(data, str(path), limit, suffix=path.suffix.lower(), path=path)
+    return data
 
 
 def decode_image(data: np.ndarray | bytes, *, max_pixels: int | None = None) -> np.ndarray | None:

@@ -45,6 +45,7 @@ class Diagnosis:
     decision: str | list[str] | None = None  # the label, or "refer" inside the refer band
     top_k: tuple[tuple[str, float], ...] = ()
     timings_ms: dict[str, float] = field(default_factory=dict)
+    input_sha256: str | None = None  # of the file bytes that were decoded and diagnosed, when read from a file
 
     @property
     def tiles_used(self) -> int:
@@ -209,11 +210,13 @@ class Model:
         policy = resolve_crop(self.crop, crop)
         card = self.card
         read_ms: dict[Hashable, float] = {}
+        hashes: dict[Hashable, str | None] = {}
         opened: dict[Hashable, Any] = {}  # lazy sources opened here, closed when their image is done
 
         def decoded() -> Iterator[tuple[Hashable, Any]]:
-            for key, image, ms in prefetched(items, prefetch):
+            for key, image, ms, digest in prefetched(items, prefetch):
                 read_ms[key] = ms
+                hashes[key] = digest
                 if hasattr(image, "close") and not isinstance(image, BaseException):
                     opened[key] = image
                 yield key, image
@@ -225,6 +228,7 @@ class Model:
         )
         for outcome in outcomes:
             ms = read_ms.pop(outcome.key, 0.0)
+            digest = hashes.pop(outcome.key, None)
             source = opened.pop(outcome.key, None)
             if source is not None:
                 source.close()
@@ -232,7 +236,8 @@ class Model:
                 yield outcome.key, outcome.error  # type: ignore[misc]
                 continue
             assert outcome.result is not None
-            yield outcome.key, self.to_diagnosis(outcome.result, {"read": round(ms, 2), "diagnose": round(outcome.seconds * 1000, 2)})
+            diagnosis = self.to_diagnosis(outcome.result, {"read": round(ms, 2), "diagnose": round(outcome.seconds * 1000, 2)})
+            yield outcome.key, dataclasses.replace(diagnosis, input_sha256=digest) if digest else diagnosis
 
     def to_diagnosis(self, sliding: SlidingResult, timings: dict[str, float]) -> Diagnosis:
         """Merged tiles → the decision, refer band and top-k (shared by the local and Ray engines)."""
@@ -256,11 +261,11 @@ class Model:
         )
 
 
-def prefetched(items: Iterable[tuple[Hashable, Any]], depth: int) -> Iterator[tuple[Hashable, Any, float]]:
+def prefetched(items: Iterable[tuple[Hashable, Any]], depth: int) -> Iterator[tuple[Hashable, Any, float, str | None]]:
     """Decode paths ``depth`` images ahead in one background thread, so reading overlaps inference.
 
-    Yields ``(key, RGB array | lazy source | ImageReadError, read milliseconds)``
-    in input order; arrays are converted to RGB uint8. OpenCV and ONNX Runtime
+    Yields ``(key, RGB array | lazy source | ImageReadError, read milliseconds,
+    sha256 of the file bytes decoded or None)`` in input order; arrays are converted to RGB uint8. OpenCV and ONNX Runtime
     release the GIL, so the two really run at once.
     """
     if depth < 1:
@@ -279,12 +284,14 @@ def prefetched(items: Iterable[tuple[Hashable, Any]], depth: int) -> Iterator[tu
             yield (k, *future.result())
 
 
-def _load(image: Any) -> tuple[Any, float]:
+def _load(image: Any) -> tuple[Any, float, str | None]:
     started = time.perf_counter()
+    digest = None
     try:
         if isinstance(image, (str, Path)):
             loaded: Any = open_source(image)
             if isinstance(loaded, ArraySource):
+                digest = loaded.sha256
                 loaded = loaded.image  # in memory anyway: resample once and slice (exact, fastest)
         elif isinstance(image, (ImageRegionSource, ResampledImage)):
             loaded = image
@@ -294,7 +301,7 @@ def _load(image: Any) -> tuple[Any, float]:
             loaded = to_rgb_uint8(np.asarray(image))
     except ImageReadError as exc:
         loaded = exc
-    return loaded, (time.perf_counter() - started) * 1000
+    return loaded, (time.perf_counter() - started) * 1000, digest
 
 
 ENGINE_SUFFIXES = (".engine", ".plan")

@@ -341,7 +341,7 @@ def _dataset(
 def read_and_cut(row: dict[str, Any], policy: CropPolicy) -> dict[str, Any]:
     """One input → its used tiles (uint8) with the grid, used mask and foreground, or its read error."""
     name, path = row["input"], row["path"]
-    [(_, image, read_ms)] = list(prefetched([(0, Path(path))], 0))  # the local engine's read path
+    [(_, image, read_ms, _)] = list(prefetched([(0, Path(path))], 0))  # the local engine's read path
     started = time.perf_counter()
     try:
         if isinstance(image, BaseException):

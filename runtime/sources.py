@@ -27,7 +27,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import numpy as np
 
 from edgedx.errors import ImageReadError, MissingDependencyError
-from edgedx.runtime.image_io import read_image, to_rgb_uint8
+from edgedx.runtime.image_io import check_regular_file, read_image, read_image_hashed, to_rgb_uint8
 
 logger = logging.getLogger(__name__)
 _S = TypeVar("_S", bound="_Closing")
@@ -100,7 +100,8 @@ class _Closing:
 class ArraySource(_Closing):
     """An image already decoded into memory; regions are views, so reading costs nothing."""
 
-    def __init__(self, image: np.ndarray) -> None:
+    def __init__(self, image: np.ndarray, *, sha256: str | None = None) -> None:
+        self.sha256 = sha256  # of the file bytes it was decoded from, when it came from a file
         image = np.asarray(image)
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(
@@ -141,17 +142,8 @@ def _import_tifffile() -> ModuleType:
 
 
 def _check_file(path: Path) -> None:
-    """Raise ImageReadError in read_image's words when ``path`` cannot be an image file."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise ImageReadError(f"{path}: file not found") from None
-    except PermissionError:
-        raise ImageReadError(f"{path}: permission denied") from None
-    except OSError as exc:
-        raise ImageReadError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    if path.is_dir():
-        raise ImageReadError(f"{path}: is a directory, not an image")
+    """Raise ImageReadError in read_image's words when ``path`` cannot be an image file (never opening a pipe or device)."""
+    size = check_regular_file(path).st_size
     if size == 0:
         raise ImageReadError(f"{path}: empty file (0 bytes)")
 
@@ -580,7 +572,8 @@ def open_source(
             f"{path}: {height}x{width} = {height * width:,} pixels is over the in-memory limit of "
             f"{max_pixels:,} (max_pixels); only tiled TIFFs are read lazily, so {CONVERT_HINT}"
         )
-    return ArraySource(read_image(path))
+    image, digest = read_image_hashed(path)
+    return ArraySource(image, sha256=digest)
 
 
 def _open_tiff_source(path: Path, max_pixels: int, cache_tiles: int) -> ImageSource:
@@ -591,7 +584,8 @@ def _open_tiff_source(path: Path, max_pixels: int, cache_tiles: int) -> ImageSou
     pixels = height * width
     if not tiled and pixels <= max_pixels:
         try:
-            return ArraySource(read_image(path))
+            image, digest = read_image_hashed(path)
+            return ArraySource(image, sha256=digest)
         except ImageReadError as exc:  # a TIFF flavour OpenCV cannot decode: tifffile may
             logger.debug("%s: OpenCV cannot decode it (%s); reading it with tifffile", path, exc)
     try:

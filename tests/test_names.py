@@ -105,3 +105,39 @@ def test_two_runs_never_share_one_output(trained: Trained, tmp_path: Path, hosti
             diagnose_paths([folder], trained.onnx, out)
     assert diagnose_paths([folder], trained.onnx, out).n_inputs == 4  # released: the next run goes ahead
     assert not (tmp_path / "results.jsonl.lock").exists()
+
+
+def test_audit_never_opens_pipes_or_devices_and_hashes_what_was_read(trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+    import threading
+
+    from edgedx.runtime import batch
+    from edgedx.runtime.batch import diagnose_paths
+    from edgedx.runtime.image_io import write_image
+    from edgedx.synthetic import render_field
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    good = write_image(folder / "good.png", render_field(np.random.default_rng(1), 60, 80, infected_fraction=0.2).image)
+    pipe = tmp_path / "pipe.png"
+    os.mkfifo(pipe)
+    zero = tmp_path / "zero.png"
+    zero.symlink_to("/dev/zero")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the audit re-read a file instead of hashing the bytes that were diagnosed")
+
+    monkeypatch.setattr(batch, "sha256_file", never)
+    out, audit = tmp_path / "out.jsonl", tmp_path / "audit.jsonl"
+    done: list = []
+    worker = threading.Thread(target=lambda: done.append(diagnose_paths([pipe, zero, good], trained.onnx, out, audit=audit)), daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert done, "diagnose hung on a named pipe or /dev/zero"
+    assert done[0].n_failed == 2
+    records = {Path(r["input"]).name: r for r in read_records(out)}
+    assert "is a named pipe, not an image file" in records["pipe.png"]["error"]
+    assert "is a character device, not an image file" in records["zero.png"]["error"]
+    entries = {Path(e["input"]).name: e for _, e in ((n, json.loads(line)) for n, line in json_lines(audit.read_text(encoding="utf-8")))}
+    assert entries["pipe.png"]["input_sha256"] is None and entries["zero.png"]["input_sha256"] is None
+    assert entries["good.png"]["input_sha256"] == hashlib.sha256(good.read_bytes()).hexdigest()

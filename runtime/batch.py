@@ -33,7 +33,7 @@ from edgedx.runtime.integrity import atomic_path, sha256_file
 from edgedx.runtime.model import Diagnosis, Model, decide, load_model
 from edgedx.runtime.outputs import RunSettings, check_distinct, check_not_inputs, check_writable, exclusive_outputs, prepare_records_file
 from edgedx.runtime.overlay import render_overlay
-from edgedx.runtime.records import RecordWriter, completed_inputs, empty_record, output_format, record_key
+from edgedx.runtime.records import RecordWriter, completed_versions, empty_record, output_format, record_key
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +290,7 @@ def _run(
     live: bool = False,
 ) -> DiagnoseSummary:
     card = model.card
-    done_before = completed_inputs(out) if resume else set()
+    done_before = completed_versions(out) if resume else {}
     overlay_dir = _folder(overlays)
     map_dir = _folder(maps)
     written: list[Path] = []
@@ -304,7 +304,8 @@ def _run(
     def todo() -> Iterator[tuple[int, Any]]:
         nonlocal resumed
         for k, item in enumerate(items):
-            if record_key(item.name, out) in done_before:
+            versions = done_before.get(record_key(item.name, out))
+            if versions is not None and not _changed_since(item, versions):
                 resumed += 1
                 continue
             pending[k] = item
@@ -369,6 +370,23 @@ def _rolling(rolling: dict[str, RollingDecision], stream: str, result: Diagnosis
         "rolling_label": decide(probs, card),
         "rolling_frames": smoother.n,
     }
+
+
+def _changed_since(item: _Item, versions: set[str | None]) -> bool:
+    """A file already diagnosed whose bytes are not any version recorded for its name: a scanner rewrote it
+    (a new patient's image under the old name), so it is diagnosed again. Records without a hash (failed
+    reads, frames, older files) keep the input done."""
+    if item.path is None or None in versions:
+        return False
+    try:
+        check_regular_file(item.path)
+        current = sha256_file(item.path)
+    except (OSError, ImageReadError):
+        return False  # gone or unreadable now: its earlier record stands
+    if current in versions:
+        return False
+    log.info("%s changed since it was diagnosed (sha256 %s…); diagnosing the new version", item.name, current[:12])
+    return True
 
 
 def _input_sha(item: _Item, result: Diagnosis | EdgeDxError) -> str | None:

@@ -65,6 +65,7 @@ class Diagnosis:
             "tiles_used": self.tiles_used,
             "tiles_skipped": self.tiles_skipped,
             "timings_ms": self.timings_ms,
+            "input_sha256": self.input_sha256,
         }
 
 

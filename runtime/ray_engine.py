@@ -341,7 +341,7 @@ def _dataset(
 def read_and_cut(row: dict[str, Any], policy: CropPolicy) -> dict[str, Any]:
     """One input → its used tiles (uint8) with the grid, used mask and foreground, or its read error."""
     name, path = row["input"], row["path"]
-    [(_, image, read_ms, _)] = list(prefetched([(0, Path(path))], 0))  # the local engine's read path
+    [(_, image, read_ms, digest)] = list(prefetched([(0, Path(path))], 0))  # the local engine's read path
     started = time.perf_counter()
     try:
         if isinstance(image, BaseException):
@@ -354,7 +354,7 @@ def read_and_cut(row: dict[str, Any], policy: CropPolicy) -> dict[str, Any]:
             image.close()
     grid = layout.grid
     return {
-        "input": name, "error": "", "read_ms": read_ms, "cut_ms": (time.perf_counter() - started) * 1000,
+        "input": name, "error": "", "read_ms": read_ms, "cut_ms": (time.perf_counter() - started) * 1000, "sha256": digest or "",
         "tiles": tiles, "used": layout.used, "foreground": layout.foreground.astype(np.float64),
         "height": grid.height, "width": grid.width, "row_starts": np.asarray(grid.row_starts, np.int64),
         "col_starts": np.asarray(grid.col_starts, np.int64), "source_size": np.asarray(grid.source_size, np.int64),
@@ -377,7 +377,7 @@ def _error_row(name: str, error: str, read_ms: float, policy: CropPolicy) -> dic
     th, tw = policy.tile_size
     empty_i = np.zeros(0, np.int64)
     return {
-        "input": name, "error": error, "read_ms": read_ms, "cut_ms": 0.0, "tiles": np.zeros((0, th, tw, 3), np.uint8),
+        "input": name, "error": error, "read_ms": read_ms, "cut_ms": 0.0, "sha256": "", "tiles": np.zeros((0, th, tw, 3), np.uint8),
         "used": np.zeros(0, bool), "foreground": np.zeros(0), "height": 0, "width": 0,
         "row_starts": empty_i, "col_starts": empty_i, "source_size": np.zeros(2, np.int64), "fallback": False,
     }
@@ -412,6 +412,7 @@ class TileDiagnoser:
                 n = len(row["tiles"])
                 timings = {"read": round(float(row["read_ms"]), 2), "diagnose": round(float(row["cut_ms"]) + n * per_tile_ms, 2)}
                 record.update(self.model.to_diagnosis(self._sliding(row, probs[offset : offset + n]), timings).to_record())
+                record["input_sha256"] = str(row["sha256"]) or None  # the bytes the read task decoded
                 offset += n
             records.append(record)
         return pa.Table.from_pylist(records, schema=self.schema)
@@ -452,6 +453,7 @@ def record_schema(card: ModelCard) -> Any:
         "top_k": pa.list_(pa.struct([("class", pa.string()), ("probability", pa.float64())])),
         "n_crops": pa.int64(), "tiles_used": pa.int64(), "tiles_skipped": pa.int64(),
         "timings_ms": pa.struct([("read", pa.float64()), ("diagnose", pa.float64())]), "error": pa.string(),
+        "input_sha256": pa.string(),
     }
     fields = list(empty_record(""))
     unknown = [k for k in fields if k not in types]

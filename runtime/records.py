@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 FORMATS = {".jsonl": "jsonl", ".csv": "csv"}
 CSV_COLUMNS = (
     "input", "frame", "time_s", "label", "decision", "n_crops", "tiles_used", "tiles_skipped",
-    "read_ms", "diagnose_ms", "error",
+    "read_ms", "diagnose_ms", "error", "input_sha256",
 )
 
 
@@ -42,6 +42,7 @@ def empty_record(input_name: str) -> dict[str, Any]:
     return {
         "input": input_name, "label": None, "decision": None, "probabilities": None, "top_k": None,
         "n_crops": None, "tiles_used": None, "tiles_skipped": None, "timings_ms": None, "error": None,
+        "input_sha256": None,  # the version of the file that was diagnosed (a rewritten file is diagnosed again)
     }
 
 
@@ -116,7 +117,13 @@ def record_key(name: str, path: str | Path) -> str:
 
 def completed_inputs(path: str | Path) -> set[str]:
     """The ``input`` of every complete record in an output file (empty when it does not exist), as
-    :func:`record_key` writes it.
+    :func:`record_key` writes it."""
+    return set(completed_versions(path))
+
+
+def completed_versions(path: str | Path) -> dict[str, set[str | None]]:
+    """For every input with a complete record in ``path``: the ``input_sha256`` of each version diagnosed
+    (None for records without one: failed reads, frames, files written by older EdgeDx).
 
     A last line cut off by an interruption is removed from the file, so the
     resumed batch writes that input's record again, once.
@@ -124,7 +131,7 @@ def completed_inputs(path: str | Path) -> set[str]:
     path = Path(path)
     fmt = output_format(path)
     if not path.is_file():
-        return set()
+        return {}
     data = path.read_bytes()
     cut = data.rfind(b"\n") + 1
     if cut < len(data):
@@ -135,18 +142,23 @@ def completed_inputs(path: str | Path) -> set[str]:
             os.fsync(f.fileno())
         data = data[:cut]
     text = data.decode("utf-8")
+    done: dict[str, set[str | None]] = {}
     if fmt == "jsonl":
-        done = set()
         for n, line in json_lines(text):
             try:
-                done.add(json.loads(line)["input"])
-            except (ValueError, KeyError, TypeError):
+                record = json.loads(line)
+                done.setdefault(record["input"], set()).add(record.get("input_sha256"))
+            except (ValueError, KeyError, TypeError, AttributeError):
                 raise InputError(f"{path} line {n} is not an EdgeDx record; resume needs the file this command wrote") from None
         return done
     rows = list(csv.reader(io.StringIO(text)))
     if rows and rows[0][:1] != ["input"]:
         raise InputError(f"{path} has no EdgeDx header row; resume needs the file this command wrote")
-    return {row[0] for row in rows[1:] if row}
+    column = rows[0].index("input_sha256") if rows and "input_sha256" in rows[0] else None
+    for row in rows[1:]:
+        if row:
+            done.setdefault(row[0], set()).add((row[column] or None) if column is not None and column < len(row) else None)
+    return done
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:

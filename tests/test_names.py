@@ -141,3 +141,27 @@ def test_audit_never_opens_pipes_or_devices_and_hashes_what_was_read(trained: Tr
     entries = {Path(e["input"]).name: e for _, e in ((n, json.loads(line)) for n, line in json_lines(audit.read_text(encoding="utf-8")))}
     assert entries["pipe.png"]["input_sha256"] is None and entries["zero.png"]["input_sha256"] is None
     assert entries["good.png"]["input_sha256"] == hashlib.sha256(good.read_bytes()).hexdigest()
+
+
+def test_a_rewritten_file_is_diagnosed_again_and_the_version_is_recorded(trained: Trained, tmp_path: Path) -> None:
+    import hashlib
+
+    from edgedx.runtime.batch import diagnose_paths
+    from edgedx.runtime.image_io import write_image
+    from edgedx.synthetic import render_field
+
+    folder = tmp_path / "scanner"
+    folder.mkdir()
+    rng = np.random.default_rng(4)
+    slide = write_image(folder / "slide.png", render_field(rng, 60, 80, infected_fraction=0.0).image)
+    write_image(folder / "other.png", render_field(rng, 60, 80, infected_fraction=0.3).image)
+    out = tmp_path / "out.jsonl"
+    diagnose_paths([folder], trained.onnx, out)
+    first = hashlib.sha256(slide.read_bytes()).hexdigest()
+    write_image(slide, render_field(rng, 64, 90, infected_fraction=0.5).image)  # the next patient, same name
+    second = hashlib.sha256(slide.read_bytes()).hexdigest()
+    again = diagnose_paths([folder], trained.onnx, out)
+    assert again.n_resumed == 1 and again.n_inputs == 1  # other.png is done; slide.png is new
+    versions = [r["input_sha256"] for r in read_records(out) if r["input"].endswith("slide.png")]
+    assert versions == [first, second]
+    assert diagnose_paths([folder], trained.onnx, out).n_resumed == 2  # and now both are done

@@ -381,6 +381,28 @@ def _band(text: str | None) -> tuple[float, float] | None:
     return low, high
 
 
+audit_app = typer.Typer(help="Check an audit log written by diagnose --audit.", no_args_is_help=True, add_completion=False)
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    log_file: Annotated[Path, typer.Argument(help="The audit log (JSON Lines) written by edgedx diagnose --audit.")],
+) -> None:
+    """Walk the log's hash chain: an edited, deleted, inserted, moved or torn line is found and named."""
+    from edgedx.errors import AuditError
+    from edgedx.runtime.audit import verify_audit
+
+    result = verify_audit(log_file)
+    if not result.ok:
+        shown = "; ".join(result.problems[:5]) + (f"; and {len(result.problems) - 5} more" if len(result.problems) > 5 else "")
+        raise AuditError(f"{log_file}: the chain is broken ({len(result.problems)} problem(s) in {result.n_lines} lines): {shown}")
+    console.print(f"{log_file}: {result.n_lines} lines, chain intact; head sha256 {result.head_sha256}")
+    console.print("keep the head sha256 elsewhere: it also proves the last line was not edited")
+    if result.n_unchained:
+        console.print(f"{result.n_unchained} line(s) carry no chain (written by an EdgeDx before 0.1 chained its log)", style="yellow")
+
+
 @app.command()
 def models() -> None:
     """List the models bundled with EdgeDx and their cards (use one with diagnose, or leave out --model)."""

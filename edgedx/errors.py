@@ -50,3 +50,7 @@ class MissingDependencyError(EdgeDxError):
             f"{purpose} needs the '{package}' package, which is not installed; "
             f"install it with: pip install 'edgedx[{extra}]'"
         )
+
+
+class AuditError(EdgeDxError):
+    """An audit log's hash chain is broken: a line was edited, deleted, inserted, moved or torn (the message says where)."""

@@ -312,7 +312,10 @@ def _run(
             yield k, item.image
 
     model_path = model_ref if not isinstance(model_ref, Model) else getattr(model.session, "path", "")
-    audit_log = AuditLog(audit, model_path, card, names=audit_names, model_sha256=getattr(model.session, "sha256", None)) if audit is not None else None
+    audit_log = None
+    if audit is not None:
+        settings = _run_settings(model, {}).settings  # crop policy, threshold, refer band: what shaped each result
+        audit_log = AuditLog(audit, model_path, card, names=audit_names, model_sha256=getattr(model.session, "sha256", None), settings=settings)
     with RecordWriter(out, card.class_names, append=resume) as writer:
         if audit_log is not None:
             audit_log.__enter__()

@@ -165,3 +165,63 @@ def test_a_rewritten_file_is_diagnosed_again_and_the_version_is_recorded(trained
     versions = [r["input_sha256"] for r in read_records(out) if r["input"].endswith("slide.png")]
     assert versions == [first, second]
     assert diagnose_paths([folder], trained.onnx, out).n_resumed == 2  # and now both are done
+
+
+def test_the_audit_log_is_a_hash_chain_that_finds_edits_deletions_and_torn_lines(trained: Trained, tmp_path: Path) -> None:
+    from conftest import run_edgedx
+
+    from edgedx.runtime.audit import verify_audit
+    from edgedx.runtime.batch import diagnose_paths
+    from edgedx.runtime.image_io import write_image
+    from edgedx.synthetic import render_field
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(6)
+    for k in range(4):
+        write_image(folder / f"f{k}.png", render_field(rng, 50, 70, infected_fraction=0.2).image)
+    audit = tmp_path / "audit.jsonl"
+    diagnose_paths([folder], trained.onnx, tmp_path / "out.jsonl", audit=audit, crop={"aggregation": "max"}, refer_band=(0.3, 0.7))
+    entries = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert entries[0]["settings"]["crop"]["aggregation"] == "max" and entries[0]["settings"]["refer_band"] == [0.3, 0.7]
+    good = verify_audit(audit)
+    assert good.ok and good.n_lines == 4 and good.n_unchained == 0
+    proc = run_edgedx("audit", "verify", str(audit))
+    assert proc.returncode == 0 and "4 lines, chain intact" in proc.stdout and good.head_sha256 in proc.stdout
+
+    lines = audit.read_text().splitlines(keepends=True)
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text("".join([lines[0], lines[1].replace('"decision": "', '"decision": "x'), *lines[2:]]))
+    deleted = tmp_path / "deleted.jsonl"
+    deleted.write_text("".join([lines[0], *lines[2:]]))
+    moved = tmp_path / "moved.jsonl"
+    moved.write_text("".join([lines[1], lines[0], *lines[2:]]))
+    for broken, where in ((edited, "line 3"), (deleted, "line 2"), (moved, "line 1")):
+        found = verify_audit(broken)
+        assert not found.ok and any(p.startswith(where) for p in found.problems), (broken.name, found.problems)
+    proc = run_edgedx("audit", "verify", str(deleted))
+    assert proc.returncode == 1 and "the chain is broken" in proc.stderr and "Traceback" not in proc.stderr
+
+    # a write cut off by a full disk: reported by verify, cut off on the next open, and the next entry says so
+    with audit.open("a") as f:
+        f.write('{"time": "2026-12-05T')
+    assert any("torn" in p for p in verify_audit(audit).problems)
+    write_image(folder / "f9.png", render_field(rng, 50, 70, infected_fraction=0.2).image)
+    diagnose_paths([folder], trained.onnx, tmp_path / "out.jsonl", audit=audit, crop={"aggregation": "max"}, refer_band=(0.3, 0.7))
+    after = verify_audit(audit)
+    assert after.ok and after.n_lines == 5
+    assert json.loads(audit.read_text().splitlines()[-1])["repaired_torn_line_bytes"] == len('{"time": "2026-12-05T')
+
+
+def test_hashed_audit_names_are_scrubbed_from_errors(trained: Trained, tmp_path: Path) -> None:
+    from edgedx.runtime.batch import diagnose_paths
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "John_Smith_MRN12345.png").write_bytes(b"not an image at all")
+    audit = tmp_path / "audit.jsonl"
+    diagnose_paths([folder], trained.onnx, tmp_path / "out.jsonl", audit=audit, audit_names="hash")
+    text = audit.read_text()
+    assert "John" not in text and "MRN12345" not in text
+    [entry] = [json.loads(line) for line in text.splitlines()]
+    assert entry["input"] is None and len(entry["input_name_hmac"]) == 64 and entry["error"].startswith("<input>")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -180,8 +181,13 @@ def test_audit_log_can_keep_names_out(trained: Trained, tmp_path: Path) -> None:
     diagnose_paths([data], trained.onnx, tmp_path / "r.jsonl", audit=audit, audit_names="hash")
     text = audit.read_text()
     assert "Jane" not in text
-    names = {json.loads(line)["input_name_sha256"] for line in text.splitlines()}
-    assert names == {hashlib.sha256(str(p).encode()).hexdigest() for p in sorted(data.iterdir())}
+    names = {json.loads(line)["input_name_hmac"] for line in text.splitlines()}
+    assert len(names) == 2
+    # a keyed hash: without the key beside the log, hashing a guessed name finds nothing
+    assert not names & {hashlib.sha256(str(p).encode()).hexdigest() for p in sorted(data.iterdir())}
+    key = bytes.fromhex((tmp_path / "audit.jsonl.key").read_text().strip())
+    assert names == {hmac.new(key, str(p).encode(), hashlib.sha256).hexdigest() for p in sorted(data.iterdir())}
+    assert (tmp_path / "audit.jsonl.key").stat().st_mode & 0o077 == 0  # readable by its owner only
 
 
 def test_a_lost_camera_gets_a_record_and_the_batch_goes_on(trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -25,7 +25,13 @@ class StreamLostError(InputError):
 
 
 class ImageReadError(EdgeDxError):
-    """One image could not be read; batch commands record it and go on."""
+    """One image could not be read; batch commands record it and go on.
+
+    ``sha256`` holds the hash of the bytes that were read when the file could be
+    read but not decoded (the audit log records which bytes failed).
+    """
+
+    sha256: str | None = None
 
 
 class ModelError(EdgeDxError):

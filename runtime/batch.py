@@ -11,6 +11,7 @@ repeating a record; ``audit`` appends a tamper-evident line per result.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import threading
 import time
@@ -336,11 +337,12 @@ def _run(
                         record.update(_rolling(rolling, item.stream, result, model, window))
                     if overlay_dir is not None:
                         try:
-                            written.append(_write_overlay(overlay_dir, item, result, model, written))
+                            written.append(_write_overlay(overlay_dir, item, result, model))
+                            record["overlay"] = written[-1].name
                         except ImageReadError as exc:  # a gigapixel image is diagnosed lazily but cannot be drawn whole
                             log.warning("no overlay for %s: %s", item.name, exc)
                     if map_dir is not None:
-                        _write_map(map_dir, item, result)
+                        record["tile_map"] = _write_map(map_dir, item, result).name
                 if audit_log is not None:  # audit first: a kill in between repeats an audit line, never loses one
                     audit_log.append(record, input_sha256=_input_sha(item, result))
                 writer.write(record)
@@ -395,7 +397,9 @@ def _changed_since(item: _Item, versions: set[str | None]) -> bool:
 def _input_sha(item: _Item, result: Diagnosis | EdgeDxError) -> str | None:
     """The sha256 of what was diagnosed: the file bytes hashed as they were read (never re-read: a replacement or a
     pipe must not answer for them), a frame's pixels; a lazily read tiled TIFF is hashed here, a regular file only.
-    An input that could not be read has none."""
+    A file that was read but could not be decoded has the hash of those bytes; one never read has none."""
+    if isinstance(result, ImageReadError):
+        return result.sha256  # the bytes that could be read but not decoded, if any
     if isinstance(result, EdgeDxError) or isinstance(item.image, BaseException):
         return None
     if result.input_sha256 is not None:
@@ -414,32 +418,30 @@ def _stem(item: _Item) -> str:
     return base if item.frame is None else f"{base}.frame{item.frame:06d}"
 
 
-def _unique(folder: Path, stem: str, suffix: str, taken: list[Path]) -> Path:
-    target = folder / f"{stem}{suffix}"
-    k = 1
-    while target in taken:
-        target = folder / f"{stem}.{k}{suffix}"
-        k += 1
-    return target
+def _output_stem(item: _Item, result: Diagnosis) -> str:
+    """``<stem>.<10 hex>``: unique per input name and version, the same on every run. ``a/x.png`` and ``b/x.png``
+    never share a file, a resumed run never overwrites another input's, and a rewritten file gets its own."""
+    key = item.name.encode("utf-8", "surrogateescape") + b"\0" + (result.input_sha256 or "").encode()
+    return f"{_stem(item)}.{hashlib.sha256(key).hexdigest()[:10]}"
 
 
 def _write_map(folder: Path, item: _Item, result: Diagnosis) -> Path:
     """(rows, cols, classes) float32 per-tile probabilities, NaN where a tile was skipped."""
     sliding = result.sliding
     rows, cols = sliding.grid.shape
-    target = folder / f"{_stem(item)}.tilemap.npy"
+    target = folder / f"{_output_stem(item, result)}.tilemap.npy"
     with atomic_path(target) as tmp, tmp.open("wb") as f:
         np.save(f, sliding.tile_probabilities.reshape(rows, cols, -1).astype(np.float32))
     return target
 
 
-def _write_overlay(folder: Path, item: _Item, result: Diagnosis, model: Model, taken: list[Path]) -> Path:
-    """One PNG per input, named after it (numbered when two inputs share a name)."""
+def _write_overlay(folder: Path, item: _Item, result: Diagnosis, model: Model) -> Path:
+    """One PNG per input version, named after it (see :func:`_output_stem`)."""
     card = model.card
     index = card.positive_index if card.task == "binary" else card.class_names.index(_top_label(result))
     caption = f"{_caption_label(result)}  p({card.class_names[index]})={result.probabilities[card.class_names[index]]:.2f}"
     image = read_image(item.path) if item.path is not None else item.image
-    target = _unique(folder, _stem(item), ".overlay.png", taken)
+    target = folder / f"{_output_stem(item, result)}.overlay.png"
     heat = render_overlay(image, result.sliding, index, caption, weighting=model.crop.centre_weighting)
     with atomic_path(target) as tmp:
         write_image(tmp, heat)

@@ -167,7 +167,11 @@ def read_image_hashed(path: str | Path, *, max_pixels: int | None = None) -> tup
     limit = _resolve_limit(max_pixels)
     data = read_file_bytes(path)
     digest = hashlib.sha256(memoryview(data)).hexdigest()
-    return _decode(data, str(path), limit, suffix=path.suffix.lower(), path=path), digest
+    try:
+        return _decode(data, str(path), limit, suffix=path.suffix.lower(), path=path), digest
+    except ImageReadError as exc:
+        exc.sha256 = digest  # which bytes failed, for the audit log
+        raise
 
 
 _NOT_REGULAR = ((stat.S_ISFIFO, "named pipe"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"))

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 FORMATS = {".jsonl": "jsonl", ".csv": "csv"}
 CSV_COLUMNS = (
     "input", "frame", "time_s", "label", "decision", "n_crops", "tiles_used", "tiles_skipped",
-    "read_ms", "diagnose_ms", "error", "input_sha256",
+    "read_ms", "diagnose_ms", "error", "input_sha256", "overlay", "tile_map",
 )
 
 
@@ -43,6 +43,7 @@ def empty_record(input_name: str) -> dict[str, Any]:
         "input": input_name, "label": None, "decision": None, "probabilities": None, "top_k": None,
         "n_crops": None, "tiles_used": None, "tiles_skipped": None, "timings_ms": None, "error": None,
         "input_sha256": None,  # the version of the file that was diagnosed (a rewritten file is diagnosed again)
+        "overlay": None, "tile_map": None,  # file names of this input's outputs, when written
     }
 
 

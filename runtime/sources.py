@@ -476,7 +476,7 @@ def source_pixels(path: str | Path) -> tuple[int, int]:
     size = _png_size(head) or _jpeg_size(path, head)
     if size is not None:
         return size
-    image = read_image(path)
+    image, _ = read_image_hashed(path)  # a failure then carries the hash of the bytes that failed
     return int(image.shape[0]), int(image.shape[1])
 
 

@@ -119,7 +119,9 @@ def test_diagnose_cli_odd_size_space_and_bad_image(trained: Trained) -> None:
     assert sum(big["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     assert records["tiny.png"]["n_crops"] == 1  # smaller than one crop: zero-padded
     assert records["broken.jpg"]["label"] is None and "not a decodable image" in records["broken.jpg"]["error"]
-    assert sorted(p.name for p in (trained.root / "overlays").iterdir()) == ["field 511x237.overlay.png", "tiny.overlay.png"]
+    written = sorted(p.name for p in (trained.root / "overlays").iterdir())
+    assert written == sorted(records[n]["overlay"] for n in ("field 511x237.png", "tiny.png"))  # each record names its overlay
+    assert [n.split(".")[0] for n in written] == ["field 511x237", "tiny"] and all(n.endswith(".overlay.png") for n in written)
 
 
 def test_diagnosis_beats_chance_on_unseen_tiles_and_csv(trained: Trained) -> None:
@@ -133,7 +135,7 @@ def test_diagnosis_beats_chance_on_unseen_tiles_and_csv(trained: Trained) -> Non
     assert summary.n_failed == 0 and summary.n_inputs == 40
     lines = out.read_text().splitlines()
     assert lines[0] == (
-        "input,frame,time_s,label,decision,n_crops,tiles_used,tiles_skipped,read_ms,diagnose_ms,error,"
+        "input,frame,time_s,label,decision,n_crops,tiles_used,tiles_skipped,read_ms,diagnose_ms,error,input_sha256,overlay,tile_map,"
         "p_parasitized,p_uninfected"
     )
     predicted = [row.split(",")[3] for row in lines[1:]]

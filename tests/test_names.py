@@ -225,3 +225,22 @@ def test_hashed_audit_names_are_scrubbed_from_errors(trained: Trained, tmp_path:
     assert "John" not in text and "MRN12345" not in text
     [entry] = [json.loads(line) for line in text.splitlines()]
     assert entry["input"] is None and len(entry["input_name_hmac"]) == 64 and entry["error"].startswith("<input>")
+
+
+def test_inputs_with_one_name_in_two_folders_get_their_own_outputs(trained: Trained, tmp_path: Path) -> None:
+    from edgedx.runtime.batch import diagnose_paths
+    from edgedx.runtime.image_io import write_image
+    from edgedx.synthetic import render_field
+
+    rng = np.random.default_rng(7)
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        write_image(tmp_path / sub / "x.png", render_field(rng, 60, 80, infected_fraction=0.4 if sub == "a" else 0.0).image)
+    out = tmp_path / "out.jsonl"
+    diagnose_paths([tmp_path / "a", tmp_path / "b"], trained.onnx, out, maps=tmp_path / "maps", overlays=tmp_path / "ov")
+    records = read_records(out)
+    maps = {r["input"]: r["tile_map"] for r in records}
+    assert len(set(maps.values())) == 2 and len(list((tmp_path / "maps").iterdir())) == 2
+    for record in records:
+        assert np.nanmax(np.load(tmp_path / "maps" / record["tile_map"])) >= max(record["probabilities"].values()) - 1e-5
+        assert (tmp_path / "ov" / record["overlay"]).is_file()

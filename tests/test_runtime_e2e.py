@@ -51,7 +51,7 @@ def test_records_carry_decision_top_k_tiles_and_timings(trained: Trained, tmp_pa
         assert record["decision"] == ("refer" if 0.2 <= p < 0.8 else record["label"])
         direct = model.diagnose(path)
         assert p == pytest.approx(direct.probabilities["parasitized"], abs=1e-6)  # batching across images changes nothing
-        tile_map = np.load(tmp_path / "maps" / f"{path.stem}.tilemap.npy")
+        tile_map = np.load(tmp_path / "maps" / record["tile_map"])
         assert tile_map.shape == (*direct.sliding.grid.shape, 2)
         assert float(np.nanmax(tile_map[..., 0])) == pytest.approx(p, abs=1e-5)  # max aggregation = the hottest tile
 

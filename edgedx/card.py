@@ -104,7 +104,9 @@ class CropPolicy:
     - ``noisy_or``: 1 - prod(1 - p), "at least one crop is positive".
 
     ``min_foreground`` skips crops whose fraction of foreground pixels (not
-    empty glass, not black border) is below it; ``centre_weighting`` shapes how
+    empty glass, not black border) is below it; ``min_content`` refuses an
+    image whose crops are mostly padding (a 1×1 PNG, a field shrunk by a
+    mistyped scale), which would otherwise get a confident answer from nothing; ``centre_weighting`` shapes how
     overlapping crops are blended into the per-pixel heat map.
     """
 
@@ -119,6 +121,7 @@ class CropPolicy:
     min_foreground: float = 0.0
     mode: CropMode = "scale"
     shorter_side: int | None = None
+    min_content: float = 0.05
 
     def __post_init__(self) -> None:
         for name in ("tile_size", "stride"):
@@ -140,6 +143,8 @@ class CropPolicy:
             raise CardError(f"model card field 'crop.top_k' must be a positive integer, got {self.top_k}")
         if not 0.0 <= self.min_foreground <= 1.0:
             raise CardError(f"model card field 'crop.min_foreground' must be within [0, 1], got {self.min_foreground}")
+        if not 0.0 <= self.min_content <= 1.0:
+            raise CardError(f"model card field 'crop.min_content' must be within [0, 1], got {self.min_content}")
         if self.mode not in CROP_MODES:
             raise CardError(f"model card field 'crop.mode' must be one of {list(CROP_MODES)}, got {self.mode!r}")
         if self.mode == "shorter_side":
@@ -299,7 +304,9 @@ class ModelCard:
 # Fields each schema version added, with the value that reproduces the older behaviour.
 _ADDED_IN = {
     2: {"crop": {"top_k": 3, "centre_weighting": "none", "min_foreground": 0.0}},
-    3: {"crop": {"mode": "scale", "shorter_side": None}},  # before 3 every card resampled by its fixed scale
+    # before 3 every card resampled by its fixed scale; the content check (no answer from crops that are
+    # nearly all padding) applies to older cards too
+    3: {"crop": {"mode": "scale", "shorter_side": None, "min_content": 0.05}},
 }
 
 

@@ -278,6 +278,7 @@ def diagnose(
     scale: Annotated[Optional[float], typer.Option(help="Override the card's resampling factor (object size the model was trained on).")] = None,
     padding: Annotated[Optional[str], typer.Option(help="Edges of images smaller than a tile: constant, reflect or replicate.")] = None,
     min_foreground: Annotated[Optional[float], typer.Option(help="Skip tiles with a smaller foreground fraction (empty glass, black borders).")] = None,
+    min_content: Annotated[Optional[float], typer.Option(help="Refuse an image whose crops are less image than this fraction (the rest padding); default from the card (0.05), 0 turns the check off.")] = None,
     centre_weighting: Annotated[Optional[str], typer.Option(help="Heat-map blending of overlapping tiles: none or gaussian.")] = None,
     every: Annotated[int, typer.Option(help="Videos and cameras: diagnose every N-th frame.")] = 1,
     window: Annotated[int, typer.Option(help="Videos and cameras: rolling decision over the last N diagnosed frames.")] = 5,
@@ -300,6 +301,7 @@ def diagnose(
     crop = {
         "aggregation": aggregation, "top_k": top_k, "tile_size": _pair(tile, "--tile"), "stride": _pair(stride, "--stride"),
         "scale": scale, "padding": padding, "min_foreground": min_foreground, "centre_weighting": centre_weighting,
+        "min_content": min_content,
     }
     crop = {k: v for k, v in crop.items() if v is not None} or None
     band = _band(refer_band)

@@ -34,6 +34,11 @@ class ImageReadError(EdgeDxError):
     sha256: str | None = None
 
 
+class InsufficientContentError(ImageReadError):
+    """An image was read, but its crops would be nearly all padding or enlarged far beyond the crop's detail:
+    a result from it would be a confident guess from no content, so none is given."""
+
+
 class ModelError(EdgeDxError):
     """A model file cannot be loaded or does not match its card."""
 

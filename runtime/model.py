@@ -11,6 +11,7 @@ This is the object a microscope or scanner application embeds::
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections import deque
 from collections.abc import Hashable, Iterable, Iterator, Mapping
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from edgedx.card import CropPolicy, ModelCard
-from edgedx.errors import CardError, EdgeDxError, ImageReadError, InputError
+from edgedx.errors import CardError, EdgeDxError, ImageReadError, InputError, InsufficientContentError
 from edgedx.runtime.image_io import to_rgb_uint8
 from edgedx.runtime.onnx_backend import OnnxSession
 from edgedx.runtime.preprocess import model_input, to_probabilities
@@ -32,6 +33,8 @@ from edgedx.runtime.trt_backend import TensorRTSession
 
 
 Session = OnnxSession | TensorRTSession  # anything with .card and .run(x) -> logits
+
+MAX_ENLARGEMENT = 16  # per side: a crop must hold at least 1/256 of its pixels' worth of the image
 
 
 @dataclass(frozen=True)
@@ -212,10 +215,17 @@ class Model:
         card = self.card
         read_ms: dict[Hashable, float] = {}
         hashes: dict[Hashable, str | None] = {}
+        names: dict[Hashable, str] = {}  # file inputs, to name them in a refusal
         opened: dict[Hashable, Any] = {}  # lazy sources opened here, closed when their image is done
 
+        def named() -> Iterator[tuple[Hashable, Any]]:
+            for key, image in items:
+                if isinstance(image, (str, Path)):
+                    names[key] = str(image)
+                yield key, image
+
         def decoded() -> Iterator[tuple[Hashable, Any]]:
-            for key, image, ms, digest in prefetched(items, prefetch):
+            for key, image, ms, digest in prefetched(named(), prefetch):
                 read_ms[key] = ms
                 hashes[key] = digest
                 if hasattr(image, "close") and not isinstance(image, BaseException):
@@ -234,11 +244,40 @@ class Model:
             if source is not None:
                 source.close()
             if outcome.error is not None:
+                names.pop(outcome.key, None)
                 yield outcome.key, outcome.error  # type: ignore[misc]
                 continue
             assert outcome.result is not None
+            name = names.pop(outcome.key, None)
+            problem = self.content_problem(outcome.result)
+            if problem is not None:
+                yield outcome.key, InsufficientContentError(f"{name}: {problem}" if name else problem)
+                continue
             diagnosis = self.to_diagnosis(outcome.result, {"read": round(ms, 2), "diagnose": round(outcome.seconds * 1000, 2)})
             yield outcome.key, dataclasses.replace(diagnosis, input_sha256=digest) if digest else diagnosis
+
+    def content_problem(self, sliding: SlidingResult) -> str | None:
+        """Why no result should be given for this image, or None: crops that are nearly all padding, or an image
+        enlarged so far that a crop holds almost none of its pixels, would give a confident answer from no content."""
+        minimum = self.crop.min_content
+        if minimum <= 0:
+            return None
+        grid = sliding.grid
+        (h, w), (th, tw) = grid.source_size, grid.tile
+        covered = sliding.content
+        if covered < minimum:
+            return (
+                f"the image ({w}×{h} px, {grid.width}×{grid.height} after resampling) fills {covered:.1%} of its {th}×{tw} crops, "
+                f"the rest is padding; below the minimum {minimum:.0%}, a result would be a guess. "
+                "Check the image (or --scale), or lower --min-content"
+            )
+        fy, fx = grid.factors
+        if fy * fx > MAX_ENLARGEMENT ** 2:
+            return (
+                f"the image ({w}×{h} px) is enlarged {math.sqrt(fy * fx):.0f}× per side to fill its {th}×{tw} crops "
+                f"(more than {MAX_ENLARGEMENT}×): a result would be a guess from a few pixels. Check the image, or lower --min-content to 0"
+            )
+        return None
 
     def to_diagnosis(self, sliding: SlidingResult, timings: dict[str, float]) -> Diagnosis:
         """Merged tiles → the decision, refer band and top-k (shared by the local and Ray engines)."""

@@ -411,7 +411,12 @@ class TileDiagnoser:
             else:
                 n = len(row["tiles"])
                 timings = {"read": round(float(row["read_ms"]), 2), "diagnose": round(float(row["cut_ms"]) + n * per_tile_ms, 2)}
-                record.update(self.model.to_diagnosis(self._sliding(row, probs[offset : offset + n]), timings).to_record())
+                sliding = self._sliding(row, probs[offset : offset + n])
+                problem = self.model.content_problem(sliding)
+                if problem is not None:  # as the local engine: no result from an image that is nearly all padding
+                    record["error"] = problem
+                else:
+                    record.update(self.model.to_diagnosis(sliding, timings).to_record())
                 record["input_sha256"] = str(row["sha256"]) or None  # the bytes the read task decoded
                 offset += n
             records.append(record)

@@ -39,6 +39,7 @@ import cv2
 import numpy as np
 
 from edgedx.card import CropPolicy
+from edgedx.errors import ImageReadError
 from edgedx.runtime.foreground import estimate_background, foreground_fraction
 
 PredictFn = Callable[[np.ndarray], np.ndarray]
@@ -193,6 +194,7 @@ class _TileReader:
             if image.ndim != 3:
                 raise ValueError(f"expected an (H, W, C) image, got shape {image.shape}")
             self.grid = plan_tiles(image.shape[0], image.shape[1], policy)
+            _check_resampled_size(self.grid, policy)
             self._scaled = rescale(image, policy)
         else:
             self.grid = plan_tiles(image.height, image.width, policy)
@@ -222,6 +224,27 @@ class _TileReader:
         region = source.read(y0, x0, y1 - y0, x1 - x0)
         resized = cv2.resize(region, (vw, vh), interpolation=_interpolation(self.grid.source_size, (self.grid.height, self.grid.width)))
         return resized[..., None] if resized.ndim == 2 else resized
+
+
+def _check_resampled_size(grid: TileGrid, policy: CropPolicy) -> None:
+    """An in-memory image is resampled whole: refuse a size that cannot be allocated before trying."""
+    from edgedx.runtime.image_io import default_max_pixels
+
+    limit = default_max_pixels()
+    if grid.height * grid.width > limit:
+        (h, w) = grid.source_size
+        raise ImageReadError(
+            f"resampling this {w}×{h} image by the crop policy ({policy.describe()}) would make it {grid.width}×{grid.height} = "
+            f"{grid.width * grid.height / 1e6:.0f} megapixels, over the limit of {limit / 1e6:.0f}; lower --scale"
+        )
+
+
+def content_fraction(layout: CropLayout) -> float:
+    """Share of the predicted crops' pixels that are image, not padding (1.0 when every crop lies inside the image)."""
+    grid = layout.grid
+    th, tw = grid.tile
+    inside = [min(th, grid.height - y) * min(tw, grid.width - x) for k, (y, x) in enumerate(grid.positions()) if layout.used[k]]
+    return float(sum(inside)) / (len(inside) * th * tw) if inside else 0.0
 
 
 class ImageCrops:
@@ -350,6 +373,7 @@ class SlidingResult:
     used: np.ndarray | None = None  # (n_tiles,) bool
     foreground: np.ndarray | None = None  # (n_tiles,) float
     foreground_fallback: bool = False  # no tile reached min_foreground, so all were used
+    content: float = 1.0  # share of the predicted crops' pixels that are image, not padding
 
     @property
     def n_tiles(self) -> int:
@@ -450,7 +474,7 @@ def merge(
 ) -> SlidingResult:
     """The merger: one image's (n_tiles, C) tile probabilities (NaN where skipped) → its :class:`SlidingResult`."""
     merged = aggregate(tile_probabilities[layout.used], policy, activation=activation, positive_index=positive_index)
-    return SlidingResult(merged, tile_probabilities, layout.grid, layout.used, layout.foreground, layout.fallback)
+    return SlidingResult(merged, tile_probabilities, layout.grid, layout.used, layout.foreground, layout.fallback, content_fraction(layout))
 
 
 @dataclass
@@ -530,7 +554,13 @@ def sliding_window_many(
             queue.append(_Pending(key, None, error=image))
             yield from finished()
             continue
-        state = _Pending(key, ImageCrops(image, policy))
+        try:
+            crops = ImageCrops(image, policy)
+        except ImageReadError as exc:  # e.g. a resampled size that cannot be allocated: this image only
+            queue.append(_Pending(key, None, error=exc))
+            yield from finished()
+            continue
+        state = _Pending(key, crops)
         queue.append(state)
         for index, tile in state.crops:  # type: ignore[union-attr]
             state.outstanding += 1

@@ -553,6 +553,8 @@ def test_batch_records_each_bad_file_and_goes_on(trained, tmp_path: Path, monkey
         "notes.png": (b"Probe 17: recheck tomorrow\n", "it is a text file"),
         "report.jpg": (b"%PDF-1.5\n%\xb5\xb5\n1 0 obj\n", "is a PDF document, not an image"),
         "huge.png": (cv_bytes(".png", np.zeros((250, 240, 3), np.uint8)), "240×250 = 0.06 megapixels exceeds the limit of 0.05 megapixels"),
+        # read fine, but its one crop would be 98.5% padding: no confident answer from 15 pixels
+        "tiny 5x3.png": (cv_bytes(".png", field[:3, :5]), "fills 1.5% of its 32×32 crops, the rest is padding"),
     }
     odd = {
         "png named.jpg": whole_png,
@@ -564,7 +566,7 @@ def test_batch_records_each_bad_file_and_goes_on(trained, tmp_path: Path, monkey
         "cmyk.jpg": pil_bytes(Image.fromarray(field).convert("CMYK"), "JPEG", quality=95),
         "cmyk.tif": pil_bytes(Image.fromarray(field).convert("CMYK"), "TIFF"),
         "exif rotated.jpg": pil_bytes(Image.fromarray(field), "JPEG", quality=95, exif=exif.tobytes()),
-        "tiny 5x3.png": cv_bytes(".png", field[:3, :5]),
+        "small 25x20.png": cv_bytes(".png", field[:20, :25]),  # smaller than a crop, but half of it: padded and diagnosed
         "血液 µ.jpg": field_jpeg,
     }
     for name, (data, _) in bad.items():

@@ -113,6 +113,7 @@ def main() -> None:
     parser.add_argument("dataset", choices=sorted(RECIPES))
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "edgedx-recipes")
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs (for a quick check)")
+    parser.add_argument("--crop", default=None, help="override the recipe's crop policy (fit, shorter_side:N, scale[:F]) to compare policies")
     args = parser.parse_args()
     root = data_root()
     if not root.is_dir():
@@ -122,6 +123,8 @@ def main() -> None:
     run.mkdir(parents=True, exist_ok=True)
     source = isic_manifest(root, run) if args.dataset == "isic_mel_nv" else root / recipe["source"]
     config = TrainConfig(weights="imagenet", seed=0, gradcam_samples=8, **recipe["config"])
+    if args.crop is not None:
+        config = dataclasses.replace(config, crop=args.crop)
     if args.epochs is not None:
         config = dataclasses.replace(config, epochs=args.epochs)
     started = time.perf_counter()

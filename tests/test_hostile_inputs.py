@@ -1,4 +1,4 @@
-"""Names a hostile or unlucky share holds: not UTF-8, spreadsheet formulas, line separators; every output keeps them."""
+"""What a hostile or unlucky clinic feeds EdgeDx: odd names, pipes, rewritten files, shared outputs, edited audit logs, empty crops."""
 
 from __future__ import annotations
 
@@ -244,3 +244,30 @@ def test_inputs_with_one_name_in_two_folders_get_their_own_outputs(trained: Trai
     for record in records:
         assert np.nanmax(np.load(tmp_path / "maps" / record["tile_map"])) >= max(record["probabilities"].values()) - 1e-5
         assert (tmp_path / "ov" / record["overlay"]).is_file()
+
+
+def test_no_confident_answer_from_crops_that_are_nearly_all_padding(trained: Trained, tmp_path: Path) -> None:
+    from edgedx.errors import InsufficientContentError
+    from edgedx.runtime import load_model
+    from edgedx.runtime.batch import diagnose_paths
+    from edgedx.runtime.image_io import write_image
+    from edgedx.synthetic import render_field
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    field = write_image(folder / "field.png", render_field(np.random.default_rng(8), 96, 128, infected_fraction=0.3).image)
+    dot = write_image(folder / "dot.png", np.full((1, 1, 3), 200, np.uint8))
+    model = load_model(trained.onnx)
+    with pytest.raises(InsufficientContentError, match=r"dot.png: the image \(1×1 px, 1×1 after resampling\) fills 0.1% of its 32×32 crops"):
+        model.diagnose(dot)
+    shrunk = load_model(trained.onnx, crop={"scale": 0.001})  # a mistyped scale: the field becomes one pixel
+    with pytest.raises(InsufficientContentError, match="the rest is padding"):
+        shrunk.diagnose(field)
+    assert load_model(trained.onnx, crop={"min_content": 0.0}).diagnose(dot).n_crops == 1  # the check can be turned off
+
+    out = tmp_path / "out.jsonl"
+    summary = diagnose_paths([folder], trained.onnx, out, crop={"scale": 1000.0})  # would allocate terabytes
+    assert summary.n_failed == 2
+    errors = {Path(r["input"]).name: r["error"] for r in read_records(out)}
+    assert "over the limit of 250; lower --scale" in errors["field.png"]
+    assert summary.n_inputs == 2

@@ -278,6 +278,8 @@ class ModelCard:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise CardError(f"model card is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise CardError("model card is nested too deeply to be a model card (a damaged or hostile file); export the model again") from None
         return cls.from_dict(data)
 
     def save(self, path: str | Path) -> Path:

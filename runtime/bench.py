@@ -28,7 +28,7 @@ import numpy as np
 import edgedx
 from edgedx.errors import EdgeDxError, InputError
 from edgedx.progress import ProgressFn, no_progress
-from edgedx.runtime.image_io import decode_image
+from edgedx.runtime.image_io import decode_image, default_max_pixels
 from edgedx.runtime.model import Model, load_model
 from edgedx.runtime.preprocess import model_input, to_probabilities
 from edgedx.runtime.tiling import merge, split_tiles
@@ -113,6 +113,13 @@ def bench_models(
         raise InputError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
     if any(h < 1 or w < 1 for h, w in image_sizes):
         raise InputError(f"image sizes must be positive, got {list(image_sizes)}")
+    limit = default_max_pixels()
+    too_big = [f"{w}x{h}" for h, w in image_sizes if h * w > limit]
+    if too_big:
+        raise InputError(
+            f"image size(s) {', '.join(too_big)} exceed the pixel limit of {limit / 1e6:.0f} megapixels (a synthetic image is made "
+            "in memory); choose smaller --image-sizes, or raise the limit with EDGEDX_MAX_IMAGE_PIXELS"
+        )
     for m in models:
         if not Path(m).is_file():
             raise InputError(f"model not found: {m}")

@@ -60,7 +60,10 @@ def check_writable(target: Path, option: str, *, is_folder: bool = False, min_fr
     except OSError as exc:
         raise InputError(f"cannot write in {folder} (for {option}): {exc.strerror or exc}; choose a writable location") from None
     finally:
-        probe.unlink(missing_ok=True)
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:  # a read-only folder: the write above already said so
+            pass
     free = shutil.disk_usage(folder).free
     if free < min_free:
         raise InputError(

@@ -61,8 +61,12 @@ def _new_figure(width: float, height: float) -> Figure:
 
 def _save(fig: Figure, path: Path | str) -> Path:
     """Write ``fig`` as PNG to ``path`` (parents created), release its artists, return the path."""
+    from matplotlib.text import Text
+
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for text in fig.findobj(Text):  # class names and file names are text, never TeX: "$" must not start mathtext
+        text.set_parse_math(False)
     try:
         fig.savefig(out, format="png", dpi=DPI)
     finally:

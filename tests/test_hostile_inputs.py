@@ -271,3 +271,50 @@ def test_no_confident_answer_from_crops_that_are_nearly_all_padding(trained: Tra
     errors = {Path(r["input"]).name: r["error"] for r in read_records(out)}
     assert "over the limit of 250; lower --scale" in errors["field.png"]
     assert summary.n_inputs == 2
+
+
+def test_hostile_files_get_one_line_errors_not_tracebacks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pickle
+
+    from edgedx.card import ModelCard
+    from edgedx.errors import CardError, InputError
+    from edgedx.runtime.bench import bench_models
+    from edgedx.runtime.outputs import check_writable
+
+    with pytest.raises(CardError, match="nested too deeply"):
+        ModelCard.from_json("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(InputError, match=r"100000x100000 exceed the pixel limit of 250 megapixels"):
+        bench_models([tmp_path / "m.onnx"], image_sizes=[(100_000, 100_000)])
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(30, "Read-only file system")
+
+    monkeypatch.setattr(Path, "write_bytes", read_only)
+    monkeypatch.setattr(Path, "unlink", read_only)  # the probe's cleanup fails too, as on a read-only mount
+    with pytest.raises(InputError, match=r"cannot write in .* \(for --out\): Read-only file system; choose a writable location"):
+        check_writable(tmp_path / "out.jsonl", "--out")
+
+
+def test_a_pickle_named_safetensors_is_refused_in_one_line(tmp_path: Path) -> None:
+    pytest.importorskip("safetensors")
+    import pickle
+
+    from edgedx.errors import ModelError
+    from edgedx.training.models import read_state_dict
+
+    fake = tmp_path / "weights.safetensors"
+    fake.write_bytes(pickle.dumps({"w": [1, 2, 3]}))
+    with pytest.raises(ModelError, match="is not a valid safetensors file.*refused on purpose"):
+        read_state_dict(fake)
+
+
+def test_dollar_signs_in_class_names_do_not_break_plots(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from edgedx.runtime.plots import plot_confusion_matrix, plot_roc
+
+    names = ("$HbA1c<5%", "a$b$c")
+    path = plot_confusion_matrix([[3, 1], [0, 4]], names, tmp_path / "cm.png")
+    assert path.stat().st_size > 0
+    truth = np.array([0, 1, 0, 1, 1, 0])
+    probs = np.array([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.1, 0.9], [0.45, 0.55], [0.7, 0.3]])
+    assert plot_roc(truth, probs, names, tmp_path / "roc.png", positive_index=1).stat().st_size > 0

@@ -107,7 +107,13 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own (Rust) error types for a bad header
+            raise ModelError(
+                f"{path} is not a valid safetensors file ({str(exc).splitlines()[0][:120]}); "
+                "if it is a pickle renamed .safetensors it is refused on purpose: convert it with safetensors.torch.save_file"
+            ) from None
     from edgedx.training.checkpoint import safe_torch_load
 
     obj = safe_torch_load(path, "weights file")

@@ -34,7 +34,7 @@ from edgedx.errors import ImageReadError, InputError
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".jp2", ".pgm", ".ppm"})
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".jp2", ".pgm", ".ppm", ".pnm", ".gif"})
 
 MAX_PIXELS_ENV = "EDGEDX_MAX_IMAGE_PIXELS"
 BUILTIN_MAX_PIXELS = 250_000_000  # 750 MB as decoded RGB: far above any microscope field, far below a bomb

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import glob
+import logging
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from edgedx.errors import InputError
 from edgedx.runtime.image_io import is_image_path
+
+log = logging.getLogger(__name__)
 
 _GLOB_CHARS = frozenset("*?[")
 
@@ -24,7 +28,7 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
         text = str(raw)
         path = Path(text)
         if path.is_dir():
-            images = sorted(p for p in path.rglob("*") if p.is_file() and is_image_path(p))
+            images = folder_images(path)
             if not images:
                 raise InputError(f"folder {path} contains no image files ({', '.join(_suffix_hint())})")
             found.update(dict.fromkeys(images))
@@ -41,6 +45,26 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
     if not found:
         raise InputError("no inputs given")
     return list(found)
+
+
+def folder_images(folder: Path) -> list[Path]:
+    """Every entry named like an image under ``folder``, recursively, sorted.
+
+    Entries that are not regular files (a pipe, a socket, a dangling link, a
+    link loop) are kept, so each gets a record saying what it is instead of
+    vanishing; a sub-folder that cannot be read is named in a warning.
+    """
+
+    def unreadable(error: OSError) -> None:
+        log.warning("cannot read folder %s (%s): its images are not diagnosed; give the user running EdgeDx access to it", error.filename, error.strerror or error)
+
+    found = []
+    for root, _, names in os.walk(folder, onerror=unreadable):
+        for name in names:
+            path = Path(root) / name
+            if is_image_path(path):
+                found.append(path)
+    return sorted(found)
 
 
 def _suffix_hint() -> list[str]:

@@ -78,12 +78,12 @@ def check_not_inputs(targets: Mapping[str, Path | None], inputs: Iterable[Path],
     Overlays written into a folder being diagnosed would be read as images by
     the next run, so that is refused too.
     """
-    resolved = {p.resolve() for p in inputs}
-    input_folders = [f.resolve() for f in folders]
+    resolved = {_real(p) for p in inputs}  # realpath: a symlink loop among the inputs is not an error here
+    input_folders = [_real(f) for f in folders]
     for option, target in targets.items():
         if target is None:
             continue
-        real = target.resolve()
+        real = _real(target)
         if real in resolved:
             raise InputError(f"{option} {target} is one of the inputs; EdgeDx never writes over an input — choose another path")
         if option in ("--overlays", "--maps"):
@@ -93,6 +93,10 @@ def check_not_inputs(targets: Mapping[str, Path | None], inputs: Iterable[Path],
                         f"{option} {target} is inside the input folder {folder}: the next run would read its files "
                         "as images; choose a folder outside it"
                     )
+
+
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(path))
 
 
 def prepare_records_file(out: Path, run: RunSettings, mode: str = "auto") -> bool:

@@ -318,3 +318,45 @@ def test_dollar_signs_in_class_names_do_not_break_plots(tmp_path: Path) -> None:
     truth = np.array([0, 1, 0, 1, 1, 0])
     probs = np.array([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.1, 0.9], [0.45, 0.55], [0.7, 0.3]])
     assert plot_roc(truth, probs, names, tmp_path / "roc.png", positive_index=1).stat().st_size > 0
+
+
+def test_odd_entries_inside_a_folder_get_records_and_unreadable_folders_a_warning(
+    trained: Trained, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import logging
+    import socket
+
+    from edgedx.runtime.batch import diagnose_paths
+    from edgedx.runtime.image_io import write_image
+    from edgedx.runtime.inputs import folder_images
+    from edgedx.synthetic import render_field
+
+    folder = tmp_path / "drop"
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(9)
+    write_image(folder / "good.png", render_field(rng, 60, 80, infected_fraction=0.2).image)
+    write_image(folder / "anim.gif", render_field(rng, 60, 80, infected_fraction=0.2).image)
+    os.mkfifo(folder / "pipe.png")
+    (folder / "dangling.jpg").symlink_to(folder / "gone.jpg")
+    (folder / "loop.png").symlink_to(folder / "loop.png")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(folder / "sock.png"))
+        out = tmp_path / "out.jsonl"
+        summary = diagnose_paths([folder], trained.onnx, out)
+    records = {Path(r["input"]).name: r for r in read_records(out)}
+    assert set(records) == {"good.png", "anim.gif", "pipe.png", "dangling.jpg", "loop.png", "sock.png"}
+    assert records["good.png"]["error"] is None and records["anim.gif"]["error"] is None  # a .gif in a folder is read like a named one
+    assert "named pipe" in records["pipe.png"]["error"] and "socket" in records["sock.png"]["error"]
+    assert "not found" in records["dangling.jpg"]["error"] and records["loop.png"]["error"]
+    assert summary.n_failed == 4
+
+    real_walk = os.walk
+
+    def walk_with_a_locked_folder(top, onerror=None, **kwargs):
+        onerror(PermissionError(13, "Permission denied", str(folder / "sub")))
+        yield from real_walk(top, onerror=onerror, **kwargs)
+
+    monkeypatch.setattr(os, "walk", walk_with_a_locked_folder)
+    with caplog.at_level(logging.WARNING):
+        folder_images(folder)
+    assert "cannot read folder" in caplog.text and "Permission denied" in caplog.text

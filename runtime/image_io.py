@@ -378,8 +378,8 @@ def _describe_text(data: np.ndarray) -> str:
     head = data[:200].tobytes().decode("utf-8", errors="replace").lstrip("\ufeff")
     if head.startswith("version https://git-lfs"):
         return "not a decodable image — it is a Git LFS pointer (a small text file), not the image; fetch it with `git lfs pull`"
-    first = head.strip().splitlines()[0][:40] if head.strip() else ""
-    return f"not a decodable image — it is a text file (it starts with {first!r}); point EdgeDx at the image itself"
+    # what the file is, never what it says: a link to /etc/passwd must not end up in a report
+    return f"not a decodable image — it is a text file ({data.size:,} bytes); point EdgeDx at the image itself"
 
 
 # -- layout and size from the header, without decoding ---------------------------------------

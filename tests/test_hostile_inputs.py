@@ -360,3 +360,27 @@ def test_odd_entries_inside_a_folder_get_records_and_unreadable_folders_a_warnin
     with caplog.at_level(logging.WARNING):
         folder_images(folder)
     assert "cannot read folder" in caplog.text and "Permission denied" in caplog.text
+
+
+def test_a_manifest_listing_one_image_twice_is_refused(tmp_path: Path) -> None:
+    from edgedx.errors import InputError
+    from edgedx.runtime.image_io import write_image
+    from edgedx.training.sources import load_source
+
+    for i in range(3):
+        write_image(tmp_path / f"{i}.png", np.full((8, 8, 3), 40 * i, np.uint8))
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text("path,label\n0.png,benign\n1.png,malignant\n2.png,benign\n./1.png,benign\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"1.png is listed twice in labels.csv \(lines 3 and 5\)"):
+        load_source(manifest)
+
+
+def test_a_text_file_error_names_its_type_not_its_contents(tmp_path: Path) -> None:
+    from edgedx.errors import ImageReadError
+    from edgedx.runtime.image_io import read_image
+
+    secret = tmp_path / "passwd.png"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n", encoding="utf-8")
+    with pytest.raises(ImageReadError) as info:
+        read_image(secret)
+    assert "it is a text file" in str(info.value) and "root:x" not in str(info.value)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -331,6 +332,7 @@ def _load_csv(
             raise InputError(f"empty {path_column!r} on line {line} of {name}; every row needs an image path")
         p = Path(value)
         paths.append(p if p.is_absolute() else base / p)
+    _check_no_repeats(paths, [line for line, _ in rows], name)
     _check_files_exist(paths, csv_path)
 
     patient_ids = None
@@ -424,6 +426,20 @@ def _load_csv(
         loader=_file_loader(paths),
         locator=tuple(paths).__getitem__,
     )
+
+
+def _check_no_repeats(paths: Sequence[Path], lines: Sequence[int], name: str) -> None:
+    """One row per image: a file listed twice would count twice, could land in train and validation at once, or
+    carry two labels."""
+    first: dict[str, int] = {}
+    for path, line in zip(paths, lines):
+        key = os.path.normpath(str(path))
+        if key in first:
+            raise InputError(
+                f"{path} is listed twice in {name} (lines {first[key]} and {line}); give each image one row "
+                "(one label, one split), or use label columns for a multi-label image"
+            )
+        first[key] = line
 
 
 def _check_files_exist(paths: Sequence[Path], csv_path: Path) -> None:

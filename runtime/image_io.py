@@ -138,7 +138,7 @@ def _megapixels(n: int) -> str:
     return f"{n / 1e6:.0f}" if n >= 10_000_000 else f"{n / 1e6:.3g}"
 
 
-def _check_pixels(name: str, width: int, height: int, limit: int) -> None:
+def check_pixels(name: str, width: int, height: int, limit: int) -> None:
     if width * height > limit:
         raise ImageReadError(
             f"{name}: {width}×{height} = {_megapixels(width * height)} megapixels exceeds the limit of "
@@ -261,12 +261,12 @@ def _decode(data: np.ndarray, name: str, limit: int, *, suffix: str = "", path: 
                 f"{name}: corrupt {FORMAT_NAMES.get(kind or '', 'image')} header: it says the image is "
                 f"{width}×{height} pixels; re-export or re-copy the file"
             )
-        _check_pixels(name, width, height, limit)
+        check_pixels(name, width, height, limit)
     try:
         image = _imdecode(data, name, kind)
     except MemoryError:
         raise _out_of_memory(name, size) from None
-    _check_pixels(name, int(image.shape[1]), int(image.shape[0]), limit)  # formats without a parsed header
+    check_pixels(name, int(image.shape[1]), int(image.shape[0]), limit)  # formats without a parsed header
     try:
         return to_rgb_uint8(image, bgr=True)
     except MemoryError:

@@ -27,12 +27,12 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import numpy as np
 
 from edgedx.errors import ImageReadError, MissingDependencyError
-from edgedx.runtime.image_io import check_regular_file, read_image, read_image_hashed, to_rgb_uint8
+from edgedx.runtime.image_io import check_pixels, check_regular_file, default_max_pixels, read_image, read_image_hashed, to_rgb_uint8
 
 logger = logging.getLogger(__name__)
 _S = TypeVar("_S", bound="_Closing")
 
-DEFAULT_MAX_PIXELS = 100_000_000
+IN_MEMORY_PIXELS = 100_000_000  # a strip TIFF larger than this is read strip by strip instead of decoded whole
 DEFAULT_CACHE_TILES = 64
 
 TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
@@ -550,7 +550,7 @@ def _exif_orientation(tiff: bytes) -> int | None:
 
 # -- entry point ---------------------------------------------------------------------------
 def open_source(
-    path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, cache_tiles: int = DEFAULT_CACHE_TILES
+    path: str | Path, *, max_pixels: int | None = None, in_memory_pixels: int = IN_MEMORY_PIXELS, cache_tiles: int = DEFAULT_CACHE_TILES
 ) -> ImageSource:
     """Open an image for region reads, lazily when it is a tiled or large TIFF.
 
@@ -560,31 +560,31 @@ def open_source(
       Above ``max_pixels`` that would need gigabytes, so it is refused with an
       ImageReadError that says how to convert the image to a tiled TIFF.
     """
-    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
-        raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+    for name, value in (("max_pixels", max_pixels), ("in_memory_pixels", in_memory_pixels)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    limit = default_max_pixels() if max_pixels is None else max_pixels
     path = Path(path)
     _check_file(path)
     if is_tiff(path):
-        return _open_tiff_source(path, max_pixels, cache_tiles)
+        return _open_tiff_source(path, limit, in_memory_pixels, cache_tiles)
     height, width = source_pixels(path)
-    if height * width > max_pixels:
-        raise ImageReadError(
-            f"{path}: {height}x{width} = {height * width:,} pixels is over the in-memory limit of "
-            f"{max_pixels:,} (max_pixels); only tiled TIFFs are read lazily, so {CONVERT_HINT}"
-        )
-    image, digest = read_image_hashed(path)
+    check_pixels(str(path), width, height, limit)  # the one limit, in the words every reader uses
+    image, digest = read_image_hashed(path, max_pixels=limit)
     return ArraySource(image, sha256=digest)
 
 
-def _open_tiff_source(path: Path, max_pixels: int, cache_tiles: int) -> ImageSource:
+def _open_tiff_source(path: Path, limit: int, max_pixels: int, cache_tiles: int) -> ImageSource:
+    """``limit``: the pixel limit every image obeys (lazy or not); ``max_pixels``: the largest decoded whole."""
     with _open_tiff(path) as tif:
         key = _level0_page(tif, path).keyframe
         tiled = bool(key.is_tiled)
         height, width = int(key.imagelength), int(key.imagewidth)
     pixels = height * width
+    check_pixels(str(path), width, height, limit)  # tiled TIFFs too: reading is lazy, diagnosing every crop is not free
     if not tiled and pixels <= max_pixels:
         try:
-            image, digest = read_image_hashed(path)
+            image, digest = read_image_hashed(path, max_pixels=limit)
             return ArraySource(image, sha256=digest)
         except ImageReadError as exc:  # a TIFF flavour OpenCV cannot decode: tifffile may
             logger.debug("%s: OpenCV cannot decode it (%s); reading it with tifffile", path, exc)
@@ -593,16 +593,16 @@ def _open_tiff_source(path: Path, max_pixels: int, cache_tiles: int) -> ImageSou
     except ImageReadError as exc:
         if pixels > max_pixels:
             raise ImageReadError(
-                f"{exc}; it has {pixels:,} pixels, over max_pixels={max_pixels:,}, so it cannot be decoded whole "
-                f"either: {CONVERT_HINT}"
+                f"{exc}; it has {pixels:,} pixels, more than can be decoded whole ({max_pixels:,}), so it cannot be "
+                f"decoded whole either: {CONVERT_HINT}"
             ) from None
         return ArraySource(_decode_whole_tiff(path, exc, tried_opencv=not tiled))
     if source.segment_kind == "strip" and source.segment_pixels > max_pixels:
         strip = source.segment_shape
         source.close()
         raise ImageReadError(
-            f"{path}: one TIFF strip holds {strip[0]}x{strip[1]} = {strip[0] * strip[1]:,} pixels, over "
-            f"max_pixels={max_pixels:,}, and any region decodes whole strips; {CONVERT_HINT}"
+            f"{path}: one TIFF strip holds {strip[0]}x{strip[1]} = {strip[0] * strip[1]:,} pixels, more than "
+            f"{max_pixels:,}, and any region decodes whole strips; {CONVERT_HINT}"
         )
     logger.debug("%s: reading %s lazily", path, source)
     return source

@@ -120,7 +120,7 @@ def test_palette_and_min_is_white(folder: Path) -> None:
     grey = random_image((40, 60), np.uint8)
     white = folder / "min is white.tif"
     tifffile.imwrite(white, grey, photometric="miniswhite", rowsperstrip=8)
-    with open_source(white, max_pixels=500) as source:  # lazy strips agree with libtiff's whole decode
+    with open_source(white, in_memory_pixels=500) as source:  # lazy strips agree with libtiff's whole decode
         assert isinstance(source, TiledTiffSource)
         assert_regions_match(source, read_image(white))
         assert_regions_match(source, to_rgb_uint8(255 - grey))
@@ -135,7 +135,7 @@ def test_small_tiff_the_lazy_reader_refuses_is_decoded_whole(folder: Path) -> No
         assert isinstance(source, ArraySource)
         assert_regions_match(source, read_image(path))
     with pytest.raises(ImageReadError, match="cannot be decoded whole") as info:
-        open_source(path, max_pixels=1_000)
+        open_source(path, in_memory_pixels=1_000)
     assert "re-save it as RGB" in str(info.value) and "tile=(256, 256)" in str(info.value)
 
 
@@ -213,7 +213,7 @@ def test_strip_tiff_reads_only_intersecting_strips(folder: Path) -> None:
     path = folder / "strips.tif"
     tifffile.imwrite(path, random_image((237, 511, 3), np.uint8), rowsperstrip=16)
     expected = reference(path)
-    with open_source(path, max_pixels=50_000) as source:  # above max_pixels: lazy
+    with open_source(path, in_memory_pixels=50_000) as source:  # above what is decoded whole: lazy
         assert isinstance(source, TiledTiffSource) and source.segment_kind == "strip"
         np.testing.assert_array_equal(source.read(40, 100, 20, 50), expected[40:60, 100:150])
         assert source.tiles_decoded == 2  # strips 2 and 3 of 15
@@ -316,20 +316,32 @@ def test_jpeg_header_size_follows_exif_orientation(folder: Path) -> None:
         assert (source.height, source.width) == (32, 16)
 
 
-def test_large_non_tiff_is_refused_with_the_fix(folder: Path) -> None:
-    path = write_image(folder / "big scan.png", np.zeros((100, 120, 3), np.uint8))
-    with pytest.raises(ImageReadError) as info:
-        open_source(path, max_pixels=10_000)
-    message = str(info.value)
-    assert str(path) in message and "12,000" in message
-    assert "tiled TIFF" in message and "vips tiffsave" in message and "tile=(256, 256)" in message
+def test_one_pixel_limit_for_every_reader(folder: Path) -> None:
+    """--max-pixels (or EDGEDX_MAX_IMAGE_PIXELS) is the one limit: PNGs, strip TIFFs and tiled TIFFs alike."""
+    from edgedx.runtime.image_io import pixel_limit
+
+    png = write_image(folder / "big scan.png", np.zeros((100, 120, 3), np.uint8))
+    tiled = folder / "slide.tif"
+    tifffile.imwrite(tiled, np.zeros((100, 120, 3), np.uint8), tile=(32, 32))
+    strips = folder / "strips.tif"
+    tifffile.imwrite(strips, np.zeros((100, 120, 3), np.uint8), rowsperstrip=16)
+    for path in (png, tiled, strips):
+        with pytest.raises(ImageReadError) as info:
+            open_source(path, max_pixels=10_000)
+        message = str(info.value)
+        assert str(path) in message and "120×100 = 0.012 megapixels exceeds the limit of 0.01 megapixels" in message
+        assert "--max-pixels" in message
+        with pixel_limit(10_000), pytest.raises(ImageReadError, match="exceeds the limit"):
+            open_source(path)  # the batch's --max-pixels reaches every reader
+        with open_source(path, max_pixels=12_000) as source:  # exactly at the limit: read
+            assert (source.height, source.width) == (100, 120)
 
 
 def test_large_single_strip_tiff_is_refused(folder: Path) -> None:
     path = folder / "one strip.tif"
     tifffile.imwrite(path, np.zeros((100, 120, 3), np.uint8), rowsperstrip=100)
     with pytest.raises(ImageReadError, match="one TIFF strip holds 100x120"):
-        open_source(path, max_pixels=10_000)
+        open_source(path, in_memory_pixels=10_000)
 
 
 # -- errors ---------------------------------------------------------------------------------------------

@@ -106,7 +106,8 @@ def test_same_command_again_continues_and_other_settings_are_refused(trained: Tr
     first = images(data, 3)
     out = tmp_path / "out" / "results.jsonl"
     assert diagnose_paths([data], trained.onnx, out).n_inputs == 3
-    more = images(data, 5, seed=1)[3:]  # two new slides arrive; the same command is run again
+    arrived = images(tmp_path / "scanner", 5, seed=1)[3:]  # two new slides arrive; the same command is run again
+    more = [p.rename(data / p.name) for p in arrived]
     summary = diagnose_paths([data], trained.onnx, out)
     assert (summary.n_inputs, summary.n_resumed) == (2, 3)
     assert Counter(r["input"] for r in read_records(out)) == Counter(str(p) for p in first + more)

@@ -59,8 +59,8 @@ RECIPES: dict[str, dict] = {
     },
     "isic_mel_nv": {
         "source": "isic_mel_nv/labels.csv",
-        "config": dict(input_size=192, epochs=10, batch_size=16, lr=1e-3, augmentation="dermoscopy", positive_class="melanoma", label_column="diagnosis", monitor="auc", val_fraction=0.25, crop="shorter_side:192"),
-        "crop_why": "dermoscopy practice: shorter side to 192 px, train on crops, predict by averaging sliding crops",
+        "config": dict(input_size=192, epochs=10, batch_size=16, lr=1e-3, augmentation="dermoscopy", positive_class="melanoma", label_column="diagnosis", monitor="auc", val_fraction=0.25, crop="fit"),
+        "crop_why": "dermoscopy: one lesion per photograph, so the whole image is resized to the input; sliding crops (shorter_side:192) were also run, full recipe, on the same validation split: AUC 0.804 against 0.833 for fit, a choice made on validation data",
         "published": "—",
     },
 }

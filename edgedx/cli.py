@@ -153,12 +153,14 @@ def train(
         return
     m = result.card.metrics
     line = f"best epoch {result.best_epoch}: val accuracy {_fmt(m.get('accuracy'))}, balanced accuracy {_fmt(m.get('balanced_accuracy'))}, AUC {_fmt(m.get('macro_auc'))}"
-    if result.card.task == "binary":
-        line += (
-            f"; threshold {_fmt(result.card.threshold)} for sensitivity ≥ {_fmt(m.get('target_sensitivity'))}: "
-            f"sensitivity {_fmt(m.get('sensitivity'))}, specificity {_fmt(m.get('specificity'))}"
-        )
     console.print(line)
+    if result.card.task == "binary":
+        pos = result.card.positive_class
+        console.print(
+            f"positive class: {pos} (the class this model screens for); threshold {_fmt(result.card.threshold)} chosen on validation "
+            f"for sensitivity ≥ {_fmt(m.get('target_sensitivity'))} to {pos}: sensitivity {_fmt(m.get('sensitivity'))}, "
+            f"specificity {_fmt(m.get('specificity'))}; p({pos}) ≥ {_fmt(result.card.threshold)} → {pos}"
+        )
     crop_info = result.summary.get("crop") if result.summary else None
     if crop_info:
         console.print(f"crops: {crop_info['policy']} ({crop_info['reason']}); validation metrics are measured as diagnose runs")

@@ -61,6 +61,22 @@ def test_train_passes_options_through() -> None:
     assert "val accuracy 0.900" in result.output and "no patient ids" in result.output
 
 
+def test_train_states_the_positive_class_and_what_the_threshold_targets() -> None:
+    fake = mock.MagicMock()
+    fake.return_value.card.metrics = {"accuracy": 0.7, "balanced_accuracy": 0.7, "macro_auc": 0.8, "target_sensitivity": 0.95,
+                                      "sensitivity": 0.96, "specificity": 0.41}
+    fake.return_value.card.task = "binary"
+    fake.return_value.card.positive_class = "MEL"
+    fake.return_value.card.threshold = 0.31
+    fake.return_value.summary = {}
+    fake.return_value.skipped = ()
+    with mock.patch("edgedx.training.train.train", fake):
+        result = runner.invoke(app, ["train", "isic", "--out", "run", "--positive-class", "MEL"])
+    assert result.exit_code == 0, result.output
+    assert "positive class: MEL (the class this model screens for); threshold 0.310 chosen on validation for sensitivity ≥ 0.950 to MEL" in result.output
+    assert "p(MEL) ≥ 0.310 → MEL" in result.output
+
+
 def test_train_nproc_hands_the_run_to_the_launcher() -> None:
     from edgedx.training.train import TrainConfig
 

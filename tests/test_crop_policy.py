@@ -142,7 +142,7 @@ def test_validation_and_diagnosis_agree_on_images_of_mixed_sizes(tmp_path: Path)
     from edgedx.training.validation import diagnose_probabilities, predict_resampled
 
     data = _mixed_folder(tmp_path / "mixed data")
-    config = TrainConfig(arch="resnet10t", weights="none", epochs=1, input_size=32, batch_size=4, crop="shorter_side:40",
+    config = TrainConfig(arch="resnet10t", weights="none", epochs=1, input_size=32, batch_size=4, crop="shorter_side:40", positive_class="light",
                          val_fraction=0.5, gradcam_samples=0, plots=False)
     result = train(data, tmp_path / "run", config)
     card = result.card

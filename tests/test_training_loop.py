@@ -16,7 +16,7 @@ from edgedx.runtime.image_io import write_image  # noqa: E402
 from edgedx.training.checkpoint import load_checkpoint  # noqa: E402
 from edgedx.training.train import TrainConfig, operating_point, train  # noqa: E402
 
-FAST = TrainConfig(arch="resnet10t", weights="none", input_size=16, batch_size=8, epochs=2, lr=3e-3, gradcam_samples=0, plots=False)
+FAST = TrainConfig(arch="resnet10t", weights="none", input_size=16, batch_size=8, epochs=2, lr=3e-3, gradcam_samples=0, plots=False, positive_class="light")
 
 
 def colour_folder(root: Path, n: int = 12, seed: int = 0) -> Path:
@@ -114,7 +114,7 @@ def test_npz_predefined_splits_and_operating_threshold(tmp_path: Path) -> None:
     (tx, ty), (vx, vy) = part(40), part(16)
     path = tmp_path / "tiny mnist.npz"
     np.savez(path, train_images=tx, train_labels=ty, val_images=vx, val_labels=vy)
-    config = TrainConfig(**{**FAST.__dict__, "class_names": ("normal", "pneumonia"), "target_sensitivity": 1.0})
+    config = TrainConfig(**{**FAST.__dict__, "class_names": ("normal", "pneumonia"), "target_sensitivity": 1.0, "positive_class": "pneumonia"})
     result = train(path, tmp_path / "run", config)
     split = json.loads((tmp_path / "run" / "split.json").read_text())
     assert len(split["train"]) == 40 and len(split["val"]) == 16  # the file's own splits

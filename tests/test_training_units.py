@@ -19,7 +19,8 @@ def test_positive_class_choice() -> None:
     assert pick_positive_class(("melanoma", "nevus"), None) == "melanoma"
     assert pick_positive_class(("normal", "pneumonia"), None) == "pneumonia"
     assert pick_positive_class(("parasitized", "uninfected"), None) == "parasitized"
-    assert pick_positive_class(("a", "b"), None) == "b"
+    with pytest.raises(InputError, match=r"which class should this model screen for\? Neither of \['MEL', 'NV'\].*--positive-class MEL or --positive-class NV"):
+        pick_positive_class(("MEL", "NV"), None)  # ISIC's own names: never a silent pick
     assert pick_positive_class(("a", "b"), "a") == "a"
     with pytest.raises(InputError, match="'c' is not one of"):
         pick_positive_class(("a", "b"), "c")
@@ -95,7 +96,7 @@ def test_training_data_errors(tmp_path: Path) -> None:
     (data / "other").mkdir()
     (data / "other" / "broken.png").write_bytes(b"junk")
     with pytest.raises(InputError, match="only one class has readable images"):
-        train(data, tmp_path / "run", TrainConfig(arch="resnet10t", weights="none", input_size=8))
+        train(data, tmp_path / "run", TrainConfig(arch="resnet10t", weights="none", input_size=8, positive_class="other"))
 
 
 def test_unreadable_training_images_are_skipped_and_recorded(tmp_path: Path) -> None:
@@ -108,7 +109,7 @@ def test_unreadable_training_images_are_skipped_and_recorded(tmp_path: Path) -> 
         for i in range(6):
             write_image(data / cls / f"{i}.png", np.clip(rng.normal(value, 10, (20, 30, 3)), 0, 255).astype(np.uint8))
     (data / "dark" / "broken.png").write_bytes(b"")
-    result = train(data, tmp_path / "run", TrainConfig(arch="resnet10t", weights="none", epochs=1, input_size=16, batch_size=4, gradcam_samples=0, plots=False))
+    result = train(data, tmp_path / "run", TrainConfig(arch="resnet10t", weights="none", epochs=1, input_size=16, batch_size=4, gradcam_samples=0, plots=False, positive_class="light"))
     assert len(result.skipped) == 1 and "broken.png" in result.skipped[0]
     assert result.card.provenance.data_summary["n_skipped"] == 1
     assert result.card.provenance.data_summary["n_images"] == 12
@@ -161,4 +162,4 @@ def test_strict_mode_makes_an_unreadable_image_fatal(tmp_path: Path) -> None:
             write_image(tmp_path / "data" / cls / f"{i}.png", np.full((8, 8, 3), 60 if cls == "a" else 190, np.uint8))
     (tmp_path / "data" / "b" / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
     with pytest.raises(InputError, match=r"unreadable training image \(strict mode\).*truncated.png"):
-        train(tmp_path / "data", tmp_path / "run", TrainConfig(arch="resnet10t", weights="none", input_size=8, strict=True))
+        train(tmp_path / "data", tmp_path / "run", TrainConfig(arch="resnet10t", weights="none", input_size=8, strict=True, positive_class="b"))

@@ -135,7 +135,13 @@ class TrainResult:
 
 
 def pick_positive_class(class_names: tuple[str, ...], requested: str | None) -> str:
-    """The class a binary model screens for: as requested, else the one not named like a negative, else the last."""
+    """The class a binary model screens for: as requested, else the one not named like a negative.
+
+    Never a guess: the threshold is tuned for sensitivity to this class, so with
+    folder names like ``MEL``/``NV`` a silent pick could tune a melanoma screen
+    for nevi. When neither name is recognisably negative (``normal``,
+    ``benign``, ``nevus``, ``uninfected``, ...), the user must say.
+    """
     if requested is not None:
         if requested not in class_names:
             raise InputError(f"positive class {requested!r} is not one of the classes {list(class_names)}")
@@ -143,7 +149,11 @@ def pick_positive_class(class_names: tuple[str, ...], requested: str | None) -> 
     negatives = [n for n in class_names if n.lower().lstrip("0123456789_-") in NEGATIVE_NAMES]
     if len(negatives) == 1:
         return next(n for n in class_names if n not in negatives)
-    return class_names[-1]
+    raise InputError(
+        f"which class should this model screen for? Neither of {list(class_names)} is named like a negative "
+        f"({', '.join(NEGATIVE_NAMES[:6])}, ...), and the operating threshold is tuned for sensitivity to the positive "
+        f"class: give --positive-class {class_names[0]} or --positive-class {class_names[1]}"
+    )
 
 
 def resolve_device(name: str) -> torch.device:

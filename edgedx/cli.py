@@ -112,6 +112,7 @@ def train(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda (mixed precision on CUDA).")] = "auto",
     strict: Annotated[bool, typer.Option(help="Fail on an unreadable image instead of skipping it.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last.pt.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start again in an --out that already holds a run (its checkpoints are replaced).")] = False,
     folds: Annotated[Optional[int], typer.Option(help="Patient-level k-fold cross-validation: one run per fold, mean ± sd.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for the split, initialisation and augmentation.")] = 0,
     nproc: Annotated[int, typer.Option(help="Data-parallel processes (DDP: gloo on CPU, one GPU each with nccl); --batch-size stays the global batch.")] = 1,
@@ -127,7 +128,7 @@ def train(
         imbalance=imbalance, augmentation=augment, normalization=normalization, monitor=monitor, patience=patience,
         target_sensitivity=target_sensitivity, val_fraction=val_fraction, test_fraction=test_fraction,
         positive_class=positive_class, label_column=label_column, label_columns=_split_names(labels),
-        class_names=_split_names(class_names), device=device, strict=strict, resume=resume, seed=seed,
+        class_names=_split_names(class_names), device=device, strict=strict, resume=resume, overwrite=overwrite, seed=seed,
     )
     from edgedx.training.distributed import is_main, launch_train
 
@@ -171,6 +172,11 @@ def train(
         console.print(f"{len(result.skipped)} unreadable image(s) skipped (listed in summary.json)", style="yellow")
     console.print(f"checkpoint: {result.checkpoint}")
     console.print(f"metrics, split, plots: {Path(out)}")
+    warnings = result.summary.get("warnings") if result.summary else None
+    for warning in warnings or ():
+        console.print(f"warning: {warning}", style="yellow")
+    if warnings:
+        console.print("this model is not ready to deploy: review the warnings (data, labels, --positive-class, --epochs) before exporting", style="yellow")
     console.print(f"next: edgedx export {result.checkpoint} --out {Path(out) / 'export'}")
 
 
@@ -605,8 +611,20 @@ def main() -> None:
         err_console.print(f"error: {exc}", style="red", soft_wrap=True)
         sys.exit(1)
     except (_Stopped, KeyboardInterrupt):
-        err_console.print("interrupted: everything finished so far is saved; run the same command again to continue")
+        err_console.print(interrupted_message(sys.argv[1:]))
         sys.exit(130)
+
+
+def interrupted_message(args: list[str]) -> str:
+    """What Ctrl-C or SIGTERM left, and the exact way to go on, for the command that was running."""
+    if args[:1] == ["train"]:
+        saved = "interrupted: the epochs finished so far are saved in the run's last.pt; "
+        if "--resume" in args:
+            return saved + "run the same command again to continue"
+        if "--overwrite" in args:
+            return saved + "run the same command with --resume instead of --overwrite to continue"
+        return saved + "run the same command with --resume added to continue"
+    return "interrupted: everything finished so far is saved; run the same command again to continue"
 
 
 class _Stopped(BaseException):

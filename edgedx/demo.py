@@ -90,6 +90,7 @@ def run_demo(out: str | Path, *, seed: int = 0, progress: ProgressFn = no_progre
         arch=ARCH, epochs=EPOCHS, batch_size=32, lr=2e-3, input_size=TILE, weights=demo_weights(),
         augmentation="microscopy", backbone_lr_factor=1.0, seed=seed, gradcam_samples=6,
         crop="scale:1",  # tiles and fields come from one microscope: cells keep their size, fields are cut into sliding crops
+        overwrite=True,  # the demo's own folder: running it again starts again
     )
     trained = train(tiles_dir, out / "run", config, progress=progress)
     exported = export_checkpoint(trained.checkpoint, out / "export", progress=progress)

@@ -68,13 +68,15 @@ def test_train_states_the_positive_class_and_what_the_threshold_targets() -> Non
     fake.return_value.card.task = "binary"
     fake.return_value.card.positive_class = "MEL"
     fake.return_value.card.threshold = 0.31
-    fake.return_value.summary = {}
+    fake.return_value.summary = {"warnings": ["validation AUC is 0.440 (≤ 0.6; 0.5 is chance): the model barely separates the classes"]}
     fake.return_value.skipped = ()
     with mock.patch("edgedx.training.train.train", fake):
         result = runner.invoke(app, ["train", "isic", "--out", "run", "--positive-class", "MEL"])
     assert result.exit_code == 0, result.output
     assert "positive class: MEL (the class this model screens for); threshold 0.310 chosen on validation for sensitivity ≥ 0.950 to MEL" in result.output
     assert "p(MEL) ≥ 0.310 → MEL" in result.output
+    out = result.output
+    assert "warning: validation AUC is 0.440" in out and out.index("warning:") < out.index("not ready to deploy") < out.index("next: edgedx export")
 
 
 def test_train_nproc_hands_the_run_to_the_launcher() -> None:

@@ -163,3 +163,47 @@ def test_strict_mode_makes_an_unreadable_image_fatal(tmp_path: Path) -> None:
     (tmp_path / "data" / "b" / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
     with pytest.raises(InputError, match=r"unreadable training image \(strict mode\).*truncated.png"):
         train(tmp_path / "data", tmp_path / "run", TrainConfig(arch="resnet10t", weights="none", input_size=8, strict=True, positive_class="b"))
+
+
+def test_an_existing_run_folder_is_never_silently_overwritten(tmp_path: Path) -> None:
+    from edgedx.cli import interrupted_message
+    from edgedx.training.checkpoint import save_checkpoint  # noqa: F401 - the run folder holds what train writes
+    from edgedx.training.train import check_run_folder
+
+    run = tmp_path / "run"
+    run.mkdir()
+    check_run_folder(run, TrainConfig())  # empty: fine
+    (run / "last.pt").write_bytes(b"x")
+    with pytest.raises(InputError, match=r"already holds a training run \(last.pt\); continue it with --resume, start it again with --overwrite"):
+        check_run_folder(run, TrainConfig())
+    check_run_folder(run, TrainConfig(resume=True))
+    check_run_folder(run, TrainConfig(overwrite=True))
+    with pytest.raises(InputError, match="give one of them"):
+        TrainConfig(resume=True, overwrite=True).validate()
+    assert interrupted_message(["train", "data", "--out", "run"]).endswith("with --resume added to continue")
+    assert interrupted_message(["train", "data", "--resume"]).endswith("run the same command again to continue")
+    assert "instead of --overwrite" in interrupted_message(["train", "data", "--overwrite"])
+    assert interrupted_message(["diagnose", "x.png"]).endswith("run the same command again to continue")
+
+
+def test_a_useless_model_is_warned_about() -> None:
+    from edgedx.card import CropPolicy, ModelCard, Provenance
+    from edgedx.training.train import quality_warnings
+
+    card = ModelCard(
+        arch="x", task="binary", class_names=("MEL", "NV"), positive_class="MEL", threshold=0.2, input_size=(8, 8),
+        crop=CropPolicy((8, 8), (4, 4)), provenance=Provenance("0", "2026-01-01T00:00:00+00:00"),
+    )
+    final = {"metrics": {"at_threshold": {"macro_auc": 0.44, "per_class": {
+        "MEL": {"sensitivity": 1.0, "specificity": 0.0}, "NV": {"sensitivity": 0.0, "specificity": 1.0}}}}}
+    warnings = quality_warnings(final, card)
+    assert warnings == [
+        "validation AUC is 0.440 (≤ 0.6; 0.5 is chance): the model barely separates the classes",
+        "validation specificity for MEL is 0.000 at the operating threshold 0.200: it calls almost everything MEL",
+    ]
+    good = {"metrics": {"at_threshold": {"macro_auc": 0.93, "per_class": {"MEL": {"sensitivity": 0.95, "specificity": 0.7}}}}}
+    assert quality_warnings(good, card) == []
+    multi = card.replace(task="multiclass", class_names=("a", "b", "c"), positive_class=None, threshold=None)
+    never = {"metrics": {"macro_auc": 0.8, "per_class": {"a": {"sensitivity": 0.9, "specificity": 0.9}, "b": {"sensitivity": 0.0, "specificity": 1.0},
+                                                        "c": {"sensitivity": 0.8, "specificity": 0.9}}}}
+    assert quality_warnings(never, multi) == ["validation sensitivity for b is 0.000 at argmax: it almost never calls b"]

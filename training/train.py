@@ -95,6 +95,7 @@ class TrainConfig:
     crop: str = "auto"  # auto | fit | shorter_side[:N] | scale[:F]: how images become crops, in training and in diagnose
     strict: bool = False
     resume: bool = False
+    overwrite: bool = False  # start again in a run folder that already holds a run
     gradcam_samples: int = 8
     plots: bool = True
 
@@ -121,6 +122,8 @@ class TrainConfig:
                 raise InputError(message)
         parse_strategy(self.strategy)
         CropChoice.parse(self.crop)
+        if self.resume and self.overwrite:
+            raise InputError("--resume continues the run in --out and --overwrite starts it again: give one of them")
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,18 @@ def pick_positive_class(class_names: tuple[str, ...], requested: str | None) -> 
     )
 
 
+def check_run_folder(out: Path, config: TrainConfig) -> None:
+    """A run folder that already holds a run is continued (--resume) or replaced (--overwrite), never silently overwritten."""
+    if config.resume or config.overwrite:
+        return
+    previous = [name for name in (CHECKPOINT_NAME, LAST_NAME) if (out / name).is_file()]
+    if previous:
+        raise InputError(
+            f"{out} already holds a training run ({', '.join(previous)}); continue it with --resume, start it again "
+            "with --overwrite, or choose another --out"
+        )
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise InputError("device 'cuda' requested but torch sees no CUDA GPU; use --device cpu or auto")
@@ -186,6 +201,7 @@ def train(
     """
     config.validate()
     check_arch(config.arch)
+    check_run_folder(Path(out), config)
     with distributed.session(resolve_device(config.device)) as ctx:
         distributed.check_batch(config.batch_size, ctx.world)
         return _train(ctx, data, Path(out), config, fold=fold, progress=progress if ctx.is_main else no_progress)
@@ -379,6 +395,9 @@ def _train(
     _, val_probs = _evaluate(ctx, model, decoded.images, targets, val_idx, card, config.batch_size, eval_loss)
     final = operating_point(targets[val_idx], val_probs, card, config.target_sensitivity)
     card = card.replace(threshold=final["threshold"], metrics={"split": "val", "epoch": state.best_epoch, **final["card_metrics"]})
+    warnings = quality_warnings(final, card)
+    for warning in warnings if main else ():
+        log.warning("%s", warning)
     report: dict[str, Any] = {"best_epoch": state.best_epoch, "stopped_early": state.stopped_early, "val": final["metrics"], "history": state.history}
     if len(splits.get("test", [])):
         _, test_probs = _evaluate(ctx, model, decoded.images, targets, splits["test"], card, config.batch_size, eval_loss)
@@ -403,6 +422,7 @@ def _train(
             "world_size": ctx.world,
             "batch_norm": "synchronised" if ctx.synced_batchnorm else ("per process" if ctx.distributed else "single process"),
             "crop": {"policy": card.crop.describe(), "reason": planned.reason, "validated_as": "diagnose: sliding crops merged per image"},
+            "warnings": warnings,
         }
         if config.plots:
             _write_plots(out, state.history, targets[val_idx], val_probs, card, final, config.monitor)
@@ -483,6 +503,32 @@ def score(y: np.ndarray, probs: np.ndarray, card: ModelCard, *, threshold: float
         pos = card.positive_index
         y_pred = np.where(probs[:, pos] >= threshold, pos, 1 - pos)
     return classification_metrics(y, probs, card.class_names, y_pred=y_pred, positive_index=card.positive_index or 1).to_dict()
+
+
+WEAK_AUC = 0.6
+NEAR_ZERO = 0.05
+
+
+def quality_warnings(final: dict[str, Any], card: ModelCard) -> list[str]:
+    """What a clinic must hear before exporting: a model that barely separates the classes, or one that never
+    (or always) calls a class at its operating point. Validation numbers, so they are warnings, not refusals."""
+    binary = card.task == "binary"
+    metrics = final["metrics"]["at_threshold"] if binary else final["metrics"]
+    where = f"at the operating threshold {card.threshold:.3f}" if binary and card.threshold is not None else "at argmax"
+    warnings = []
+    auc = metrics.get("macro_auc")
+    if auc is not None and auc <= WEAK_AUC:
+        warnings.append(f"validation AUC is {auc:.3f} (≤ {WEAK_AUC}; 0.5 is chance): the model barely separates the classes")
+    rows = metrics.get("per_class") or {}
+    if binary:
+        rows = {card.positive_class: rows.get(card.positive_class, {})}
+    for name, row in rows.items():
+        for key in ("sensitivity", "specificity"):
+            value = row.get(key) if isinstance(row, dict) else None
+            if value is not None and value <= NEAR_ZERO:
+                meaning = "it almost never calls" if key == "sensitivity" else "it calls almost everything"
+                warnings.append(f"validation {key} for {name} is {value:.3f} {where}: {meaning} {name}")
+    return warnings
 
 
 def margin_threshold(truth: np.ndarray, scores: np.ndarray, target: float) -> float:

@@ -457,16 +457,19 @@ def evaluate(
     for name, row in m["per_class"].items():
         table.add_row(name, *(_fmt(row[k]) for k in ("sensitivity", "specificity", "precision", "f1", "support")))
     console.print(table)
-    ci = m.get("ci95") or {}
+    ci, sizes = m.get("ci95") or {}, m.get("ci95_n") or {}
 
     def with_ci(key: str, value: float | None) -> str:
         interval = ci.get(key)
-        return _fmt(value) + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+        return _fmt(value) + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "") + (f" (n={sizes[key]})" if key in sizes else "")
 
+    where = f"at threshold {_fmt(report.threshold)}" if report.threshold is not None else "at argmax"
     console.print(
-        f"n {m['n']}  accuracy {with_ci('accuracy', m['accuracy'])}  balanced accuracy {with_ci('balanced_accuracy', m['balanced_accuracy'])}  "
-        f"AUC {with_ci('auc', m.get('auc', m.get('macro_auc')))}  threshold {_fmt(report.threshold)}"
+        f"{where}, 95% intervals (Wilson for proportions, bootstrap for AUC): n {m['n']}  accuracy {with_ci('accuracy', m['accuracy'])}  "
+        f"balanced accuracy {with_ci('balanced_accuracy', m['balanced_accuracy'])}  AUC {with_ci('auc', m.get('auc', m.get('macro_auc')))}"
     )
+    if "sensitivity" in m:
+        console.print(f"{where}: sensitivity {with_ci('sensitivity', m['sensitivity'])}  specificity {with_ci('specificity', m['specificity'])}")
     if "at_0.5" in m:
         half = m["at_0.5"]
         console.print(f"at 0.5: accuracy {_fmt(half['accuracy'])}  sensitivity {_fmt(half['sensitivity'])}  specificity {_fmt(half['specificity'])}")

@@ -6,6 +6,7 @@ preprocessing from the card), so the numbers describe the artefact you ship.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,7 @@ def evaluate(
     if card.task == "binary":
         metrics["at_0.5"] = score(truth, p_all, card, 0.5)
     if bootstrap > 0:
-        metrics["ci95"] = bootstrap_intervals(truth, p_all, card, n=bootstrap, seed=seed)
+        metrics.update(intervals(truth, p_all, card, metrics, n=bootstrap, seed=seed))
     report = EvaluationReport(str(model), labelled.source, card.threshold, metrics, tuple(failed))
     if out is not None:
         from edgedx.runtime.report_html import write_evaluation
@@ -128,6 +129,50 @@ def bootstrap_intervals(truth: np.ndarray, probs: np.ndarray, card: ModelCard, *
             if value is not None and np.isfinite(value):
                 samples[key].append(float(value))
     return {k: ([float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if len(v) >= n // 2 else None) for k, v in samples.items()}
+
+
+PROPORTIONS = ("accuracy", "sensitivity", "specificity", "precision")
+Z95 = 1.959963984540054
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> list[float] | None:
+    """Wilson score 95% interval of a proportion: sensible at 0/n and n/n, where a bootstrap gives [1, 1]."""
+    if n <= 0:
+        return None
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == n else min(1.0, centre + half)  # exact ends, not 0.9999999999999999
+    return [low, high]
+
+
+def proportion_counts(metrics: dict[str, Any], card: ModelCard) -> dict[str, tuple[int, int]]:
+    """(successes, n) behind each proportion, from the confusion matrix at the card's threshold."""
+    confusion = np.asarray(metrics["confusion"], dtype=np.int64)
+    counts = {"accuracy": (int(np.trace(confusion)), int(confusion.sum()))}
+    if card.task == "binary":
+        pos = card.positive_index
+        neg = 1 - pos  # type: ignore[operator]
+        tp, fn, fp, tn = (int(confusion[pos, pos]), int(confusion[pos, neg]), int(confusion[neg, pos]), int(confusion[neg, neg]))
+        counts.update(sensitivity=(tp, tp + fn), specificity=(tn, tn + fp), precision=(tp, tp + fp))
+    return counts
+
+
+def intervals(truth: np.ndarray, probs: np.ndarray, card: ModelCard, metrics: dict[str, Any], *, n: int, seed: int) -> dict[str, Any]:
+    """95% intervals: Wilson for proportions (with their n), bootstrap (resampling images) for AUC, F1, balanced accuracy."""
+    boot = bootstrap_intervals(truth, probs, card, n=n, seed=seed)
+    ci: dict[str, list[float] | None] = {}
+    method: dict[str, str] = {}
+    sizes: dict[str, int] = {}
+    counts = proportion_counts(metrics, card)
+    for key in CI_KEYS:
+        if key in counts:
+            k, total = counts[key]
+            ci[key], method[key], sizes[key] = wilson_interval(k, total), "wilson", total
+        else:
+            ci[key], method[key], sizes[key] = boot.get(key), "bootstrap", len(truth)
+    return {"ci95": ci, "ci95_method": method, "ci95_n": sizes}
 
 
 def _none_if_nan(x: float) -> float | None:

@@ -46,14 +46,23 @@ def write_evaluation(out: Path, report: EvaluationReport, card: ModelCard, truth
 def render_html(report: EvaluationReport, card: ModelCard, files: dict[str, Path]) -> str:
     m = report.metrics
     ci = m.get("ci95") or {}
+    sizes, methods = m.get("ci95_n") or {}, m.get("ci95_method") or {}
     e = html.escape
 
     def fmt(v: Any) -> str:
         return "—" if v is None else f"{v:.3f}"
 
+    def interval(key: str) -> str:
+        """The 95% interval, how it was made and on how many images (a proportion on 10 images is wide)."""
+        if not ci.get(key):
+            return "—"
+        low, high = ci[key]
+        how = f" ({e(methods[key])}, n={sizes[key]})" if key in sizes and key in methods else ""
+        return f"{low:.3f} – {high:.3f}{how}"
+
     rows = "".join(
         f"<tr><td>{e(k.replace('_', ' '))}</td><td>{fmt(m.get(k, m.get('macro_auc') if k == 'auc' else None))}</td>"
-        f"<td>{'—' if not ci.get(k) else f'{ci[k][0]:.3f} – {ci[k][1]:.3f}'}</td>"
+        f"<td>{interval(k)}</td>"
         f"<td>{fmt((m.get('at_0.5') or {}).get(k))}</td></tr>"
         for k in HEADLINE
     )

@@ -226,7 +226,8 @@ def test_evaluate_csv_and_npz_with_intervals_plots_and_html(trained: Trained, tm
     assert m["accuracy"] >= 0.7
     low, high = m["ci95"]["accuracy"]
     assert low <= m["accuracy"] <= high
-    assert high - low > 0 or m["accuracy"] == 1.0  # a perfect score resamples to itself: the interval is a point
+    assert high - low > 0.05  # Wilson: never a point, not even for a perfect score on 30 images
+    assert m["ci95_method"]["accuracy"] == "wilson" and m["ci95_method"]["auc"] == "bootstrap" and m["ci95_n"]["accuracy"] == 30
     assert m["at_0.5"]["threshold"] == 0.5 and m["threshold"] == report.threshold
     assert {"sensitivity", "specificity", "auc"} <= set(m)
     out = tmp_path / "report dir"

@@ -404,3 +404,15 @@ def test_cross_check_with_sklearn(seed: int) -> None:
         sk_fpr, sk_tpr, _ = skm.roc_curve(yb, probs[:, i], drop_intermediate=False)
         np.testing.assert_allclose(fpr, sk_fpr)
         np.testing.assert_allclose(tpr, sk_tpr)
+
+
+def test_wilson_intervals_are_honest_on_small_counts() -> None:
+    from edgedx.runtime.evaluate import wilson_interval
+
+    low, high = wilson_interval(10, 10)  # sensitivity 1.000 on 10 melanomas
+    assert high == 1.0 and low == pytest.approx(0.7225, abs=1e-3)  # not [1.000, 1.000]
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-3)
+    low, high = wilson_interval(50, 100)
+    assert (low, high) == (pytest.approx(0.4038, abs=1e-3), pytest.approx(0.5962, abs=1e-3))
+    assert wilson_interval(0, 0) is None

@@ -440,6 +440,8 @@ def _write_overlay(folder: Path, item: _Item, result: Diagnosis, model: Model) -
     card = model.card
     index = card.positive_index if card.task == "binary" else card.class_names.index(_top_label(result))
     caption = f"{_caption_label(result)}  p({card.class_names[index]})={result.probabilities[card.class_names[index]]:.2f}"
+    if result.threshold is not None:
+        caption += f"  threshold {result.threshold:.2f}"
     image = read_image(item.path) if item.path is not None else item.image
     target = folder / f"{_output_stem(item, result)}.overlay.png"
     heat = render_overlay(image, result.sliding, index, caption, weighting=model.crop.centre_weighting)

@@ -49,6 +49,8 @@ class Diagnosis:
     top_k: tuple[tuple[str, float], ...] = ()
     timings_ms: dict[str, float] = field(default_factory=dict)
     input_sha256: str | None = None  # of the file bytes that were decoded and diagnosed, when read from a file
+    threshold: float | None = None  # the operating threshold the decision was taken at
+    rule: str | None = None  # the decision in words: "p(melanoma) = 0.480 ≥ threshold 0.310 → melanoma"
 
     @property
     def tiles_used(self) -> int:
@@ -69,6 +71,8 @@ class Diagnosis:
             "tiles_skipped": self.tiles_skipped,
             "timings_ms": self.timings_ms,
             "input_sha256": self.input_sha256,
+            "threshold": self.threshold,
+            "rule": self.rule,
         }
 
 
@@ -91,6 +95,22 @@ def decide(probabilities: np.ndarray, card: ModelCard) -> str | list[str]:
     if card.task == "multilabel":
         return [n for n, p in zip(names, probabilities) if p >= threshold]
     return names[int(np.argmax(probabilities))]
+
+
+def decision_rule(probabilities: np.ndarray, card: ModelCard, label: str | list[str], refer_band: tuple[float, float] | None = None) -> str:
+    """What the decision means, in words a clinician reads without the card: which probability, which threshold."""
+    names = card.class_names
+    threshold = 0.5 if card.threshold is None else card.threshold
+    if card.task == "binary":
+        pos = names[card.positive_index]  # type: ignore[index]
+        p = float(probabilities[card.positive_index])  # type: ignore[index]
+        text = f"p({pos}) = {p:.3f} {'≥' if p >= threshold else '<'} threshold {threshold:.3f} → {label}"
+        if refer_band is not None and refer_band[0] <= p < refer_band[1]:
+            text += f"; inside the refer band [{refer_band[0]:g}, {refer_band[1]:g}) → refer to a person"
+        return text
+    if card.task == "multilabel":
+        return f"every class with p ≥ threshold {threshold:.3f}: {', '.join(label) if label else 'none'}"
+    return f"the most probable class: {label} (p = {float(np.max(probabilities)):.3f})"
 
 
 def check_refer_band(band: tuple[float, float] | None, card: ModelCard) -> tuple[float, float] | None:
@@ -298,6 +318,8 @@ class Model:
             decision=decision,
             top_k=tuple((card.class_names[i], round(float(probs[i]), 6)) for i in order),
             timings_ms=timings,
+            threshold=None if card.task == "multiclass" else (0.5 if card.threshold is None else card.threshold),
+            rule=decision_rule(probs, card, label, self.refer_band),
         )
 
 

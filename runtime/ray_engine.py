@@ -458,7 +458,7 @@ def record_schema(card: ModelCard) -> Any:
         "top_k": pa.list_(pa.struct([("class", pa.string()), ("probability", pa.float64())])),
         "n_crops": pa.int64(), "tiles_used": pa.int64(), "tiles_skipped": pa.int64(),
         "timings_ms": pa.struct([("read", pa.float64()), ("diagnose", pa.float64())]), "error": pa.string(),
-        "input_sha256": pa.string(), "overlay": pa.string(), "tile_map": pa.string(),
+        "input_sha256": pa.string(), "overlay": pa.string(), "tile_map": pa.string(), "threshold": pa.float64(), "rule": pa.string(),
     }
     fields = list(empty_record(""))
     unknown = [k for k in fields if k not in types]

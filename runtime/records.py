@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 FORMATS = {".jsonl": "jsonl", ".csv": "csv"}
 CSV_COLUMNS = (
     "input", "frame", "time_s", "label", "decision", "n_crops", "tiles_used", "tiles_skipped",
-    "read_ms", "diagnose_ms", "error", "input_sha256", "overlay", "tile_map",
+    "read_ms", "diagnose_ms", "error", "input_sha256", "overlay", "tile_map", "threshold", "rule",
 )
 
 
@@ -44,6 +44,7 @@ def empty_record(input_name: str) -> dict[str, Any]:
         "n_crops": None, "tiles_used": None, "tiles_skipped": None, "timings_ms": None, "error": None,
         "input_sha256": None,  # the version of the file that was diagnosed (a rewritten file is diagnosed again)
         "overlay": None, "tile_map": None,  # file names of this input's outputs, when written
+        "threshold": None, "rule": None,  # the operating threshold and the decision in words
     }
 
 

@@ -136,6 +136,7 @@ def test_diagnosis_beats_chance_on_unseen_tiles_and_csv(trained: Trained) -> Non
     lines = out.read_text().splitlines()
     assert lines[0] == (
         "input,frame,time_s,label,decision,n_crops,tiles_used,tiles_skipped,read_ms,diagnose_ms,error,input_sha256,overlay,tile_map,"
+        "threshold,rule,"
         "p_parasitized,p_uninfected"
     )
     predicted = [row.split(",")[3] for row in lines[1:]]

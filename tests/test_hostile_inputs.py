@@ -384,3 +384,29 @@ def test_a_text_file_error_names_its_type_not_its_contents(tmp_path: Path) -> No
     with pytest.raises(ImageReadError) as info:
         read_image(secret)
     assert "it is a text file" in str(info.value) and "root:x" not in str(info.value)
+
+
+def test_every_record_states_the_threshold_and_the_decision_in_words(trained: Trained, tmp_path: Path) -> None:
+    from edgedx.runtime.batch import diagnose_paths
+    from edgedx.runtime.image_io import write_image
+    from edgedx.runtime.model import decision_rule
+    from edgedx.synthetic import render_field
+
+    (tmp_path / "in").mkdir()
+    write_image(tmp_path / "in" / "f.png", render_field(np.random.default_rng(10), 60, 80, infected_fraction=0.3).image)
+    out = tmp_path / "out.jsonl"
+    diagnose_paths([tmp_path / "in"], trained.onnx, out, refer_band=(0.0, 1.0))
+    [record] = read_records(out)
+    p = record["probabilities"]["parasitized"]
+    threshold = record["threshold"]
+    assert threshold is not None
+    sign = "≥" if p >= threshold else "<"
+    assert record["rule"].startswith(f"p(parasitized) = {p:.3f} {sign} threshold {threshold:.3f} → {record['label']}")
+    assert record["rule"].endswith("inside the refer band [0, 1) → refer to a person") and record["decision"] == "refer"
+
+    from edgedx.card import CropPolicy, ModelCard, Provenance
+
+    card = ModelCard(arch="x", task="binary", class_names=("melanoma", "nevus"), positive_class="melanoma", threshold=0.31,
+                     input_size=(8, 8), crop=CropPolicy((8, 8), (4, 4)), provenance=Provenance("0", "2026-01-01T00:00:00+00:00"))
+    # the clinician's case: p(melanoma) 0.48, nevus more probable, yet the decision is melanoma
+    assert decision_rule(np.array([0.48, 0.52]), card, "melanoma") == "p(melanoma) = 0.480 ≥ threshold 0.310 → melanoma"

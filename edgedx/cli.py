@@ -162,6 +162,12 @@ def train(
             f"for sensitivity ≥ {_fmt(m.get('target_sensitivity'))} to {pos}: sensitivity {_fmt(m.get('sensitivity'))}, "
             f"specificity {_fmt(m.get('specificity'))}; p({pos}) ≥ {_fmt(result.card.threshold)} → {pos}"
         )
+    test = result.summary.get("test") if result.summary else None
+    if test:
+        console.print(
+            f"held-out test split (n {test.get('n')}, at the same threshold): accuracy {_fmt(test.get('accuracy'))}, "
+            f"balanced accuracy {_fmt(test.get('balanced_accuracy'))}, AUC {_fmt(test.get('macro_auc'))}"
+        )
     crop_info = result.summary.get("crop") if result.summary else None
     if crop_info:
         console.print(f"crops: {crop_info['policy']} ({crop_info['reason']}); validation metrics are measured as diagnose runs")
@@ -438,8 +444,8 @@ def models() -> None:
 @app.command()
 def evaluate(
     model: Annotated[Path, typer.Argument(help="Exported .onnx/.ort model or TensorRT .engine.")],
-    data: Annotated[Path, typer.Argument(help="ImageFolder (sub-folders named as the model's classes), CSV manifest or .npz.")],
-    split: Annotated[str, typer.Option(help="Which split of a .npz or a CSV with a split column.")] = "val",
+    data: Annotated[Path, typer.Argument(help="ImageFolder (sub-folders named as the model's classes), CSV manifest, .npz, or a training run folder (its own held-out images).")],
+    split: Annotated[str, typer.Option(help="Which split of a run folder, a .npz or a CSV with a split column (val, test); all: every row of a CSV without one.")] = "val",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for evaluation.json, plots and report.html.")] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals (0: none).")] = 1000,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON.")] = None,

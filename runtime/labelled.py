@@ -9,6 +9,8 @@ indices into the *model's* class names, so a folder may hold only some classes.
 from __future__ import annotations
 
 import csv
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,10 +34,16 @@ class LabelledSet:
 
 
 def load_labelled(data: str | Path, class_names: tuple[str, ...], *, split: str = "val", label_column: str = "label") -> LabelledSet:
-    """Read ``data`` (folder, .csv or .npz) for a model with ``class_names``."""
+    """Read ``data`` (folder, .csv, .npz, or a training run folder) for a model with ``class_names``.
+
+    A run folder (it holds ``split.json``) gives exactly that run's ``split``
+    (``val`` or ``test``): the images training held out, never its training images.
+    """
     path = Path(data)
     if not path.exists():
         raise InputError(f"evaluation data not found: {path}")
+    if path.is_dir() and (path / "split.json").is_file():
+        return _run_split(path, class_names, split)
     if path.is_dir():
         return _folder(path, class_names)
     suffix = path.suffix.lower()
@@ -69,10 +77,16 @@ def _csv(path: Path, class_names: tuple[str, ...], split: str, label_column: str
         raise InputError(
             f"{path} needs a path column ({'/'.join(PATH_COLUMNS)}) and a '{label_column}' column; it has {columns}"
         )
-    if "split" in columns:
+    if "split" in columns and split != "all":
         rows = [r for r in rows if (r.get("split") or "").strip() == split]
         if not rows:
             raise InputError(f"{path} has no rows with split '{split}'; choose another with --split")
+    elif split != "all":
+        raise InputError(
+            f"{path} has no split column, so --split {split} cannot pick its {split} rows: every row, training images "
+            f"included, would be scored. Give --split all to score every row on purpose, or evaluate the run's own held-out "
+            "images: edgedx evaluate MODEL RUN_DIR --split val (or test)"
+        )
     names, images, labels = [], [], []
     for n, row in enumerate(rows, 2):
         label = (row.get(label_column) or "").strip()
@@ -83,6 +97,53 @@ def _csv(path: Path, class_names: tuple[str, ...], split: str, label_column: str
         images.append(image)
         labels.append(class_names.index(label))
     return LabelledSet(names, images, np.asarray(labels, np.int64), str(path))
+
+
+_NPZ_ID = re.compile(r"^(?P<file>.+\.npz):(?P<split>\w+)\[(?P<index>\d+)\]$")
+
+
+def _run_split(run: Path, class_names: tuple[str, ...], split: str) -> LabelledSet:
+    """The images of one split of a training run, with the labels training used (from its split.json)."""
+    try:
+        record = json.loads((run / "split.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{run / 'split.json'} is not a readable split file ({exc})") from None
+    ids, labels = record.get(split), record.get(f"{split}_labels")
+    if not ids:
+        held = [k for k in ("val", "test") if record.get(k)]
+        raise InputError(f"the run {run} has no {split!r} split; it holds {held}: choose one with --split (test exists with train --test-fraction)")
+    if labels is None or len(labels) != len(ids):
+        raise InputError(f"{run / 'split.json'} has no labels (written by an older EdgeDx); evaluate its data source instead")
+    unknown = sorted(set(labels) - set(class_names))
+    if unknown:
+        raise InputError(f"the run's classes {unknown} are not classes of this model ({list(class_names)}); is it the same model?")
+    images: list[Path | np.ndarray] = []
+    arrays: dict[tuple[str, str], np.ndarray] = {}
+    for item in ids:
+        match = _NPZ_ID.match(item)
+        if match is None:
+            images.append(Path(item))
+            continue
+        key = (match["file"], match["split"])
+        if key not in arrays:
+            arrays[key] = _npz_images(_run_source(run), match["file"], match["split"])
+        images.append(arrays[key][int(match["index"])])
+    return LabelledSet(list(ids), images, np.asarray([class_names.index(n) for n in labels], np.int64), f"{run} ({split} split of the run)")
+
+
+def _run_source(run: Path) -> Path:
+    try:
+        card = json.loads((run / "card.json").read_text(encoding="utf-8"))
+        return Path(card["provenance"]["data_summary"]["source"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InputError(f"{run / 'card.json'} does not name the run's data source; evaluate the .npz itself with --split") from None
+
+
+def _npz_images(source: Path, name: str, split: str) -> np.ndarray:
+    if source.name != name or not source.is_file():
+        raise InputError(f"the run's images are in {name}, but its data source {source} is not there any more; evaluate the .npz itself")
+    with np.load(source, allow_pickle=False) as archive:
+        return archive[f"{split}_images"]
 
 
 def _npz(path: Path, class_names: tuple[str, ...], split: str) -> LabelledSet:

@@ -68,13 +68,17 @@ def test_train_states_the_positive_class_and_what_the_threshold_targets() -> Non
     fake.return_value.card.task = "binary"
     fake.return_value.card.positive_class = "MEL"
     fake.return_value.card.threshold = 0.31
-    fake.return_value.summary = {"warnings": ["validation AUC is 0.440 (≤ 0.6; 0.5 is chance): the model barely separates the classes"]}
+    fake.return_value.summary = {
+        "warnings": ["validation AUC is 0.440 (≤ 0.6; 0.5 is chance): the model barely separates the classes"],
+        "test": {"n": 20, "accuracy": 0.8, "balanced_accuracy": 0.75, "macro_auc": 0.82},
+    }
     fake.return_value.skipped = ()
     with mock.patch("edgedx.training.train.train", fake):
         result = runner.invoke(app, ["train", "isic", "--out", "run", "--positive-class", "MEL"])
     assert result.exit_code == 0, result.output
     assert "positive class: MEL (the class this model screens for); threshold 0.310 chosen on validation for sensitivity ≥ 0.950 to MEL" in result.output
     assert "p(MEL) ≥ 0.310 → MEL" in result.output
+    assert "held-out test split (n 20, at the same threshold): accuracy 0.800, balanced accuracy 0.750, AUC 0.820" in result.output
     out = result.output
     assert "warning: validation AUC is 0.440" in out and out.index("warning:") < out.index("not ready to deploy") < out.index("next: edgedx export")
 

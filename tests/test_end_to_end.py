@@ -248,3 +248,23 @@ def test_evaluate_csv_and_npz_with_intervals_plots_and_html(trained: Trained, tm
     (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
     again = evaluate(trained.onnx, tmp_path / "manifest.csv", bootstrap=0)
     assert again.metrics["accuracy"] == m["accuracy"] and again.metrics["n"] == 30
+
+
+def test_evaluate_scores_the_runs_own_held_out_split_and_matches_the_card(trained: Trained, tmp_path: Path) -> None:
+    """`edgedx evaluate MODEL RUN_DIR`: the run's validation images, with the labels training used, through diagnose's path."""
+    from edgedx.errors import InputError
+    from edgedx.runtime.evaluate import evaluate
+    from edgedx.training.checkpoint import load_checkpoint
+
+    run = trained.checkpoint.parent
+    card = load_checkpoint(trained.checkpoint).card
+    report = evaluate(trained.onnx, run, split="val", bootstrap=0)
+    assert report.metrics["n"] == card.metrics["n"] and "val split of the run" in report.data
+    assert report.metrics["accuracy"] == pytest.approx(card.metrics["accuracy"], abs=1e-9)  # the card = the deployed path
+    with pytest.raises(InputError, match=r"has no 'test' split; it holds \['val'\]"):
+        evaluate(trained.onnx, run, split="test", bootstrap=0)
+    manifest = tmp_path / "all.csv"
+    manifest.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in sorted(trained.data.rglob("*.png"))[:4]), encoding="utf-8")
+    with pytest.raises(InputError, match=r"no split column, so --split val cannot pick its val rows.*--split all"):
+        evaluate(trained.onnx, manifest, split="val", bootstrap=0)
+    assert evaluate(trained.onnx, manifest, split="all", bootstrap=0).metrics["n"] == 4

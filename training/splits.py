@@ -193,6 +193,8 @@ def save_splits(path: Path, data: TrainingData, splits: Mapping[str, np.ndarray]
     }
     for name, idx in splits.items():
         record[name] = [data.ids[int(i)] for i in np.asarray(idx)]
+        if data.task != "multilabel":  # so `edgedx evaluate MODEL RUN_DIR --split test` needs nothing else
+            record[f"{name}_labels"] = [data.class_names[int(data.targets[int(i)])] for i in np.asarray(idx)]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")

@@ -423,6 +423,7 @@ def _train(
             "batch_norm": "synchronised" if ctx.synced_batchnorm else ("per process" if ctx.distributed else "single process"),
             "crop": {"policy": card.crop.describe(), "reason": planned.reason, "validated_as": "diagnose: sliding crops merged per image"},
             "warnings": warnings,
+            **({"test": _headline(report["test"])} if "test" in report else {}),
         }
         if config.plots:
             _write_plots(out, state.history, targets[val_idx], val_probs, card, final, config.monitor)

@@ -15,7 +15,7 @@ import sys
 from contextlib import contextmanager
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich import box
@@ -268,7 +268,7 @@ def export(
 
 @app.command()
 def diagnose(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Results file: .jsonl or .csv (--engine ray: a folder of shards named *.jsonl or *.parquet).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Results file: .jsonl or .csv (--engine ray: a folder of shards named *.jsonl or *.parquet). Without it, still images are diagnosed and shown as a table.")] = None,
     inputs: Annotated[
         Optional[list[str]],
         typer.Argument(help="Image files, folders (recursive), globs, video files, camera:N or stream URLs."),
@@ -324,6 +324,8 @@ def diagnose(
         "--audit": audit is not None, "--every/--window/--max-frames": (every, window, max_frames) != (1, 5, None),
         "--max-pixels": max_pixels is not None,
     })
+    if out is None and (engine == "ray" or watch is not None):
+        raise InputError("--watch and --engine ray write their records to a file: give --out FILE")
     if engine == "ray":
         from edgedx.runtime.ray_engine import diagnose_ray
 
@@ -347,6 +349,9 @@ def diagnose(
     else:
         if not inputs:
             raise InputError("no inputs given; name image files, folders, globs, videos or camera:N (or use --watch FOLDER)")
+        if out is None:
+            _diagnose_to_terminal(inputs, model, device=device, batch_size=batch_size, crop=crop, refer_band=band, max_pixels=max_pixels)
+            return
         with progress_bar() as progress:
             summary = diagnose_paths(
                 inputs, model, out, device=device, batch_size=batch_size, overlays=overlays, maps=maps, resume=resume,
@@ -360,6 +365,29 @@ def diagnose(
         console.print(f"overlays: {overlays}")
     if summary.n_failed:
         err_console.print(f"error: {summary.n_failed} of {summary.n_inputs} inputs could not be read; see the 'error' field in {summary.out}")
+        raise typer.Exit(1)
+
+
+def _diagnose_to_terminal(inputs: list[str], model: Path, **options: Any) -> None:
+    """No --out: the same batch diagnosis into a temporary results file, shown as a table and then removed."""
+    import tempfile
+
+    from edgedx.runtime.batch import diagnose_paths
+    from edgedx.runtime.records import read_records
+
+    with tempfile.TemporaryDirectory(prefix="edgedx-") as tmp, progress_bar() as progress:
+        out = Path(tmp) / "results.jsonl"
+        summary = diagnose_paths(inputs, model, out, progress=progress, **options)
+        records = read_records(out)
+    table = Table(title=f"{summary.n_ok} diagnosed, {summary.n_failed} failed (give --out FILE to keep the records)")
+    for column in ("input", "decision", "why"):
+        table.add_column(column, overflow="fold")
+    for record in records:
+        why = record["rule"] or (record["error"] or "")
+        table.add_row(record["input"], str(record["decision"] if record["error"] is None else "error"), why)
+    console.print(table)
+    if summary.n_failed:
+        err_console.print(f"error: {summary.n_failed} of {summary.n_inputs} inputs could not be read; their reasons are in the table")
         raise typer.Exit(1)
 
 

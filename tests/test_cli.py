@@ -379,3 +379,29 @@ def test_help_shows_extras_literally() -> None:
     export_help = runner.invoke(app, ["export", "--help"], env={"COLUMNS": "400"}).output
     assert "edgedx[ray]" in diagnose_help
     assert "edgedx[trt]" in export_help and "edgedx[simplify]" in export_help
+
+
+def test_diagnose_without_out_shows_a_table(tmp_path: Path) -> None:
+    from edgedx.runtime.batch import DiagnoseSummary
+    from edgedx.runtime.records import RecordWriter, empty_record
+
+    calls = []
+
+    def fake(inputs, model, out, **kwargs):
+        calls.append((inputs, model, kwargs))
+        with RecordWriter(out, ("melanoma", "nevus")) as writer:
+            writer.write({**empty_record("a.jpg"), "label": "melanoma", "decision": "melanoma", "rule": "p(melanoma) = 0.480 ≥ threshold 0.310 → melanoma"})
+            writer.write({**empty_record("b.jpg"), "error": "b.jpg: empty file (0 bytes)"})
+        return DiagnoseSummary(Path(out), 2, 1, {"melanoma": 1}, 0.1)
+
+    image = tmp_path / "a.jpg"
+    with mock.patch("edgedx.runtime.batch.diagnose_paths", side_effect=fake):
+        result = runner.invoke(app, ["diagnose", "a.jpg", "b.jpg", "--model", "m.onnx", "--refer-band", "0.3,0.7"], env={"COLUMNS": "200"})
+    assert result.exit_code == 1
+    [(inputs, model, kwargs)] = calls
+    assert inputs == ["a.jpg", "b.jpg"] and model == Path("m.onnx") and kwargs["refer_band"] == (0.3, 0.7)
+    assert "p(melanoma) = 0.480 ≥ threshold 0.310 → melanoma" in result.output and "empty file (0 bytes)" in result.output
+    assert "give --out FILE to keep the records" in result.output
+    assert not image.exists()
+    watch = runner.invoke(app, ["diagnose", "--watch", str(tmp_path), "--model", "m.onnx"])
+    assert watch.exit_code == 1 and "give --out FILE" in str(watch.exception) + watch.output

@@ -118,6 +118,7 @@ def train(
     nproc: Annotated[int, typer.Option(help="Data-parallel processes (DDP: gloo on CPU, one GPU each with nccl); --batch-size stays the global batch.")] = 1,
 ) -> None:
     """Fine-tune a classifier on labelled images; writes RUN_DIR/model.pt with its model card."""
+    _must_exist(data, "training data", "an ImageFolder, a CSV manifest or a .npz")  # before torch loads (seconds)
     from edgedx.training.train import TrainConfig
     from edgedx.training.train import cross_validate
     from edgedx.training.train import train as run_train
@@ -186,6 +187,12 @@ def train(
     console.print(f"next: edgedx export {result.checkpoint} --out {Path(out) / 'export'}")
 
 
+def _must_exist(path: Path, what: str, expected: str) -> None:
+    """Fail in a fraction of a second, before PyTorch is imported, on a path that is not there."""
+    if not path.exists():
+        raise InputError(f"{what} not found: {path}; give {expected}")
+
+
 def _split_names(text: str | None) -> tuple[str, ...] | None:
     return tuple(v.strip() for v in text.split(",") if v.strip()) if text else None
 
@@ -228,6 +235,10 @@ def export(
     opset: Annotated[int, typer.Option(help="ONNX opset (18 or newer).")] = 18,
 ) -> None:
     """Export to ONNX (and ORT, TensorRT) with batch norm folded, the card embedded and every artefact verified against PyTorch."""
+    _must_exist(checkpoint, "checkpoint", "the model.pt that edgedx train wrote")
+    for option, folder in (("--calibration", calibration), ("--verify-data", verify_data)):
+        if folder is not None:
+            _must_exist(folder, f"{option} folder", "a folder of images")
     from edgedx.export.pipeline import ExportOptions, export_checkpoint
     from edgedx.export.precision import parse_precisions
 

@@ -16,7 +16,17 @@ from conftest import run_edgedx
 from edgedx.cli import app
 
 runner = CliRunner()
-COMMANDS = ("train", "export", "diagnose", "evaluate", "bench", "demo", "models")
+COMMANDS = ("train", "export", "diagnose", "evaluate", "bench", "demo", "models", "audit")
+
+
+@pytest.fixture(autouse=True)
+def named_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The paths the patched commands name exist (train and export check them before importing torch)."""
+    cwd = tmp_path / "cwd"
+    for folder in ("my data", "isic", "data", "cal dir", "labelled", "run"):
+        (cwd / folder).mkdir(parents=True)
+    (cwd / "run" / "model.pt").write_bytes(b"")
+    monkeypatch.chdir(cwd)
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -329,11 +339,13 @@ def test_unknown_arch_suggests_close_matches(tmp_path: Path) -> None:
 
 
 def test_unknown_precision_is_a_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "model.pt").write_bytes(b"")  # there: the option's own error is the one shown
     proc = run_edgedx("export", str(tmp_path / "model.pt"), "--out", str(tmp_path / "out"), "--precision", "fp32,int4")
     _assert_one_line_error(proc, "unknown precision 'int4'", "fp32, fp16, int8")
 
 
 def test_bad_engine_batch_is_a_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "model.pt").write_bytes(b"")  # there: the option's own error is the one shown
     proc = run_edgedx("export", str(tmp_path / "model.pt"), "--out", str(tmp_path / "out"), "--engine-batch", "8,1")
     _assert_one_line_error(proc, "--engine-batch must be three whole numbers", "'8,1'")
     proc = run_edgedx("export", str(tmp_path / "model.pt"), "--out", str(tmp_path / "out"), "--engine-batch", "8,4,32")
@@ -405,3 +417,15 @@ def test_diagnose_without_out_shows_a_table(tmp_path: Path) -> None:
     assert not image.exists()
     watch = runner.invoke(app, ["diagnose", "--watch", str(tmp_path), "--model", "m.onnx"])
     assert watch.exit_code == 1 and "give --out FILE" in str(watch.exception) + watch.output
+
+
+def test_missing_paths_fail_before_torch_is_imported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    for name in [m for m in sys.modules if m == "torch" or m.startswith("torch.") or m.startswith("edgedx.training") or m.startswith("edgedx.export")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "torch", None)  # any import of torch now fails: the errors must come first
+    result = runner.invoke(app, ["train", str(tmp_path / "nope"), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1 and "training data not found" in str(result.exception)
+    result = runner.invoke(app, ["export", str(tmp_path / "model.pt"), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 1 and "checkpoint not found" in str(result.exception)

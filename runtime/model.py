@@ -369,6 +369,34 @@ def _load(image: Any) -> tuple[Any, float, str | None]:
 ENGINE_SUFFIXES = (".engine", ".plan")
 
 
+MODEL_SUFFIXES = (".onnx", ".ort", *ENGINE_SUFFIXES)
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """What a user means by ``--model``: a file; an export folder (its ``model.onnx``, or its one model file); a
+    bundled model's name (``isic_mel_nv``). A training checkpoint is refused with the export command."""
+    path = Path(path)
+    if path.suffix.lower() in CHECKPOINT_SUFFIXES:
+        raise InputError(
+            f"{path} is a training checkpoint; the runtime runs exported models: edgedx export {path} --out EXPORT_DIR, "
+            "then --model EXPORT_DIR/model.onnx"
+        )
+    if path.is_dir():
+        if (path / "model.onnx").is_file():
+            return path / "model.onnx"
+        found = sorted(p for p in path.iterdir() if p.suffix.lower() in MODEL_SUFFIXES and p.is_file())
+        if len(found) == 1:
+            return found[0]
+        names = ", ".join(p.name for p in found) or "none"
+        raise InputError(f"{path} is a folder with {len(found)} model files ({names}); name one with --model {path}/FILE")
+    if not path.exists() and not path.suffix and len(path.parts) == 1:
+        from edgedx.runtime.bundled import bundled_model_path
+
+        return bundled_model_path(str(path))  # a bundled model by name, or an error listing them
+    return path
+
+
 def load_model(
     path: str | Path,
     *,
@@ -384,7 +412,8 @@ def load_model(
     metadata; ``.engine``/``.plan`` files are TensorRT engines with the card in
     the sidecar JSON beside them (``device`` must then be tensorrt, cuda or auto).
     """
-    if Path(path).suffix.lower() in ENGINE_SUFFIXES:
+    path = resolve_model_path(path)
+    if path.suffix.lower() in ENGINE_SUFFIXES:
         session: Session = TensorRTSession(path, device=device)
     else:
         session = OnnxSession(path, device=device, threads=threads)

@@ -410,3 +410,24 @@ def test_every_record_states_the_threshold_and_the_decision_in_words(trained: Tr
                      input_size=(8, 8), crop=CropPolicy((8, 8), (4, 4)), provenance=Provenance("0", "2026-01-01T00:00:00+00:00"))
     # the clinician's case: p(melanoma) 0.48, nevus more probable, yet the decision is melanoma
     assert decision_rule(np.array([0.48, 0.52]), card, "melanoma") == "p(melanoma) = 0.480 ≥ threshold 0.310 → melanoma"
+
+
+def test_model_paths_as_people_type_them(trained: Trained, tmp_path: Path) -> None:
+    import shutil
+
+    from edgedx.errors import InputError
+    from edgedx.runtime.bundled import bundled_model_path
+    from edgedx.runtime.model import resolve_model_path
+
+    assert resolve_model_path(trained.onnx.parent) == trained.onnx.parent / "model.onnx"  # an export folder
+    assert resolve_model_path("isic_mel_nv") == bundled_model_path("isic_mel_nv")  # a bundled model by name
+    with pytest.raises(InputError, match="no bundled model named 'nosuch'"):
+        resolve_model_path("nosuch")
+    with pytest.raises(InputError, match=r"is a training checkpoint; .*edgedx export .*model.pt --out EXPORT_DIR"):
+        resolve_model_path(trained.checkpoint)
+    two = tmp_path / "two"
+    two.mkdir()
+    for name in ("a.onnx", "b.ort"):
+        shutil.copy(trained.onnx, two / name)
+    with pytest.raises(InputError, match=r"folder with 2 model files \(a.onnx, b.ort\)"):
+        resolve_model_path(two)

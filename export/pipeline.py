@@ -141,7 +141,7 @@ def export_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(checkpoint).stem
     _forget_previous_export(out, stem)
-    steps = len(options.precisions) * (1 + options.mobile + options.engine) + 2
+    steps = 3 + len(options.precisions) * (1 + options.mobile + options.engine)  # graph, reference, artefacts, report
     done = 0
 
     def step(info: str = "") -> None:

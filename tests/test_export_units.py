@@ -166,3 +166,11 @@ def test_a_refused_variant_leaves_the_passing_artefacts_and_names_the_next_step(
     monkeypatch.setattr(pipeline, "compare_outputs", real_compare)  # a later export that passes
     pipeline.export_checkpoint(trained.checkpoint, out, pipeline.ExportOptions(precisions=("fp32",)))
     assert not list(out.glob("*.failed"))  # no stale refusals beside the new artefacts
+
+
+def test_export_progress_never_passes_its_total(trained: Trained, tmp_path: Path) -> None:
+    from edgedx.export.pipeline import ExportOptions, export_checkpoint
+
+    seen: list[tuple[int, int]] = []
+    export_checkpoint(trained.checkpoint, tmp_path / "out", ExportOptions(), progress=lambda stage, done, total, info="": seen.append((done, total)))
+    assert seen and all(done <= total for done, total in seen) and seen[-1][0] == seen[-1][1]

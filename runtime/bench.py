@@ -275,8 +275,8 @@ def environment(active_providers: dict[str, list[str]]) -> dict[str, Any]:
         from edgedx.runtime.trt_backend import current_gpu
 
         gpu, capability = current_gpu()
-    except EdgeDxError:
-        gpu, capability = "unknown", "unknown"
+    except EdgeDxError:  # no CUDA runtime or no device: say so, not "unknown"
+        gpu, capability = "no GPU", None
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),

@@ -431,3 +431,28 @@ def test_model_paths_as_people_type_them(trained: Trained, tmp_path: Path) -> No
         shutil.copy(trained.onnx, two / name)
     with pytest.raises(InputError, match=r"folder with 2 model files \(a.onnx, b.ort\)"):
         resolve_model_path(two)
+
+
+def test_the_hot_folder_keeps_latin1_names_and_sees_a_rewrite(trained: Trained, tmp_path: Path) -> None:
+    from edgedx.runtime.batch import diagnose_hot_folder
+    from edgedx.runtime.image_io import write_image
+    from edgedx.synthetic import render_field
+
+    drop = tmp_path / "scanner drop"
+    drop.mkdir()
+    rng = np.random.default_rng(12)
+    name = Path(os.fsdecode(os.path.join(os.fsencode(drop), b"M\xfcller slide.png")))
+    write_image(name, render_field(rng, 60, 80, infected_fraction=0.2).image)
+    out = tmp_path / "hot.jsonl"
+    first = diagnose_hot_folder(drop, trained.onnx, out, poll_s=0.05, settle_s=0.2, idle_timeout_s=1.0)
+    assert first.n_inputs == 1 and first.n_failed == 0
+    state = tmp_path / "hot.jsonl.watch-state.jsonl"
+    [(_, line)] = list(json_lines(state.read_text(encoding="utf-8")))
+    assert json.loads(line)["path"] == os.path.abspath(name)  # the watcher's state round-trips the name
+    again = diagnose_hot_folder(drop, trained.onnx, out, poll_s=0.05, settle_s=0.2, idle_timeout_s=1.0)
+    assert again.n_inputs == 0  # a restart does nothing twice
+    os.utime(name, ns=(0, 0))
+    write_image(name, render_field(rng, 64, 90, infected_fraction=0.6).image)  # the scanner rewrites it
+    third = diagnose_hot_folder(drop, trained.onnx, out, poll_s=0.05, settle_s=0.2, idle_timeout_s=1.0)
+    assert third.n_inputs == 1
+    assert len({r["input_sha256"] for r in read_records(out)}) == 2

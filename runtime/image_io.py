@@ -182,12 +182,8 @@ def check_regular_file(path: Path) -> os.stat_result:
     opening a pipe blocks forever and a device such as /dev/zero never ends."""
     try:
         st = os.stat(path)
-    except FileNotFoundError:
-        raise ImageReadError(f"{path}: file not found (was it moved or deleted after the folder was listed?)") from None
-    except PermissionError:
-        raise ImageReadError(f"{path}: permission denied; give the user running EdgeDx read access to it") from None
     except OSError as exc:
-        raise ImageReadError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        raise _os_error(path, exc) from None
     if stat.S_ISDIR(st.st_mode):
         raise ImageReadError(f"{path}: is a directory, not an image")
     for test, kind in _NOT_REGULAR:
@@ -196,19 +192,24 @@ def check_regular_file(path: Path) -> os.stat_result:
     return st
 
 
+def _os_error(path: Path, exc: OSError) -> ImageReadError:
+    """An OS error while reading ``path``, in words that say what to do."""
+    if isinstance(exc, FileNotFoundError):
+        return ImageReadError(f"{path}: file not found (was it moved or deleted after the folder was listed?)")
+    if isinstance(exc, IsADirectoryError):
+        return ImageReadError(f"{path}: is a directory, not an image")
+    if isinstance(exc, PermissionError):
+        return ImageReadError(f"{path}: permission denied; give the user running EdgeDx read access to it")
+    return ImageReadError(f"{path}: cannot read ({exc.strerror or exc})")
+
+
 def read_file_bytes(path: Path) -> np.ndarray:
     """The bytes of a regular file, read once."""
     check_regular_file(path)
     try:
         data = np.fromfile(path, dtype=np.uint8)
-    except FileNotFoundError:
-        raise ImageReadError(f"{path}: file not found (was it moved or deleted after the folder was listed?)") from None
-    except IsADirectoryError:
-        raise ImageReadError(f"{path}: is a directory, not an image") from None
-    except PermissionError:
-        raise ImageReadError(f"{path}: permission denied; give the user running EdgeDx read access to it") from None
     except OSError as exc:
-        raise ImageReadError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        raise _os_error(path, exc) from None
     if data.size == 0:
         raise ImageReadError(f"{path}: empty file (0 bytes)")
     return data

@@ -167,3 +167,18 @@ def test_validation_and_diagnosis_agree_on_images_of_mixed_sizes(tmp_path: Path)
     np.testing.assert_allclose(deployed, at_validation, atol=1e-4, rtol=0)
     val_ids = set(json.loads((tmp_path / "run" / "split.json").read_text())["val"])
     assert card.metrics["n"] == len(val_ids)
+
+
+def test_training_says_what_to_change_when_its_own_images_would_be_refused(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from edgedx.runtime.image_io import write_image
+    from edgedx.training.train import TrainConfig, train
+
+    rng = np.random.default_rng(5)
+    for cls, level in (("normal", 60), ("tumour", 190)):
+        (tmp_path / "tiny" / cls).mkdir(parents=True)
+        for i in range(4):
+            write_image(tmp_path / "tiny" / cls / f"{i}.png", np.clip(rng.normal(level, 20, (2, 2, 3)), 0, 255).astype(np.uint8))
+    config = TrainConfig(arch="resnet10t", weights="none", epochs=1, input_size=64, batch_size=4, crop="fit", gradcam_samples=0, plots=False)
+    with pytest.raises(InputError, match=r"would be refused when diagnosed \(.*enlarged 32× per side.*\); 2 of 2 are\. Train with a smaller --input-size"):
+        train(tmp_path / "tiny", tmp_path / "run", config)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from edgedx.card import ModelCard
-from edgedx.errors import EdgeDxError
+from edgedx.errors import EdgeDxError, InputError
 from edgedx.runtime.model import Model
 
 _EPS = 1e-12
@@ -68,7 +68,12 @@ def predict_resampled(
     """(len(idx), C) merged probabilities of training images (kept resampled, so nothing can fail to read)."""
     _, probs, failed = diagnose_probabilities(model, card, ((k, images[int(i)]) for k, i in enumerate(idx)), batch_size=batch_size, device=device)
     if failed:
-        raise failed[0][1]
+        error = failed[0][1]
+        # training has no --min-content: say what to change here, not at diagnose time
+        raise InputError(
+            f"validation images would be refused when diagnosed ({error}); {len(failed)} of {len(idx)} are. "
+            "Train with a smaller --input-size or another --crop, or remove images far smaller than the input"
+        )
     return probs
 
 

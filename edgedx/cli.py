@@ -26,7 +26,7 @@ from rich.table import Table
 
 from edgedx import __version__
 from edgedx.errors import EdgeDxError, InputError
-from edgedx.progress import ProgressFn, no_progress
+from edgedx.progress import STEP_LOGGER, ProgressFn, no_progress
 
 app = typer.Typer(
     name="edgedx",
@@ -35,6 +35,27 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+def _flags_without_type() -> None:
+    """``--strict`` is a switch: typer's help would show it as ``--strict <bool>``, as if it took a value.
+
+    Typer draws the type column from ``display_type_rich``; for flags (and
+    ``--help``) it should be empty. tests/test_cli.py checks the help stays so
+    if typer changes this method.
+    """
+    from typer.core import TyperOption
+
+    original = TyperOption.display_type_rich
+    if getattr(original, "_edgedx_flags", False):
+        return
+
+    def display_type_rich(self: TyperOption, ctx: Any) -> str | None:
+        return None if self.is_flag else original(self, ctx)
+
+    display_type_rich._edgedx_flags = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flags_without_type()
 console = Console(markup=False, highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
 
@@ -58,6 +79,20 @@ def _root(
         handlers=[RichHandler(console=err_console, show_path=False, show_time=False)],
         force=True,
     )
+    steps = logging.getLogger(STEP_LOGGER)  # a line per epoch/stage, with or without -v, that stays on screen
+    steps.handlers[:] = [_StepHandler()]
+    steps.setLevel(logging.INFO)
+    steps.propagate = False
+
+
+class _StepHandler(logging.Handler):
+    """Step lines as plain text on stderr: above a live progress bar on a terminal, one line each in a log file."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            err_console.print(record.getMessage(), soft_wrap=True)
+        except Exception:  # noqa: BLE001 - logging must never stop the work
+            self.handleError(record)
 
 
 @contextmanager
@@ -80,6 +115,11 @@ def progress_bar() -> Iterator[ProgressFn]:
 
 
 Device = Annotated[str, typer.Option(help="Inference device: auto, cpu, cuda or tensorrt.")]
+# CSV manifest layout, the same in train and evaluate (ISIC's labels.csv: --path-column image --image-dir images --suffix .jpg)
+LabelColumn = Annotated[str, typer.Option(help="CSV manifests: the column holding the class name.")]
+PathColumn = Annotated[Optional[str], typer.Option(help="CSV manifests: the column holding the image path or id (default: path, image, file or filename).")]
+ImageDir = Annotated[Optional[Path], typer.Option(help="CSV manifests: the folder relative image paths start from (default: the manifest's folder).")]
+Suffix = Annotated[str, typer.Option(help="CSV manifests: a suffix the ids lack, e.g. .jpg for ISIC's labels.csv.")]
 
 
 @app.command()
@@ -106,7 +146,10 @@ def train(
     val_fraction: Annotated[float, typer.Option(help="Share held out for validation (by patient when ids exist).")] = 0.2,
     test_fraction: Annotated[float, typer.Option(help="Share held out for a test split (by patient when ids exist).")] = 0.0,
     positive_class: Annotated[Optional[str], typer.Option(help="Binary tasks: the class to screen for.")] = None,
-    label_column: Annotated[str, typer.Option(help="CSV manifests: the column holding the class name.")] = "label",
+    label_column: LabelColumn = "label",
+    path_column: PathColumn = None,
+    image_dir: ImageDir = None,
+    suffix: Suffix = "",
     labels: Annotated[Optional[str], typer.Option(help="CSV manifests: comma-separated 0/1 columns, one per label (multi-label).")] = None,
     class_names: Annotated[Optional[str], typer.Option(help="Comma-separated class names (e.g. for .npz labels 0, 1, ...).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda (mixed precision on CUDA).")] = "auto",
@@ -129,6 +172,7 @@ def train(
         imbalance=imbalance, augmentation=augment, normalization=normalization, monitor=monitor, patience=patience,
         target_sensitivity=target_sensitivity, val_fraction=val_fraction, test_fraction=test_fraction,
         positive_class=positive_class, label_column=label_column, label_columns=_split_names(labels),
+        path_column=path_column, image_dir=str(image_dir) if image_dir else None, suffix=suffix,
         class_names=_split_names(class_names), device=device, strict=strict, resume=resume, overwrite=overwrite, seed=seed,
     )
     from edgedx.training.distributed import is_main, launch_train
@@ -154,7 +198,11 @@ def train(
     if not is_main():
         return
     m = result.card.metrics
-    line = f"best epoch {result.best_epoch}: val accuracy {_fmt(m.get('accuracy'))}, balanced accuracy {_fmt(m.get('balanced_accuracy'))}, AUC {_fmt(m.get('macro_auc'))}"
+    where = _where_taken(result.card.task, result.card.threshold)
+    line = (
+        f"best epoch {result.best_epoch}: val accuracy {_fmt(m.get('accuracy'))} and balanced accuracy {_fmt(m.get('balanced_accuracy'))} "
+        f"({where}), AUC {_fmt(m.get('macro_auc'))}"
+    )
     console.print(line)
     if result.card.task == "binary":
         pos = result.card.positive_class
@@ -191,6 +239,12 @@ def _must_exist(path: Path, what: str, expected: str) -> None:
     """Fail in a fraction of a second, before PyTorch is imported, on a path that is not there."""
     if not path.exists():
         raise InputError(f"{what} not found: {path}; give {expected}")
+
+
+def _where_taken(task: Any, threshold: float | None) -> str:
+    from edgedx.runtime.plots import where_taken
+
+    return where_taken(task, threshold) if task in ("binary", "multiclass", "multilabel") else "at the card's threshold"
 
 
 def _split_names(text: str | None) -> tuple[str, ...] | None:
@@ -463,21 +517,34 @@ def models() -> None:
     """List the models bundled with EdgeDx and their cards (use one with diagnose, or leave out --model)."""
     from edgedx.runtime.bundled import DEFAULT_MODEL, bundled_models
 
-    table = Table(title="bundled models", box=box.SIMPLE)
-    for col in ("name", "task", "classes", "input", "threshold", "validation", "MB", "file"):
-        table.add_column(col)
     found = bundled_models()
     for m in found:
-        card = m.card
-        metrics = card.metrics
-        shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("auc", "sensitivity", "specificity") if isinstance(metrics.get(k), (int, float)))
-        table.add_row(
-            m.name + (" (default)" if m.name == DEFAULT_MODEL else ""), card.task, ", ".join(card.class_names),
-            f"{card.input_size[1]}×{card.input_size[0]}", _fmt(card.threshold), shown or "—", f"{m.path.stat().st_size / 1e6:.1f}", str(m.path),
-        )
-    console.print(table)
-    for m in found:
-        console.print(f"{m.name}: {m.card.intended_use}")
+        console.print(m.name + (" (default)" if m.name == DEFAULT_MODEL else ""))
+        console.print(_card_grid(m.card, m.path))
+        console.print()
+
+
+def _card_grid(card: Any, path: Path) -> Table:
+    """A model's card as label/value lines that wrap inside an 80-column terminal (a wide table did not)."""
+    metrics = card.metrics
+    shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("auc", "sensitivity", "specificity") if isinstance(metrics.get(k), (int, float)))
+    classes = " vs ".join(card.class_names) if card.task == "binary" else ", ".join(card.class_names)
+    if card.positive_class:
+        classes += f" (screens for {card.positive_class})"
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(no_wrap=True, style="bold")
+    grid.add_column(overflow="fold")
+    rows = [
+        ("task", f"{card.task}: {classes}"),
+        ("input", f"{card.input_size[1]}×{card.input_size[0]} px, {card.crop.describe()}"),
+        ("threshold", _fmt(card.threshold) + (f": p({card.positive_class}) ≥ {_fmt(card.threshold)} → {card.positive_class}" if card.positive_class and card.threshold is not None else "")),
+        ("validation", (shown + (f" at threshold {_fmt(card.threshold)}" if card.threshold is not None and "sensitivity" in shown else "")) or "—"),
+        ("file", f"{path} ({path.stat().st_size / 1e6:.1f} MB)"),
+        ("intended use", card.intended_use),
+    ]
+    for label, value in rows:
+        grid.add_row(f"  {label}", value)
+    return grid
 
 
 @app.command()
@@ -488,13 +555,19 @@ def evaluate(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for evaluation.json, plots and report.html.")] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals (0: none).")] = 1000,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON.")] = None,
+    label_column: LabelColumn = "label",
+    path_column: PathColumn = None,
+    image_dir: ImageDir = None,
+    suffix: Suffix = "",
     device: Device = "cpu",
 ) -> None:
     """Score a deployed model on labelled images, through the same path as diagnose."""
     from edgedx.runtime.evaluate import evaluate as evaluate_data
+    from edgedx.runtime.manifest import ManifestLayout
 
+    layout = ManifestLayout(path_column, label_column, str(image_dir) if image_dir else None, suffix)
     with progress_bar() as progress:
-        report = evaluate_data(model, data, split=split, device=device, bootstrap=bootstrap, out=out, progress=progress)
+        report = evaluate_data(model, data, split=split, device=device, bootstrap=bootstrap, out=out, layout=layout, progress=progress)
     m = report.metrics
     table = Table(title=f"{model.name} on {report.data}")
     for col in ("class", "sensitivity", "specificity", "precision", "f1", "support"):
@@ -522,6 +595,7 @@ def evaluate(
         console.print(f"{len(report.failed)} image(s) could not be read", style="yellow")
     if out:
         console.print(f"report: {out / 'report.html'}")
+        console.print(f"{report.n_misclassified} misclassified image(s) {where}, most confidently wrong first: {out / 'misclassified.csv'}")
     if json_out:
         json_out.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
         console.print(f"report: {json_out}")

@@ -17,3 +17,12 @@ class ProgressFn(Protocol):
 
 def no_progress(stage: str, done: int, total: int, info: str = "") -> None:
     """The default: library calls report nothing."""
+
+
+STEP_LOGGER = "edgedx.steps"
+"""One line per finished step of long work (an epoch, an export stage): the record that stays after the bar.
+
+The library logs these at INFO to this logger; the CLI shows them without
+``-v``, above the progress bar on a terminal and as plain lines when output is
+a file (``nohup edgedx train ... > train.log``), so a log shows every epoch.
+"""

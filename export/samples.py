@@ -18,6 +18,7 @@ import functools
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from edgedx.card import ModelCard
 from edgedx.errors import EdgeDxError, ImageReadError, InputError
 from edgedx.runtime.datasets import list_image_folder
 from edgedx.runtime.image_io import is_image_path, read_image, to_rgb_uint8
+from edgedx.runtime.labelled import resolve_id
+from edgedx.runtime.manifest import ManifestLayout
 from edgedx.runtime.tiling import split_tiles
 
 log = logging.getLogger(__name__)
@@ -60,13 +63,13 @@ def split_samples(checkpoint: Path, card: ModelCard, split: str, *, limit: int, 
     if not split_file.is_file():
         raise SplitUnavailable(f"{split_file} is missing (the checkpoint was moved out of its run folder)")
     try:
-        ids = list(json.loads(split_file.read_text(encoding="utf-8")).get(split, []))
+        ids = [os.path.normpath(resolve_id(i, split_file.parent)) for i in json.loads(split_file.read_text(encoding="utf-8")).get(split, [])]
     except (OSError, ValueError) as exc:
         raise SplitUnavailable(f"cannot read {split_file}: {exc}") from None
     if not ids:
         raise SplitUnavailable(f"{split_file} lists no {split} images")
     data = reload_source(card, checkpoint.parent)
-    position = {item: i for i, item in enumerate(data.ids)}
+    position = {os.path.normpath(item): i for i, item in enumerate(data.ids)}  # a source given as ../data has ".." in its ids
     items: list[Path | np.ndarray] = []
     labels: list[int] = []
     for k in np.random.default_rng(seed).permutation(len(ids)):
@@ -149,9 +152,8 @@ def reload_source(card: ModelCard, run_dir: Path) -> Any:  # TrainingData, impor
     source = resolve_source(str(recorded), run_dir)
     if source is None:
         raise SplitUnavailable(f"the training data {recorded} is not found (tried as given and beside {run_dir})")
-    return _load_source_once(
-        str(source), options.get("label_column") or "label", tuple(columns) if columns else None, card.class_names, card.task
-    )
+    layout = ManifestLayout.from_dict(options)
+    return _load_source_once(str(source), layout, tuple(columns) if columns else None, card.class_names, card.task)
 
 
 def resolve_source(recorded: str, run_dir: Path) -> Path | None:
@@ -166,11 +168,11 @@ def resolve_source(recorded: str, run_dir: Path) -> Path | None:
 
 
 @functools.lru_cache(maxsize=2)
-def _load_source_once(source: str, label_column: str, label_columns: tuple[str, ...] | None, class_names: tuple[str, ...], task: str):  # noqa: ANN202
+def _load_source_once(source: str, layout: ManifestLayout, label_columns: tuple[str, ...] | None, class_names: tuple[str, ...], task: str):  # noqa: ANN202
     """Verification (val) and calibration (train) read the same source: load it once per export."""
     from edgedx.training.sources import load_source
 
     try:
-        return load_source(source, label_column=label_column, label_columns=label_columns, class_names=class_names, task=task)
+        return load_source(source, layout=layout, label_columns=label_columns, class_names=class_names, task=task)
     except EdgeDxError as exc:
         raise SplitUnavailable(f"cannot reload the training data {source}: {exc}") from None

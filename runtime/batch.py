@@ -153,7 +153,7 @@ def _diagnose_locked(
     with pixel_limit(max_pixels):
         return _run(
             items(), loaded, model, out, total=total, overlays=overlays, maps=maps, resume=resumed, audit=audit,
-            audit_names=audit_names, window=window, progress=progress, live=live,
+            audit_names=audit_names, window=window, progress=progress, live=live, frames=bool(streams),
         )
 
 
@@ -289,6 +289,7 @@ def _run(
     progress: ProgressFn,
     prefetch: int = 4,
     live: bool = False,
+    frames: bool = False,
 ) -> DiagnoseSummary:
     card = model.card
     done_before = completed_versions(out) if resume else {}
@@ -317,7 +318,7 @@ def _run(
     if audit is not None:
         settings = _run_settings(model, {}).settings  # crop policy, threshold, refer band: what shaped each result
         audit_log = AuditLog(audit, model_path, card, names=audit_names, model_sha256=getattr(model.session, "sha256", None), settings=settings)
-    with RecordWriter(out, card.class_names, append=resume) as writer:
+    with RecordWriter(out, card.class_names, append=resume, frames=frames) as writer:
         if audit_log is not None:
             audit_log.__enter__()
         try:
@@ -444,7 +445,11 @@ def _write_overlay(folder: Path, item: _Item, result: Diagnosis, model: Model) -
         caption += f"  threshold {result.threshold:.2f}"
     image = read_image(item.path) if item.path is not None else item.image
     target = folder / f"{_output_stem(item, result)}.overlay.png"
-    heat = render_overlay(image, result.sliding, index, caption, weighting=model.crop.centre_weighting)
+    # result.threshold is the one the decision was taken at (binary, multilabel); None for argmax (multiclass)
+    heat = render_overlay(
+        image, result.sliding, index, caption, weighting=model.crop.centre_weighting,
+        threshold=result.threshold, scale_label=f"p({card.class_names[index]})",
+    )
     with atomic_path(target) as tmp:
         write_image(tmp, heat)
     return target

@@ -17,17 +17,26 @@ from edgedx.card import ModelCard
 from edgedx.errors import EdgeDxError, InputError
 from edgedx.progress import ProgressFn, no_progress
 from edgedx.runtime.labelled import load_labelled
+from edgedx.runtime.manifest import ManifestLayout
 from edgedx.runtime.metrics import classification_metrics, roc_auc
 from edgedx.runtime.model import Model, decide, load_model
 
 
 @dataclass(frozen=True)
 class EvaluationReport:
+    """What :func:`evaluate` found. ``misclassified`` holds one record per image whose decision at the
+    card's threshold differs from its label, most confidently wrong first (see :func:`misclassified`)."""
+
     model: str
     data: str
     threshold: float | None
     metrics: dict[str, Any]
     failed: tuple[str, ...]
+    misclassified: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def n_misclassified(self) -> int:
+        return len(self.misclassified)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -36,6 +45,8 @@ class EvaluationReport:
             "threshold": self.threshold,
             "metrics": self.metrics,
             "failed": list(self.failed),
+            "n_misclassified": self.n_misclassified,
+            "misclassified": [dict(m) for m in self.misclassified],
         }
 
 
@@ -49,12 +60,14 @@ def evaluate(
     bootstrap: int = 1000,
     out: str | Path | None = None,
     seed: int = 0,
+    layout: ManifestLayout = ManifestLayout(),
     progress: ProgressFn = no_progress,
 ) -> EvaluationReport:
     """Diagnose every labelled image through the production path and score the decisions.
 
     ``data`` is an ImageFolder, a CSV manifest or a MedMNIST ``.npz`` (``split``
-    picks its part). Metrics are at the card's threshold, and also at 0.5 for
+    picks its part; ``layout`` names a manifest's columns, image folder and
+    suffix). Metrics are at the card's threshold, and also at 0.5 for
     binary models; ``bootstrap`` resamples give 95% intervals. ``out`` writes
     ``evaluation.json``, the ROC / confusion-matrix / radar plots and a one-page
     ``report.html``.
@@ -64,9 +77,10 @@ def evaluate(
     card = loaded.card
     if card.task == "multilabel":
         raise InputError("evaluate needs a binary or multiclass model; this card is multilabel")
-    labelled = load_labelled(data, card.class_names, split=split)
+    labelled = load_labelled(data, card.class_names, split=split, layout=layout)
     y_true: list[int] = []
     probs: list[np.ndarray] = []
+    kept: list[int] = []  # the labelled index of each scored image (failed ones are not scored)
     failed: list[str] = []
     total = len(labelled)
     progress("evaluate", 0, total)
@@ -74,6 +88,7 @@ def evaluate(
         if isinstance(result, EdgeDxError):
             failed.append(str(result))
         else:
+            kept.append(i)
             y_true.append(int(labelled.labels[i]))
             probs.append(result.sliding.probabilities)
         progress("evaluate", done, total)
@@ -86,12 +101,44 @@ def evaluate(
         metrics["at_0.5"] = score(truth, p_all, card, 0.5)
     if bootstrap > 0:
         metrics.update(intervals(truth, p_all, card, metrics, n=bootstrap, seed=seed))
-    report = EvaluationReport(str(model), labelled.source, card.threshold, metrics, tuple(failed))
+    wrong = misclassified(truth, p_all, card, [labelled.names[i] for i in kept])
+    report = EvaluationReport(str(model), labelled.source, card.threshold, metrics, tuple(failed), tuple(record for _, record in wrong))
     if out is not None:
         from edgedx.runtime.report_html import write_evaluation
 
-        write_evaluation(Path(out), report, card, truth, p_all)
+        write_evaluation(Path(out), report, card, truth, p_all, thumbnails=[labelled.images[kept[row]] for row, _ in wrong])
     return report
+
+
+def misclassified(truth: np.ndarray, probs: np.ndarray, card: ModelCard, names: list[str]) -> list[tuple[int, dict[str, Any]]]:
+    """``(row, record)`` of every image whose decision at the card's threshold (:func:`decide`, as diagnose
+    takes it) differs from its label, the most confidently wrong first.
+
+    Why this order: the top of the list is where a reviewer finds label errors
+    and the model's blind spots. Binary: by the distance of p(positive class)
+    from the threshold; multiclass (argmax): by how far p(predicted) is above
+    p(true). ``record`` holds image, true, predicted, probability (of the
+    positive class for binary, of the predicted class for multiclass),
+    probability_of (that class) and threshold (None for argmax).
+    """
+    classes = card.class_names
+    binary = card.task == "binary"
+    threshold = (0.5 if card.threshold is None else float(card.threshold)) if binary else None
+    found: list[tuple[float, int, dict[str, Any]]] = []
+    for row, (y, p) in enumerate(zip(truth, probs)):
+        predicted = classes.index(decide(p, card))  # type: ignore[arg-type]
+        if predicted == int(y):
+            continue
+        shown = card.positive_index if binary else predicted
+        assert shown is not None  # a binary card always has a positive class
+        margin = abs(float(p[shown]) - threshold) if threshold is not None else float(p[predicted] - p[int(y)])
+        record = {
+            "image": names[row], "true": classes[int(y)], "predicted": classes[predicted],
+            "probability": round(float(p[shown]), 6), "probability_of": classes[shown], "threshold": threshold,
+        }
+        found.append((margin, row, record))
+    found.sort(key=lambda item: (-item[0], item[1]))
+    return [(row, record) for _, row, record in found]
 
 
 def evaluate_folder(model: str | Path | Model, data: str | Path, **kwargs: Any) -> EvaluationReport:

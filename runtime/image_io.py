@@ -231,6 +231,21 @@ def decode_image(data: np.ndarray | bytes, *, max_pixels: int | None = None) -> 
         return None
 
 
+_MISMATCHES_SEEN: set[tuple[str, str]] = set()
+
+
+def _warn_mismatch(name: str, kind: str, expected: str) -> None:
+    """A folder of 10,000 PNGs saved as .jpg is one fact, not 10,000 warnings: warn once per kind, then log quietly."""
+    key = (kind, expected)
+    message = "%s: the content is %s but the suffix says %s; decoding it as %s"
+    args = (name, FORMAT_NAMES[kind], FORMAT_NAMES[expected], FORMAT_NAMES[kind])
+    if key in _MISMATCHES_SEEN:
+        log.info(message, *args)
+        return
+    _MISMATCHES_SEEN.add(key)
+    log.warning(message + " (further files like this are logged with -v only)", *args)
+
+
 def _decode(data: np.ndarray, name: str, limit: int, *, suffix: str = "", path: Path | None = None) -> np.ndarray:
     """The checks, in order: what it is, whether it is whole, how big it says it is; then decode."""
     kind = sniff_format(data)
@@ -240,10 +255,7 @@ def _decode(data: np.ndarray, name: str, limit: int, *, suffix: str = "", path: 
         raise UndecodableImageError(f"{name}: {_describe_text(data)}")
     expected = _SUFFIX_FORMATS.get(suffix)
     if kind is not None and expected is not None and kind != expected:
-        log.warning(
-            "%s: the content is %s but the suffix says %s; decoding it as %s",
-            name, FORMAT_NAMES[kind], FORMAT_NAMES[expected], FORMAT_NAMES[kind],
-        )
+        _warn_mismatch(name, kind, expected)
     size: tuple[int, int] | None = None
     if kind in ("jpeg", "png"):
         buf = data.tobytes()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,7 @@ import numpy as np
 
 from edgedx.errors import InputError
 from edgedx.runtime.datasets import list_image_folder
-
-PATH_COLUMNS = ("path", "image", "file", "filename")
+from edgedx.runtime.manifest import ManifestLayout
 
 
 @dataclass(frozen=True)
@@ -33,10 +33,13 @@ class LabelledSet:
         return len(self.names)
 
 
-def load_labelled(data: str | Path, class_names: tuple[str, ...], *, split: str = "val", label_column: str = "label") -> LabelledSet:
+def load_labelled(
+    data: str | Path, class_names: tuple[str, ...], *, split: str = "val", layout: ManifestLayout = ManifestLayout()
+) -> LabelledSet:
     """Read ``data`` (folder, .csv, .npz, or a training run folder) for a model with ``class_names``.
 
-    A run folder (it holds ``split.json``) gives exactly that run's ``split``
+    ``layout`` says how a CSV manifest names its images and classes (the same
+    options ``train`` takes). A run folder (it holds ``split.json``) gives exactly that run's ``split``
     (``val`` or ``test``): the images training held out, never its training images.
     """
     path = Path(data)
@@ -48,7 +51,7 @@ def load_labelled(data: str | Path, class_names: tuple[str, ...], *, split: str 
         return _folder(path, class_names)
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        return _csv(path, class_names, split, label_column)
+        return _csv(path, class_names, split, layout)
     if suffix == ".npz":
         return _npz(path, class_names, split)
     raise InputError(f"evaluation data must be a folder, a .csv manifest or a .npz file, got {path}")
@@ -66,17 +69,22 @@ def _folder(root: Path, class_names: tuple[str, ...]) -> LabelledSet:
     return LabelledSet([str(p) for p in found.paths], list(found.paths), labels, str(root))
 
 
-def _csv(path: Path, class_names: tuple[str, ...], split: str, label_column: str) -> LabelledSet:
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.DictReader(f))
+def _csv(path: Path, class_names: tuple[str, ...], split: str, layout: ManifestLayout) -> LabelledSet:
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is not UTF-8 text; save the manifest as a UTF-8 CSV") from None
+    except csv.Error as exc:
+        raise InputError(f"{path} is not a readable CSV ({exc}); fix the file") from None
     if not rows:
         raise InputError(f"{path} has no rows")
-    columns = list(rows[0])
-    path_column = next((c for c in PATH_COLUMNS if c in columns), None)
-    if path_column is None or label_column not in columns:
-        raise InputError(
-            f"{path} needs a path column ({'/'.join(PATH_COLUMNS)}) and a '{label_column}' column; it has {columns}"
-        )
+    columns = [c.strip() if isinstance(c, str) else c for c in rows[0]]
+    rows = [{(k.strip() if isinstance(k, str) else k): v for k, v in r.items()} for r in rows]
+    layout.check_image_dir()
+    path_column = layout.find_path_column(columns, path.name)
+    layout.check_label_column(columns, path.name)
+    label_column = layout.label_column
     if "split" in columns and split != "all":
         rows = [r for r in rows if (r.get("split") or "").strip() == split]
         if not rows:
@@ -92,7 +100,7 @@ def _csv(path: Path, class_names: tuple[str, ...], split: str, label_column: str
         label = (row.get(label_column) or "").strip()
         if label not in class_names:
             raise InputError(f"{path} line {n}: label {label!r} is not a class of this model ({list(class_names)})")
-        image = (path.parent / row[path_column].strip()).resolve()
+        image = layout.image_path((row.get(path_column) or "").strip(), path).resolve()
         names.append(str(image))
         images.append(image)
         labels.append(class_names.index(label))
@@ -100,6 +108,28 @@ def _csv(path: Path, class_names: tuple[str, ...], split: str, label_column: str
 
 
 _NPZ_ID = re.compile(r"^(?P<file>.+\.npz):(?P<split>\w+)\[(?P<index>\d+)\]$")
+SPLIT_PATHS_NOTE = "image paths are relative to this run folder"
+
+
+def portable_id(item_id: str, run: Path) -> str:
+    """An image path as ``split.json`` stores it: relative to the run folder, so a run moved with its data still reads.
+
+    ``.npz`` entries (``file.npz:val[3]``) stay as they are; a path on another
+    drive (Windows) stays absolute.
+    """
+    if _NPZ_ID.match(item_id) or not os.path.isabs(item_id):
+        return item_id
+    try:
+        return Path(os.path.relpath(item_id, run.absolute())).as_posix()
+    except ValueError:
+        return item_id
+
+
+def resolve_id(item_id: str, run: Path) -> str:
+    """The absolute path of a ``split.json`` entry (older runs stored absolute paths; those pass unchanged)."""
+    if _NPZ_ID.match(item_id) or os.path.isabs(item_id):
+        return item_id
+    return os.path.normpath(run.absolute() / item_id)
 
 
 def _run_split(run: Path, class_names: tuple[str, ...], split: str) -> LabelledSet:
@@ -119,6 +149,7 @@ def _run_split(run: Path, class_names: tuple[str, ...], split: str) -> LabelledS
         raise InputError(f"the run's classes {unknown} are not classes of this model ({list(class_names)}); is it the same model?")
     images: list[Path | np.ndarray] = []
     arrays: dict[tuple[str, str], np.ndarray] = {}
+    ids = [resolve_id(item, run) for item in ids]
     for item in ids:
         match = _NPZ_ID.match(item)
         if match is None:

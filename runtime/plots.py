@@ -36,6 +36,8 @@ __all__ = [
     "plot_radar",
     "plot_roc",
     "six_metrics",
+    "threshold_text",
+    "where_taken",
 ]
 
 DPI = 120
@@ -86,6 +88,39 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def threshold_text(threshold: float) -> str:
+    """A threshold with two or three decimals: 0.31 → "0.31", 0.305 → "0.305", 0.5 → "0.50".
+
+    Why not ``:.3g``: "0.5" reads like the default while "0.50" reads like a
+    number someone chose, and a three-decimal threshold must not be rounded
+    into another one.
+    """
+    if _number(threshold) is None:
+        raise ValueError(f"threshold must be a finite number, got {threshold!r}")
+    text = f"{float(threshold):.3f}"
+    return text[:-1] if text.endswith("0") else text
+
+
+def where_taken(task: str, threshold: float | None) -> str:
+    """Where a metric or plot was taken, for its title: "at threshold 0.31", "at argmax".
+
+    Why: a sensitivity means nothing without its threshold, and a reader of a
+    PNG has no card. ``binary``: the card's threshold (0.50 when it has none,
+    the runtime's default); ``multilabel``: the same, per label;
+    ``multiclass``: the most probable class wins, whatever the threshold.
+    """
+    if task == "multiclass":
+        return "at argmax"
+    if task not in ("binary", "multilabel"):
+        raise ValueError(f"task must be binary, multiclass or multilabel, got {task!r}")
+    text = "at threshold 0.50 (default)" if threshold is None else f"at threshold {threshold_text(threshold)}"
+    return f"{text} per label" if task == "multilabel" else text
+
+
+def _with_where(title: str, where: str) -> str:
+    return f"{title}, {where}" if where else title
+
+
 # --------------------------------------------------------------------------- #
 # Learning curves
 # --------------------------------------------------------------------------- #
@@ -130,8 +165,13 @@ def _best_epoch(history: list[dict], metric: str) -> tuple[float, float] | None:
     return None if best is None else (best[1], best[2])
 
 
-def plot_learning_curves(history: list[dict], path: Path, *, metric: str = "val_balanced_accuracy") -> Path:
-    """Two panels per epoch: train/val loss, and every numeric ``val_*`` metric; a line marks the best ``metric``."""
+def plot_learning_curves(history: list[dict], path: Path, *, metric: str = "val_balanced_accuracy", where: str = "") -> Path:
+    """Two panels per epoch: train/val loss, and every numeric ``val_*`` metric; a line marks the best ``metric``.
+
+    ``where`` (e.g. "at threshold 0.50", from :func:`where_taken`) is added to
+    the metrics panel's title: per-epoch validation metrics are usually taken
+    at a fixed threshold, not at the one chosen at the end.
+    """
     if not history:
         raise ValueError("history is empty: nothing to plot")
     keys: list[str] = []
@@ -171,7 +211,7 @@ def plot_learning_curves(history: list[dict], path: Path, *, metric: str = "val_
     if values and all(0.0 <= v <= 1.0 for v in values):
         ax_metric.set_ylim(-0.02, 1.02)
     ax_metric.set_ylabel("value")
-    ax_metric.set_title("Validation metrics")
+    ax_metric.set_title(_with_where("Validation metrics", where))
     fig.suptitle(f"Learning curves ({len(history)} epoch{'s' if len(history) != 1 else ''})")
     return _save(fig, path)
 
@@ -271,8 +311,9 @@ def plot_roc(
 
     Binary when ``positive_index`` is given or there are 2 classes (positive
     class 1). ``operating_threshold`` (binary only) adds the point reached by
-    ``score >= threshold`` on this data. Classes whose curve is undefined
-    (absent from y_true, or no negatives) are skipped and noted in the legend.
+    ``score >= threshold`` on this data, labelled "at threshold 0.31: sens
+    .., spec ..". Classes whose curve is undefined (absent from y_true, or no
+    negatives) are skipped and noted in the legend.
     """
     mode, curves = _roc_series(y_true, probabilities, class_names, positive_index)
     if operating_threshold is not None:
@@ -296,10 +337,10 @@ def plot_roc(
             ax.plot(
                 [1.0 - spec], [sens], marker="o", markersize=8, linestyle="none", color=line.get_color(),
                 markeredgecolor="black", zorder=5,
-                label=f"threshold {operating_threshold:.3g}: sens {sens:.2f}, spec {spec:.2f}",
+                label=f"at threshold {threshold_text(operating_threshold)}: sens {sens:.2f}, spec {spec:.2f}",
             )
     if operating_threshold is not None and curves[0].fpr is None:
-        ax.add_line(Line2D([], [], linestyle="none", label=f"threshold {operating_threshold:.3g}: undefined"))
+        ax.add_line(Line2D([], [], linestyle="none", label=f"at threshold {threshold_text(operating_threshold)}: undefined"))
     n = int(np.asarray(probabilities).shape[0])
     if mode == "binary":
         title = f"ROC: {curves[0].name} vs rest (n={n})"
@@ -324,12 +365,14 @@ def plot_roc(
 
 
 def plot_confusion_matrix(
-    confusion: Sequence[Sequence[int]], class_names: Sequence[str], path: Path, *, normalize: bool = False
+    confusion: Sequence[Sequence[int]], class_names: Sequence[str], path: Path, *, normalize: bool = False, where: str = ""
 ) -> Path:
     """Heatmap of counts (rows true, columns predicted); each cell shows its count and row percentage.
 
     ``normalize`` colours by the row-normalised fraction (and puts the
-    percentage first) instead of the raw count.
+    percentage first) instead of the raw count. ``where`` ("at threshold 0.31",
+    from :func:`where_taken`) goes into the title: the same predictions give
+    another matrix at another threshold.
     """
     names = [str(c) for c in class_names]
     cm = np.asarray(confusion)
@@ -365,7 +408,7 @@ def plot_confusion_matrix(
     ax.set_yticks(range(k), labels=names)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
-    ax.set_title(f"Confusion matrix ({'row-normalised' if normalize else 'counts'}, n={int(counts.sum())})")
+    ax.set_title(_with_where(f"Confusion matrix ({'row-normalised' if normalize else 'counts'}, n={int(counts.sum())})", where))
     return _save(fig, path)
 
 
@@ -374,10 +417,12 @@ def plot_confusion_matrix(
 # --------------------------------------------------------------------------- #
 
 
-def plot_radar(metrics: dict[str, float | None], path: Path, *, title: str = "") -> Path:
+def plot_radar(metrics: dict[str, float | None], path: Path, *, title: str = "", where: str = "") -> Path:
     """Radar chart of the six metrics in :data:`RADAR_KEYS` order on a 0..1 radial axis.
 
-    Missing, None or nan values are drawn at 0 and labelled "n/a"; other keys are ignored.
+    Missing, None or nan values are drawn at 0 and labelled "n/a"; other keys
+    are ignored. ``where`` ("at threshold 0.31", from :func:`where_taken`) is
+    added to the title: five of the six metrics move with the threshold.
     """
     values: list[float | None] = []
     for key in RADAR_KEYS:
@@ -411,7 +456,7 @@ def plot_radar(metrics: dict[str, float | None], path: Path, *, title: str = "")
     ax.set_yticks([0.2, 0.4, 0.6, 0.8, 1.0], labels=["0.2", "0.4", "0.6", "0.8", "1.0"], fontsize=7, color="0.4")
     ax.set_rlabel_position(180 / len(RADAR_KEYS))  # between the first two spokes
     ax.tick_params(axis="x", pad=6)
-    ax.set_title(title or "Six diagnostic metrics (0-1)", fontsize=11, pad=16)
+    ax.set_title(_with_where(title or "Six diagnostic metrics (0-1)", where), fontsize=11, pad=16)
     return _save(fig, path)
 
 

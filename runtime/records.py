@@ -27,6 +27,7 @@ CSV_COLUMNS = (
     "input", "frame", "time_s", "label", "decision", "n_crops", "tiles_used", "tiles_skipped",
     "read_ms", "diagnose_ms", "error", "input_sha256", "overlay", "tile_map", "threshold", "rule",
 )
+FRAME_COLUMNS = ("frame", "time_s")  # only when a video or camera is among the inputs: still images have no frame
 
 
 def output_format(path: Path) -> str:
@@ -49,13 +50,19 @@ def empty_record(input_name: str) -> dict[str, Any]:
 
 
 class RecordWriter:
-    """Context manager writing records (see :func:`empty_record`); ``append`` continues an existing file."""
+    """Context manager writing records (see :func:`empty_record`); ``append`` continues an existing file.
 
-    def __init__(self, path: str | Path, class_names: tuple[str, ...], *, append: bool = False) -> None:
+    CSV files get the ``frame`` and ``time_s`` columns only when ``frames``
+    (videos or cameras among the inputs); a continued CSV keeps the columns of
+    its header.
+    """
+
+    def __init__(self, path: str | Path, class_names: tuple[str, ...], *, append: bool = False, frames: bool = False) -> None:
         self.path = Path(path)
         self.format = output_format(self.path)
         self.class_names = class_names
         self.append = append
+        self.columns = CSV_COLUMNS if frames else tuple(c for c in CSV_COLUMNS if c not in FRAME_COLUMNS)
         self._file: IO[str] | None = None
         self._csv: Any = None
 
@@ -68,8 +75,10 @@ class RecordWriter:
             raise InputError(f"cannot write output {self.path}: {exc.strerror or exc}") from None
         if self.format == "csv":
             self._csv = csv.writer(self._file)
-            if not exists:
-                self._csv.writerow([*CSV_COLUMNS, *(f"p_{n}" for n in self.class_names)])
+            if exists:
+                self.columns = _header_columns(self.path, self.columns)
+            else:
+                self._csv.writerow([*self.columns, *(f"p_{n}" for n in self.class_names)])
         return self
 
     def write(self, record: dict[str, Any]) -> None:
@@ -96,7 +105,7 @@ class RecordWriter:
             "read_ms": timings.get("read"),
             "diagnose_ms": timings.get("diagnose"),
         }
-        return [("" if row[k] is None else csv_text(row[k])) for k in CSV_COLUMNS] + [probs.get(n, "") for n in self.class_names]
+        return [("" if row[k] is None else csv_text(row[k])) for k in self.columns] + [probs.get(n, "") for n in self.class_names]
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self._file is None:
@@ -106,6 +115,17 @@ class RecordWriter:
         except OSError as error:  # the data that failed to flush is the record already reported
             if exc is None:
                 raise InputError(f"cannot write results to {self.path}: {error.strerror or error}") from None
+
+
+def _header_columns(path: Path, default: tuple[str, ...]) -> tuple[str, ...]:
+    """The record columns of an existing CSV's header (a run continued from a file with or without frame columns)."""
+    try:
+        with path.open(encoding="utf-8", newline="") as f:
+            header = next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return default
+    known = tuple(c for c in header if c in CSV_COLUMNS)
+    return known if "input" in known else default
 
 
 def _cell(value: Any) -> Any:

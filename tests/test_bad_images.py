@@ -221,16 +221,31 @@ def test_trailing_bytes_after_the_end_still_load(tmp_path: Path, suffix: str) ->
 # -- suffix and content disagree -------------------------------------------------------------------
 
 
-def test_png_named_jpg_decodes_by_content_and_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.fixture
+def fresh_mismatch_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The suffix warning is once per process: start each test as a new run."""
+    from edgedx.runtime import image_io
+
+    monkeypatch.setattr(image_io, "_MISMATCHES_SEEN", set())
+
+
+def test_png_named_jpg_decodes_by_content_and_warns_once_per_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, fresh_mismatch_warnings: None
+) -> None:
     rgb = rgb_pattern()
-    path = write(tmp_path, "really a png.jpg", cv_bytes(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)))
-    with caplog.at_level(logging.WARNING, logger="edgedx.runtime.image_io"):
-        image = read_image(path)
-    np.testing.assert_array_equal(image, rgb)  # lossless PNG: exact
-    assert f"{path}: the content is PNG but the suffix says JPEG; decoding it as PNG" in caplog.messages
+    paths = [write(tmp_path, f"really a png {i}.jpg", cv_bytes(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))) for i in range(3)]
+    with caplog.at_level(logging.INFO, logger="edgedx.runtime.image_io"):
+        images = [read_image(p) for p in paths]
+    np.testing.assert_array_equal(images[2], rgb)  # lossless PNG: exact
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"{paths[0]}: the content is PNG but the suffix says JPEG; decoding it as PNG (further files like this are logged with -v only)"
+    ]
+    quiet = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and "suffix says" in r.getMessage()]
+    assert quiet == [f"{p}: the content is PNG but the suffix says JPEG; decoding it as PNG" for p in paths[1:]]
 
 
-def test_jpeg_named_tif_decodes_by_content(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_jpeg_named_tif_decodes_by_content(tmp_path: Path, caplog: pytest.LogCaptureFixture, fresh_mismatch_warnings: None) -> None:
     data = jpeg_bytes(rgb_pattern())
     with caplog.at_level(logging.WARNING, logger="edgedx.runtime.image_io"):
         image = read_image(write(tmp_path, "scan.tif", data))

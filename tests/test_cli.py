@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from conftest import run_edgedx
 from edgedx.cli import app
+from edgedx.runtime.manifest import ManifestLayout
 
 runner = CliRunner()
 COMMANDS = ("train", "export", "diagnose", "evaluate", "bench", "demo", "models", "audit")
@@ -88,9 +89,62 @@ def test_train_states_the_positive_class_and_what_the_threshold_targets() -> Non
     assert result.exit_code == 0, result.output
     assert "positive class: MEL (the class this model screens for); threshold 0.310 chosen on validation for sensitivity ≥ 0.950 to MEL" in result.output
     assert "p(MEL) ≥ 0.310 → MEL" in result.output
+    assert "val accuracy 0.700 and balanced accuracy 0.700 (at threshold 0.31), AUC 0.800" in result.output
     assert "held-out test split (n 20, at the same threshold): accuracy 0.800, balanced accuracy 0.750, AUC 0.820" in result.output
     out = result.output
     assert "warning: validation AUC is 0.440" in out and out.index("warning:") < out.index("not ready to deploy") < out.index("next: edgedx export")
+
+
+def test_train_and_evaluate_read_isic_labels_csv_with_the_same_options(tmp_path: Path) -> None:
+    """ISIC's own labels.csv: ids without suffix in an ``image`` column, images in a folder, class in ``diagnosis``."""
+    from edgedx.training.train import TrainConfig
+
+    isic = ["--path-column", "image", "--image-dir", "isic/images", "--suffix", ".jpg", "--label-column", "diagnosis"]
+    fake = mock.MagicMock()
+    fake.return_value.card.metrics = {"accuracy": 0.9, "balanced_accuracy": 0.8, "macro_auc": 0.95}
+    fake.return_value.card.task = "multiclass"
+    fake.return_value.summary = {}
+    fake.return_value.skipped = ()
+    (tmp_path / "labels.csv").write_text("image,diagnosis\n", encoding="utf-8")
+    with mock.patch("edgedx.training.train.train", fake):
+        result = runner.invoke(app, ["train", str(tmp_path / "labels.csv"), "--out", "run", *isic])
+    assert result.exit_code == 0, result.output
+    config = fake.call_args.args[2]
+    assert config == TrainConfig(path_column="image", image_dir="isic/images", suffix=".jpg", label_column="diagnosis")
+    assert config.image_dir == str(Path("isic/images").absolute())  # recorded absolute: export reloads from anywhere
+    assert config.layout() == ManifestLayout("image", "diagnosis", "isic/images", ".jpg")
+
+    evaluate = mock.MagicMock()
+    evaluate.return_value.metrics = {"n": 2, "accuracy": 1.0, "balanced_accuracy": 1.0, "auc": 1.0, "per_class": {}}
+    evaluate.return_value.failed = ()
+    evaluate.return_value.threshold = 0.5
+    evaluate.return_value.data = "labels.csv"
+    with mock.patch("edgedx.runtime.evaluate.evaluate", evaluate):
+        result = runner.invoke(app, ["evaluate", "m.onnx", "labels.csv", "--split", "all", *isic])
+    assert result.exit_code == 0, result.output
+    assert evaluate.call_args.kwargs["layout"] == ManifestLayout("image", "diagnosis", "isic/images", ".jpg")
+
+
+def test_epoch_lines_are_shown_without_verbose_and_stay() -> None:
+    """nohup edgedx train > log: every epoch must be in the log, as a plain line, with or without -v."""
+    import logging
+
+    def fake_train(*args: object, **kwargs: object) -> mock.MagicMock:
+        logging.getLogger("edgedx.steps").info("epoch 1/2: train loss 0.700, val loss 0.650; val balanced accuracy 0.600")
+        logging.getLogger("edgedx.training.train").info("a detail for -v only")
+        result = mock.MagicMock()
+        result.card.metrics = {"accuracy": 0.9, "balanced_accuracy": 0.8, "macro_auc": 0.95}
+        result.card.task = "multiclass"
+        result.summary, result.skipped = {}, ()
+        return result
+
+    with mock.patch("edgedx.training.train.train", fake_train):
+        quiet = runner.invoke(app, ["train", "data", "--out", "run"])
+        verbose = runner.invoke(app, ["-v", "train", "data", "--out", "run"])
+    assert quiet.exit_code == 0, quiet.output
+    assert "epoch 1/2: train loss 0.700, val loss 0.650; val balanced accuracy 0.600\n" in quiet.output
+    assert "a detail for -v only" not in quiet.output and "a detail for -v only" in verbose.output
+    assert verbose.output.count("epoch 1/2: train loss") == 1  # not twice (step handler and root handler)
 
 
 def test_train_nproc_hands_the_run_to_the_launcher() -> None:
@@ -242,11 +296,14 @@ def test_evaluate_bench_demo_pass_options_through(tmp_path: Path) -> None:
     evaluate.return_value.failed = ()
     evaluate.return_value.threshold = 0.5
     evaluate.return_value.data = "data"
+    evaluate.return_value.n_misclassified = 3
     with mock.patch("edgedx.runtime.evaluate.evaluate", evaluate):
         result = runner.invoke(app, ["evaluate", "m.onnx", "data.npz", "--split", "train", "--out", "rep", "--bootstrap", "50"])
         assert result.exit_code == 0, result.output
+    assert f"3 misclassified image(s) at threshold 0.500, most confidently wrong first: {Path('rep') / 'misclassified.csv'}" in result.output
     evaluate.assert_called_once_with(
-        Path("m.onnx"), Path("data.npz"), split="train", device="cpu", bootstrap=50, out=Path("rep"), progress=mock.ANY
+        Path("m.onnx"), Path("data.npz"), split="train", device="cpu", bootstrap=50, out=Path("rep"), layout=ManifestLayout(),
+        progress=mock.ANY,
     )
 
     bench = mock.MagicMock()
@@ -379,10 +436,20 @@ def test_diagnose_without_model_uses_the_bundled_one_and_says_so() -> None:
 
 def test_models_lists_the_bundled_model_with_its_card() -> None:
     pytest.importorskip("onnxruntime")
-    result = runner.invoke(app, ["models"], env={"COLUMNS": "250"})
+    result = runner.invoke(app, ["models"], env={"COLUMNS": "80"})
     assert result.exit_code == 0, result.output
-    assert "isic_mel_nv (default)" in result.output and "melanoma, nevus" in result.output
-    assert "not a medical device" in result.output and "auc 0.842" in result.output
+    assert all(len(line.rstrip()) <= 80 for line in result.output.splitlines()), result.output  # readable in 80 columns
+    words = " ".join(result.output.split())  # the grid wraps long values
+    assert "isic_mel_nv (default)" in words and "melanoma vs nevus (screens for melanoma)" in words
+    assert "not a medical device" in words and "auc 0.842" in words and "at threshold 0.059" in words
+    assert "p(melanoma) ≥ 0.059 → melanoma" in words
+
+
+def test_switches_show_no_type_in_help() -> None:
+    """``--strict`` takes no value: help must not show it as ``--strict <bool>`` (typer's default)."""
+    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "--strict" in result.output and "--resume" in result.output
+    assert "<bool>" not in result.output and "<int>" in result.output  # value options keep their type
 
 
 def test_help_shows_extras_literally() -> None:

@@ -274,3 +274,12 @@ def test_save_gradcam_examples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(ValueError, match="plain file name"):
         save_gradcam_examples(model, images, binary, folder, names=["sub/x", "y", "z"])
     assert save_gradcam_examples(model, images, binary, folder, names=["x", "y", "z"], max_images=0) == []
+
+
+def test_captions_say_where_the_decision_was_taken() -> None:
+    """A caption with p = 0.48 and "melanoma" must show the threshold that made it melanoma."""
+    card = make_card(threshold=0.31)
+    assert gradcam_module._decision_caption(np.array([0.52, 0.48]), 1, card) == "p(pos) 0.480 >= 0.310 -> pos"
+    assert gradcam_module._decision_caption(np.array([0.8, 0.2]), 0, card) == "p(pos) 0.200 < 0.310 -> neg"
+    multi = make_card(task="multiclass", class_names=("a", "b", "c"), positive_class=None, threshold=None)
+    assert gradcam_module._decision_caption(np.array([0.2, 0.5, 0.3]), 1, multi) == "pred b 0.50 (argmax)"

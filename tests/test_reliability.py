@@ -296,3 +296,28 @@ def test_hot_folder_skips_a_file_that_vanishes_while_settling(tmp_path: Path) ->
     seen = [p.name for p in watch_folder(hot, poll_s=0.05, settle_s=0.5, state_file=tmp_path / "state.jsonl", idle_timeout_s=1.5)]
     thread.join()
     assert seen == ["kept.png"]
+
+
+def test_csv_records_have_frame_columns_only_for_videos_and_cameras(tmp_path: Path) -> None:
+    import csv
+
+    from edgedx.runtime.records import RecordWriter, empty_record
+
+    still, video = tmp_path / "still.csv", tmp_path / "video.csv"
+    with RecordWriter(still, ("a", "b")) as writer:
+        writer.write({**empty_record("x.png"), "label": "a", "probabilities": {"a": 0.9, "b": 0.1}})
+    with RecordWriter(video, ("a", "b"), frames=True) as writer:
+        writer.write({**empty_record("v.mp4#frame=3"), "frame": 3, "time_s": 0.1, "label": "b"})
+    rows = list(csv.DictReader(still.open(encoding="utf-8", newline="")))
+    assert "frame" not in rows[0] and "time_s" not in rows[0] and rows[0]["label"] == "a" and rows[0]["p_a"] == "0.9"
+    rows = list(csv.DictReader(video.open(encoding="utf-8", newline="")))
+    assert rows[0]["frame"] == "3" and rows[0]["time_s"] == "0.1"
+    # a continued file keeps its own header's columns, whatever the new inputs are
+    with RecordWriter(video, ("a", "b"), append=True) as writer:
+        writer.write({**empty_record("y.png"), "label": "a"})
+    with RecordWriter(still, ("a", "b"), append=True, frames=True) as writer:
+        writer.write({**empty_record("w.mp4#frame=0"), "frame": 0, "label": "b"})
+    rows = list(csv.DictReader(video.open(encoding="utf-8", newline="")))
+    assert [r["input"] for r in rows] == ["v.mp4#frame=3", "y.png"] and rows[1]["frame"] == "" and rows[1]["label"] == "a"
+    rows = list(csv.DictReader(still.open(encoding="utf-8", newline="")))
+    assert [r["label"] for r in rows] == ["a", "b"] and None not in rows[1]  # no extra cells beyond the header

@@ -14,6 +14,7 @@ import pytest
 
 from edgedx.errors import ImageReadError, InputError
 from edgedx.runtime.image_io import write_image
+from edgedx.runtime.manifest import ManifestLayout
 from edgedx.training.sources import TrainingData, load_source
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,11 +147,39 @@ def test_csv_custom_label_column_and_image_path_column(root: Path) -> None:
     manifest = write_csv(
         root / "meta.csv", [["image", "dx", "age"], ["0.png", "nv", "40"], ["1.png", "mel", "50"], ["2.png", "bcc", "60"]]
     )
-    data = load_source(manifest, label_column="dx")
+    data = load_source(manifest, layout=ManifestLayout(label_column="dx"))
     assert data.class_names == ("bcc", "mel", "nv") and data.task == "multiclass"
     assert data.targets.tolist() == [2, 1, 0] and data.patient_ids is None and data.splits is None
-    forced = load_source(manifest, label_column="dx", class_names=["nv", "mel", "bcc"])
+    forced = load_source(manifest, layout=ManifestLayout(label_column="dx"), class_names=["nv", "mel", "bcc"])
     assert forced.targets.tolist() == [0, 1, 2]
+
+
+def test_isic_labels_csv_ids_without_suffix_in_an_image_folder(root: Path) -> None:
+    """ISIC's own labels.csv: ``image`` ids without suffix, images in ``images/``, class in ``diagnosis``."""
+    images = root / "isic data" / "images"
+    images.mkdir(parents=True)
+    for i in range(4):
+        write_image(images / f"ISIC_{i:07d}.jpg", rgb(40 * i + 10))
+    rows = [["image", "diagnosis", "label_mel1_nv0"]] + [[f"ISIC_{i:07d}", "melanoma" if i % 2 else "nevus", str(i % 2)] for i in range(4)]
+    manifest = write_csv(root / "isic data" / "labels.csv", rows)
+    layout = ManifestLayout(path_column="image", label_column="diagnosis", image_dir=str(images), suffix="jpg")
+    assert layout.suffix == ".jpg"
+    data = load_source(manifest, layout=layout)
+    assert data.class_names == ("melanoma", "nevus") and data.targets.tolist() == [1, 0, 1, 0]
+    assert [Path(i).name for i in data.ids] == [f"ISIC_{i:07d}.jpg" for i in range(4)]
+    assert data.load(2).shape[2] == 3
+    # without --image-dir and --suffix the error says where it looked and which options change it
+    with pytest.raises(InputError, match=r"none of the 4 image paths .* manifest's folder .*--image-dir / --suffix"):
+        load_source(manifest, layout=ManifestLayout(label_column="diagnosis"))
+    with pytest.raises(InputError, match="path column 'isic_id' not in labels.csv; columns are: image, diagnosis"):
+        load_source(manifest, layout=ManifestLayout(path_column="isic_id", label_column="diagnosis"))
+    with pytest.raises(InputError, match="--image-dir .*nowhere is not a folder"):
+        load_source(manifest, layout=ManifestLayout(label_column="diagnosis", image_dir=str(root / "nowhere")))
+    # a 0/1 column works as the class column too; a value that already ends with the suffix is not doubled
+    assert load_source(manifest, layout=ManifestLayout(label_column="label_mel1_nv0", image_dir=str(images), suffix=".jpg")).class_names == ("0", "1")
+    assert layout.image_path("sub/ISIC_1.JPG", manifest) == images / "sub" / "ISIC_1.JPG"
+    with pytest.raises(InputError, match="--suffix 'a/b' is not a file suffix"):
+        ManifestLayout(suffix="a/b")
 
 
 def test_csv_multilabel_columns(root: Path) -> None:
@@ -262,9 +291,10 @@ def test_csv_errors(root: Path) -> None:
     write_image(root / "b.png", rgb(2))
     m = write_csv(root / "labels.csv", [["image", "dx", "age"], ["a.png", "x", "1"], ["b.png", "y", "2"]])
     with pytest.raises(InputError) as err:
-        load_source(m, label_column="diagnosis")
-    assert str(err.value).startswith("label column 'diagnosis' not in labels.csv; columns are: image, dx, age")
-    with pytest.raises(InputError, match="label column 'label' not in labels.csv; columns are: image, dx, age"):
+        load_source(m, layout=ManifestLayout(label_column="diagnosis"))
+    assert str(err.value).startswith("label column 'diagnosis' not in labels.csv; name the class column with --label-column")
+    assert str(err.value).endswith("columns are: image, dx, age")
+    with pytest.raises(InputError, match="label column 'label' not in labels.csv; .* columns are: image, dx, age"):
         load_source(m)
     with pytest.raises(InputError, match="label column 'nodule' not in labels.csv"):
         load_source(m, label_columns=["dx", "nodule"])

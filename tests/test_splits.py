@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -215,7 +217,8 @@ def test_save_splits_round_trip_and_summary(tmp_path: Path) -> None:
     save_splits(out, data, splits, seed=4)
     record = json.loads(out.read_text(encoding="utf-8"))
     assert record["seed"] == 4 and record["class_names"] == ["normal", "tumour"] and record["patient_level"] is True
-    assert record["val"] == [data.ids[i] for i in splits["val"]] and set(record) >= {"train", "val", "test"}
+    assert record["val"] == [os.path.relpath(data.ids[i], out.parent) for i in splits["val"]] and set(record) >= {"train", "val", "test"}
+    assert record["paths"] == "image paths are relative to this run folder"
     back = load_splits(out, data)
     assert all(np.array_equal(back[k], splits[k]) for k in splits)
 
@@ -239,3 +242,31 @@ def test_save_splits_round_trip_and_summary(tmp_path: Path) -> None:
     other = TrainingData(("x", "y"), "binary", ["a", "b"], np.array([0, 1]), None, None, "m", loader=no_image)
     with pytest.raises(InputError, match="was made for classes"):
         load_splits(out, other)
+
+
+def test_a_run_folder_moved_with_its_data_still_finds_its_split(tmp_path: Path) -> None:
+    """split.json stores paths relative to the run: copying a project (data + runs) elsewhere keeps runs usable."""
+    from edgedx.runtime.image_io import write_image
+    from edgedx.runtime.labelled import load_labelled
+
+    before = tmp_path / "project a"
+    for cls in ("normal", "tumour"):
+        (before / "data" / cls).mkdir(parents=True)
+        (before / "runs").mkdir(exist_ok=True)
+        for i in range(5):
+            write_image(before / "data" / cls / f"{cls} {i}.png", np.full((9, 11, 3), 20 * i + (cls == "tumour") * 120, np.uint8))
+    data = load_source(before / "runs" / ".." / "data")  # a source given with ".." keeps it in its ids
+    splits = split_indices(data, val_fraction=0.4, seed=1)
+    save_splits(before / "runs" / "r1" / "split.json", data, splits, seed=1)
+    record = json.loads((before / "runs" / "r1" / "split.json").read_text(encoding="utf-8"))
+    assert all(p.startswith("../../data/") for p in record["val"] + record["train"])
+    assert all(np.array_equal(load_splits(before / "runs" / "r1" / "split.json", data)[k], splits[k]) for k in splits)
+
+    after = tmp_path / "moved" / "project b"
+    shutil.move(str(before), str(after))
+    moved = load_source(after / "data")
+    back = load_splits(after / "runs" / "r1" / "split.json", moved)
+    assert all(np.array_equal(back[k], splits[k]) for k in splits)
+    held_out = load_labelled(after / "runs" / "r1", ("normal", "tumour"), split="val")
+    assert len(held_out) == len(splits["val"]) and all(Path(p).is_file() for p in held_out.images)
+    assert all(str(p).startswith(str(after)) for p in held_out.images)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -52,10 +53,22 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
         train(data, tmp_path / "b", TrainConfig(**{**FAST.__dict__, "resume": True}))
 
 
-def test_early_stopping(tmp_path: Path) -> None:
+def test_early_stopping(tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     data = colour_folder(tmp_path / "data")
-    result = train(data, tmp_path / "run", TrainConfig(**{**FAST.__dict__, "epochs": 6, "lr": 1e-9, "patience": 1, "schedule": "plateau"}))
+    steps = logging.getLogger("edgedx.steps")
+    monkeypatch.setattr(steps, "propagate", False)  # as under the CLI: captured once, by the handler added here
+    steps.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="edgedx.steps"):
+            result = train(data, tmp_path / "run", TrainConfig(**{**FAST.__dict__, "epochs": 6, "lr": 1e-9, "patience": 1, "schedule": "plateau"}))
+    finally:
+        steps.removeHandler(caplog.handler)
     assert len(result.history) == 2  # epoch 2 did not beat epoch 1
+    # one sentence per epoch on the step logger (the CLI keeps it on screen and in log files), saying where it was taken
+    lines = [r.getMessage() for r in caplog.records if r.name == "edgedx.steps"]
+    assert len(lines) == 2 and lines[0].startswith("epoch 1/6: train loss ") and lines[1].startswith("epoch 2/6: ")
+    assert "(at threshold 0.50), AUC " in lines[0] and lines[0].endswith("best balanced accuracy so far")
+    assert not lines[1].endswith("so far")
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["stopped_early"] is True
 
 

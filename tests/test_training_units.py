@@ -199,7 +199,7 @@ def test_a_useless_model_is_warned_about() -> None:
     warnings = quality_warnings(final, card)
     assert warnings == [
         "validation AUC is 0.440 (≤ 0.6; 0.5 is chance): the model barely separates the classes",
-        "validation specificity for MEL is 0.000 at the operating threshold 0.200: it calls almost everything MEL",
+        "validation specificity for MEL is 0.000 at threshold 0.20: it calls almost everything MEL",
     ]
     good = {"metrics": {"at_threshold": {"macro_auc": 0.93, "per_class": {"MEL": {"sensitivity": 0.95, "specificity": 0.7}}}}}
     assert quality_warnings(good, card) == []

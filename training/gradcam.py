@@ -208,6 +208,16 @@ def _predicted(probabilities: np.ndarray, card: ModelCard) -> int:
     return int(np.argmax(probabilities))
 
 
+def _decision_caption(probabilities: np.ndarray, pred: int, card: ModelCard) -> str:
+    """Where the decision was taken, in ASCII (OpenCV's font has no ≥ or →): "p(mel) 0.48 >= 0.31 -> mel", "... (argmax)"."""
+    if card.task == "binary" and card.positive_index is not None:
+        pos = card.positive_index
+        threshold = 0.5 if card.threshold is None else card.threshold
+        p = float(probabilities[pos])
+        return f"p({card.class_names[pos]}) {p:.3f} {'>=' if p >= threshold else '<'} {threshold:.3f} -> {card.class_names[pred]}"
+    return f"pred {card.class_names[pred]} {probabilities[pred]:.2f} (argmax)"
+
+
 DISPLAY_MIN_SIDE = 160  # small inputs (cell crops, 28-px MedMNIST) are enlarged so a person can read them
 
 
@@ -281,7 +291,7 @@ def save_gradcam_examples(
     paths: list[Path] = []
     for i, (img, cam) in enumerate(zip(resized, cams)):
         pred = predicted[i]
-        lines = [f"pred {card.class_names[pred]} {probabilities[i, pred]:.2f}"]
+        lines = [_decision_caption(probabilities[i], pred, card)]
         if card.task == "binary" or targets[i] != pred:
             lines[0] += f" | cam {card.class_names[targets[i]]}"
         if labels is not None:

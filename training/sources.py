@@ -12,9 +12,10 @@ Sources:
   :func:`edgedx.runtime.datasets.list_image_folder`; binary with 2 classes,
   else multiclass; no patient ids, no predefined split.
 * a ``.csv`` manifest: one row per image with columns ``path`` (relative to the
-  CSV's folder, or absolute; a column named ``image`` or ``file`` is accepted
-  instead, looked up in that order), ``label`` (class names; another column
-  with ``label_column``), optional ``patient_id`` and ``split``
+  CSV's folder, or absolute; a column named ``image``, ``file`` or ``filename``
+  is accepted instead, looked up in that order), ``label`` (class names); a
+  :class:`~edgedx.runtime.manifest.ManifestLayout` names other columns, an
+  image folder and a missing suffix (ISIC's ``labels.csv``); optional ``patient_id`` and ``split``
   (``train``/``val``/``test``). Multi-label manifests name their 0/1 columns
   with ``label_columns``.
 * a ``.npz`` in MedMNIST layout: ``{split}_images`` (N, H, W) or (N, H, W, 3)
@@ -39,6 +40,7 @@ import numpy as np
 from edgedx.errors import InputError
 from edgedx.runtime.datasets import list_image_folder
 from edgedx.runtime.image_io import read_image, to_rgb_uint8
+from edgedx.runtime.manifest import ManifestLayout
 from edgedx.runtime.sources import source_pixels
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,6 @@ log = logging.getLogger(__name__)
 Task = Literal["binary", "multiclass", "multilabel"]
 TASKS: tuple[str, ...] = ("binary", "multiclass", "multilabel")
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
-PATH_COLUMNS: tuple[str, ...] = ("path", "image", "file")
 PATIENT_COLUMN = "patient_id"
 SPLIT_COLUMN = "split"
 _ONE_VALUES = frozenset({"1", "1.0"})
@@ -166,14 +167,15 @@ class TrainingData:
 def load_source(
     path: str | Path,
     *,
-    label_column: str = "label",
+    layout: ManifestLayout = ManifestLayout(),
     label_columns: Sequence[str] | None = None,
     class_names: Sequence[str] | None = None,
     task: str | None = None,
 ) -> TrainingData:
     """Load a folder, ``.csv`` manifest or MedMNIST ``.npz`` as :class:`TrainingData`.
 
-    ``label_column`` picks the CSV column of class names; ``label_columns``
+    ``layout`` says how a CSV manifest names its images and class column
+    (:class:`~edgedx.runtime.manifest.ManifestLayout`); ``label_columns``
     names the 0/1 columns of a multi-label CSV. ``class_names`` fixes the class
     order (or names an npz's integer labels); ``task`` forces binary,
     multiclass or multilabel where the labels allow it.
@@ -190,7 +192,7 @@ def load_source(
             raise InputError(f"label_columns is for CSV manifests; {path} is a folder with one sub-folder per class")
         data = _load_image_folder(path, class_names)
     elif path.suffix.lower() == ".csv":
-        data = _load_csv(path, label_column, label_columns, class_names)
+        data = _load_csv(path, layout, label_columns, class_names)
     elif path.suffix.lower() == ".npz":
         if label_columns is not None:
             raise InputError(f"label_columns is for CSV manifests, not the .npz file {path}")
@@ -201,7 +203,7 @@ def load_source(
             "give a folder with one sub-folder per class, a .csv manifest or a .npz file"
         )
     data = _force_task(data, task)
-    log.info("loaded %d items, %s task, classes %s from %s", len(data), data.task, list(data.class_names), path)
+    log.info("loaded %d items from %s: a %s task with classes %s", len(data), path, data.task, ", ".join(data.class_names))
     return data
 
 
@@ -283,9 +285,11 @@ def _cell(row: dict[str | None, Any], column: str) -> str:
 
 
 def _load_csv(
-    csv_path: Path, label_column: str, label_columns: Sequence[str] | None, class_names: Sequence[str] | None
+    csv_path: Path, layout: ManifestLayout, label_columns: Sequence[str] | None, class_names: Sequence[str] | None
 ) -> TrainingData:
     name = csv_path.name
+    label_column = layout.label_column
+    layout.check_image_dir()
     # utf-8-sig: spreadsheets often save a byte-order mark before the header.
     try:
         with csv_path.open(newline="", encoding="utf-8-sig") as f:
@@ -304,11 +308,7 @@ def _load_csv(
     if not header:
         raise InputError(f"manifest {csv_path} is empty; it needs a header row (path,label) and one row per image")
     columns = ", ".join(header)
-    path_column = next((c for c in PATH_COLUMNS if c in header), None)
-    if path_column is None:
-        raise InputError(
-            f"no image path column in {name}; expected one named {', '.join(PATH_COLUMNS)}; columns are: {columns}"
-        )
+    path_column = layout.find_path_column(header, name)
     if label_columns is not None:
         label_columns = [str(c) for c in label_columns]
         if len(label_columns) < 2:
@@ -319,21 +319,19 @@ def _load_csv(
         for col in label_columns:
             if col not in header:
                 raise InputError(f"label column {col!r} not in {name}; columns are: {columns}")
-    elif label_column not in header:
-        raise InputError(f"label column {label_column!r} not in {name}; columns are: {columns}")
+    else:
+        layout.check_label_column(header, name)
     if not rows:
         raise InputError(f"manifest {csv_path} has a header but no rows; add one row per image")
 
-    base = csv_path.parent.absolute()  # ids must not depend on the working directory
-    paths: list[Path] = []
+    paths: list[Path] = []  # absolute: ids must not depend on the working directory
     for line, row in rows:
         value = _cell(row, path_column)
         if not value:
             raise InputError(f"empty {path_column!r} on line {line} of {name}; every row needs an image path")
-        p = Path(value)
-        paths.append(p if p.is_absolute() else base / p)
+        paths.append(layout.image_path(value, csv_path))
     _check_no_repeats(paths, [line for line, _ in rows], name)
-    _check_files_exist(paths, csv_path)
+    _check_files_exist(paths, csv_path, layout)
 
     patient_ids = None
     if PATIENT_COLUMN in header:
@@ -442,15 +440,14 @@ def _check_no_repeats(paths: Sequence[Path], lines: Sequence[int], name: str) ->
         first[key] = line
 
 
-def _check_files_exist(paths: Sequence[Path], csv_path: Path) -> None:
+def _check_files_exist(paths: Sequence[Path], csv_path: Path, layout: ManifestLayout) -> None:
     """A manifest whose files are all missing is a path-root mistake; a few missing ones are skipped later."""
     missing = [p for p in paths if not p.is_file()]
     if not missing:
         return
     if len(missing) == len(paths):
         raise InputError(
-            f"none of the {len(paths)} image paths in {csv_path} exists (first: {missing[0]}); "
-            f"relative paths are read from the manifest's folder {csv_path.parent}"
+            f"none of the {len(paths)} image paths in {csv_path} exists (first: {missing[0]}); {layout.describe()}"
         )
     log.warning(
         "%d of %d images listed in %s do not exist (first: %s); they will be skipped",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from edgedx.errors import InputError
+from edgedx.runtime.labelled import SPLIT_PATHS_NOTE, portable_id, resolve_id
 from edgedx.training.sources import SPLIT_NAMES, TrainingData
 
 log = logging.getLogger(__name__)
@@ -186,16 +188,17 @@ def check_no_leakage(data: TrainingData, splits: Mapping[str, np.ndarray]) -> No
 
 def save_splits(path: Path, data: TrainingData, splits: Mapping[str, np.ndarray], *, seed: int) -> None:
     """Write which item went where, so a run can be audited and its split reused (see :func:`load_splits`)."""
+    path = Path(path)
     record: dict[str, Any] = {
         "seed": int(seed),
         "class_names": list(data.class_names),
         "patient_level": data.patient_ids is not None,
+        "paths": SPLIT_PATHS_NOTE,
     }
     for name, idx in splits.items():
-        record[name] = [data.ids[int(i)] for i in np.asarray(idx)]
+        record[name] = [portable_id(data.ids[int(i)], path.parent) for i in np.asarray(idx)]
         if data.task != "multilabel":  # so `edgedx evaluate MODEL RUN_DIR --split test` needs nothing else
             record[f"{name}_labels"] = [data.class_names[int(data.targets[int(i)])] for i in np.asarray(idx)]
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
 
@@ -216,15 +219,15 @@ def load_splits(path: Path, data: TrainingData) -> dict[str, np.ndarray]:
             "use the split file of this data set"
         )
     positions: dict[str, list[int]] = {}
-    for i, item_id in enumerate(data.ids):
-        positions.setdefault(item_id, []).append(i)
+    for i, item_id in enumerate(data.ids):  # normalised: a source given as ../data has ".." in its ids
+        positions.setdefault(os.path.normpath(item_id), []).append(i)
     out: dict[str, np.ndarray] = {}
     for name in SPLIT_NAMES:
         if name not in record:
             continue
         idx = []
         for item_id in record[name]:
-            free = positions.get(item_id)
+            free = positions.get(os.path.normpath(resolve_id(item_id, path.parent)))
             if not free:
                 raise InputError(f"split file {path} lists {item_id!r} ({name}), which is not in {data.source}")
             idx.append(free.pop(0))

@@ -34,8 +34,10 @@ from torch import nn
 import edgedx
 from edgedx.card import ModelCard, Normalization, Provenance, now_iso
 from edgedx.errors import InputError
-from edgedx.progress import ProgressFn, no_progress
+from edgedx.progress import STEP_LOGGER, ProgressFn, no_progress
+from edgedx.runtime.manifest import ManifestLayout
 from edgedx.runtime.metrics import classification_metrics, threshold_for_sensitivity
+from edgedx.runtime.plots import where_taken
 from edgedx.runtime.preprocess import preprocess_batch
 from edgedx.runtime.tiling import random_tile
 from edgedx.training import distributed
@@ -51,6 +53,7 @@ from edgedx.training.splits import summary as split_summary
 from edgedx.training.strategy import apply_strategy, freeze_batchnorm_of_frozen, parameter_groups, parse_strategy
 
 log = logging.getLogger(__name__)
+steps_log = logging.getLogger(STEP_LOGGER)
 
 NEGATIVE_NAMES = ("normal", "negative", "benign", "uninfected", "healthy", "nevus", "no_finding", "no finding", "absent")
 CHECKPOINT_NAME = "model.pt"
@@ -90,6 +93,9 @@ class TrainConfig:
     task: str | None = None
     label_column: str = "label"
     label_columns: tuple[str, ...] | None = None
+    path_column: str | None = None  # CSV manifests: the image column (None: path, image, file or filename)
+    image_dir: str | None = None  # CSV manifests: where relative paths start (None: the manifest's folder)
+    suffix: str = ""  # CSV manifests: appended to ids that lack it (ISIC's labels.csv: .jpg)
     class_names: tuple[str, ...] | None = None
     stride_fraction: float = 0.5
     crop: str = "auto"  # auto | fit | shorter_side[:N] | scale[:F]: how images become crops, in training and in diagnose
@@ -98,6 +104,10 @@ class TrainConfig:
     overwrite: bool = False  # start again in a run folder that already holds a run
     gradcam_samples: int = 8
     plots: bool = True
+
+    def __post_init__(self) -> None:
+        if self.image_dir is not None:  # recorded in the card: export reloads the images from any directory
+            object.__setattr__(self, "image_dir", str(Path(self.image_dir).absolute()))
 
     def validate(self) -> None:
         """Fail before any work on a setting that makes no sense, naming it."""
@@ -124,6 +134,11 @@ class TrainConfig:
         CropChoice.parse(self.crop)
         if self.resume and self.overwrite:
             raise InputError("--resume continues the run in --out and --overwrite starts it again: give one of them")
+        self.layout()
+
+    def layout(self) -> ManifestLayout:
+        """How a CSV manifest names images and classes (evaluate and export read the same layout)."""
+        return ManifestLayout(self.path_column, self.label_column, self.image_dir, self.suffix)
 
 
 @dataclass(frozen=True)
@@ -212,7 +227,7 @@ def _train(
 ) -> TrainResult:
     source = load_source(
         data,
-        label_column=config.label_column,
+        layout=config.layout(),
         label_columns=list(config.label_columns) if config.label_columns else None,
         class_names=list(config.class_names) if config.class_names else None,
         task=config.task,
@@ -371,10 +386,12 @@ def _train(
             "val": metrics,  # the full set: per-class sensitivity, specificity, precision, F1, AUC, confusion
         }
         state.history.append(row)
-        progress("train", epoch * steps_per_epoch, total_steps, f"epoch {epoch}/{config.epochs} val {config.monitor} {monitored:+.3f}")
+        improved = state.best_score is None or monitored > state.best_score
+        basis = where_taken(card.task, 0.5)  # epochs are scored before a threshold is chosen
+        progress("train", epoch * steps_per_epoch, total_steps, f"epoch {epoch}/{config.epochs} val {config.monitor.replace('_', ' ')} {monitored:.3f} ({basis})")
         if main:
-            log.info("epoch %d: %s", epoch, row)
-        if state.best_score is None or monitored > state.best_score:
+            steps_log.info("%s", epoch_line(row, config, basis, improved))
+        if improved:
             state.best_score, state.best_epoch, state.since_best = monitored, epoch, 0
             state.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             if main:
@@ -486,6 +503,17 @@ def _evaluate(
     return loss, probs
 
 
+def epoch_line(row: dict[str, Any], config: TrainConfig, basis: str, improved: bool) -> str:
+    """The sentence that stays on screen (and in a log file) for one epoch."""
+    auc = row.get("val_macro_auc")
+    return (
+        f"epoch {row['epoch']}/{config.epochs}: train loss {row['train_loss']:.3f}, val loss {row['val_loss']:.3f}; "
+        f"val balanced accuracy {row['val_balanced_accuracy']:.3f} and accuracy {row['val_accuracy']:.3f} ({basis}), "
+        f"AUC {'—' if auc is None else f'{auc:.3f}'}; {row['seconds']:.0f} s"
+        + (f" — best {config.monitor.replace('_', ' ')} so far" if improved else "")
+    )
+
+
 def score(y: np.ndarray, probs: np.ndarray, card: ModelCard, *, threshold: float | None = None) -> dict[str, Any]:
     """The full metric set. Binary decisions at ``threshold`` (argmax when None); multilabel per label at 0.5."""
     if card.task == "multilabel":
@@ -515,7 +543,7 @@ def quality_warnings(final: dict[str, Any], card: ModelCard) -> list[str]:
     (or always) calls a class at its operating point. Validation numbers, so they are warnings, not refusals."""
     binary = card.task == "binary"
     metrics = final["metrics"]["at_threshold"] if binary else final["metrics"]
-    where = f"at the operating threshold {card.threshold:.3f}" if binary and card.threshold is not None else "at argmax"
+    where = where_taken(card.task, card.threshold)
     warnings = []
     auc = metrics.get("macro_auc")
     if auc is not None and auc <= WEAK_AUC:
@@ -694,20 +722,24 @@ def _write_plots(out: Path, history, y, probs, card: ModelCard, final: dict[str,
 
     folder = out / "plots"
     curve_metric = {"auc": "val_macro_auc", "loss": "val_loss"}.get(monitor, f"val_{monitor}")
-    plots.plot_learning_curves(history, folder / "learning_curves.png", metric=curve_metric)
+    threshold_free = monitor in ("auc", "loss")
+    plots.plot_learning_curves(
+        history, folder / "learning_curves.png", metric=curve_metric, where="" if threshold_free else where_taken(card.task, 0.5)
+    )
     binary = card.task == "binary"
+    where = where_taken(card.task, card.threshold)
     plots.plot_roc(
         y, probs, card.class_names, folder / "roc.png",
-        positive_index=card.positive_index, operating_threshold=card.threshold if binary else None,
+        positive_index=card.positive_index, operating_threshold=(0.5 if card.threshold is None else card.threshold) if binary else None,
     )
     metrics = final["metrics"]["at_threshold"] if binary else final["metrics"]
     if card.task == "multilabel":
         per_label = [plots.six_metrics(m, name) for name, m in metrics["per_label"].items()]
         six = {k: _nanmean([p[k] for p in per_label]) for k in per_label[0]}
     else:
-        plots.plot_confusion_matrix(metrics["confusion"], card.class_names, folder / "confusion_matrix.png")
+        plots.plot_confusion_matrix(metrics["confusion"], card.class_names, folder / "confusion_matrix.png", where=where)
         six = plots.six_metrics(metrics, card.positive_class)
-    plots.plot_radar(six, folder / "radar.png", title=f"{card.arch}, validation")
+    plots.plot_radar(six, folder / "radar.png", title=f"{card.arch}, validation", where=where)
 
 
 def _write_gradcam(out: Path, model: nn.Module, decoded: DecodedImages, val_idx: np.ndarray, card: ModelCard, n: int) -> list[Path]:

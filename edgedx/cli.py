@@ -624,16 +624,23 @@ def bench(
             threads=threads, min_seconds=seconds, progress=progress,
         )
     env = report.environment
-    table = Table(title=f"{env['cpu']} ({env['cores']} cores), GPU: {env['gpu']}", box=box.SIMPLE)
-    for col in ("artefact", "precision", "device", "MB", "parity / accuracy", "batch", "p50 ms", "p90 ms", "p99 ms", "images/s"):
-        table.add_column(col, justify="left" if col in ("artefact", "precision", "device", "parity / accuracy") else "right")
+    gpu = env["gpu"] if env["gpu"] == "no GPU" else f"GPU: {env['gpu']}"
+    # fits 80 columns: one space between columns, the quality column folds onto two lines rather than vanish
+    table = Table(title=f"{env['cpu']} ({env['cores']} cores), {gpu}; latency in ms", box=box.SIMPLE, collapse_padding=True, pad_edge=False)
+    for col in ("artefact", "prec.", "device", "MB", "parity / accuracy", "batch", "p50", "p90", "p99", "img/s"):
+        left = col in ("artefact", "prec.", "device", "parity / accuracy")
+        quality = col == "parity / accuracy"
+        table.add_column(col, justify="left" if left else "right", no_wrap=not quality, overflow="fold", min_width=11 if quality else None)
     for r in report.rows:
         table.add_row(
-            r.artefact, r.precision, f"{r.device} ({r.providers[0] if r.providers else '?'})", f"{r.size_mb:.1f}",
+            r.artefact, r.precision, r.device, f"{r.size_mb:.1f}",
             _quality(r.parity, r.accuracy), str(r.batch_size), f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}", f"{r.p99_ms:.2f}",
             f"{r.images_per_s:.0f}",
         )
     console.print(table)
+    engines = sorted({f"{r.device}: {r.providers[0] if r.providers else '?'}" for r in report.rows})
+    if engines:
+        console.print("ran on " + ", ".join(engines))
     if report.image_rows:
         whole = Table(title="whole images (median ms per stage)", box=box.SIMPLE)
         for col in ("artefact", "device", "image", "tiles", "decode", "tile+prep", "inference", "merge", "p50 ms", "tiles/s"):

@@ -263,6 +263,22 @@ def export_parity(path: Path) -> dict[str, Any] | None:
     return None
 
 
+def gpu_description() -> tuple[str, str | None]:
+    """(name, compute capability) of the GPU, or ("no GPU", None) when neither CUDA nor nvidia-smi finds one.
+
+    A table titled "GPU: unknown" reads as a failed probe on a machine with a GPU; on a CPU box it is "no GPU".
+    """
+    from edgedx.runtime.trt_backend import UNKNOWN, current_gpu
+
+    try:
+        gpu, capability = current_gpu()
+    except EdgeDxError:  # a CUDA runtime that cannot start
+        return "no GPU", None
+    if gpu == UNKNOWN and capability == UNKNOWN:
+        return "no GPU", None
+    return gpu, capability
+
+
 def environment(active_providers: dict[str, list[str]]) -> dict[str, Any]:
     """What the numbers were measured on."""
     versions = {"edgedx": edgedx.__version__, "numpy": np.__version__, "opencv": cv2.__version__, "python": platform.python_version()}
@@ -271,12 +287,7 @@ def environment(active_providers: dict[str, list[str]]) -> dict[str, Any]:
             versions[name] = __import__(name).__version__
         except ImportError:
             pass
-    try:
-        from edgedx.runtime.trt_backend import current_gpu
-
-        gpu, capability = current_gpu()
-    except EdgeDxError:  # no CUDA runtime or no device: say so, not "unknown"
-        gpu, capability = "no GPU", None
+    gpu, capability = gpu_description()
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),

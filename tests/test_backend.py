@@ -118,3 +118,12 @@ def test_gpu_providers_get_options_that_avoid_per_shape_tuning(tmp_path) -> None
     assert trt[0] == "TensorrtExecutionProvider" and trt[1]["trt_engine_cache_enable"] == "True"
     assert trt[1]["trt_engine_cache_path"] == str(tmp_path / ".ort-trt-cache")
     assert cpu == "CPUExecutionProvider"
+
+
+def test_bench_says_no_gpu_rather_than_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgedx.runtime import bench, trt_backend
+
+    monkeypatch.setattr(trt_backend, "current_gpu", lambda: (trt_backend.UNKNOWN, trt_backend.UNKNOWN))
+    assert bench.gpu_description() == ("no GPU", None) and bench.environment({})["gpu"] == "no GPU"
+    monkeypatch.setattr(trt_backend, "current_gpu", lambda: ("NVIDIA H100 80GB HBM3", "9.0"))
+    assert bench.gpu_description() == ("NVIDIA H100 80GB HBM3", "9.0")

@@ -72,18 +72,18 @@ def plan_crop_policy(data: TrainingData, choice: str, size: tuple[int, int], str
     stride = (max(1, round(size[0] * stride_fraction)), max(1, round(size[1] * stride_fraction)))
     base = {"tile_size": size, "stride": stride}
     if parsed.mode == "fit":
-        return PlannedPolicy(CropPolicy(**base, mode="fit"), "chosen (--crop fit)")
+        return PlannedPolicy(CropPolicy(**base, mode="fit"), "as given with --crop fit")
     if parsed.mode == "shorter_side":
         side = int(parsed.value) if parsed.value else min(size)
-        return PlannedPolicy(CropPolicy(**base, mode="shorter_side", shorter_side=side), f"chosen (--crop shorter_side:{side})")
+        return PlannedPolicy(CropPolicy(**base, mode="shorter_side", shorter_side=side), f"as given with --crop shorter_side:{side}")
     if parsed.mode == "scale" and parsed.value:
-        return PlannedPolicy(CropPolicy(**base, scale=round(parsed.value, 6)), f"chosen (--crop scale:{parsed.value:g})")
+        return PlannedPolicy(CropPolicy(**base, scale=round(parsed.value, 6)), f"as given with --crop scale:{parsed.value:g}")
     sizes = _sizes(data)
     if not sizes:
         raise InputError(f"no readable image in {data.source}")
     factor = round(float(np.median([math.sqrt(size[0] / h * size[1] / w) for h, w in sizes])), 6)
     if parsed.mode == "scale":
-        return PlannedPolicy(CropPolicy(**base, scale=factor), f"chosen (--crop scale), median factor {factor:g}")
+        return PlannedPolicy(CropPolicy(**base, scale=factor), f"as given with --crop scale: the median factor {factor:g}")
     distinct = sorted(set(sizes))
     if len(distinct) == 1:
         (h, w), = distinct

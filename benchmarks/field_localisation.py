@@ -305,7 +305,7 @@ def main() -> None:
     machine = {
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
-        "onnxruntime_providers": list(getattr(model.session, "providers", [])),
+        "onnxruntime_providers": list(model.session.providers),
         "python": platform.python_version(),
     }
     rows = []

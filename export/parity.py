@@ -27,6 +27,7 @@ from edgedx.runtime.metrics import classification_metrics
 from edgedx.errors import EdgeDxError
 from edgedx.runtime.model import Model, decide
 from edgedx.runtime.preprocess import model_input, preprocess_batch, to_probabilities
+from edgedx.runtime.session import Session
 
 
 @dataclass(frozen=True)
@@ -140,13 +141,18 @@ class PathOutputs:
 
 
 class _RecordingSession:
-    """A session that keeps the logits of every batch it runs (the crops' own evidence)."""
+    """A session that keeps the logits of every batch it runs (the crops' own evidence); otherwise the inner one."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Session) -> None:
         self.inner = inner
         self.card = inner.card
-        self.providers = list(getattr(inner, "providers", []))  # so Model pads GPU batches exactly as it would
+        self.path, self.sha256, self.device = inner.path, inner.sha256, inner.device
+        self.providers, self.precision = inner.providers, inner.precision
+        self.pads_batches = inner.pads_batches  # so Model pads GPU batches exactly as it would
         self.logits: list[np.ndarray] = []
+
+    def close(self) -> None:
+        self.inner.close()
 
     def run(self, x: np.ndarray) -> np.ndarray:
         out = np.asarray(self.inner.run(x), np.float32)
@@ -154,10 +160,10 @@ class _RecordingSession:
         return out
 
 
-def diagnose_outputs(session: Any, items: Iterable[tuple[Hashable, Any]], *, batch_size: int = 32) -> PathOutputs:
+def diagnose_outputs(session: Session, items: Iterable[tuple[Hashable, Any]], *, batch_size: int = 32) -> PathOutputs:
     """Diagnose ``items`` with ``session`` as the engine, through the runtime's :class:`Model` (``diagnose``'s path).
 
-    Any object with ``card`` and ``run(x) -> logits`` is an engine: an ONNX
+    Any :class:`~edgedx.runtime.session.Session` is an engine: an ONNX
     Runtime or TensorRT session, or the PyTorch reference
     (:class:`edgedx.training.validation.TorchSession`). Crop logits are recorded
     as the engine returns them; a padded last GPU batch is trimmed off.

@@ -233,7 +233,7 @@ def _mode(resume: bool, overwrite: bool) -> str:
 
 def _run_settings(model: Model, extra: Mapping[str, Any]) -> RunSettings:
     """The model's bytes and every setting that shapes a record (crop policy, threshold, refer band)."""
-    sha = getattr(model.session, "sha256", None)
+    sha = model.session.sha256
     settings = {
         "crop": dataclasses.asdict(model.crop), "threshold": model.card.threshold,
         "refer_band": list(model.refer_band) if model.refer_band else None, **extra,
@@ -313,11 +313,11 @@ def _run(
             pending[k] = item
             yield k, item.image
 
-    model_path = model_ref if not isinstance(model_ref, Model) else getattr(model.session, "path", "")
+    model_path = model_ref if not isinstance(model_ref, Model) else (model.session.path or "")
     audit_log = None
     if audit is not None:
         settings = _run_settings(model, {}).settings  # crop policy, threshold, refer band: what shaped each result
-        audit_log = AuditLog(audit, model_path, card, names=audit_names, model_sha256=getattr(model.session, "sha256", None), settings=settings)
+        audit_log = AuditLog(audit, model_path, card, names=audit_names, model_sha256=model.session.sha256, settings=settings)
     with RecordWriter(out, card.class_names, append=resume, frames=frames) as writer:
         if audit_log is not None:
             audit_log.__enter__()

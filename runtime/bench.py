@@ -133,7 +133,7 @@ def bench_models(
         path = Path(path)
         for device in devices:
             loaded = load_model(path, device=device, threads=threads, batch_size=max(batch_sizes))
-            providers = tuple(getattr(loaded.session, "providers", ()))
+            providers = tuple(loaded.session.providers)
             active[f"{path.name}@{device}"] = list(providers)
             card = loaded.card
             precision = artefact_precision(loaded)
@@ -235,13 +235,7 @@ def _accuracy(model: Model, data: str | Path) -> float | None:
 
 def artefact_precision(model: Model) -> str:
     """fp32/fp16/int8 from the ONNX metadata or the engine sidecar; "fp32" for older exports."""
-    build = getattr(model.session, "build", None)
-    if isinstance(build, dict) and build.get("precision"):
-        return str(build["precision"])
-    session = getattr(model.session, "session", None)
-    if session is not None:
-        return session.get_modelmeta().custom_metadata_map.get("edgedx.precision", "fp32")
-    return "fp32"
+    return model.session.precision
 
 
 def export_parity(path: Path) -> dict[str, Any] | None:

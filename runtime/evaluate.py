@@ -73,7 +73,7 @@ def evaluate(
     ``report.html``.
     """
     loaded = model if isinstance(model, Model) else load_model(model, device=device, batch_size=batch_size)
-    model = getattr(loaded.session, "path", model) if isinstance(model, Model) else model
+    model = (loaded.session.path or "in-memory model") if isinstance(model, Model) else model
     card = loaded.card
     if card.task == "multilabel":
         raise InputError("evaluate needs a binary or multiclass model; this card is multilabel")

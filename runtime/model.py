@@ -25,14 +25,10 @@ import numpy as np
 from edgedx.card import CropPolicy, ModelCard
 from edgedx.errors import CardError, EdgeDxError, ImageReadError, InputError, InsufficientContentError
 from edgedx.runtime.image_io import to_rgb_uint8
-from edgedx.runtime.onnx_backend import OnnxSession
 from edgedx.runtime.preprocess import model_input, to_probabilities
 from edgedx.runtime.sources import ArraySource, open_source
 from edgedx.runtime.tiling import ImageRegionSource, ResampledImage, SlidingResult, sliding_window_many
-from edgedx.runtime.trt_backend import TensorRTSession
-
-
-Session = OnnxSession | TensorRTSession  # anything with .card and .run(x) -> logits
+from edgedx.runtime.session import ENGINE_SUFFIXES, Session, open_session
 
 MAX_ENLARGEMENT = 16  # per side: a crop must hold at least 1/256 of its pixels' worth of the image
 
@@ -182,17 +178,14 @@ class Model:
         top_k: int = 3,
         pad_batches: bool | None = None,
     ) -> None:
-        if batch_size < 1:
-            raise InputError(f"batch size must be at least 1, got {batch_size}")
+        settings = CheckedSettings.check(session.card, batch_size=batch_size, crop=crop, refer_band=refer_band)
         self.session = session
         self.card = session.card
         self.batch_size = batch_size
-        self.crop = resolve_crop(self.card.crop, crop)
-        check_tile_fits(self.crop, self.card)
-        self.refer_band = check_refer_band(refer_band, self.card)
+        self.crop = settings.crop
+        self.refer_band = settings.refer_band
         self.top_k = max(1, min(top_k, self.card.n_classes))
-        providers = getattr(session, "providers", [])
-        self.pad_batches = bool(providers and "CPUExecutionProvider" != providers[0]) if pad_batches is None else pad_batches
+        self.pad_batches = session.pads_batches if pad_batches is None else pad_batches
 
     def predict_tiles(self, tiles: np.ndarray) -> np.ndarray:
         """(N, H, W, 3) uint8 RGB crops → (N, C) probabilities."""
@@ -366,7 +359,31 @@ def _load(image: Any) -> tuple[Any, float, str | None]:
     return loaded, (time.perf_counter() - started) * 1000, digest
 
 
-ENGINE_SUFFIXES = (".engine", ".plan")
+@dataclass(frozen=True)
+class CheckedSettings:
+    """A card's run settings after the user's overrides, checked: what a :class:`Model` runs with.
+
+    Separate from :class:`Model` so a driver that holds no engine (Ray's, which
+    only plans the work) checks the same rules without a stand-in session.
+    """
+
+    crop: CropPolicy
+    refer_band: tuple[float, float] | None
+
+    @classmethod
+    def check(
+        cls,
+        card: ModelCard,
+        *,
+        batch_size: int = 32,
+        crop: CropPolicy | Mapping[str, Any] | None = None,
+        refer_band: tuple[float, float] | None = None,
+    ) -> CheckedSettings:
+        if batch_size < 1:
+            raise InputError(f"batch size must be at least 1, got {batch_size}")
+        policy = resolve_crop(card.crop, crop)
+        check_tile_fits(policy, card)
+        return cls(policy, check_refer_band(refer_band, card))
 
 
 MODEL_SUFFIXES = (".onnx", ".ort", *ENGINE_SUFFIXES)
@@ -412,9 +429,5 @@ def load_model(
     metadata; ``.engine``/``.plan`` files are TensorRT engines with the card in
     the sidecar JSON beside them (``device`` must then be tensorrt, cuda or auto).
     """
-    path = resolve_model_path(path)
-    if path.suffix.lower() in ENGINE_SUFFIXES:
-        session: Session = TensorRTSession(path, device=device)
-    else:
-        session = OnnxSession(path, device=device, threads=threads)
+    session = open_session(resolve_model_path(path), device, threads=threads)
     return Model(session, batch_size=batch_size, crop=crop, refer_band=refer_band)

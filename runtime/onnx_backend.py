@@ -74,7 +74,7 @@ def provider_options(providers: list[str], model_path: Path) -> list[Any]:
 
 
 class OnnxSession:
-    """One ONNX Runtime session plus the model card embedded in the file."""
+    """One ONNX Runtime session plus the model card embedded in the file (a :class:`~edgedx.runtime.session.Session`)."""
 
     def __init__(self, path: str | Path, *, device: str = "cpu", threads: int | None = None) -> None:
         ort = import_onnxruntime()
@@ -102,7 +102,11 @@ class OnnxSession:
                 f"{providers[0]} was requested but ONNX Runtime is running {', '.join(active)} "
                 "(the GPU provider could not start: check the CUDA/cuDNN installation)"
             )
-        self.providers = active
+        self.providers = tuple(active)
+        self.device = device
+        self.pads_batches = active[0] != "CPUExecutionProvider"  # a GPU re-tunes on every new batch shape
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        self.precision = metadata.get("edgedx.precision", "fp32")  # exports before precisions were recorded: fp32
         self.card = card_from_session(self.session, self.path)
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
@@ -114,6 +118,15 @@ class OnnxSession:
     def run(self, x: np.ndarray) -> np.ndarray:
         """Raw model outputs (logits) for a preprocessed batch."""
         return self.session.run(None, {self.input_name: x})[0]
+
+    def close(self) -> None:
+        """ONNX Runtime frees the session with the object; nothing to release early."""
+
+    def __enter__(self) -> OnnxSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def card_from_session(session: Any, path: Path) -> ModelCard:

@@ -44,7 +44,8 @@ from edgedx.progress import ProgressFn, no_progress
 from edgedx.runtime.batch import DiagnoseSummary
 from edgedx.runtime.feeds import is_video_path, parse_stream_source
 from edgedx.runtime.inputs import expand_inputs
-from edgedx.runtime.model import ENGINE_SUFFIXES, Model, load_model, prefetched
+from edgedx.runtime.model import CheckedSettings, Model, load_model, prefetched
+from edgedx.runtime.session import is_engine_file, open_session
 from edgedx.runtime.outputs import check_not_inputs, check_writable
 from edgedx.runtime.records import empty_record
 from edgedx.runtime.tiling import CropLayout, SlidingResult, TileBatcher, TileGrid, merge, split_tiles
@@ -196,25 +197,16 @@ def _check_out(out: Path, files: list[Path], folders: list[Path], overwrite: boo
     check_writable(out, "--out", is_folder=True)
 
 
-def _check_model(path: Path, batch_size: int, crop: CropPolicy | Mapping[str, Any] | None, refer_band: tuple[float, float] | None) -> Model:
+def _check_model(path: Path, batch_size: int, crop: CropPolicy | Mapping[str, Any] | None, refer_band: tuple[float, float] | None) -> CheckedSettings:
     """The card, crop overrides and refer band checked on the driver, before Ray starts; no session kept."""
-    if path.suffix.lower() in ENGINE_SUFFIXES:
+    if is_engine_file(path):
         from edgedx.runtime.trt_backend import read_sidecar
 
         card, _ = read_sidecar(path)
     else:
-        card = load_model(path, device="cpu", threads=1).card
-    return Model(_CardOnly(card), batch_size=batch_size, crop=crop, refer_band=refer_band)
-
-
-class _CardOnly:
-    """Stands in for a session on the driver: :class:`Model` checks the card and overrides without one."""
-
-    def __init__(self, card: ModelCard) -> None:
-        self.card = card
-
-    def run(self, x: np.ndarray) -> np.ndarray:
-        raise RuntimeError("the driver holds no model session; tiles are predicted by the Ray actors")
+        with open_session(path, "cpu", threads=1) as session:
+            card = session.card
+    return CheckedSettings.check(card, batch_size=batch_size, crop=crop, refer_band=refer_band)
 
 
 def _check_one_each(records: list[dict[str, Any]], files: list[Path], out: Path) -> None:
@@ -313,7 +305,7 @@ def _quiet_data_context(ray: Any) -> Iterator[None]:
 
 
 def _dataset(
-    ray: Any, files: list[Path], checked: Model, model: Path, actors: int, cpus: float, gpus: float,
+    ray: Any, files: list[Path], checked: CheckedSettings, model: Path, actors: int, cpus: float, gpus: float,
     batch_size: int, images_per_batch: int, device: str, resources: Mapping[str, float],
 ) -> Any:
     """paths → (read + cut tiles: tasks) → (predict + merge + record: actors) as a lazy Ray dataset."""

@@ -303,7 +303,7 @@ def errors_in(lines: list[str] | deque[str], *, limit: int = 3) -> str:
 
 
 class TensorRTSession:
-    """A deserialised TensorRT engine plus the card from its sidecar; same interface as ``OnnxSession``.
+    """A deserialised TensorRT engine plus the card from its sidecar (a :class:`~edgedx.runtime.session.Session`).
 
     Not reentrant on the GPU side, so :meth:`run` holds a lock: one batch at a
     time per session (the engine is still shared, each call reuses the buffers).
@@ -330,7 +330,10 @@ class TensorRTSession:
         self.card, self.build = read_sidecar(self.path)
         gpu, capability = current_gpu()
         check_engine_compatible(self.build, trt.__version__, gpu, capability, self.path)
-        self.providers = [f"TensorRT {trt.__version__} on {gpu} (sm {capability})"]
+        self.providers = (f"TensorRT {trt.__version__} on {gpu} (sm {capability})",)
+        self.device = "tensorrt"
+        self.precision = str(self.build.get("precision") or "fp32")
+        self.pads_batches = True  # an engine's optimisation profile is tuned for one batch; keep one shape
 
         self._logger = shared_logger(trt)
         self._runtime = trt.Runtime(self._logger)

@@ -127,3 +127,31 @@ def test_bench_says_no_gpu_rather_than_unknown(monkeypatch: pytest.MonkeyPatch) 
     assert bench.gpu_description() == ("no GPU", None) and bench.environment({})["gpu"] == "no GPU"
     monkeypatch.setattr(trt_backend, "current_gpu", lambda: ("NVIDIA H100 80GB HBM3", "9.0"))
     assert bench.gpu_description() == ("NVIDIA H100 80GB HBM3", "9.0")
+
+
+def test_every_backend_is_a_session(trained: Trained) -> None:
+    """One protocol: the ONNX backend, the TensorRT backend's class and the PyTorch reference all offer what callers
+    read (card, path, sha256, device, providers, precision, pads_batches, run, close); no caller probes with getattr."""
+    import ast
+
+    from edgedx.runtime.session import Session, open_session
+
+    fields = [n for n in Session.__annotations__] + ["run", "close"]
+    assert fields == ["card", "path", "sha256", "device", "providers", "precision", "pads_batches", "run", "close"]
+    for module in ("onnx_backend.py", "trt_backend.py"):
+        tree = ast.parse((Path(__file__).parents[1] / "runtime" / module).read_text(encoding="utf-8"))
+        cls = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name.endswith("Session") and n.name != "FallbackSession")
+        assigned = {t.attr for n in ast.walk(cls) if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Attribute)}
+        methods = {n.name for n in cls.body if isinstance(n, ast.FunctionDef)}
+        assert set(fields) <= assigned | methods | {"card"}, (module, set(fields) - assigned - methods)
+    # no getattr probes on sessions anywhere in the code
+    for folder in ("runtime", "export", "training", "edgedx"):
+        for py in (Path(__file__).parents[1] / folder).rglob("*.py"):
+            text = py.read_text(encoding="utf-8")
+            assert "getattr(model.session" not in text and "getattr(loaded.session" not in text, py
+            assert "getattr(session," not in text and "getattr(inner," not in text, py
+    model = Path(trained.onnx)
+    session = open_session(model, "cpu")
+    assert isinstance(session, Session) and session.path == model and session.precision == "fp32"
+    assert session.providers[0] == "CPUExecutionProvider" and not session.pads_batches and len(session.sha256) == 64
+    session.close()

@@ -118,9 +118,17 @@ class RedLevelSession:
     shares (three classes); returned as log-probabilities, which the card's softmax turns back into them."""
 
     path = Path("fake model.onnx")
+    sha256 = None
+    device = "cpu"
+    providers = ("fake",)
+    precision = "fp32"
+    pads_batches = False
 
     def __init__(self, card: ModelCard) -> None:
         self.card = card
+
+    def close(self) -> None:
+        pass
 
     def run(self, x: np.ndarray) -> np.ndarray:
         rgb = x.reshape(len(x), -1, 3).mean(axis=1) + 1.0

@@ -375,7 +375,7 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
 
 def test_run_chunks_by_profile_max_and_reuses_buffers(fake_gpu: Any) -> None:
     session = TensorRTSession(fake_gpu.engine)
-    assert session.providers == ["TensorRT 10.8.0.43 on Fake GPU 80GB (sm 9.0)"]
+    assert session.providers == ("TensorRT 10.8.0.43 on Fake GPU 80GB (sm 9.0)",) and session.precision == "fp32" and session.pads_batches
     assert session.input_name == "input" and session.card == make_card(8)
     x = np.random.default_rng(0).normal(size=(10, 3, 8, 8)).astype(np.float32)
     out = session.run(x)

@@ -10,6 +10,8 @@ artefact; only the engine differs.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from collections.abc import Hashable, Iterable, Sequence
 from typing import Any
 
@@ -25,17 +27,28 @@ _EPS = 1e-12
 
 
 class TorchSession:
-    """A PyTorch model as a runtime session: ``run`` takes the card's model input and returns float32 logits."""
+    """A PyTorch model as a runtime :class:`~edgedx.runtime.session.Session`: ``run`` takes the card's model input
+    and returns float32 logits. In memory, so no file or sha256; fp32, the reference every artefact is judged by."""
+
+    path: Path | None = None
+    sha256: str | None = None
+    precision = "fp32"
+    pads_batches = False  # the reference sees the batches as they come; a padded GPU batch is the engines' concern
 
     def __init__(self, model: nn.Module, card: ModelCard, device: torch.device | str = "cpu") -> None:
         self.model = model
         self.card = card
-        self.device = torch.device(device)
+        self.torch_device = torch.device(device)
+        self.device = self.torch_device.type
+        self.providers = (f"PyTorch {torch.__version__} on {self.torch_device}",)
 
     @torch.inference_mode()
     def run(self, x: np.ndarray) -> np.ndarray:
         self.model.eval()
-        return self.model(torch.from_numpy(np.ascontiguousarray(x)).to(self.device)).float().cpu().numpy()
+        return self.model(torch.from_numpy(np.ascontiguousarray(x)).to(self.torch_device)).float().cpu().numpy()
+
+    def close(self) -> None:
+        """The module belongs to the caller (training goes on with it); nothing to release."""
 
 
 def diagnose_probabilities(

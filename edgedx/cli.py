@@ -370,80 +370,39 @@ def diagnose(
     address: Annotated[Optional[str], typer.Option(help="--engine ray: the cluster (auto, or ray://HOST:10001); default: a local Ray on this machine.")] = None,
 ) -> None:
     """Diagnose whole images with sliding crops; one record per input (or per video frame)."""
-    from edgedx.runtime.batch import diagnose_hot_folder, diagnose_paths
+    from edgedx.runtime.diagnose import diagnose as run_diagnose
+    from edgedx.runtime.options import DiagnoseOptions
 
-    if model is None:
-        from edgedx.runtime.bundled import DEFAULT_MODEL, bundled_model_path
-
-        model = bundled_model_path()
-        err_console.print(f"no --model given: using the bundled model {DEFAULT_MODEL} ({model.name}; research use, not a medical device; see edgedx models)")
     crop = {
         "aggregation": aggregation, "top_k": top_k, "tile_size": _pair(tile, "--tile"), "stride": _pair(stride, "--stride"),
         "scale": scale, "padding": padding, "min_foreground": min_foreground, "centre_weighting": centre_weighting,
         "min_content": min_content,
     }
-    crop = {k: v for k, v in crop.items() if v is not None} or None
-    band = _band(refer_band)
-    _check_engine(engine, address, {
-        "--watch": watch is not None, "--resume": resume, "--overlays": overlays is not None, "--maps": maps is not None,
-        "--audit": audit is not None, "--every/--window/--max-frames": (every, window, max_frames) != (1, 5, None),
-        "--max-pixels": max_pixels is not None,
-    })
-    if out is None and (engine == "ray" or watch is not None):
-        raise InputError("--watch and --engine ray write their records to a file: give --out FILE")
-    if engine == "ray":
-        from edgedx.runtime.ray_engine import diagnose_ray
-
-        if not inputs:
-            raise InputError("no inputs given; name image files, folders or globs")
-        with progress_bar() as progress:
-            summary = diagnose_ray(
-                inputs, model, out, address=address, device=device, batch_size=batch_size, crop=crop, refer_band=band,
-                overwrite=overwrite, progress=progress,
-            )
-    elif watch is not None:
-        if inputs:
-            raise InputError("give either inputs or --watch FOLDER, not both")
-        console.print(f"watching {watch} (Ctrl-C to stop) → {out}")
-        with progress_bar() as progress:
-            summary = diagnose_hot_folder(
-                watch, model, out, device=device, batch_size=batch_size, overlays=overlays, maps=maps, audit=audit,
-                audit_names=audit_names, crop=crop, refer_band=band, idle_timeout_s=idle_timeout, max_pixels=max_pixels,
-                progress=progress,
-            )
+    options = DiagnoseOptions(
+        model=model, out=out, device=device, batch_size=batch_size, crop={k: v for k, v in crop.items() if v is not None} or None,
+        refer_band=_band(refer_band), overlays=overlays, maps=maps, audit=audit, audit_names=audit_names, resume=resume,
+        overwrite=overwrite, every=every, window=window, max_frames=max_frames, reconnect=reconnect, max_pixels=max_pixels,
+        watch=watch, idle_timeout_s=idle_timeout, engine=engine, address=address,
+    )
+    with progress_bar() as progress:
+        done = run_diagnose(inputs or [], options, progress=progress)
+    summary = done.summary
+    if out is None:
+        _records_table(done.records, summary)
     else:
-        if not inputs:
-            raise InputError("no inputs given; name image files, folders, globs, videos or camera:N (or use --watch FOLDER)")
-        if out is None:
-            _diagnose_to_terminal(inputs, model, device=device, batch_size=batch_size, crop=crop, refer_band=band, max_pixels=max_pixels)
-            return
-        with progress_bar() as progress:
-            summary = diagnose_paths(
-                inputs, model, out, device=device, batch_size=batch_size, overlays=overlays, maps=maps, resume=resume,
-                overwrite=overwrite, audit=audit, audit_names=audit_names, crop=crop, refer_band=band, every=every, window=window, max_frames=max_frames,
-                reconnect=reconnect, max_pixels=max_pixels, progress=progress,
-            )
-    counts = ", ".join(f"{n} {label}" for label, n in sorted(summary.label_counts.items())) or "none"
-    resumed = f", {summary.n_resumed} already done" if summary.n_resumed else ""
-    console.print(f"{summary.n_ok} diagnosed ({counts}), {summary.n_failed} failed{resumed}, {summary.seconds:.1f}s → {summary.out}")
-    if summary.overlays:
-        console.print(f"overlays: {overlays}")
+        counts = ", ".join(f"{n} {label}" for label, n in sorted(summary.label_counts.items())) or "none"
+        resumed = f", {summary.n_resumed} already done" if summary.n_resumed else ""
+        console.print(f"{summary.n_ok} diagnosed ({counts}), {summary.n_failed} failed{resumed}, {summary.seconds:.1f}s → {summary.out}")
+        if summary.overlays:
+            console.print(f"overlays: {overlays}")
     if summary.n_failed:
-        err_console.print(f"error: {summary.n_failed} of {summary.n_inputs} inputs could not be read; see the 'error' field in {summary.out}")
+        where = "their reasons are in the table" if out is None else f"see the 'error' field in {summary.out}"
+        err_console.print(f"error: {summary.n_failed} of {summary.n_inputs} inputs could not be read; {where}")
         raise typer.Exit(1)
 
 
-def _diagnose_to_terminal(inputs: list[str], model: Path, **options: Any) -> None:
-    """No --out: the same batch diagnosis into a temporary results file, shown as a table and then removed."""
-    import tempfile
-
-    from edgedx.runtime.batch import diagnose_paths
-    from edgedx.runtime.records import read_records
-
-    with tempfile.TemporaryDirectory(prefix="edgedx-") as tmp, progress_bar() as progress:
-        out = Path(tmp) / "results.jsonl"
-        summary = diagnose_paths(inputs, model, out, progress=progress, **options)
-        records = read_records(out)
+def _records_table(records: tuple[dict[str, Any], ...], summary: Any) -> None:
+    """No --out: each still image's decision and why, on the terminal."""
     table = Table(title=f"{summary.n_ok} diagnosed, {summary.n_failed} failed (give --out FILE to keep the records)")
     for column in ("input", "decision", "why"):
         table.add_column(column, overflow="fold")
@@ -451,22 +410,6 @@ def _diagnose_to_terminal(inputs: list[str], model: Path, **options: Any) -> Non
         why = record["rule"] or (record["error"] or "")
         table.add_row(record["input"], str(record["decision"] if record["error"] is None else "error"), why)
     console.print(table)
-    if summary.n_failed:
-        err_console.print(f"error: {summary.n_failed} of {summary.n_inputs} inputs could not be read; their reasons are in the table")
-        raise typer.Exit(1)
-
-
-def _check_engine(engine: str, address: str | None, local_only: dict[str, bool]) -> None:
-    """--engine ray runs still images through Ray Data; options only the local engine has are refused by name."""
-    if engine not in ("local", "ray"):
-        raise InputError(f"--engine must be local or ray, got {engine!r}")
-    if engine == "local":
-        if address is not None:
-            raise InputError("--address names a Ray cluster: add --engine ray, or leave out --address")
-        return
-    given = [option for option, used in local_only.items() if used]
-    if given:
-        raise InputError(f"{', '.join(given)} work only with the local engine: leave out --engine ray, or leave out {given[0]}")
 
 
 def _pair(text: str | None, option: str) -> tuple[int, int] | None:

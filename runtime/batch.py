@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 
-from edgedx.card import CropPolicy
 from edgedx.errors import EdgeDxError, ImageReadError, InputError
 from edgedx.progress import ProgressFn, no_progress
 from edgedx.runtime.audit import AuditLog, sha256_pixels
@@ -32,6 +31,7 @@ from edgedx.runtime.image_io import check_regular_file, default_max_pixels, pixe
 from edgedx.runtime.inputs import expand_inputs
 from edgedx.runtime.integrity import atomic_path, sha256_file
 from edgedx.runtime.model import Diagnosis, Model, decide, load_model
+from edgedx.runtime.options import DiagnoseOptions
 from edgedx.runtime.outputs import RunSettings, check_distinct, check_not_inputs, check_writable, exclusive_outputs, prepare_records_file
 from edgedx.runtime.overlay import render_overlay
 from edgedx.runtime.records import RecordWriter, completed_versions, empty_record, output_format, record_key
@@ -72,65 +72,45 @@ def diagnose_paths(
     inputs: Sequence[str | Path],
     model: str | Path | Model,
     out: str | Path,
+    options: DiagnoseOptions | None = None,
     *,
-    device: str = "cpu",
-    batch_size: int = 32,
-    overlays: str | Path | None = None,
-    maps: str | Path | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    audit: str | Path | None = None,
-    audit_names: str = "path",
-    crop: CropPolicy | Mapping[str, Any] | None = None,
-    refer_band: tuple[float, float] | None = None,
-    every: int = 1,
-    window: int = 5,
-    max_frames: int | None = None,
-    reconnect: int = 5,
-    max_pixels: int | None = None,
     progress: ProgressFn = no_progress,
+    **settings: Any,
 ) -> DiagnoseSummary:
     """Diagnose every input and write ``out`` (.jsonl or .csv).
 
-    Inputs, outputs and the model are checked before any image is read: the
-    output folders must be writable with room left and never an input. Running
-    the same command again continues ``out`` (each input keeps exactly one
-    record; see :mod:`edgedx.runtime.outputs`); ``overwrite`` starts it again.
-    Videos and cameras give one record per ``every``-th frame, with a rolling
-    decision over the last ``window`` frames; a camera or stream that fails gets
-    a record saying so. ``maps`` writes each image's per-tile probability map
-    as ``.npy``; ``overlays`` as a heat-map PNG. ``audit_names="hash"`` keeps
-    file names out of the audit log (their sha256 instead). A camera or stream
-    that drops is reopened up to ``reconnect`` times with back-off; images over
-    ``max_pixels`` are refused from their header (default: see
+    ``options`` (or ``settings``, the same fields as keywords) say how: see
+    :class:`~edgedx.runtime.options.DiagnoseOptions`. Inputs, outputs and the
+    model are checked before any image is read: the output folders must be
+    writable with room left and never an input. Running the same command again
+    continues ``out`` (each input keeps exactly one record; see
+    :mod:`edgedx.runtime.outputs`); ``overwrite`` starts it again. Videos and
+    cameras give one record per ``every``-th frame, with a rolling decision
+    over the last ``window`` frames; a camera or stream that fails gets a
+    record saying so, and one that drops is reopened up to ``reconnect`` times.
+    Images over ``max_pixels`` are refused from their header (default: see
     :func:`edgedx.runtime.image_io.default_max_pixels`).
     """
-    out = Path(out)
+    options = (options or DiagnoseOptions()).replace(model=model, out=Path(out), **settings)
+    options.validate(inputs)
+    assert options.out is not None
+    out = options.out
     output_format(out)
-    if max_pixels is None:
+    if options.max_pixels is None:
         default_max_pixels()  # a bad EDGEDX_MAX_IMAGE_PIXELS fails now, not at the first image
     files, streams = _split_inputs(inputs)
-    if every < 1 or window < 1:
-        raise InputError(f"--every and --window must be at least 1, got {every} and {window}")
     folders = [Path(str(raw)) for raw in inputs if Path(str(raw)).is_dir()]
-    _check_outputs(out, overlays, maps, audit, files, folders)
-    loaded = _load(model, device, batch_size, crop, refer_band)
-    with exclusive_outputs({"--out": out, "--audit": _path(audit)}):
-        return _diagnose_locked(
-            files, streams, loaded, model, out, overlays=overlays, maps=maps, resume=_mode(resume, overwrite), audit=audit,
-            audit_names=audit_names, every=every, window=window, max_frames=max_frames, reconnect=reconnect,
-            max_pixels=max_pixels, progress=progress,
-        )
+    _check_outputs(options, files, folders)
+    loaded = _load(options)
+    with exclusive_outputs({"--out": out, "--audit": options.audit}):
+        return _diagnose_locked(files, streams, loaded, options, progress)
 
 
-def _diagnose_locked(
-    files: list[Path], streams: list[str | int], loaded: Model, model: str | Path | Model, out: Path, *, overlays: str | Path | None,
-    maps: str | Path | None, resume: str, audit: str | Path | None, audit_names: str, every: int, window: int,
-    max_frames: int | None, reconnect: int, max_pixels: int | None, progress: ProgressFn,
-) -> DiagnoseSummary:
+def _diagnose_locked(files: list[Path], streams: list[str | int], loaded: Model, options: DiagnoseOptions, progress: ProgressFn) -> DiagnoseSummary:
     """:func:`diagnose_paths` once this process holds the outputs."""
-    settings = {"every": every, "window": window}
-    resumed = prepare_records_file(out, _run_settings(loaded, settings), resume)
+    assert options.out is not None
+    settings = {"every": options.every, "window": options.window}
+    resumed = prepare_records_file(options.out, _run_settings(loaded, settings), options.mode)
     sole_stream = len(streams) == 1 and not files
 
     def items() -> Iterator[_Item]:
@@ -140,7 +120,7 @@ def _diagnose_locked(
                 continue
             frames = 0
             try:
-                for frame in iter_frames(value, every=every, max_frames=max_frames, reconnect=reconnect):
+                for frame in iter_frames(value, every=options.every, max_frames=options.max_frames, reconnect=options.reconnect):
                     frames += 1
                     yield _Item(f"{frame.source}#frame={frame.index}", frame.image, frame=frame.index, time_s=round(frame.time_s, 3), stream=frame.source)
             except InputError as exc:  # a camera/stream that cannot open or is lost: say so, go on with the rest
@@ -150,32 +130,19 @@ def _diagnose_locked(
 
     total = len(files) if not streams else 0
     live = any(isinstance(s, int) or "://" in str(s) for s in streams)  # cameras and streams: no waiting for a full batch
-    with pixel_limit(max_pixels):
-        return _run(
-            items(), loaded, model, out, total=total, overlays=overlays, maps=maps, resume=resumed, audit=audit,
-            audit_names=audit_names, window=window, progress=progress, live=live, frames=bool(streams),
-        )
+    with pixel_limit(options.max_pixels):
+        return _run(items(), loaded, options, total=total, resume=resumed, window=options.window, progress=progress, live=live, frames=bool(streams))
 
 
 def diagnose_hot_folder(
     folder: str | Path,
     model: str | Path | Model,
     out: str | Path,
+    options: DiagnoseOptions | None = None,
     *,
-    device: str = "cpu",
-    batch_size: int = 32,
-    overlays: str | Path | None = None,
-    maps: str | Path | None = None,
-    audit: str | Path | None = None,
-    audit_names: str = "path",
-    crop: CropPolicy | Mapping[str, Any] | None = None,
-    refer_band: tuple[float, float] | None = None,
-    poll_s: float = 1.0,
-    settle_s: float = 2.0,
-    idle_timeout_s: float | None = None,
-    max_pixels: int | None = None,
     stop: threading.Event | None = None,
     progress: ProgressFn = no_progress,
+    **settings: Any,
 ) -> DiagnoseSummary:
     """Diagnose each image a scanner drops into ``folder``, once, when it is completely written.
 
@@ -183,52 +150,46 @@ def diagnose_hot_folder(
     Records are appended to ``out``; the files already recorded there (and in
     the watcher's state file beside it) are not diagnosed again after a restart.
     """
-    out = Path(out)
+    options = (options or DiagnoseOptions()).replace(model=model, out=Path(out), watch=Path(folder), **settings)
+    options.validate()
+    assert options.out is not None and options.watch is not None
+    out, folder = options.out, options.watch
     output_format(out)
-    folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"hot folder not found: {folder}; create it or point --watch at the scanner's output folder")
-    _check_outputs(out, overlays, maps, audit, [], [folder])
-    loaded = _load(model, device, batch_size, crop, refer_band)
+    _check_outputs(options, [], [folder])
+    loaded = _load(options)
     state = out.with_name(out.name + ".watch-state.jsonl")
 
     def items() -> Iterator[_Item]:
-        for path in watch_folder(folder, poll_s=poll_s, settle_s=settle_s, state_file=state, stop=stop, idle_timeout_s=idle_timeout_s):
+        watched = watch_folder(
+            folder, poll_s=options.poll_s, settle_s=options.settle_s, state_file=state, stop=stop, idle_timeout_s=options.idle_timeout_s
+        )
+        for path in watched:
             yield _Item(str(path), path, path=path)
 
     # one image at a time: a hot folder wants each result as soon as its file lands
-    with exclusive_outputs({"--out": out, "--audit": _path(audit)}), pixel_limit(max_pixels):
+    with exclusive_outputs({"--out": out, "--audit": options.audit}), pixel_limit(options.max_pixels):
         prepare_records_file(out, _run_settings(loaded, {"watch": True}), "resume")
-        return _run(
-            items(), loaded, model, out, total=0, overlays=overlays, maps=maps, resume=True, audit=audit,
-            audit_names=audit_names, window=1, progress=progress, prefetch=0, live=True,
-        )
+        return _run(items(), loaded, options, total=0, resume=True, window=1, progress=progress, prefetch=0, live=True)
 
 
-def _load(model: str | Path | Model, device: str, batch_size: int, crop: CropPolicy | Mapping[str, Any] | None, refer_band: tuple[float, float] | None) -> Model:
-    if isinstance(model, Model):
-        return model
-    return load_model(model, device=device, batch_size=batch_size, crop=crop, refer_band=refer_band)
+def _load(options: DiagnoseOptions) -> Model:
+    if isinstance(options.model, Model):
+        return options.model
+    return load_model(
+        options.model, device=options.device, batch_size=options.batch_size, crop=options.crop, refer_band=options.refer_band
+    )
 
 
-def _check_outputs(out: Path, overlays: str | Path | None, maps: str | Path | None, audit: str | Path | None, files: list[Path], folders: list[Path]) -> None:
+def _check_outputs(options: DiagnoseOptions, files: list[Path], folders: list[Path]) -> None:
     """Every place this run writes is writable, has room, and is not an input (before the model loads)."""
-    targets = {"--out": out, "--overlays": _path(overlays), "--maps": _path(maps), "--audit": _path(audit)}
-    check_distinct({"--out": out, "--audit": _path(audit)})
+    targets = {"--out": options.out, "--overlays": options.overlays, "--maps": options.maps, "--audit": options.audit}
+    check_distinct({"--out": options.out, "--audit": options.audit})
     check_not_inputs(targets, files, folders)
     for option, target in targets.items():
         if target is not None:
             check_writable(target, option, is_folder=option in ("--overlays", "--maps"))
-
-
-def _path(value: str | Path | None) -> Path | None:
-    return None if value is None else Path(value)
-
-
-def _mode(resume: bool, overwrite: bool) -> str:
-    if resume and overwrite:
-        raise InputError("--resume continues the results file and --overwrite replaces it: give one of them")
-    return "overwrite" if overwrite else "resume" if resume else "auto"
 
 
 def _run_settings(model: Model, extra: Mapping[str, Any]) -> RunSettings:
@@ -276,25 +237,22 @@ def _ordered(files: list[Path], streams: list[str | int]) -> Iterator[tuple[str,
 def _run(
     items: Iterator[_Item],
     model: Model,
-    model_ref: str | Path | Model,
-    out: Path,
+    options: DiagnoseOptions,
     *,
     total: int,
-    overlays: str | Path | None,
-    maps: str | Path | None,
     resume: bool,
-    audit: str | Path | None,
     window: int,
-    audit_names: str = "path",
     progress: ProgressFn,
     prefetch: int = 4,
     live: bool = False,
     frames: bool = False,
 ) -> DiagnoseSummary:
     card = model.card
+    assert options.out is not None
+    out, audit = options.out, options.audit
     done_before = completed_versions(out) if resume else {}
-    overlay_dir = _folder(overlays)
-    map_dir = _folder(maps)
+    overlay_dir = _folder(options.overlays)
+    map_dir = _folder(options.maps)
     written: list[Path] = []
     labels: Counter[str] = Counter()
     rolling: dict[str, RollingDecision] = {}
@@ -313,11 +271,11 @@ def _run(
             pending[k] = item
             yield k, item.image
 
-    model_path = model_ref if not isinstance(model_ref, Model) else (model.session.path or "")
+    model_path = options.model if not isinstance(options.model, Model) else (model.session.path or "")
     audit_log = None
     if audit is not None:
         settings = _run_settings(model, {}).settings  # crop policy, threshold, refer band: what shaped each result
-        audit_log = AuditLog(audit, model_path, card, names=audit_names, model_sha256=model.session.sha256, settings=settings)
+        audit_log = AuditLog(audit, model_path, card, names=options.audit_names, model_sha256=model.session.sha256, settings=settings)
     with RecordWriter(out, card.class_names, append=resume, frames=frames) as writer:
         if audit_log is not None:
             audit_log.__enter__()

@@ -198,32 +198,40 @@ def test_export_passes_options_through(tmp_path: Path) -> None:
     assert "accuracy 0.900 (Δ +0.000 on 10)" in result.output and "edgedx diagnose" in result.output
 
 
+def fake_diagnosed(n_failed: int = 0, n_resumed: int = 0, records: tuple = ()) -> mock.MagicMock:
+    """What edgedx.runtime.diagnose.diagnose returns, as the CLI reads it."""
+    done = mock.MagicMock()
+    done.summary.n_failed, done.summary.n_resumed, done.summary.n_inputs = n_failed, n_resumed, 2
+    done.summary.n_ok = 2 - n_failed
+    done.summary.label_counts = {"a": 2}
+    done.summary.seconds = 0.5
+    done.summary.overlays = ()
+    done.summary.out = Path("o.csv")
+    done.records = records
+    return done
+
+
 def test_diagnose_passes_options_through() -> None:
-    fake = mock.MagicMock()
-    fake.return_value.n_failed = 0
-    fake.return_value.label_counts = {"a": 2}
-    fake.return_value.seconds = 0.5
-    fake.return_value.overlays = ()
-    with mock.patch("edgedx.runtime.batch.diagnose_paths", fake):
+    """One library call: the inputs and one DiagnoseOptions; the rules (engine, watch, out) are the library's."""
+    from edgedx.runtime.options import DiagnoseOptions
+
+    fake = mock.MagicMock(return_value=fake_diagnosed())
+    with mock.patch("edgedx.runtime.diagnose.diagnose", fake):
         result = runner.invoke(
             app, ["diagnose", "a.png", "scans/*.jpg", "--model", "m.onnx", "--out", "o.csv", "--batch-size", "8", "--device", "cuda"]
         )
     assert result.exit_code == 0, result.output
     fake.assert_called_once_with(
-        ["a.png", "scans/*.jpg"], Path("m.onnx"), Path("o.csv"), device="cuda", batch_size=8, overlays=None, maps=None,
-        resume=False, overwrite=False, audit=None, audit_names="path", crop=None, refer_band=None, every=1, window=5,
-        max_frames=None, reconnect=5, max_pixels=None, progress=mock.ANY,
+        ["a.png", "scans/*.jpg"], DiagnoseOptions(model=Path("m.onnx"), out=Path("o.csv"), device="cuda", batch_size=8), progress=mock.ANY
     )
+    assert "2 diagnosed (2 a), 0 failed, 0.5s → o.csv" in result.output
 
 
 def test_diagnose_passes_crop_overrides_feeds_and_audit() -> None:
-    fake = mock.MagicMock()
-    fake.return_value.n_failed = 0
-    fake.return_value.n_resumed = 3
-    fake.return_value.label_counts = {"a": 2}
-    fake.return_value.seconds = 0.5
-    fake.return_value.overlays = ()
-    with mock.patch("edgedx.runtime.batch.diagnose_paths", fake):
+    from edgedx.runtime.options import DiagnoseOptions
+
+    fake = mock.MagicMock(return_value=fake_diagnosed(n_resumed=3))
+    with mock.patch("edgedx.runtime.diagnose.diagnose", fake):
         result = runner.invoke(
             app,
             ["diagnose", "smear.avi", "camera:0", "--model", "m.engine", "--out", "o.jsonl", "--resume", "--audit", "audit log.jsonl",
@@ -238,56 +246,47 @@ def test_diagnose_passes_crop_overrides_feeds_and_audit() -> None:
         "padding": "reflect", "min_foreground": 0.2, "centre_weighting": "gaussian",
     }
     fake.assert_called_once_with(
-        ["smear.avi", "camera:0"], Path("m.engine"), Path("o.jsonl"), device="cpu", batch_size=32, overlays=None,
-        maps=Path("maps"), resume=True, overwrite=False, audit=Path("audit log.jsonl"), audit_names="hash", crop=crop,
-        refer_band=(0.3, 0.7), every=10, window=3, max_frames=50, reconnect=2, max_pixels=1000000, progress=mock.ANY,
+        ["smear.avi", "camera:0"],
+        DiagnoseOptions(
+            model=Path("m.engine"), out=Path("o.jsonl"), maps=Path("maps"), resume=True, audit=Path("audit log.jsonl"),
+            audit_names="hash", crop=crop, refer_band=(0.3, 0.7), every=10, window=3, max_frames=50, reconnect=2, max_pixels=1000000,
+        ),
+        progress=mock.ANY,
     )
     assert "3 already done" in result.output
 
 
-def test_diagnose_engine_ray_calls_diagnose_ray_and_refuses_local_only_options() -> None:
-    fake = mock.MagicMock()
-    fake.return_value.n_failed = 0
-    fake.return_value.n_resumed = 0
-    fake.return_value.label_counts = {"a": 3}
-    fake.return_value.seconds = 2.0
-    fake.return_value.overlays = ()
-    with mock.patch("edgedx.runtime.ray_engine.diagnose_ray", fake), mock.patch("edgedx.runtime.batch.diagnose_paths") as local:
+def test_diagnose_engine_ray_and_watch_are_options_of_the_one_call() -> None:
+    from edgedx.runtime.options import DiagnoseOptions
+
+    fake = mock.MagicMock(return_value=fake_diagnosed())
+    with mock.patch("edgedx.runtime.diagnose.diagnose", fake):
         result = runner.invoke(
             app,
             ["diagnose", "scans", "--model", "m.onnx", "--out", "shards.parquet", "--engine", "ray", "--address", "ray://head:10001",
              "--device", "cuda", "--batch-size", "16", "--tile", "64", "--refer-band", "0.3,0.7", "--overwrite"],
         )
         assert result.exit_code == 0, result.output
-        fake.assert_called_once_with(
-            ["scans"], Path("m.onnx"), Path("shards.parquet"), address="ray://head:10001", device="cuda", batch_size=16,
-            crop={"tile_size": (64, 64)}, refer_band=(0.3, 0.7), overwrite=True, progress=mock.ANY,
-        )
-        for extra, named in ((["--resume"], "--resume"), (["--overlays", "ov"], "--overlays"), (["--audit", "a.jsonl"], "--audit"),
-                             (["--every", "5"], "--every"), (["--watch", "in"], "--watch")):
-            refused = runner.invoke(app, ["diagnose", "scans", "--model", "m.onnx", "--out", "o.jsonl", "--engine", "ray", *extra])
-            assert refused.exit_code != 0 and named in str(refused.exception) and "local engine" in str(refused.exception)
-        wrong = runner.invoke(app, ["diagnose", "scans", "--model", "m.onnx", "--out", "o.jsonl", "--address", "auto"])
-        assert wrong.exit_code != 0 and "--engine ray" in str(wrong.exception)
-        unknown = runner.invoke(app, ["diagnose", "scans", "--model", "m.onnx", "--out", "o.jsonl", "--engine", "spark"])
-        assert unknown.exit_code != 0 and "'spark'" in str(unknown.exception)
-    assert fake.call_count == 1 and local.call_count == 0
+        watched = runner.invoke(app, ["diagnose", "--watch", "scanner out", "--model", "m.onnx", "--out", "o.jsonl", "--idle-timeout", "60"])
+        assert watched.exit_code == 0, watched.output
+    assert fake.call_args_list == [
+        mock.call(["scans"], DiagnoseOptions(
+            model=Path("m.onnx"), out=Path("shards.parquet"), engine="ray", address="ray://head:10001", device="cuda", batch_size=16,
+            crop={"tile_size": (64, 64)}, refer_band=(0.3, 0.7), overwrite=True), progress=mock.ANY),
+        mock.call([], DiagnoseOptions(model=Path("m.onnx"), out=Path("o.jsonl"), watch=Path("scanner out"), idle_timeout_s=60.0), progress=mock.ANY),
+    ]
 
 
-def test_diagnose_watch_calls_the_hot_folder_loop() -> None:
-    fake = mock.MagicMock()
-    fake.return_value.n_failed = 0
-    fake.return_value.n_resumed = 0
-    fake.return_value.label_counts = {}
-    fake.return_value.seconds = 0.5
-    fake.return_value.overlays = ()
-    with mock.patch("edgedx.runtime.batch.diagnose_hot_folder", fake):
-        result = runner.invoke(app, ["diagnose", "--watch", "scanner out", "--model", "m.onnx", "--out", "o.jsonl", "--idle-timeout", "60"])
-    assert result.exit_code == 0, result.output
-    fake.assert_called_once_with(
-        Path("scanner out"), Path("m.onnx"), Path("o.jsonl"), device="cpu", batch_size=32, overlays=None, maps=None,
-        audit=None, audit_names="path", crop=None, refer_band=None, idle_timeout_s=60.0, max_pixels=None, progress=mock.ANY,
-    )
+def test_diagnose_refusals_are_one_line_errors() -> None:
+    """The library's rules reach the user as one line, exit 1, no traceback."""
+    for args, named in (
+        (["scans", "--out", "o.jsonl", "--engine", "ray", "--resume"], "--resume work only with the local engine"),
+        (["scans", "--out", "o.jsonl", "--address", "auto"], "--engine ray"),
+        (["scans", "--out", "o.jsonl", "--engine", "spark"], "'spark'"),
+        (["--watch", "in"], "give --out FILE"),
+    ):
+        refused = runner.invoke(app, ["diagnose", "--model", "m.onnx", *args])
+        assert refused.exit_code == 1 and named in str(refused.exception), (args, refused.exception)
 
 
 def test_evaluate_bench_demo_pass_options_through(tmp_path: Path) -> None:
@@ -418,22 +417,6 @@ def test_bad_diagnose_options_are_one_line_errors(tmp_path: Path) -> None:
     _assert_one_line_error(proc, "no inputs given", "--watch")
 
 
-def test_diagnose_without_model_uses_the_bundled_one_and_says_so() -> None:
-    from edgedx.runtime.bundled import bundled_model_path
-
-    fake = mock.MagicMock()
-    fake.return_value.n_failed = 0
-    fake.return_value.n_resumed = 0
-    fake.return_value.label_counts = {}
-    fake.return_value.seconds = 0.1
-    fake.return_value.overlays = ()
-    with mock.patch("edgedx.runtime.batch.diagnose_paths", fake):
-        result = runner.invoke(app, ["diagnose", "skin.jpg", "--out", "o.jsonl"])
-    assert result.exit_code == 0, result.output
-    assert fake.call_args.args[1] == bundled_model_path("isic_mel_nv")
-    assert "using the bundled model isic_mel_nv" in result.output and "not a medical device" in result.output
-
-
 def test_models_lists_the_bundled_model_with_its_card() -> None:
     pytest.importorskip("onnxruntime")
     result = runner.invoke(app, ["models"], env={"COLUMNS": "80"})
@@ -460,30 +443,19 @@ def test_help_shows_extras_literally() -> None:
     assert "edgedx[trt]" in export_help and "edgedx[simplify]" in export_help
 
 
-def test_diagnose_without_out_shows_a_table(tmp_path: Path) -> None:
-    from edgedx.runtime.batch import DiagnoseSummary
-    from edgedx.runtime.records import RecordWriter, empty_record
-
-    calls = []
-
-    def fake(inputs, model, out, **kwargs):
-        calls.append((inputs, model, kwargs))
-        with RecordWriter(out, ("melanoma", "nevus")) as writer:
-            writer.write({**empty_record("a.jpg"), "label": "melanoma", "decision": "melanoma", "rule": "p(melanoma) = 0.480 ≥ threshold 0.310 → melanoma"})
-            writer.write({**empty_record("b.jpg"), "error": "b.jpg: empty file (0 bytes)"})
-        return DiagnoseSummary(Path(out), 2, 1, {"melanoma": 1}, 0.1)
-
-    image = tmp_path / "a.jpg"
-    with mock.patch("edgedx.runtime.batch.diagnose_paths", side_effect=fake):
+def test_diagnose_without_out_shows_a_table() -> None:
+    records = (
+        {"input": "a.jpg", "decision": "melanoma", "rule": "p(melanoma) = 0.480 ≥ threshold 0.310 → melanoma", "error": None},
+        {"input": "b.jpg", "decision": None, "rule": None, "error": "b.jpg: empty file (0 bytes)"},
+    )
+    fake = mock.MagicMock(return_value=fake_diagnosed(n_failed=1, records=records))
+    with mock.patch("edgedx.runtime.diagnose.diagnose", fake):
         result = runner.invoke(app, ["diagnose", "a.jpg", "b.jpg", "--model", "m.onnx", "--refer-band", "0.3,0.7"], env={"COLUMNS": "200"})
     assert result.exit_code == 1
-    [(inputs, model, kwargs)] = calls
-    assert inputs == ["a.jpg", "b.jpg"] and model == Path("m.onnx") and kwargs["refer_band"] == (0.3, 0.7)
+    options = fake.call_args.args[1]
+    assert fake.call_args.args[0] == ["a.jpg", "b.jpg"] and options.out is None and options.refer_band == (0.3, 0.7)
     assert "p(melanoma) = 0.480 ≥ threshold 0.310 → melanoma" in result.output and "empty file (0 bytes)" in result.output
-    assert "give --out FILE to keep the records" in result.output
-    assert not image.exists()
-    watch = runner.invoke(app, ["diagnose", "--watch", str(tmp_path), "--model", "m.onnx"])
-    assert watch.exit_code == 1 and "give --out FILE" in str(watch.exception) + watch.output
+    assert "give --out FILE to keep the records" in result.output and "their reasons are in the table" in result.output
 
 
 def test_missing_paths_fail_before_torch_is_imported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -662,7 +662,7 @@ def _parse_ints(text: str, option: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise typer.BadParameter(f"{option} takes comma-separated integers, got {text!r}") from None
+        raise InputError(f"{option} takes comma-separated integers, got {text!r}") from None  # exit 1, like every other value error
 
 
 def _fmt(value: object) -> str:

@@ -54,7 +54,25 @@ def torch_to_onnx(model: nn.Module, card: ModelCard, *, opset: int = DEFAULT_OPS
         log.debug("exporter output:\n%s", chatter.getvalue())
         raise ModelError(f"torch could not export {card.arch} to ONNX: {str(exc).splitlines()[0][:300]}") from None
     log.debug("exporter output:\n%s", chatter.getvalue())
-    return program.model_proto
+    return with_lowest_ir_version(program.model_proto)
+
+
+def lowest_ir_version(model: onnx.ModelProto) -> int:
+    """The lowest ONNX IR version that allows the graph's ``ai.onnx`` opset (opset 18: IR 8).
+
+    Why: torch writes the newest IR its onnx package knows (10 today), and ONNX
+    Runtime older than 1.18, still common in deployed apps, refuses IR 10 files
+    outright although nothing in the graph needs it.
+    """
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=DEFAULT_OPSET)
+    allowed = [ir for _, ir, ai_onnx, *_ in onnx.helper.VERSION_TABLE if ai_onnx >= opset]
+    return min(allowed) if allowed else model.ir_version
+
+
+def with_lowest_ir_version(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` stamped with :func:`lowest_ir_version` (never raised above what it had)."""
+    model.ir_version = min(model.ir_version, lowest_ir_version(model))
+    return model
 
 
 def embed_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> onnx.ModelProto:

@@ -105,23 +105,8 @@ def render_field(
     centres always lie inside the image, and so do parasite centres.
     """
     height, width = int(height), int(width)
-    if height < 1 or width < 1:
-        raise ValueError(f"field size must be positive, got {height}x{width}")
-    if not 0.0 <= infected_fraction <= 1.0:
-        raise ValueError(f"infected_fraction must be in [0, 1], got {infected_fraction}")
-    if not cell_radius > 1.0:
-        raise ValueError(f"cell_radius must be > 1 pixel, got {cell_radius}")
-    if n_cells is not None and n_cells < 0:
-        raise ValueError(f"n_cells must be >= 0, got {n_cells}")
-
-    # Per-field cell geometry.
-    if n_cells is None:
-        coverage = rng.uniform(*_COVERAGE)
-        target = int(round(coverage * height * width / (math.pi * cell_radius**2)))
-        exact = False
-    else:
-        target = int(n_cells)
-        exact = True
+    _check_field_args(height, width, n_cells, infected_fraction, cell_radius)
+    target, exact = _cell_target(rng, height, width, n_cells, cell_radius)
     xs, ys, radii = _place_cells(rng, height, width, target, cell_radius, exact=exact)
     n = len(xs)
 
@@ -129,13 +114,7 @@ def render_field(
     angle = rng.uniform(0.0, math.pi, size=n)
     semi_a = radii / np.sqrt(aspect)  # equal-area ellipse
     semi_b = radii * np.sqrt(aspect)
-
-    n_infected = 0
-    if n > 0 and infected_fraction > 0.0:
-        n_infected = max(1, min(n, int(math.floor(infected_fraction * n + 0.5))))
-    infected_idx = np.sort(rng.choice(n, size=n_infected, replace=False)) if n_infected else np.empty(0, int)
-    infected = np.zeros(n, bool)
-    infected[infected_idx] = True
+    infected_idx = _choose_infected(rng, n, infected_fraction)
 
     # Stain concentration maps, padded so every stamp fits without clipping.
     pad = int(math.ceil(cell_radius * 1.15 / math.sqrt(0.86))) + 4
@@ -146,20 +125,93 @@ def render_field(
     platelet = np.zeros(shape, np.float32)
 
     _stamp_cells(rng, eosin, pad, xs, ys, semi_a, semi_b, angle)
+    parasites = _stamp_parasites(
+        rng, azure, chromatin, pad, height, width, infected_idx, xs, ys, semi_b, radii
+    )
+    n_platelets = int(rng.poisson(_PLATELETS_PER_CELL * n)) if n else 0
+    _stamp_platelets(rng, platelet, pad, height, width, xs, ys, semi_a, n_platelets)
 
+    image = _develop(rng, height, width, pad, eosin, azure, chromatin, platelet)
+    return Field(image=image, cells=_field_cells(xs, ys, radii, infected_idx, parasites))
+
+
+def _check_field_args(
+    height: int, width: int, n_cells: int | None, infected_fraction: float, cell_radius: float
+) -> None:
+    """Refuse impossible field requests up front, before any random number is drawn."""
+    if height < 1 or width < 1:
+        raise ValueError(f"field size must be positive, got {height}x{width}")
+    if not 0.0 <= infected_fraction <= 1.0:
+        raise ValueError(f"infected_fraction must be in [0, 1], got {infected_fraction}")
+    if not cell_radius > 1.0:
+        raise ValueError(f"cell_radius must be > 1 pixel, got {cell_radius}")
+    if n_cells is not None and n_cells < 0:
+        raise ValueError(f"n_cells must be >= 0, got {n_cells}")
+
+
+def _cell_target(
+    rng: np.random.Generator, height: int, width: int, n_cells: int | None, cell_radius: float
+) -> tuple[int, bool]:
+    """How many cells to place and whether that count is exact (asked for) or a density goal.
+
+    ``n_cells=None`` draws this field's coverage (one RNG draw) so fields vary in
+    how crowded they are; an explicit count draws nothing.
+    """
+    if n_cells is None:
+        coverage = rng.uniform(*_COVERAGE)
+        return int(round(coverage * height * width / (math.pi * cell_radius**2))), False
+    return int(n_cells), True
+
+
+def _choose_infected(rng: np.random.Generator, n: int, infected_fraction: float) -> np.ndarray:
+    """Sorted indices of the infected cells: the fraction rounded to nearest, at least one when > 0.
+
+    Draws from ``rng`` only when some cell is infected: the draw order is part
+    of what makes a seeded field reproducible.
+    """
+    n_infected = 0
+    if n > 0 and infected_fraction > 0.0:
+        n_infected = max(1, min(n, int(math.floor(infected_fraction * n + 0.5))))
+    return np.sort(rng.choice(n, size=n_infected, replace=False)) if n_infected else np.empty(0, int)
+
+
+def _stamp_parasites(
+    rng: np.random.Generator,
+    azure: np.ndarray,
+    chromatin: np.ndarray,
+    pad: int,
+    height: int,
+    width: int,
+    infected_idx: np.ndarray,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    semi_b: np.ndarray,
+    radii: np.ndarray,
+) -> dict[int, tuple[float, float]]:
+    """Place and stamp one ring-form parasite per infected cell; return cell index -> parasite centre.
+
+    The returned centres are the ground truth that tiles are labelled with.
+    """
     parasites: dict[int, tuple[float, float]] = {}
     for i in infected_idx:
         px, py = _parasite_position(rng, height, width, xs[i], ys[i], semi_b[i], radii[i])
         ring_r = radii[i] * rng.uniform(_RING_MIN, _RING_MAX)
         _stamp_ring(rng, azure, chromatin, pad, px, py, ring_r)
         parasites[int(i)] = (float(px), float(py))
+    return parasites
 
-    n_platelets = int(rng.poisson(_PLATELETS_PER_CELL * n)) if n else 0
-    _stamp_platelets(rng, platelet, pad, height, width, xs, ys, semi_a, n_platelets)
 
-    image = _develop(rng, height, width, pad, eosin, azure, chromatin, platelet)
-
-    cells = tuple(
+def _field_cells(
+    xs: np.ndarray,
+    ys: np.ndarray,
+    radii: np.ndarray,
+    infected_idx: np.ndarray,
+    parasites: dict[int, tuple[float, float]],
+) -> tuple[Cell, ...]:
+    """The ground-truth :class:`Cell` records, in placement order, as plain Python numbers."""
+    infected = np.zeros(len(xs), bool)
+    infected[infected_idx] = True
+    return tuple(
         Cell(
             x=float(xs[i]),
             y=float(ys[i]),
@@ -167,9 +219,8 @@ def render_field(
             infected=bool(infected[i]),
             parasite_xy=parasites.get(i),
         )
-        for i in range(n)
+        for i in range(len(xs))
     )
-    return Field(image=image, cells=cells)
 
 
 def _place_cells(

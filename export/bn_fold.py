@@ -253,108 +253,169 @@ def fold_batchnorms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, BatchNormR
     if not bns:
         return out, BatchNormReport(found, 0, 0, found)
 
-    types = _type_info(model)
-    value_names, node_names = _all_names(graph)
-    fresh = _Namer(value_names)
-    fresh_node = _Namer(node_names)
-
-    inits: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
-    graph_inputs = {v.name for v in graph.input}
-    graph_outputs = {v.name for v in graph.output}
-    referenced_before = _referenced(graph)
-    sub_refs = _subgraph_references(graph)
-    uses: Counter[str] = Counter(name for n in nodes for name in n.input if name)
-    producer: dict[str, onnx.NodeProto] = {o: n for n in nodes for o in n.output if o}
-    new_inits: list[onnx.TensorProto] = []
-    dropped_value_info: set[str] = set()
-
-    def const(name: str) -> np.ndarray | None:
-        if name and name in inits and name not in graph_inputs:
-            return numpy_helper.to_array(inits[name])
-        return None
-
-    def add_init(array: np.ndarray, base: str) -> str:
-        name = fresh(base)
-        tensor = numpy_helper.from_array(array, name)
-        inits[name] = tensor
-        new_inits.append(tensor)
-        return name
-
+    state = _FoldState(model, graph, nodes)
     folded = affine = 0
     result: list[onnx.NodeProto] = []
     for index, node in enumerate(nodes):
         if not (_is_bn(node) and node.domain in _DEFAULT_DOMAINS):
             result.append(node)
             continue
-        label = _describe(node, index)
-        x, scale_n, bias_n, mean_n, var_n = list(node.input[:5])
-        y = node.output[0]
-        eps = float(_attr(node, "epsilon", _DEFAULT_EPSILON))
-        params = [const(n) for n in (scale_n, bias_n, mean_n, var_n)]
-
-        if all(p is not None for p in params):
-            scale, bias, mean, var = params
-            channels = _check_params(label, scale, bias, mean, var)
-            conv = _foldable_conv(x, producer, uses, graph_outputs, sub_refs, const)
-            s64 = scale.astype(np.float64) / np.sqrt(var.astype(np.float64) + eps)
-            shift64 = bias.astype(np.float64) - mean.astype(np.float64) * s64
-            if conv is not None:
-                weight = const(conv.input[1])
-                assert weight is not None
-                if weight.ndim < 1 or weight.shape[0] != channels:
-                    raise ModelError(
-                        f"BatchNormalization node {label} has {channels} channels but the Conv "
-                        f"before it has {weight.shape[0] if weight.ndim else 0} output channels; "
-                        "the model is malformed, re-export it"
-                    )
-                conv_bias = const(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
-                b64 = (
-                    np.zeros(channels, dtype=np.float64)
-                    if conv_bias is None
-                    else conv_bias.astype(np.float64).reshape(-1)
-                )
-                if b64.shape != (channels,):
-                    raise ModelError(
-                        f"the Conv before BatchNormalization node {label} has a bias of shape "
-                        f"{conv_bias.shape} for {channels} output channels; re-export the model"
-                    )
-                w_new = weight.astype(np.float64) * s64.reshape((-1,) + (1,) * (weight.ndim - 1))
-                b_new = (b64 - mean.astype(np.float64)) * s64 + bias.astype(np.float64)
-                base = conv.name or y
-                w_name = add_init(w_new.astype(weight.dtype), f"{base}_bnfold_W")
-                b_name = add_init(b_new.astype(weight.dtype), f"{base}_bnfold_B")
-                old_out = conv.output[0]
-                conv.input[1] = w_name
-                if len(conv.input) > 2:
-                    conv.input[2] = b_name
-                else:
-                    conv.input.append(b_name)
-                conv.output[0] = y
-                producer.pop(old_out, None)
-                producer[y] = conv
-                dropped_value_info.add(old_out)
-                folded += 1
-            else:
-                elem, rank = _x_type(x, types, producer, const)
-                dtype = _np_dtype(elem) if elem else scale.dtype
-                shape = (1, channels) + (1,) * (max(rank, 2) - 2)
-                s_name = add_init(s64.reshape(shape).astype(dtype), f"{node.name or y}_bn_scale")
-                t_name = add_init(shift64.reshape(shape).astype(dtype), f"{node.name or y}_bn_shift")
-                result.extend(_affine_nodes(node, x, s_name, t_name, y, fresh, fresh_node))
-                affine += 1
+        replacement, into_conv = _rewrite_bn(state, node, index)
+        result.extend(replacement)
+        if into_conv:
+            folded += 1
         else:
-            elem, rank = _x_type(x, types, producer, const)
-            result.extend(
-                _dynamic_affine_nodes(
-                    node, x, (scale_n, bias_n, mean_n, var_n), y, eps, elem, rank, types,
-                    fresh, fresh_node, add_init,
-                )
-            )
             affine += 1
         for name in node.input:
             if name:
-                uses[name] -= 1
+                state.uses[name] -= 1
 
+    _install(graph, result, state)
+    remaining = count_batchnorms(out)
+    return out, BatchNormReport(found, folded, affine, remaining)
+
+
+# --------------------------------------------------------------------------- #
+# Pass internals
+# --------------------------------------------------------------------------- #
+
+
+class _FoldState:
+    """The main graph's bookkeeping while :func:`fold_batchnorms` rewrites it.
+
+    Constants, uses, producers and fresh names are read and updated by every
+    rewrite step, so they live in one object the steps share rather than in
+    the locals of one long function.
+    """
+
+    def __init__(self, model: onnx.ModelProto, graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
+        self.types = _type_info(model)
+        value_names, node_names = _all_names(graph)
+        self.fresh = _Namer(value_names)
+        self.fresh_node = _Namer(node_names)
+        self.inits: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
+        self.graph_inputs = {v.name for v in graph.input}
+        self.graph_outputs = {v.name for v in graph.output}
+        self.referenced_before = _referenced(graph)
+        self.sub_refs = _subgraph_references(graph)
+        self.uses: Counter[str] = Counter(name for n in nodes for name in n.input if name)
+        self.producer: dict[str, onnx.NodeProto] = {o: n for n in nodes for o in n.output if o}
+        self.new_inits: list[onnx.TensorProto] = []
+        self.dropped_value_info: set[str] = set()
+
+    def const(self, name: str) -> np.ndarray | None:
+        """The value of ``name`` when it is a constant initializer (not an overridable graph input)."""
+        if name and name in self.inits and name not in self.graph_inputs:
+            return numpy_helper.to_array(self.inits[name])
+        return None
+
+    def add_init(self, array: np.ndarray, base: str) -> str:
+        """Store ``array`` as a new initializer under a fresh name (existing ones are never changed)."""
+        name = self.fresh(base)
+        tensor = numpy_helper.from_array(array, name)
+        self.inits[name] = tensor
+        self.new_inits.append(tensor)
+        return name
+
+
+def _rewrite_bn(state: _FoldState, node: onnx.NodeProto, index: int) -> tuple[list[onnx.NodeProto], bool]:
+    """The nodes that replace one BN, and whether it was folded into its Conv (else: an affine).
+
+    Folding emits no node: the Conv itself now writes the BN's output.
+    """
+    label = _describe(node, index)
+    x, scale_n, bias_n, mean_n, var_n = list(node.input[:5])
+    y = node.output[0]
+    eps = float(_attr(node, "epsilon", _DEFAULT_EPSILON))
+    params = [state.const(n) for n in (scale_n, bias_n, mean_n, var_n)]
+
+    if not all(p is not None for p in params):
+        elem, rank = _x_type(x, state.types, state.producer, state.const)
+        replacement = _dynamic_affine_nodes(
+            node, x, (scale_n, bias_n, mean_n, var_n), y, eps, elem, rank, state.types,
+            state.fresh, state.fresh_node, state.add_init,
+        )
+        return replacement, False
+
+    scale, bias, mean, var = params
+    channels = _check_params(label, scale, bias, mean, var)
+    conv = _foldable_conv(x, state.producer, state.uses, state.graph_outputs, state.sub_refs, state.const)
+    s64 = scale.astype(np.float64) / np.sqrt(var.astype(np.float64) + eps)
+    shift64 = bias.astype(np.float64) - mean.astype(np.float64) * s64
+    if conv is not None:
+        _fold_into_conv(state, conv, label, y, channels, s64, mean, bias)
+        return [], True
+    return _constant_affine_nodes(state, node, x, y, channels, s64, shift64, scale.dtype), False
+
+
+def _fold_into_conv(
+    state: _FoldState,
+    conv: onnx.NodeProto,
+    label: str,
+    y: str,
+    channels: int,
+    s64: np.ndarray,
+    mean: np.ndarray,
+    bias: np.ndarray,
+) -> None:
+    """Scale the Conv's weight and bias by the BN (new initializers) and let the Conv write the BN output ``y``."""
+    weight = state.const(conv.input[1])
+    assert weight is not None
+    if weight.ndim < 1 or weight.shape[0] != channels:
+        raise ModelError(
+            f"BatchNormalization node {label} has {channels} channels but the Conv "
+            f"before it has {weight.shape[0] if weight.ndim else 0} output channels; "
+            "the model is malformed, re-export it"
+        )
+    conv_bias = state.const(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
+    b64 = (
+        np.zeros(channels, dtype=np.float64)
+        if conv_bias is None
+        else conv_bias.astype(np.float64).reshape(-1)
+    )
+    if b64.shape != (channels,):
+        raise ModelError(
+            f"the Conv before BatchNormalization node {label} has a bias of shape "
+            f"{conv_bias.shape} for {channels} output channels; re-export the model"
+        )
+    w_new = weight.astype(np.float64) * s64.reshape((-1,) + (1,) * (weight.ndim - 1))
+    b_new = (b64 - mean.astype(np.float64)) * s64 + bias.astype(np.float64)
+    base = conv.name or y
+    w_name = state.add_init(w_new.astype(weight.dtype), f"{base}_bnfold_W")
+    b_name = state.add_init(b_new.astype(weight.dtype), f"{base}_bnfold_B")
+    old_out = conv.output[0]
+    conv.input[1] = w_name
+    if len(conv.input) > 2:
+        conv.input[2] = b_name
+    else:
+        conv.input.append(b_name)
+    conv.output[0] = y
+    state.producer.pop(old_out, None)
+    state.producer[y] = conv
+    state.dropped_value_info.add(old_out)
+
+
+def _constant_affine_nodes(
+    state: _FoldState,
+    node: onnx.NodeProto,
+    x: str,
+    y: str,
+    channels: int,
+    s64: np.ndarray,
+    shift64: np.ndarray,
+    param_dtype: np.dtype,
+) -> list[onnx.NodeProto]:
+    """``Add(Mul(x, scale), shift)`` with constants shaped ``(1, C, 1, ...)`` in the dtype of ``x`` when known."""
+    elem, rank = _x_type(x, state.types, state.producer, state.const)
+    dtype = _np_dtype(elem) if elem else param_dtype
+    shape = (1, channels) + (1,) * (max(rank, 2) - 2)
+    s_name = state.add_init(s64.reshape(shape).astype(dtype), f"{node.name or y}_bn_scale")
+    t_name = state.add_init(shift64.reshape(shape).astype(dtype), f"{node.name or y}_bn_shift")
+    return _affine_nodes(node, x, s_name, t_name, y, state.fresh, state.fresh_node)
+
+
+def _install(graph: onnx.GraphProto, result: list[onnx.NodeProto], state: _FoldState) -> None:
+    """Write the rewritten node list and new initializers into ``graph``; drop stale value_info and orphans."""
     # detach from the repeated field before clearing it (portable across protobuf backends)
     rebuilt = []
     for node in result:
@@ -363,22 +424,14 @@ def fold_batchnorms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, BatchNormR
         rebuilt.append(fresh_copy)
     del graph.node[:]
     graph.node.extend(rebuilt)
-    graph.initializer.extend(new_inits)
-    if dropped_value_info:
-        kept = [vi for vi in graph.value_info if vi.name not in dropped_value_info]
+    graph.initializer.extend(state.new_inits)
+    if state.dropped_value_info:
+        kept = [vi for vi in graph.value_info if vi.name not in state.dropped_value_info]
         del graph.value_info[:]
         graph.value_info.extend(kept)
     _drop_orphaned_initializers(
-        graph, referenced_before | {t.name for t in new_inits}, graph_inputs
+        graph, state.referenced_before | {t.name for t in state.new_inits}, state.graph_inputs
     )
-
-    remaining = count_batchnorms(out)
-    return out, BatchNormReport(found, folded, affine, remaining)
-
-
-# --------------------------------------------------------------------------- #
-# Pass internals
-# --------------------------------------------------------------------------- #
 
 
 def _validate(node: onnx.NodeProto, index: int) -> None:

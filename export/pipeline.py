@@ -142,12 +142,7 @@ def export_checkpoint(
     stem = Path(checkpoint).stem
     _forget_previous_export(out, stem)
     steps = 3 + len(options.precisions) * (1 + options.mobile + options.engine)  # graph, reference, artefacts, report
-    done = 0
-
-    def step(info: str = "") -> None:
-        nonlocal done
-        done += 1
-        progress("export", done, steps, info)
+    step = _stepper(progress, steps)
 
     # -- fp32 graph -------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -163,49 +158,13 @@ def export_checkpoint(
     reference = diagnose_outputs(TorchSession(model, ckpt.card), items)
     labels = _labels_of(verify, reference, n_real, card)
     step("reference")
+    judge = _judge_against(reference, items, card, n_real, labels)
 
-    def judge(path: Path, fmt: str, precision: str, seconds: float, session: Any, **extra: Any) -> Artefact:
-        candidate = diagnose_outputs(session, items)
-        report = compare_outputs(reference, candidate, card, precision, n_real=n_real, labels=labels)
-        log.info("%s: %s", path.name, report.summary())
-        return Artefact(path, fmt, precision, report, seconds, extra)
-
-    artefacts: list[Artefact] = []
-    onnx_variants: list[tuple[str, Path]] = []
-    calibration_info: dict[str, Any] | None = None
-    for precision in options.precisions:
-        t0 = time.perf_counter()
-        if precision == "fp32":
-            path, seconds = onnx_path, fp32_seconds
-        elif precision == "fp16":
-            path = out / f"{stem}.fp16.onnx"
-            half = to_fp16(onnx.load(str(onnx_path)))
-            embed_metadata(half, {PRECISION_KEY: "fp16"})
-            onnx.save(half, path)
-            seconds = time.perf_counter() - t0
-        else:
-            calibration = _calibration_samples(ckpt.path, ckpt.card, options)
-            crops = calibration_crops(calibration, ckpt.card, limit=options.calibration_samples)
-            calibration_info = {"source": calibration.source, "n_images": len(calibration), "n_crops": len(crops)}
-            path = to_int8(onnx_path, out / f"{stem}.int8.onnx", card, crops)
-            quantised = onnx.load(str(path))
-            embed_metadata(quantised, {PRECISION_KEY: "int8"})
-            onnx.save(quantised, path)
-            seconds = time.perf_counter() - t0
-        artefacts.append(judge(path, "onnx", precision, seconds, OnnxSession(path, device="cpu")))
-        onnx_variants.append((precision, path))
-        step(f"{precision} onnx")
-        if precision == "fp32" and not artefacts[0].parity.passed:
-            break  # every other artefact derives from this graph
-
+    artefacts, onnx_variants, calibration_info = _onnx_artefacts(
+        ckpt.path, ckpt.card, card, options, out, stem, onnx_path, fp32_seconds, judge, step
+    )
     if artefacts[0].parity.passed:
-        for precision, path in onnx_variants:
-            if options.mobile:
-                artefacts.append(_mobile(path, precision, judge))
-                step(f"{precision} ort")
-            if options.engine:
-                artefacts.append(_engine(path, precision, card, options, judge, progress))
-                step(f"{precision} engine")
+        _runtime_artefacts(artefacts, onnx_variants, card, options, judge, step, progress)
 
     data = {
         "edgedx_version": edgedx.__version__,
@@ -216,27 +175,13 @@ def export_checkpoint(
         "opset": options.opset,
         "input_format": card.input_format,
         "batchnorm": bn_counts,
-        "verification": {
-            "source": "synthetic images only (asked for with --synthetic-verification-only)" if verify is None else verify.source,
-            "path": "diagnose: the card's crop policy, crops merged per image",
-            "n_samples": len(reference.keys),
-            "n_crops": len(reference.crop_logits),
-            "n_real": n_real,
-            "n_labelled": 0 if labels is None else len(labels),
-            "unreadable": [message for _, message in reference.failed],
-        },
+        "verification": _verification_summary(verify, reference, n_real, labels),
         "calibration": calibration_info,
         "versions": _versions(options),
         "card": card.to_dict(),
         "seconds": round(time.perf_counter() - started, 2),
     }
-    failed = [a for a in artefacts if not a.parity.passed]
-    for artefact in failed:
-        quarantined = artefact.path.with_name(artefact.path.name + ".failed")
-        artefact.path.replace(quarantined)
-        for entry in data["artefacts"]:
-            if entry["path"] == artefact.path.name:
-                entry["quarantined_as"] = quarantined.name
+    failed = _quarantine_failed(artefacts, data)
     for artefact in artefacts:
         if artefact.parity.passed:
             write_checksum(artefact.path)  # the runtime refuses a copy that no longer matches
@@ -247,6 +192,145 @@ def export_checkpoint(
         raise _refusal(artefacts, failed, report_path, options)
     log.info("exported %d artefacts to %s", len(artefacts), out)
     return ExportReport(onnx_path, report_path, data)
+
+
+def _stepper(progress: ProgressFn, steps: int) -> Callable[[str], None]:
+    """A ``step(info)`` that reports the next of ``steps`` export steps done, so callers need not count."""
+    done = 0
+
+    def step(info: str = "") -> None:
+        nonlocal done
+        done += 1
+        progress("export", done, steps, info)
+
+    return step
+
+
+def _judge_against(
+    reference: PathOutputs, items: list[tuple[int, Any]], card: ModelCard, n_real: int, labels: np.ndarray | None
+) -> Callable[..., Artefact]:
+    """A ``judge(path, format, precision, seconds, session, **extra)`` that diagnoses the verification items
+    with ``session`` and compares them with the fp32 PyTorch reference: every artefact meets the same test."""
+
+    def judge(path: Path, fmt: str, precision: str, seconds: float, session: Any, **extra: Any) -> Artefact:
+        candidate = diagnose_outputs(session, items)
+        report = compare_outputs(reference, candidate, card, precision, n_real=n_real, labels=labels)
+        log.info("%s: %s", path.name, report.summary())
+        return Artefact(path, fmt, precision, report, seconds, extra)
+
+    return judge
+
+
+def _onnx_artefacts(
+    checkpoint: Path | None,
+    checkpoint_card: ModelCard,
+    card: ModelCard,
+    options: ExportOptions,
+    out: Path,
+    stem: str,
+    onnx_path: Path,
+    fp32_seconds: float,
+    judge: Callable[..., Artefact],
+    step: Callable[[str], None],
+) -> tuple[list[Artefact], list[tuple[str, Path]], dict[str, Any] | None]:
+    """Build and judge one ONNX per precision: (artefacts, (precision, path) pairs, calibration info).
+
+    Stops after a failed fp32 graph: every other artefact derives from it.
+    """
+    artefacts: list[Artefact] = []
+    onnx_variants: list[tuple[str, Path]] = []
+    calibration_info: dict[str, Any] | None = None
+    for precision in options.precisions:
+        t0 = time.perf_counter()
+        if precision == "fp32":
+            path, seconds = onnx_path, fp32_seconds
+        elif precision == "fp16":
+            path = out / f"{stem}.fp16.onnx"
+            _write_fp16(onnx_path, path)
+            seconds = time.perf_counter() - t0
+        else:
+            path, calibration_info = _write_int8(
+                checkpoint, checkpoint_card, card, options, onnx_path, out / f"{stem}.int8.onnx"
+            )
+            seconds = time.perf_counter() - t0
+        artefacts.append(judge(path, "onnx", precision, seconds, OnnxSession(path, device="cpu")))
+        onnx_variants.append((precision, path))
+        step(f"{precision} onnx")
+        if precision == "fp32" and not artefacts[0].parity.passed:
+            break  # every other artefact derives from this graph
+    return artefacts, onnx_variants, calibration_info
+
+
+def _write_fp16(onnx_path: Path, path: Path) -> None:
+    """The fp32 graph converted to fp16 and labelled as such, so the runtime knows what it loads."""
+    half = to_fp16(onnx.load(str(onnx_path)))
+    embed_metadata(half, {PRECISION_KEY: "fp16"})
+    onnx.save(half, path)
+
+
+def _write_int8(
+    checkpoint: Path | None,
+    checkpoint_card: ModelCard,
+    card: ModelCard,
+    options: ExportOptions,
+    onnx_path: Path,
+    target: Path,
+) -> tuple[Path, dict[str, Any]]:
+    """The fp32 graph quantised on real calibration crops and labelled int8: (its path, what it was calibrated on)."""
+    calibration = _calibration_samples(checkpoint, checkpoint_card, options)
+    crops = calibration_crops(calibration, checkpoint_card, limit=options.calibration_samples)
+    calibration_info = {"source": calibration.source, "n_images": len(calibration), "n_crops": len(crops)}
+    path = to_int8(onnx_path, target, card, crops)
+    quantised = onnx.load(str(path))
+    embed_metadata(quantised, {PRECISION_KEY: "int8"})
+    onnx.save(quantised, path)
+    return path, calibration_info
+
+
+def _runtime_artefacts(
+    artefacts: list[Artefact],
+    onnx_variants: list[tuple[str, Path]],
+    card: ModelCard,
+    options: ExportOptions,
+    judge: Callable[..., Artefact],
+    step: Callable[[str], None],
+    progress: ProgressFn,
+) -> None:
+    """Append the ORT and TensorRT artefacts asked for, derived from each judged ONNX, in precision order."""
+    for precision, path in onnx_variants:
+        if options.mobile:
+            artefacts.append(_mobile(path, precision, judge))
+            step(f"{precision} ort")
+        if options.engine:
+            artefacts.append(_engine(path, precision, card, options, judge, progress))
+            step(f"{precision} engine")
+
+
+def _verification_summary(
+    verify: Samples | None, reference: PathOutputs, n_real: int, labels: np.ndarray | None
+) -> dict[str, Any]:
+    """What the artefacts were judged on, for the report: a reader must see how strong the evidence is."""
+    return {
+        "source": "synthetic images only (asked for with --synthetic-verification-only)" if verify is None else verify.source,
+        "path": "diagnose: the card's crop policy, crops merged per image",
+        "n_samples": len(reference.keys),
+        "n_crops": len(reference.crop_logits),
+        "n_real": n_real,
+        "n_labelled": 0 if labels is None else len(labels),
+        "unreadable": [message for _, message in reference.failed],
+    }
+
+
+def _quarantine_failed(artefacts: list[Artefact], data: dict[str, Any]) -> list[Artefact]:
+    """Rename each refused artefact to ``*.failed`` (so it cannot be deployed by mistake), note it in the report."""
+    failed = [a for a in artefacts if not a.parity.passed]
+    for artefact in failed:
+        quarantined = artefact.path.with_name(artefact.path.name + ".failed")
+        artefact.path.replace(quarantined)
+        for entry in data["artefacts"]:
+            if entry["path"] == artefact.path.name:
+                entry["quarantined_as"] = quarantined.name
+    return failed
 
 
 def _refusal(artefacts: list[Artefact], failed: list[Artefact], report_path: Path, options: ExportOptions) -> ParityError:

@@ -104,61 +104,19 @@ def onnx_to_engine(
     cache_path = Path(timing_cache) if timing_cache is not None else default_timing_cache(engine_path)
     progress("tensorrt", 0, 3, f"parsing {onnx_path.name}")
 
-    logger = shared_logger(trt)
-    with logger.capture() as lines:
-        try:
-            builder = trt.Builder(logger)
-        except Exception as exc:  # TensorRT raises its own untyped errors when CUDA cannot start
-            raise ModelError(f"TensorRT could not start ({exc}); building an engine needs an NVIDIA GPU and driver") from None
-        network = builder.create_network(_network_flags(trt))
-        parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(onnx_path)):
-            errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-            raise ModelError(
-                f"TensorRT {trt.__version__} cannot parse {onnx_path}: "
-                f"{'; '.join(errors) or errors_in(lines)}; re-export it with edgedx export, or use a newer TensorRT"
-            )
-        batch = _input_profile(network, card, onnx_path, (min_batch, opt_batch, max_batch))
-        detected = _graph_precision(trt, network)
-        if detected is not None and detected != precision:
-            log.warning("%s looks like a %s graph but is being built as precision %r", onnx_path, detected, precision)
-
-        config = builder.create_builder_config()
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * GIB))
-        profile = builder.create_optimization_profile()
-        name = network.get_input(0).name
-        h, w = card.input_size
-        item = (h, w, 3) if card.input_format == "uint8_nhwc" else (3, h, w)
-        profile.set_shape(name, (batch[0], *item), (batch[1], *item), (batch[2], *item))
-        config.add_optimization_profile(profile)
-        _load_timing_cache(config, cache_path)
-
-        progress("tensorrt", 1, 3, f"building {precision} engine (can take minutes)")
-        log.info("building a %s TensorRT %s engine from %s (batch %s)", precision, trt.__version__, onnx_path, batch)
-        plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        build_log = engine_path.with_name(engine_path.name + ".build.log")
-        atomic_write_bytes(build_log, ("\n".join(lines) + "\n").encode("utf-8"))
-        raise ModelError(
-            f"TensorRT could not build an engine from {onnx_path}: {errors_in(lines)}; "
-            f"the full TensorRT log is in {build_log}"
-        )
+    build = _build_plan(
+        trt, onnx_path, card, precision, (min_batch, opt_batch, max_batch), workspace_gib, cache_path, progress
+    )
+    if build.plan is None:
+        _refuse_failed_build(onnx_path, engine_path, build.lines)
     progress("tensorrt", 2, 3, f"writing {engine_path.name}")
-    _save_timing_cache(config, cache_path)
-    atomic_write_bytes(engine_path, memoryview(plan))
+    _save_timing_cache(build.config, cache_path)
+    atomic_write_bytes(engine_path, memoryview(build.plan))
 
     gpu, capability = current_gpu()
-    build = {
-        "version": trt.__version__,
-        "gpu": gpu,
-        "compute_capability": capability,
-        "precision": precision,
-        "onnx_sha256": onnx_sha256,
-        "batch": list(batch),
-        "workspace_gib": workspace_gib,
-        "built_at": now_iso(),
-    }
-    sidecar = write_sidecar(engine_path, card, build)
+    sidecar = write_sidecar(
+        engine_path, card, _build_record(trt, gpu, capability, precision, onnx_sha256, build.batch, workspace_gib)
+    )
     progress("tensorrt", 3, 3, f"wrote {engine_path.name}")
     seconds = round(time.perf_counter() - started, 2)
     log.info("built %s (%s, TensorRT %s on %s sm %s) in %.1f s", engine_path, precision, trt.__version__, gpu, capability, seconds)
@@ -172,6 +130,122 @@ def onnx_to_engine(
         seconds=seconds,
         bytes=engine_path.stat().st_size,
     )
+
+
+@dataclass
+class _Build:
+    """Everything one build created, held together until the engine is written.
+
+    The parser owns the weights the network points at, and the timing cache is
+    read back from ``config`` after the build, so none of these objects may be
+    released early; keeping them in one place keeps them alive as long as
+    :func:`onnx_to_engine` runs, as when they were its locals.
+    """
+
+    builder: Any
+    network: Any
+    parser: Any
+    config: Any
+    plan: Any  # serialised engine (IHostMemory), None when the build failed
+    batch: tuple[int, int, int]
+    lines: list[str]  # TensorRT's log during parsing and building
+
+
+def _build_plan(
+    trt: Any,
+    onnx_path: Path,
+    card: ModelCard,
+    precision: str,
+    batch: tuple[int, int, int],
+    workspace_gib: float,
+    cache_path: Path,
+    progress: ProgressFn,
+) -> _Build:
+    """Parse, configure and build with TensorRT's log captured, so errors can quote it."""
+    logger = shared_logger(trt)
+    with logger.capture() as lines:
+        builder, network, parser = _parse_network(trt, logger, lines, onnx_path)
+        batch = _input_profile(network, card, onnx_path, batch)
+        detected = _graph_precision(trt, network)
+        if detected is not None and detected != precision:
+            log.warning("%s looks like a %s graph but is being built as precision %r", onnx_path, detected, precision)
+        config = _builder_config(trt, builder, network, card, batch, workspace_gib, cache_path)
+
+        progress("tensorrt", 1, 3, f"building {precision} engine (can take minutes)")
+        log.info("building a %s TensorRT %s engine from %s (batch %s)", precision, trt.__version__, onnx_path, batch)
+        plan = builder.build_serialized_network(network, config)
+    return _Build(builder, network, parser, config, plan, batch, lines)
+
+
+def _parse_network(trt: Any, logger: Any, lines: list[str], onnx_path: Path) -> tuple[Any, Any, Any]:
+    """(builder, network, parser) with the ONNX parsed; TensorRT's failures become ModelErrors saying what to do."""
+    try:
+        builder = trt.Builder(logger)
+    except Exception as exc:  # TensorRT raises its own untyped errors when CUDA cannot start
+        raise ModelError(f"TensorRT could not start ({exc}); building an engine needs an NVIDIA GPU and driver") from None
+    network = builder.create_network(_network_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise ModelError(
+            f"TensorRT {trt.__version__} cannot parse {onnx_path}: "
+            f"{'; '.join(errors) or errors_in(lines)}; re-export it with edgedx export, or use a newer TensorRT"
+        )
+    return builder, network, parser
+
+
+def _builder_config(
+    trt: Any,
+    builder: Any,
+    network: Any,
+    card: ModelCard,
+    batch: tuple[int, int, int],
+    workspace_gib: float,
+    cache_path: Path,
+) -> Any:
+    """The build configuration: workspace limit, the one batch profile in the card's layout, the timing cache."""
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * GIB))
+    profile = builder.create_optimization_profile()
+    name = network.get_input(0).name
+    h, w = card.input_size
+    item = (h, w, 3) if card.input_format == "uint8_nhwc" else (3, h, w)
+    profile.set_shape(name, (batch[0], *item), (batch[1], *item), (batch[2], *item))
+    config.add_optimization_profile(profile)
+    _load_timing_cache(config, cache_path)
+    return config
+
+
+def _refuse_failed_build(onnx_path: Path, engine_path: Path, lines: list[str]) -> None:
+    """Keep TensorRT's full log beside the engine path (it is long) and raise with its errors."""
+    build_log = engine_path.with_name(engine_path.name + ".build.log")
+    atomic_write_bytes(build_log, ("\n".join(lines) + "\n").encode("utf-8"))
+    raise ModelError(
+        f"TensorRT could not build an engine from {onnx_path}: {errors_in(lines)}; "
+        f"the full TensorRT log is in {build_log}"
+    )
+
+
+def _build_record(
+    trt: Any,
+    gpu: str,
+    capability: str,
+    precision: str,
+    onnx_sha256: str,
+    batch: tuple[int, int, int],
+    workspace_gib: float,
+) -> dict[str, Any]:
+    """How the engine was built, for the sidecar: the runtime refuses it on another TensorRT or GPU."""
+    return {
+        "version": trt.__version__,
+        "gpu": gpu,
+        "compute_capability": capability,
+        "precision": precision,
+        "onnx_sha256": onnx_sha256,
+        "batch": list(batch),
+        "workspace_gib": workspace_gib,
+        "built_at": now_iso(),
+    }
 
 
 def _check_options(precision: str, min_batch: int, opt_batch: int, max_batch: int, workspace_gib: float) -> None:

@@ -249,6 +249,33 @@ def classification_metrics(
     with complementary probabilities both classes' AUCs are equal anyway).
     Rows are not renormalised or checked to sum to 1.
     """
+    names = _class_names(class_names)
+    n_classes = len(names)
+    truth, probs, pred = _checked_predictions(y_true, probabilities, y_pred, n_classes)
+    if n_classes == 2 and not 0 <= positive_index < 2:
+        raise ValueError(f"positive_index must be 0 or 1 for a binary task, got {positive_index}")
+
+    cm = confusion_matrix(truth, pred, n_classes)
+    tp_all = np.diag(cm)
+    support_all = cm.sum(axis=1)
+    per_class, aucs = _per_class_stats(cm, truth, probs, names)
+
+    present = support_all > 0
+    recalls = tp_all[present] / support_all[present]
+    n = truth.size
+    return ClassificationMetrics(
+        n=n,
+        accuracy=float(tp_all.sum()) / n,
+        balanced_accuracy=float(recalls.mean()),
+        per_class=per_class,
+        macro_auc=float(_macro_auc(aucs, positive_index)),
+        confusion=cm.tolist(),
+        class_names=names,
+    )
+
+
+def _class_names(class_names: Sequence[str]) -> tuple[str, ...]:
+    """Class names as strings; refused when empty or repeated, since they key the per-class results."""
     names = tuple(str(c) for c in class_names)
     n_classes = len(names)
     if n_classes == 0:
@@ -256,6 +283,16 @@ def classification_metrics(
     if len(set(names)) != n_classes:
         dup = next(c for c in names if names.count(c) > 1)
         raise ValueError(f"class_names must be distinct, {dup!r} appears more than once in {list(names)}")
+    return names
+
+
+def _checked_predictions(
+    y_true: Any, probabilities: Any, y_pred: Any, n_classes: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validated ``(truth, probabilities as float64, decisions)``; decisions default to the argmax.
+
+    Checked together so a shape mismatch names all the arrays involved.
+    """
     truth = _as_labels("y_true", y_true, n_classes)
     probs = np.asarray(probabilities, dtype=np.float64)
     n = truth.size
@@ -272,14 +309,17 @@ def classification_metrics(
         pred = _as_labels("y_pred", y_pred, n_classes)
         if pred.shape != truth.shape:
             raise ValueError(f"y_pred has shape {pred.shape} but y_true has shape {truth.shape}; they must match")
-    if n_classes == 2 and not 0 <= positive_index < 2:
-        raise ValueError(f"positive_index must be 0 or 1 for a binary task, got {positive_index}")
+    return truth, probs, pred
 
-    cm = confusion_matrix(truth, pred, n_classes)
+
+def _per_class_stats(
+    cm: np.ndarray, truth: np.ndarray, probs: np.ndarray, names: tuple[str, ...]
+) -> tuple[dict[str, dict[str, float]], list[float]]:
+    """One-vs-rest numbers per class (decisions from ``cm``, AUC from ``probs``) and the AUCs in class order."""
+    n = truth.size
     tp_all = np.diag(cm)
     support_all = cm.sum(axis=1)
     predicted_all = cm.sum(axis=0)
-
     per_class: dict[str, dict[str, float]] = {}
     aucs: list[float] = []
     for c, name in enumerate(names):
@@ -299,21 +339,12 @@ def classification_metrics(
             "auc": auc,
         }
         aucs.append(auc)
+    return per_class, aucs
 
-    present = support_all > 0
-    recalls = tp_all[present] / support_all[present]
-    if n_classes == 2:
-        macro_auc = aucs[positive_index]
-    else:
-        defined = [a for a in aucs if not math.isnan(a)]
-        macro_auc = float(np.mean(defined)) if defined else float("nan")
 
-    return ClassificationMetrics(
-        n=n,
-        accuracy=float(tp_all.sum()) / n,
-        balanced_accuracy=float(recalls.mean()),
-        per_class=per_class,
-        macro_auc=float(macro_auc),
-        confusion=cm.tolist(),
-        class_names=names,
-    )
+def _macro_auc(aucs: list[float], positive_index: int) -> float:
+    """Binary: the positive class's AUC (both are equal for complementary scores); else the mean of the defined ones."""
+    if len(aucs) == 2:
+        return aucs[positive_index]
+    defined = [a for a in aucs if not math.isnan(a)]
+    return float(np.mean(defined)) if defined else float("nan")

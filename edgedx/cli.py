@@ -12,7 +12,7 @@ import json
 import logging
 import signal
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -162,8 +162,7 @@ def train(
 ) -> None:
     """Fine-tune a classifier on labelled images; writes RUN_DIR/model.pt with its model card."""
     _must_exist(data, "training data", "an ImageFolder, a CSV manifest or a .npz")  # before torch loads (seconds)
-    from edgedx.training.train import TrainConfig
-    from edgedx.training.train import cross_validate
+    from edgedx.training.train import CV_METRICS, CrossValidationResult, TrainConfig
     from edgedx.training.train import train as run_train
 
     config = TrainConfig(
@@ -175,28 +174,22 @@ def train(
         path_column=path_column, image_dir=str(image_dir) if image_dir else None, suffix=suffix,
         class_names=_split_names(class_names), device=device, strict=strict, resume=resume, overwrite=overwrite, seed=seed,
     )
-    from edgedx.training.distributed import is_main, launch_train
-
-    if folds is not None:
-        if nproc != 1:
-            cv = launch_train(data, out, config, nproc=nproc, folds=folds)
-        else:
-            with progress_bar() as progress:
-                cv = cross_validate(data, out, config, folds=folds, progress=progress)
-        if not is_main():  # under torchrun every process runs this command; rank 0 reports
-            return
-        for key in ("accuracy", "balanced_accuracy", "macro_auc", "sensitivity", "specificity"):
-            if cv.summary.get(key):
-                console.print(f"{key}: {cv.summary[key]['mean']:.3f} ± {cv.summary[key]['sd']:.3f} over {folds} folds")
+    # --nproc > 1: the launched processes log their epoch lines; a live bar here would draw over them
+    with (progress_bar() if nproc == 1 else nullcontext(no_progress)) as progress:
+        result = run_train(data, out, config, nproc=nproc, folds=folds, progress=progress)
+    if result is None:  # another rank of a torchrun job: rank 0 reports
+        return
+    if isinstance(result, CrossValidationResult):
+        for key in CV_METRICS:
+            if result.summary.get(key):
+                console.print(f"{key}: {result.summary[key]['mean']:.3f} ± {result.summary[key]['sd']:.3f} over {folds} folds")
         console.print(f"per-fold runs and cv_summary.json: {Path(out)}")
         return
-    if nproc != 1:
-        result = launch_train(data, out, config, nproc=nproc)
-    else:
-        with progress_bar() as progress:
-            result = run_train(data, out, config, progress=progress)
-    if not is_main():
-        return
+    _print_run(result, Path(out))
+
+
+def _print_run(result: Any, out: Path) -> None:
+    """A finished run: where the numbers were taken, the positive class and threshold, the test split, warnings, next step."""
     m = result.card.metrics
     where = _where_taken(result.card.task, result.card.threshold)
     line = (
@@ -226,13 +219,13 @@ def train(
     if result.skipped:
         console.print(f"{len(result.skipped)} unreadable image(s) skipped (listed in summary.json)", style="yellow")
     console.print(f"checkpoint: {result.checkpoint}")
-    console.print(f"metrics, split, plots: {Path(out)}")
+    console.print(f"metrics, split, plots: {out}")
     warnings = result.summary.get("warnings") if result.summary else None
     for warning in warnings or ():
         console.print(f"warning: {warning}", style="yellow")
     if warnings:
         console.print("this model is not ready to deploy: review the warnings (data, labels, --positive-class, --epochs) before exporting", style="yellow")
-    console.print(f"next: edgedx export {result.checkpoint} --out {Path(out) / 'export'}")
+    console.print(f"next: edgedx export {result.checkpoint} --out {out / 'export'}")
 
 
 def _must_exist(path: Path, what: str, expected: str) -> None:
@@ -368,6 +361,7 @@ def diagnose(
     idle_timeout: Annotated[Optional[float], typer.Option(help="With --watch: stop after this many seconds without a new image.")] = None,
     engine: Annotated[str, typer.Option(help="local (this process) or ray (Ray Data: parallel reading, a pool of model actors; still images only; needs 'edgedx\\[ray]').")] = "local",
     address: Annotated[Optional[str], typer.Option(help="--engine ray: the cluster (auto, or ray://HOST:10001); default: a local Ray on this machine.")] = None,
+    verify: Annotated[bool, typer.Option("--verify", help="Replay the model's self-test vectors on this machine first; refuse a model that does not reproduce its export (recorded in OUT.run.json).")] = False,
 ) -> None:
     """Diagnose whole images with sliding crops; one record per input (or per video frame)."""
     from edgedx.runtime.diagnose import diagnose as run_diagnose
@@ -382,7 +376,7 @@ def diagnose(
         model=model, out=out, device=device, batch_size=batch_size, crop={k: v for k, v in crop.items() if v is not None} or None,
         refer_band=_band(refer_band), overlays=overlays, maps=maps, audit=audit, audit_names=audit_names, resume=resume,
         overwrite=overwrite, every=every, window=window, max_frames=max_frames, reconnect=reconnect, max_pixels=max_pixels,
-        watch=watch, idle_timeout_s=idle_timeout, engine=engine, address=address,
+        watch=watch, idle_timeout_s=idle_timeout, engine=engine, address=address, verify=verify,
     )
     with progress_bar() as progress:
         done = run_diagnose(inputs or [], options, progress=progress)
@@ -488,6 +482,25 @@ def _card_grid(card: Any, path: Path) -> Table:
     for label, value in rows:
         grid.add_row(f"  {label}", value)
     return grid
+
+
+@app.command("verify")
+def verify_model(
+    model: Annotated[Path, typer.Argument(help="Exported .onnx/.ort model or TensorRT .engine (or an export folder).")],
+    device: Device = "cpu",
+) -> None:
+    """Replay the model's self-test vectors on this machine: does it reproduce what export measured?"""
+    from edgedx.runtime.selftest import verify_artefact
+
+    report = verify_artefact(model, device)
+    console.print(report.summary())
+    console.print(f"vectors: {report.n} real crops from {report.source or 'the export'}; reference: the fp32 PyTorch model")
+    if not report.passed:
+        err_console.print(
+            f"error: {model} does not reproduce its export on this machine ({report.precision} rounds differently here); "
+            "use the fp32 model on this machine, or another --device"
+        )
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -149,6 +149,7 @@ class _RecordingSession:
         self.path, self.sha256, self.device = inner.path, inner.sha256, inner.device
         self.providers, self.precision = inner.providers, inner.precision
         self.pads_batches = inner.pads_batches  # so Model pads GPU batches exactly as it would
+        self.selftest = inner.selftest
         self.logits: list[np.ndarray] = []
 
     def close(self) -> None:

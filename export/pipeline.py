@@ -36,9 +36,11 @@ from edgedx.export.parity import ParityReport, PathOutputs, compare_outputs, dia
 from edgedx.export.precision import parse_precisions, to_fp16, to_int8
 from edgedx.export.preprocess_graph import embed_preprocessing
 from edgedx.export.samples import Samples, SplitUnavailable, calibration_crops, folder_samples, split_samples
+from edgedx.export.selftest import embed_selftest, for_precision, selftest_vectors
 from edgedx.progress import ProgressFn, no_progress
 from edgedx.runtime.integrity import CHECKSUM_SUFFIX, atomic_write_bytes, write_checksum
 from edgedx.runtime.onnx_backend import OnnxSession
+from edgedx.runtime.selftest import SELFTEST_KEY, SelfTestVectors
 from edgedx.training.checkpoint import build_model, file_sha256, load_checkpoint
 from edgedx.training.validation import TorchSession
 
@@ -157,8 +159,11 @@ def export_checkpoint(
     items, n_real = _verification_items(verify, card)
     reference = diagnose_outputs(TorchSession(model, ckpt.card), items)
     labels = _labels_of(verify, reference, n_real, card)
+    vectors = selftest_vectors(
+        model, ckpt.card, [image for _, image in items], "fp32", source=verify.source if verify is not None and n_real else "synthetic images"
+    )
     step("reference")
-    judge = _judge_against(reference, items, card, n_real, labels)
+    judge = _judge_against(reference, items, card, n_real, labels, vectors)
 
     artefacts, onnx_variants, calibration_info = _onnx_artefacts(
         ckpt.path, ckpt.card, card, options, out, stem, onnx_path, fp32_seconds, judge, step
@@ -176,6 +181,7 @@ def export_checkpoint(
         "input_format": card.input_format,
         "batchnorm": bn_counts,
         "verification": _verification_summary(verify, reference, n_real, labels),
+        "selftest": {"n_vectors": len(vectors.crops), "source": vectors.source, "key": SELFTEST_KEY},
         "calibration": calibration_info,
         "versions": _versions(options),
         "card": card.to_dict(),
@@ -207,12 +213,19 @@ def _stepper(progress: ProgressFn, steps: int) -> Callable[[str], None]:
 
 
 def _judge_against(
-    reference: PathOutputs, items: list[tuple[int, Any]], card: ModelCard, n_real: int, labels: np.ndarray | None
+    reference: PathOutputs, items: list[tuple[int, Any]], card: ModelCard, n_real: int, labels: np.ndarray | None,
+    vectors: SelfTestVectors,
 ) -> Callable[..., Artefact]:
     """A ``judge(path, format, precision, seconds, session, **extra)`` that diagnoses the verification items
-    with ``session`` and compares them with the fp32 PyTorch reference: every artefact meets the same test."""
+    with ``session`` and compares them with the fp32 PyTorch reference: every artefact meets the same test.
+
+    An ONNX file first gets its self-test vectors (held to its precision's tolerances), so the session judged
+    is the file that ships, and the file can prove itself on its target later (``edgedx verify``)."""
 
     def judge(path: Path, fmt: str, precision: str, seconds: float, session: Any, **extra: Any) -> Artefact:
+        if fmt == "onnx":
+            embed_selftest(path, for_precision(vectors, precision))
+            session = OnnxSession(path, device="cpu")
         candidate = diagnose_outputs(session, items)
         report = compare_outputs(reference, candidate, card, precision, n_real=n_real, labels=labels)
         log.info("%s: %s", path.name, report.summary())

@@ -1,11 +1,10 @@
 """Real images for calibration and verification, as ``diagnose`` would be given them.
 
 Int8 calibration and parity are only as good as the images behind them, so
-they come from the run itself: the training or validation split recorded in
-``split.json`` beside the checkpoint, reloaded from the source named in the
-card's provenance (an ImageFolder, a CSV manifest or a MedMNIST ``.npz``;
-absolute, or relative to the run folder or the directory training ran in). A
-user can give a folder instead (``--calibration DIR``, ``--verify-data DIR``).
+they come from the run itself: the training or validation split of the run
+folder beside the checkpoint (:class:`edgedx.training.run.RunFolder` reads its
+``split.json`` and reloads the source the card names). A user can give a folder
+instead (``--calibration DIR``, ``--verify-data DIR``).
 
 Images stay whole (files stay files): verification runs them through the
 runtime's own read → crop → merge path, and calibration uses the crops that
@@ -14,24 +13,22 @@ path cuts. Nothing is squashed to the input size here.
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from edgedx.card import ModelCard
-from edgedx.errors import EdgeDxError, ImageReadError, InputError
+from edgedx.errors import ImageReadError, InputError
 from edgedx.runtime.datasets import list_image_folder
 from edgedx.runtime.image_io import is_image_path, read_image, to_rgb_uint8
-from edgedx.runtime.labelled import resolve_id
-from edgedx.runtime.manifest import ManifestLayout
 from edgedx.runtime.tiling import split_tiles
+from edgedx.training.run import RunFolder, SplitUnavailable, resolve_source
+from edgedx.training.sources import TrainingData
+
+__all__ = ["Samples", "SplitUnavailable", "calibration_crops", "folder_samples", "reload_source", "resolve_source", "split_samples"]
 
 log = logging.getLogger(__name__)
 
@@ -48,46 +45,16 @@ class Samples:
         return len(self.items)
 
 
-class SplitUnavailable(Exception):
-    """Why a run's split could not be reloaded (turned into an error naming the option that fixes it)."""
-
-
 def split_samples(checkpoint: Path, card: ModelCard, split: str, *, limit: int, seed: int = 0) -> Samples:
     """Up to ``limit`` images of one split of the run that produced ``checkpoint``, with their labels.
 
     Raises :class:`SplitUnavailable` saying why when the run's ``split.json`` or
     its data source cannot be found: callers then name ``--verify-data`` or
-    ``--calibration`` instead of silently verifying on less.
+    ``--calibration`` instead of silently verifying on less. The run folder
+    (:class:`~edgedx.training.run.RunFolder`) knows where its images are.
     """
-    split_file = checkpoint.parent / "split.json"
-    if not split_file.is_file():
-        raise SplitUnavailable(f"{split_file} is missing (the checkpoint was moved out of its run folder)")
-    try:
-        ids = [os.path.normpath(resolve_id(i, split_file.parent)) for i in json.loads(split_file.read_text(encoding="utf-8")).get(split, [])]
-    except (OSError, ValueError) as exc:
-        raise SplitUnavailable(f"cannot read {split_file}: {exc}") from None
-    if not ids:
-        raise SplitUnavailable(f"{split_file} lists no {split} images")
-    data = reload_source(card, checkpoint.parent)
-    position = {os.path.normpath(item): i for i, item in enumerate(data.ids)}  # a source given as ../data has ".." in its ids
-    items: list[Path | np.ndarray] = []
-    labels: list[int] = []
-    for k in np.random.default_rng(seed).permutation(len(ids)):
-        i = position.get(ids[k])
-        if i is None:
-            continue
-        try:
-            items.append(data.item(i))
-        except ImageReadError as exc:
-            log.info("skipping %s", exc)
-            continue
-        labels.append(int(data.targets[i]) if data.targets.ndim == 1 else -1)
-        if len(items) == limit:
-            break
-    if not items:
-        raise SplitUnavailable(f"none of the {len(ids)} {split} images of {split_file} is in the data source {data.source} any more")
-    known = bool(labels) and min(labels) >= 0
-    return Samples(items, np.asarray(labels) if known else None, f"{split} split of {split_file.parent} ({data.source})")
+    held = RunFolder(checkpoint.parent).split_images(split, limit=limit, seed=seed, card=card)
+    return Samples(held.items, held.labels, held.source)
 
 
 def folder_samples(folder: str | Path, card: ModelCard, *, limit: int, labelled: bool, seed: int = 0) -> Samples:
@@ -136,43 +103,6 @@ def calibration_crops(samples: Samples, card: ModelCard, *, limit: int, seed: in
     return np.stack(crops[:limit])
 
 
-def reload_source(card: ModelCard, run_dir: Path) -> Any:  # TrainingData, imported lazily (training is above export's inputs)
-    """The run's data source, loaded the way training loaded it.
-
-    The card records the source as training saw it. A relative path is tried
-    as recorded (relative to the current directory) and relative to the run
-    folder and its parents, so an export run from another directory finds it.
-    """
-    summary = card.provenance.data_summary or {}
-    recorded = summary.get("source")
-    if not recorded:
-        raise SplitUnavailable("the card records no training data source")
-    options = card.provenance.training or {}
-    columns = options.get("label_columns")
-    source = resolve_source(str(recorded), run_dir)
-    if source is None:
-        raise SplitUnavailable(f"the training data {recorded} is not found (tried as given and beside {run_dir})")
-    layout = ManifestLayout.from_dict(options)
-    return _load_source_once(str(source), layout, tuple(columns) if columns else None, card.class_names, card.task)
-
-
-def resolve_source(recorded: str, run_dir: Path) -> Path | None:
-    """An existing path for a recorded data source: absolute, relative to the cwd, or to the run folder and above."""
-    path = Path(recorded)
-    if path.is_absolute():
-        return path if path.exists() else None
-    for base in (Path.cwd(), run_dir.resolve(), *run_dir.resolve().parents):
-        if (base / path).exists():
-            return (base / path).resolve()
-    return None
-
-
-@functools.lru_cache(maxsize=2)
-def _load_source_once(source: str, layout: ManifestLayout, label_columns: tuple[str, ...] | None, class_names: tuple[str, ...], task: str):  # noqa: ANN202
-    """Verification (val) and calibration (train) read the same source: load it once per export."""
-    from edgedx.training.sources import load_source
-
-    try:
-        return load_source(source, layout=layout, label_columns=label_columns, class_names=class_names, task=task)
-    except EdgeDxError as exc:
-        raise SplitUnavailable(f"cannot reload the training data {source}: {exc}") from None
+def reload_source(card: ModelCard, run_dir: Path) -> TrainingData:
+    """The run's data source, loaded the way training loaded it (see :meth:`RunFolder.data_source`)."""
+    return RunFolder(run_dir).data_source(card)

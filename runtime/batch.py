@@ -178,7 +178,8 @@ def _load(options: DiagnoseOptions) -> Model:
     if isinstance(options.model, Model):
         return options.model
     return load_model(
-        options.model, device=options.device, batch_size=options.batch_size, crop=options.crop, refer_band=options.refer_band
+        options.model, device=options.device, batch_size=options.batch_size, crop=options.crop, refer_band=options.refer_band,
+        verify=options.verify,
     )
 
 
@@ -199,7 +200,8 @@ def _run_settings(model: Model, extra: Mapping[str, Any]) -> RunSettings:
         "crop": dataclasses.asdict(model.crop), "threshold": model.card.threshold,
         "refer_band": list(model.refer_band) if model.refer_band else None, **extra,
     }
-    return RunSettings(sha, settings)
+    evidence = {"selftest": model.verification.to_dict()} if model.verification is not None else None
+    return RunSettings(sha, settings, evidence)
 
 
 def _stream_label(source: str | int) -> str:

@@ -181,6 +181,7 @@ class Model:
         settings = CheckedSettings.check(session.card, batch_size=batch_size, crop=crop, refer_band=refer_band)
         self.session = session
         self.card = session.card
+        self.verification: Any = None  # the self-test report when loaded with verify=True
         self.batch_size = batch_size
         self.crop = settings.crop
         self.refer_band = settings.refer_band
@@ -422,12 +423,21 @@ def load_model(
     batch_size: int = 32,
     crop: CropPolicy | Mapping[str, Any] | None = None,
     refer_band: tuple[float, float] | None = None,
+    verify: bool = False,
 ) -> Model:
     """Load an exported model, ready to diagnose.
 
     ``.onnx`` and ``.ort`` files run on ONNX Runtime with the card from their
     metadata; ``.engine``/``.plan`` files are TensorRT engines with the card in
     the sidecar JSON beside them (``device`` must then be tensorrt, cuda or auto).
+    ``verify`` replays the artefact's self-test vectors on this machine first
+    and refuses one that does not reproduce its export (the report is kept in
+    ``Model.verification``).
     """
     session = open_session(resolve_model_path(path), device, threads=threads)
-    return Model(session, batch_size=batch_size, crop=crop, refer_band=refer_band)
+    model = Model(session, batch_size=batch_size, crop=crop, refer_band=refer_band)
+    if verify:
+        from edgedx.runtime.selftest import verify_session
+
+        model.verification = verify_session(session)
+    return model

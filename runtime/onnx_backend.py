@@ -107,6 +107,7 @@ class OnnxSession:
         self.pads_batches = active[0] != "CPUExecutionProvider"  # a GPU re-tunes on every new batch shape
         metadata = self.session.get_modelmeta().custom_metadata_map
         self.precision = metadata.get("edgedx.precision", "fp32")  # exports before precisions were recorded: fp32
+        self.selftest = metadata.get("edgedx.selftest")  # the vectors this artefact proves itself with
         self.card = card_from_session(self.session, self.path)
         inputs = self.session.get_inputs()
         if len(inputs) != 1:

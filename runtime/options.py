@@ -56,6 +56,7 @@ class DiagnoseOptions:
     settle_s: float = 2.0  # hot folder: how long a file's size must stay unchanged
     engine: str = "local"
     address: str | None = None  # --engine ray: the cluster
+    verify: bool = False  # replay the artefact's self-test vectors here first; refuse it when they fail
 
     def __post_init__(self) -> None:
         for name in ("out", "overlays", "maps", "audit", "watch"):
@@ -99,7 +100,7 @@ class DiagnoseOptions:
             "--watch": self.watch is not None, "--resume": self.resume, "--overlays": self.overlays is not None,
             "--maps": self.maps is not None, "--audit": self.audit is not None,
             "--every/--window/--max-frames": (self.every, self.window, self.max_frames) != (1, 5, None),
-            "--max-pixels": self.max_pixels is not None,
+            "--max-pixels": self.max_pixels is not None, "--verify": self.verify,
         }
         return [option for option, on in used.items() if on]
 

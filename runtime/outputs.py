@@ -42,9 +42,11 @@ class RunSettings:
 
     model_sha256: str | None
     settings: Mapping[str, Any]
+    evidence: Mapping[str, Any] | None = None  # recorded, never compared: e.g. the self-test on this machine (--verify)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model_sha256": self.model_sha256, "settings": dict(self.settings)}
+        data = {"model_sha256": self.model_sha256, "settings": dict(self.settings)}
+        return {**data, "evidence": dict(self.evidence)} if self.evidence else data
 
 
 def check_writable(target: Path, option: str, *, is_folder: bool = False, min_free: int = MIN_FREE_BYTES) -> None:

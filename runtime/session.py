@@ -35,7 +35,9 @@ class Session(Protocol):
     reference); ``providers`` lists what actually runs, first the one that
     matters (ONNX Runtime's active providers, ``("TensorRT",)``, ``("PyTorch
     cpu",)``); ``pads_batches`` is True for engines that should see one batch
-    shape (GPUs re-tune on a new shape).
+    shape (GPUs re-tune on a new shape); ``selftest`` is the text of the
+    vectors export stored in the artefact, replayed by
+    :func:`edgedx.runtime.selftest.verify_session`.
     """
 
     card: ModelCard
@@ -45,6 +47,7 @@ class Session(Protocol):
     providers: tuple[str, ...]
     precision: str
     pads_batches: bool
+    selftest: str | None  # the artefact's own self-test vectors (see edgedx.runtime.selftest), None when it has none
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Raw model outputs (logits, float32) for a preprocessed batch laid out as the card says."""

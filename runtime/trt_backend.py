@@ -94,6 +94,15 @@ def write_sidecar(engine_path: str | Path, card: ModelCard, build: dict[str, Any
     return path
 
 
+def read_sidecar_block(engine_path: Path, key: str) -> str | None:
+    """One optional block of the sidecar as JSON text (the card and build record are read by :func:`read_sidecar`)."""
+    try:
+        value = json.loads(sidecar_path(engine_path).read_text(encoding="utf-8")).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) or value is None else json.dumps(value)
+
+
 def read_sidecar(engine_path: str | Path) -> tuple[ModelCard, dict[str, Any]]:
     """The card and the ``tensorrt`` build record stored beside an engine.
 
@@ -334,6 +343,7 @@ class TensorRTSession:
         self.device = "tensorrt"
         self.precision = str(self.build.get("precision") or "fp32")
         self.pads_batches = True  # an engine's optimisation profile is tuned for one batch; keep one shape
+        self.selftest = read_sidecar_block(self.path, "selftest")  # the vectors export stored beside the engine
 
         self._logger = shared_logger(trt)
         self._runtime = trt.Runtime(self._logger)

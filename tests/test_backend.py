@@ -137,7 +137,7 @@ def test_every_backend_is_a_session(trained: Trained) -> None:
     from edgedx.runtime.session import Session, open_session
 
     fields = [n for n in Session.__annotations__] + ["run", "close"]
-    assert fields == ["card", "path", "sha256", "device", "providers", "precision", "pads_batches", "run", "close"]
+    assert fields == ["card", "path", "sha256", "device", "providers", "precision", "pads_batches", "selftest", "run", "close"]
     for module in ("onnx_backend.py", "trt_backend.py"):
         tree = ast.parse((Path(__file__).parents[1] / "runtime" / module).read_text(encoding="utf-8"))
         cls = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name.endswith("Session") and n.name != "FallbackSession")

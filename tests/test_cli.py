@@ -67,7 +67,7 @@ def test_train_passes_options_through() -> None:
         TrainConfig(arch="resnet18", epochs=3, input_size=64, weights="none", positive_class="melanoma", seed=7,
                     strategy="last:2", imbalance="sampler", augmentation="dermoscopy", patience=2, label_columns=("a", "b"),
                     optimizer="sgd", schedule="plateau", monitor="auc", resume=True),
-        progress=mock.ANY,
+        nproc=1, folds=None, progress=mock.ANY,
     )
     assert "val accuracy 0.900" in result.output and "no patient ids" in result.output
 
@@ -147,6 +147,17 @@ def test_epoch_lines_are_shown_without_verbose_and_stay() -> None:
     assert verbose.output.count("epoch 1/2: train loss") == 1  # not twice (step handler and root handler)
 
 
+def test_train_folds_prints_the_cross_validation_summary() -> None:
+    from edgedx.training.train import CrossValidationResult, TrainConfig
+
+    summary = {"folds": 3, "accuracy": {"mean": 0.8, "sd": 0.05}, "macro_auc": None}
+    with mock.patch("edgedx.training.train.train", return_value=CrossValidationResult((), summary)) as one_call:
+        result = runner.invoke(app, ["train", "data", "--out", "run", "--folds", "3"])
+    assert result.exit_code == 0, result.output
+    one_call.assert_called_once_with(Path("data"), Path("run"), TrainConfig(), nproc=1, folds=3, progress=mock.ANY)
+    assert "accuracy: 0.800 ± 0.050 over 3 folds" in result.output and "per-fold runs and cv_summary.json: run" in result.output
+
+
 def test_train_nproc_hands_the_run_to_the_launcher() -> None:
     from edgedx.training.train import TrainConfig
 
@@ -156,10 +167,10 @@ def test_train_nproc_hands_the_run_to_the_launcher() -> None:
     fake.return_value.summary = {}
     fake.return_value.skipped = ()
     single = mock.MagicMock()
-    with mock.patch("edgedx.training.distributed.launch_train", fake), mock.patch("edgedx.training.train.train", single):
+    with mock.patch("edgedx.training.distributed.launch_train", fake), mock.patch("edgedx.training.train.train_run", single):
         result = runner.invoke(app, ["train", "data", "--out", "run", "--nproc", "2", "--batch-size", "16", "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    fake.assert_called_once_with(Path("data"), Path("run"), TrainConfig(batch_size=16, device="cpu"), nproc=2)
+    fake.assert_called_once_with(Path("data"), Path("run"), TrainConfig(batch_size=16, device="cpu"), nproc=2, folds=None)
     single.assert_not_called()
     assert "val accuracy 0.750" in result.output
 

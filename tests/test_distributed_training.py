@@ -22,7 +22,8 @@ from edgedx.training.checkpoint import load_checkpoint  # noqa: E402
 from edgedx.training.losses import TaskLoss, balanced_order, class_weights  # noqa: E402
 from edgedx.training.sources import load_source  # noqa: E402
 from edgedx.training.splits import split_indices  # noqa: E402
-from edgedx.training.train import TrainConfig, _batch_share, train  # noqa: E402
+from edgedx.training.loop import batch_share  # noqa: E402
+from edgedx.training.train import TrainConfig, train  # noqa: E402
 
 # timm's test_efficientnet_gn (an EfficientNet with GroupNorm, 0.1 M parameters) normalises each sample on its own,
 # so a sharded batch computes exactly what the whole batch does and the only difference left is float summation
@@ -88,7 +89,9 @@ def test_two_cpu_processes_match_one(tmp_path: Path, one_thread: None) -> None:
     one = train(data, tmp_path / "one", CONFIG)
     record = tmp_path / "record"
     record.mkdir()
-    two = distributed.launch(2, spy_train, data, tmp_path / "two", CONFIG, record)[0]
+    ranks_results = distributed.launch(2, spy_train, data, tmp_path / "two", CONFIG, record)
+    two = ranks_results[0]
+    assert ranks_results[1] is None  # only rank 0 reports: train() returns None on the others
 
     # Same global batches, gradients averaged over ranks: the weights agree up to float summation order, which
     # 8 steps at lr 0.05 grow to about 1e-6 (seen: 9e-7) and the losses to 1e-5 relative. One wrongly composed or
@@ -144,7 +147,7 @@ def test_sharding_takes_each_training_index_once_and_keeps_patients_apart(tmp_pa
                 logits = torch.randn(len(whole), 2, generator=torch.Generator().manual_seed(start))
                 y = torch.from_numpy(source.targets[whole]).long()
                 loss = TaskLoss("binary", weights_of)
-                parts = [loss(logits[r::world], y[r::world]) * _batch_share(source.targets[s[2]], source.targets[whole], "binary", weights_of) for r, s in enumerate(steps)]
+                parts = [loss(logits[r::world], y[r::world]) * batch_share(source.targets[s[2]], source.targets[whole], "binary", weights_of) for r, s in enumerate(steps)]
                 assert float(sum(parts)) == pytest.approx(float(loss(logits, y)), rel=1e-5)
 
 

@@ -123,6 +123,7 @@ class RedLevelSession:
     providers = ("fake",)
     precision = "fp32"
     pads_batches = False
+    selftest = None
 
     def __init__(self, card: ModelCard) -> None:
         self.card = card

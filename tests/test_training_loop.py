@@ -15,7 +15,7 @@ pytest.importorskip("timm")
 
 from edgedx.runtime.image_io import write_image  # noqa: E402
 from edgedx.training.checkpoint import load_checkpoint  # noqa: E402
-from edgedx.training.train import TrainConfig, operating_point, train  # noqa: E402
+from edgedx.training.train import TrainConfig, train  # noqa: E402
 
 FAST = TrainConfig(arch="resnet10t", weights="none", input_size=16, batch_size=8, epochs=2, lr=3e-3, gradcam_samples=0, plots=False, positive_class="light")
 
@@ -133,31 +133,6 @@ def test_npz_predefined_splits_and_operating_threshold(tmp_path: Path) -> None:
     assert len(split["train"]) == 40 and len(split["val"]) == 16  # the file's own splits
     assert result.card.positive_class == "pneumonia"
     assert result.card.metrics["sensitivity"] == 1.0
-
-
-def test_operating_point_reaches_target() -> None:
-    from edgedx.card import CropPolicy, ModelCard, Provenance
-
-    card = ModelCard(
-        arch="x", task="binary", class_names=("neg", "pos"), positive_class="pos", threshold=0.5, input_size=(8, 8),
-        crop=CropPolicy((8, 8), (4, 4)), provenance=Provenance("0", "2026-01-01T00:00:00+00:00"),
-    )
-    scores = np.array([0.1, 0.2, 0.35, 0.4, 0.6, 0.7, 0.8, 0.9, 0.3, 0.55])
-    y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 0])
-    probs = np.stack([1 - scores, scores], axis=1)
-    point = operating_point(y, probs, card, target=1.0)
-    assert point["threshold"] <= 0.3 and point["card_metrics"]["sensitivity"] == 1.0
-    assert point["threshold"] > 0.2  # the highest threshold that still catches every positive
-    assert point["threshold"] == pytest.approx(0.25)  # centred between the lowest positive (0.3) and the next score (0.2)
-    point = operating_point(y, probs, card, target=0.8)
-    assert point["threshold"] == pytest.approx((0.6 + 0.55) / 2) and point["card_metrics"]["sensitivity"] == 0.8
-    assert point["card_metrics"]["specificity"] == 1.0
-    # Perfectly separated scores: target 0.8 still catches every positive, centred in the gap.
-    separated = np.array([0.1, 0.2, 0.3, 0.9, 0.95, 0.97, 0.99, 0.995])
-    truth = np.array([0, 0, 0, 1, 1, 1, 1, 1])
-    point = operating_point(truth, np.stack([1 - separated, separated], axis=1), card, target=0.8)
-    assert point["threshold"] == pytest.approx(0.6)
-    assert point["card_metrics"]["sensitivity"] == 1.0 and point["card_metrics"]["specificity"] == 1.0
 
 
 def test_an_edgedx_checkpoint_is_a_starting_point(tmp_path: Path) -> None:

@@ -12,18 +12,7 @@ pytest.importorskip("timm")
 
 from edgedx.errors import InputError, ModelError  # noqa: E402
 from edgedx.training import models  # noqa: E402
-from edgedx.training.train import TrainConfig, pick_positive_class, train  # noqa: E402
-
-
-def test_positive_class_choice() -> None:
-    assert pick_positive_class(("melanoma", "nevus"), None) == "melanoma"
-    assert pick_positive_class(("normal", "pneumonia"), None) == "pneumonia"
-    assert pick_positive_class(("parasitized", "uninfected"), None) == "parasitized"
-    with pytest.raises(InputError, match=r"which class should this model screen for\? Neither of \['MEL', 'NV'\].*--positive-class MEL or --positive-class NV"):
-        pick_positive_class(("MEL", "NV"), None)  # ISIC's own names: never a silent pick
-    assert pick_positive_class(("a", "b"), "a") == "a"
-    with pytest.raises(InputError, match="'c' is not one of"):
-        pick_positive_class(("a", "b"), "c")
+from edgedx.training.train import TrainConfig, train  # noqa: E402
 
 
 def test_rekey_in_order_maps_names_and_checks_shapes() -> None:
@@ -186,24 +175,26 @@ def test_an_existing_run_folder_is_never_silently_overwritten(tmp_path: Path) ->
     assert interrupted_message(["diagnose", "x.png"]).endswith("run the same command again to continue")
 
 
-def test_a_useless_model_is_warned_about() -> None:
-    from edgedx.card import CropPolicy, ModelCard, Provenance
-    from edgedx.training.train import quality_warnings
+def test_train_is_the_one_entry_point(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One call for every way to train: one run, cross-validation or the launcher; only the reporting process gets a result."""
+    from unittest import mock
 
-    card = ModelCard(
-        arch="x", task="binary", class_names=("MEL", "NV"), positive_class="MEL", threshold=0.2, input_size=(8, 8),
-        crop=CropPolicy((8, 8), (4, 4)), provenance=Provenance("0", "2026-01-01T00:00:00+00:00"),
-    )
-    final = {"metrics": {"at_threshold": {"macro_auc": 0.44, "per_class": {
-        "MEL": {"sensitivity": 1.0, "specificity": 0.0}, "NV": {"sensitivity": 0.0, "specificity": 1.0}}}}}
-    warnings = quality_warnings(final, card)
-    assert warnings == [
-        "validation AUC is 0.440 (≤ 0.6; 0.5 is chance): the model barely separates the classes",
-        "validation specificity for MEL is 0.000 at threshold 0.20: it calls almost everything MEL",
-    ]
-    good = {"metrics": {"at_threshold": {"macro_auc": 0.93, "per_class": {"MEL": {"sensitivity": 0.95, "specificity": 0.7}}}}}
-    assert quality_warnings(good, card) == []
-    multi = card.replace(task="multiclass", class_names=("a", "b", "c"), positive_class=None, threshold=None)
-    never = {"metrics": {"macro_auc": 0.8, "per_class": {"a": {"sensitivity": 0.9, "specificity": 0.9}, "b": {"sensitivity": 0.0, "specificity": 1.0},
-                                                        "c": {"sensitivity": 0.8, "specificity": 0.9}}}}
-    assert quality_warnings(never, multi) == ["validation sensitivity for b is 0.000 at argmax: it almost never calls b"]
+    from edgedx.training import distributed
+    from edgedx.training import train as module
+
+    config = TrainConfig(device="cpu", batch_size=8)
+    with mock.patch.object(module, "train_run") as one, mock.patch.object(module, "cross_validate") as cv, \
+            mock.patch.object(distributed, "launch_train") as launch:
+        assert module.train("d", "o", config, fold=(0, 3), progress=print) is one.return_value
+        one.assert_called_once_with("d", "o", config, fold=(0, 3), progress=print)
+        assert module.train("d", "o", config, folds=3, progress=print) is cv.return_value
+        cv.assert_called_once_with("d", "o", config, folds=3, progress=print)
+        assert module.train("d", "o", config, nproc=2, folds=3) is launch.return_value
+        launch.assert_called_once_with("d", "o", config, nproc=2, folds=3)
+        monkeypatch.setenv("RANK", "1")  # another rank of a torchrun job: rank 0 reports
+        assert module.train("d", "o", config) is None
+        with pytest.raises(InputError, match="fold=.* trains one fold in this process"):
+            module.train("d", "o", config, folds=3, fold=(0, 3))
+    with mock.patch.object(module, "train") as entry:  # each launched process re-enters the same entry point
+        distributed._run_training("d", "o", config, 3)
+    entry.assert_called_once_with("d", "o", config, folds=3)

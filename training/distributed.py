@@ -17,28 +17,33 @@ Backends: gloo on CPU, nccl on CUDA (one GPU per process).
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-import logging
-import os
-import socket
-import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from datetime import timedelta
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from edgedx.deps import require
 
-import numpy as np
-import torch
-import torch.distributed as dist
-from torch import nn
+require(("torch", "timm"), extra="train", purpose="Training")
 
-from edgedx import errors
-from edgedx.errors import EdgeDxError, InputError
+import contextlib  # noqa: E402 - after the check that names the extra to install
+import inspect  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import socket  # noqa: E402
+import uuid  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from datetime import timedelta  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING, Any, TypeVar  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch import nn  # noqa: E402
+
+from edgedx import errors  # noqa: E402
+from edgedx.errors import EdgeDxError, InputError  # noqa: E402
 
 if TYPE_CHECKING:
-    from edgedx.training.train import CrossValidationResult, TrainConfig, TrainResult
+    from edgedx.training.config import TrainConfig
+    from edgedx.training.train import CrossValidationResult, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -272,10 +277,13 @@ def launch(nproc: int, fn: Callable[..., T], *args: Any) -> dict[int, T]:
 
 def launch_train(
     data: str | Path, out: str | Path, config: TrainConfig, *, nproc: int, folds: int | None = None
-) -> TrainResult | CrossValidationResult:
+) -> TrainResult | CrossValidationResult | None:
     """``edgedx train --nproc N``: train (or cross-validate) on ``nproc`` processes; rank 0's result.
 
     ``config.batch_size`` is the global batch; each process takes ``batch_size / nproc``.
+    Callers go through :func:`edgedx.training.train.train` (``nproc=N``). With
+    ``nproc`` 1 the run stays in this process, which may itself be one rank of a
+    ``torchrun`` job: ranks other than 0 get None, as from ``train``.
     """
     if nproc < 1:
         raise InputError(f"--nproc must be at least 1, got {nproc}")
@@ -295,10 +303,11 @@ def launch_train(
     return launch(nproc, _run_training, data, out, config, folds)[0]
 
 
-def _run_training(data: str | Path, out: str | Path, config: TrainConfig, folds: int | None) -> TrainResult | CrossValidationResult:
-    from edgedx.training.train import cross_validate, train
+def _run_training(data: str | Path, out: str | Path, config: TrainConfig, folds: int | None) -> TrainResult | CrossValidationResult | None:
+    """What each launched process runs: the entry point itself, in one process of the group (None on ranks but 0)."""
+    from edgedx.training.train import train
 
-    return cross_validate(data, out, config, folds=folds) if folds else train(data, out, config)
+    return train(data, out, config, folds=folds)
 
 
 def _worker(level: int, fn: Callable[..., T], *args: Any) -> T:

@@ -34,6 +34,7 @@ class TorchSession:
     sha256: str | None = None
     precision = "fp32"
     pads_batches = False  # the reference sees the batches as they come; a padded GPU batch is the engines' concern
+    selftest: str | None = None  # the reference is what self-tests compare with
 
     def __init__(self, model: nn.Module, card: ModelCard, device: torch.device | str = "cpu") -> None:
         self.model = model

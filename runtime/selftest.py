@@ -1,0 +1,160 @@
+"""Self-test vectors: an artefact proves itself on the machine that runs it.
+
+Why: parity measured at export says nothing about the target. int8 and fp16
+results depend on the target's kernels (the same int8 file passes on one x86
+CPU and fails on another), and a TensorRT engine is tied to its GPU. So export
+stores, inside every artefact, a few real crops (uint8, cut by the card's crop
+policy from the run's validation images) with the probabilities the fp32
+PyTorch model gives them through the deployed preprocessing, and the
+tolerances of the artefact's precision. :func:`run_selftest` replays them on
+whatever session runs here and says whether this machine reproduces them.
+
+The vectors double as a conformance suite for a foreign implementation: the
+crops are what a client feeds after cropping, the reference is what it must
+get (see ``docs/integration.md``).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from edgedx.card import ModelCard
+from edgedx.errors import ModelError
+from edgedx.runtime.model import decide
+from edgedx.runtime.preprocess import model_input, to_probabilities
+
+SELFTEST_KEY = "edgedx.selftest"  # ONNX metadata key, and the engine sidecar's block
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """How far this precision may stray from the fp32 reference on the vectors."""
+
+    max_prob_delta: float  # largest |Δp| of any class on any vector
+    min_agreement: float  # share of vectors whose top-1 class and thresholded decision both agree
+
+
+@dataclass(frozen=True)
+class SelfTestVectors:
+    crops: np.ndarray  # (n, H, W, 3) uint8 RGB: the crops the runtime cuts, before preprocessing
+    reference: np.ndarray  # (n, C) float32: the fp32 PyTorch model's probabilities through the card's preprocessing
+    precision: str  # the artefact's precision the tolerances are for
+    tolerances: Tolerances
+    source: str  # where the crops came from (e.g. "val split of runs/isic")
+
+    def to_text(self) -> str:
+        """JSON with the arrays as base64 of a compressed .npz: fits ONNX metadata and a JSON sidecar alike."""
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, crops=self.crops.astype(np.uint8), reference=self.reference.astype(np.float32))
+        return json.dumps({
+            "format": FORMAT, "precision": self.precision, "tolerances": asdict(self.tolerances), "source": self.source,
+            "npz_base64": base64.b64encode(buffer.getvalue()).decode("ascii"),
+        })
+
+    @classmethod
+    def from_text(cls, text: str, where: str) -> SelfTestVectors:
+        try:
+            data = json.loads(text)
+            if data.get("format") != FORMAT:
+                raise ModelError(f"{where}: self-test vectors in format {data.get('format')!r}; this EdgeDx reads format {FORMAT}: upgrade EdgeDx")
+            with np.load(io.BytesIO(base64.b64decode(data["npz_base64"])), allow_pickle=False) as arrays:
+                crops, reference = arrays["crops"], arrays["reference"]
+            tolerances = Tolerances(**data["tolerances"])
+            return cls(crops, reference, str(data["precision"]), tolerances, str(data.get("source", "")))
+        except ModelError:
+            raise
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            raise ModelError(f"{where}: its self-test vectors are damaged ({exc}); re-export it with edgedx export") from None
+
+
+@dataclass(frozen=True)
+class SelfTestReport:
+    """What replaying the vectors on this machine gave, and the verdict."""
+
+    n: int
+    max_prob_delta: float
+    top1_agreement: float
+    decision_agreement: float
+    passed: bool
+    precision: str
+    tolerances: Tolerances
+    providers: tuple[str, ...]
+    source: str
+
+    def summary(self) -> str:
+        verdict = "passed" if self.passed else "FAILED"
+        return (
+            f"self-test {verdict} on {self.n} vectors ({self.precision}, {self.providers[0] if self.providers else 'unknown engine'}): "
+            f"max |Δp| {self.max_prob_delta:.2e} (≤ {self.tolerances.max_prob_delta:g}), top-1 agreement {self.top1_agreement:.3f} "
+            f"and decision agreement {self.decision_agreement:.3f} (≥ {self.tolerances.min_agreement:g})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "providers": list(self.providers)}
+
+
+def run_selftest(session: Any, vectors: SelfTestVectors) -> SelfTestReport:
+    """Replay ``vectors`` through ``session`` (a :class:`~edgedx.runtime.backends.session.Session`) with the card's
+    preprocessing; compare with the stored fp32 reference."""
+    card: ModelCard = session.card
+    if vectors.crops.ndim != 4 or vectors.crops.shape[3] != 3 or vectors.reference.shape != (len(vectors.crops), card.n_classes):
+        raise ModelError(
+            f"the self-test vectors ({vectors.crops.shape} crops, {vectors.reference.shape} reference) do not fit this "
+            f"model's card ({card.n_classes} classes); re-export it"
+        )
+    got = np.concatenate([
+        to_probabilities(session.run(model_input(vectors.crops[i : i + 8], card)), card) for i in range(0, len(vectors.crops), 8)
+    ])
+    ref = vectors.reference.astype(np.float64)
+    delta = float(np.max(np.abs(got - ref))) if len(ref) else 0.0
+    top1 = float(np.mean(np.argmax(got, axis=1) == np.argmax(ref, axis=1))) if len(ref) else 1.0
+    decisions = float(np.mean([decide(a, card) == decide(b, card) for a, b in zip(got, ref)])) if len(ref) else 1.0
+    tol = vectors.tolerances
+    passed = delta <= tol.max_prob_delta and min(top1, decisions) >= tol.min_agreement
+    return SelfTestReport(len(ref), delta, top1, decisions, passed, vectors.precision, tol, tuple(session.providers), vectors.source)
+
+
+def verify_session(session: Any) -> SelfTestReport:
+    """Run the artefact's own vectors here; a missing or failing self-test is an error that says what to do."""
+    text = session.selftest
+    where = str(session.path or "the model")
+    if not text:
+        raise ModelError(
+            f"{where} carries no self-test vectors (exported by an older EdgeDx or without labelled images), so it "
+            "cannot prove itself here: re-export it with edgedx export, or run without --verify"
+        )
+    report = run_selftest(session, SelfTestVectors.from_text(text, where))
+    if not report.passed:
+        raise ModelError(
+            f"{where} does not reproduce its export on this machine: {report.summary()}. This engine rounds differently "
+            "from the export machine: use the fp32 model here, or another --device"
+        )
+    return report
+
+
+def verify_artefact(path: Any, device: str = "cpu") -> SelfTestReport:
+    """``edgedx verify``: open the artefact on ``device`` here and replay its vectors; the report says pass or fail.
+
+    A missing or damaged set of vectors is an error (nothing was checked); a
+    failing replay is a report with ``passed`` False, for the caller to show.
+    """
+    from edgedx.runtime.model import resolve_model_path
+    from edgedx.runtime.session import open_session
+
+    session = open_session(resolve_model_path(path), device)
+    try:
+        if not session.selftest:
+            raise ModelError(
+                f"{session.path} carries no self-test vectors (exported by an older EdgeDx), so it cannot prove itself "
+                "here: re-export it with edgedx export"
+            )
+        return run_selftest(session, SelfTestVectors.from_text(session.selftest, str(session.path)))
+    finally:
+        session.close()

@@ -1,0 +1,96 @@
+"""Every training choice in one frozen object, checked before any work and recorded in the card and ``summary.json``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgedx.errors import InputError
+from edgedx.runtime.manifest import ManifestLayout
+from edgedx.training.augment import PRESETS
+from edgedx.training.crops import CropChoice
+from edgedx.training.losses import IMBALANCE_MODES
+from edgedx.training.models import DEFAULT_ARCH
+from edgedx.training.strategy import parse_strategy
+
+MONITORS = ("balanced_accuracy", "auc", "accuracy", "loss")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "plateau")
+NORMALIZATIONS = ("imagenet", "per_image")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every training choice; recorded in the card's provenance and in ``summary.json``."""
+
+    arch: str = DEFAULT_ARCH
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    schedule: str = "cosine"
+    input_size: int | None = None
+    weights: str = "imagenet"
+    strategy: str = "full"
+    backbone_lr_factor: float | None = None  # None: 0.1 with pretrained weights, 1.0 from scratch
+    imbalance: str = "weighted"
+    augmentation: str = "none"
+    normalization: str = "imagenet"
+    monitor: str = "balanced_accuracy"
+    patience: int | None = None
+    target_sensitivity: float = 0.95
+    val_fraction: float = 0.2
+    test_fraction: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    positive_class: str | None = None
+    task: str | None = None
+    label_column: str = "label"
+    label_columns: tuple[str, ...] | None = None
+    path_column: str | None = None  # CSV manifests: the image column (None: path, image, file or filename)
+    image_dir: str | None = None  # CSV manifests: where relative paths start (None: the manifest's folder)
+    suffix: str = ""  # CSV manifests: appended to ids that lack it (ISIC's labels.csv: .jpg)
+    class_names: tuple[str, ...] | None = None
+    stride_fraction: float = 0.5
+    crop: str = "auto"  # auto | fit | shorter_side[:N] | scale[:F]: how images become crops, in training and in diagnose
+    strict: bool = False
+    resume: bool = False
+    overwrite: bool = False  # start again in a run folder that already holds a run
+    gradcam_samples: int = 8
+    plots: bool = True
+
+    def __post_init__(self) -> None:
+        if self.image_dir is not None:  # recorded in the card: export reloads the images from any directory
+            object.__setattr__(self, "image_dir", str(Path(self.image_dir).absolute()))
+
+    def validate(self) -> None:
+        """Fail before any work on a setting that makes no sense, naming it."""
+        checks = [
+            (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
+            (self.lr > 0, f"learning rate must be positive, got {self.lr}"),
+            (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose {', '.join(OPTIMIZERS)}"),
+            (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; choose {', '.join(SCHEDULES)}"),
+            (self.imbalance in IMBALANCE_MODES, f"unknown imbalance mode {self.imbalance!r}; choose {', '.join(IMBALANCE_MODES)}"),
+            (self.augmentation in PRESETS, f"unknown augmentation {self.augmentation!r}; choose one of {', '.join(PRESETS)}"),
+            (self.normalization in NORMALIZATIONS, f"unknown normalization {self.normalization!r}; choose {', '.join(NORMALIZATIONS)}"),
+            (self.monitor in MONITORS, f"unknown monitor {self.monitor!r}; choose one of {', '.join(MONITORS)}"),
+            (self.patience is None or self.patience >= 1, f"patience must be at least 1 epoch, got {self.patience}"),
+            (0 < self.target_sensitivity <= 1, f"target sensitivity must be in (0, 1], got {self.target_sensitivity}"),
+            (0 < self.stride_fraction <= 1, f"stride fraction must be in (0, 1], got {self.stride_fraction}"),
+            (self.device in ("auto", "cpu", "cuda"), f"unknown device {self.device!r}; choose auto, cpu or cuda"),
+            (self.input_size is None or self.input_size >= 8, f"input size must be at least 8 pixels, got {self.input_size}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InputError(message)
+        parse_strategy(self.strategy)
+        CropChoice.parse(self.crop)
+        if self.resume and self.overwrite:
+            raise InputError("--resume continues the run in --out and --overwrite starts it again: give one of them")
+        self.layout()
+
+    def layout(self) -> ManifestLayout:
+        """How a CSV manifest names images and classes (evaluate and export read the same layout)."""
+        return ManifestLayout(self.path_column, self.label_column, self.image_dir, self.suffix)

@@ -28,7 +28,7 @@ import onnx
 import torch
 
 import edgedx
-from edgedx.card import ONNX_METADATA_KEY, ModelCard
+from edgedx.card import ONNX_METADATA_KEY, ModelCard, sidecar_path
 from edgedx.errors import InputError, ParityError, PartialExportError
 from edgedx.export.bn_fold import assert_no_batchnorm, count_batchnorms, fold_batchnorms
 from edgedx.export.onnx_export import DEFAULT_OPSET, check_graph, embed_metadata, simplify, torch_to_onnx
@@ -37,6 +37,7 @@ from edgedx.export.precision import parse_precisions, to_fp16, to_int8
 from edgedx.export.preprocess_graph import embed_preprocessing
 from edgedx.export.samples import Samples, SplitUnavailable, calibration_crops, folder_samples, split_samples
 from edgedx.export.selftest import embed_selftest, for_precision, selftest_vectors
+from edgedx.export.sidecar import write_card_sidecar
 from edgedx.progress import ProgressFn, no_progress
 from edgedx.runtime.integrity import CHECKSUM_SUFFIX, atomic_write_bytes, write_checksum
 from edgedx.runtime.onnx_backend import OnnxSession
@@ -190,6 +191,7 @@ def export_checkpoint(
     failed = _quarantine_failed(artefacts, data)
     for artefact in artefacts:
         if artefact.parity.passed:
+            _write_sidecar(artefact, card, for_precision(vectors, artefact.precision))
             write_checksum(artefact.path)  # the runtime refuses a copy that no longer matches
     report_path = out / REPORT_NAME
     atomic_write_bytes(report_path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
@@ -198,6 +200,18 @@ def export_checkpoint(
         raise _refusal(artefacts, failed, report_path, options)
     log.info("exported %d artefacts to %s", len(artefacts), out)
     return ExportReport(onnx_path, report_path, data)
+
+
+def _write_sidecar(artefact: Artefact, card: ModelCard, vectors: SelfTestVectors) -> None:
+    """The card and self-test vectors beside the file, for clients that cannot read ONNX metadata; an engine's
+    existing sidecar (card and build record) gains the vectors."""
+    if artefact.format != "engine":
+        write_card_sidecar(artefact.path, card, artefact.format, artefact.precision, vectors)
+        return
+    path = sidecar_path(artefact.path)
+    document = json.loads(path.read_text(encoding="utf-8"))
+    document["selftest"] = vectors.to_plain()
+    atomic_write_bytes(path, (json.dumps(document, indent=2, allow_nan=False) + "\n").encode("utf-8"))
 
 
 def _stepper(progress: ProgressFn, steps: int) -> Callable[[str], None]:
@@ -371,7 +385,8 @@ def _forget_previous_export(out: Path, stem: str) -> None:
     """Checksums, refused ``*.failed`` artefacts and the report of an earlier export into ``out`` describe files about
     to be replaced: a new export starts without them (it writes its own refusals again if it has any)."""
     (out / REPORT_NAME).unlink(missing_ok=True)
-    for old in [*out.glob(f"{stem}*{CHECKSUM_SUFFIX}"), *out.glob(f"{stem}*.failed")]:
+    sidecars = [*out.glob(f"{stem}*.onnx.card.json"), *out.glob(f"{stem}*.ort.card.json")]
+    for old in [*out.glob(f"{stem}*{CHECKSUM_SUFFIX}"), *out.glob(f"{stem}*.failed"), *sidecars]:
         old.unlink()
 
 

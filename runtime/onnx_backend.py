@@ -8,13 +8,14 @@ onnxruntime-gpu silently falls back to CPU when CUDA cannot start.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgedx.card import ONNX_METADATA_KEY, ModelCard
+from edgedx.card import ONNX_METADATA_KEY, ModelCard, sidecar_path
 from edgedx.errors import CardError, MissingDependencyError, ModelError
 from edgedx.runtime.integrity import verify_model_file
 
@@ -109,6 +110,7 @@ class OnnxSession:
         self.precision = metadata.get("edgedx.precision", "fp32")  # exports before precisions were recorded: fp32
         self.selftest = metadata.get("edgedx.selftest")  # the vectors this artefact proves itself with
         self.card = card_from_session(self.session, self.path)
+        check_card_sidecar(self.path, self.sha256, self.card)
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             raise ModelError(f"{self.path}: expected one input, the model has {len(inputs)}")
@@ -128,6 +130,30 @@ class OnnxSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_card_sidecar(path: Path, sha256: str, card: ModelCard) -> None:
+    """A ``<file>.card.json`` beside the model must describe this very file: same bytes, same card.
+
+    Clients that cannot read ONNX metadata take the contract from the sidecar;
+    one copied from another export would give them another threshold or crop
+    rule, so EdgeDx refuses the pair rather than let them disagree.
+    """
+    sidecar = sidecar_path(path)
+    if not sidecar.is_file():
+        return
+    try:
+        data = json.loads(sidecar.read_text(encoding="utf-8"))
+        recorded, sidecar_card = data["artefact"]["sha256"], ModelCard.from_dict(data["card"])
+    except (OSError, ValueError, KeyError, TypeError, CardError) as exc:
+        raise ModelError(f"{sidecar} is not a readable card sidecar ({exc}); delete it or re-export {path.name}") from None
+    if recorded != sha256:
+        raise ModelError(
+            f"{sidecar.name} belongs to another file (sha256 {str(recorded)[:12]}…, {path.name} is {sha256[:12]}…): "
+            f"copy the sidecar exported with this model, or delete it"
+        )
+    if sidecar_card != card:
+        raise ModelError(f"{sidecar.name} holds another card than the one inside {path.name}: re-export, or delete the sidecar")
 
 
 def card_from_session(session: Any, path: Path) -> ModelCard:

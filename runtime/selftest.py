@@ -58,12 +58,29 @@ class SelfTestVectors:
             "npz_base64": base64.b64encode(buffer.getvalue()).decode("ascii"),
         })
 
+    def to_plain(self) -> dict[str, Any]:
+        """For JSON sidecars that any language reads: raw uint8 crops (C order, shape given) and plain lists."""
+        return {
+            "format": FORMAT, "precision": self.precision, "tolerances": asdict(self.tolerances), "source": self.source,
+            "crops_shape": list(self.crops.shape), "crops_base64": base64.b64encode(np.ascontiguousarray(self.crops, np.uint8).tobytes()).decode("ascii"),
+            "reference": [[float(v) for v in row] for row in self.reference],
+        }
+
+    @classmethod
+    def from_plain(cls, data: dict[str, Any]) -> SelfTestVectors:
+        crops = np.frombuffer(base64.b64decode(data["crops_base64"]), np.uint8).reshape(data["crops_shape"])
+        reference = np.asarray(data["reference"], np.float32).reshape(len(crops), -1)
+        return cls(crops, reference, str(data["precision"]), Tolerances(**data["tolerances"]), str(data.get("source", "")))
+
     @classmethod
     def from_text(cls, text: str, where: str) -> SelfTestVectors:
+        """Either form: the compressed one in ONNX metadata, or the plain one of a sidecar."""
         try:
             data = json.loads(text)
             if data.get("format") != FORMAT:
                 raise ModelError(f"{where}: self-test vectors in format {data.get('format')!r}; this EdgeDx reads format {FORMAT}: upgrade EdgeDx")
+            if "crops_base64" in data:
+                return cls.from_plain(data)
             with np.load(io.BytesIO(base64.b64decode(data["npz_base64"])), allow_pickle=False) as arrays:
                 crops, reference = arrays["crops"], arrays["reference"]
             tolerances = Tolerances(**data["tolerances"])

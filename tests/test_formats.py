@@ -33,3 +33,41 @@ def test_a_higher_opset_keeps_the_ir_it_needs() -> None:
     assert lowest_ir_version(model) == 10  # opset 21 arrived with IR 10
     model.ir_version = 9  # never raised: an older stamp stays
     assert with_lowest_ir_version(model).ir_version == 9
+
+
+def test_every_artefact_has_a_card_sidecar_any_client_reads_and_a_foreign_one_is_refused(trained: Trained, tmp_path: Path) -> None:
+    """onnxruntime-node/web and OpenCV cannot read ONNX metadata: the card, the file's sha256 and the self-test vectors
+    (raw uint8 crops and reference probabilities as numbers) travel beside the model as plain JSON."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    from edgedx.card import ModelCard
+    from edgedx.errors import ModelError
+    from edgedx.runtime import load_model
+    from edgedx.runtime.integrity import sha256_file
+    from edgedx.runtime.selftest import SELFTEST_KEY, SelfTestVectors
+
+    model_path = Path(trained.onnx)
+    sidecar = model_path.with_name(model_path.name + ".card.json")
+    data = json.loads(sidecar.read_text(encoding="utf-8"))
+    assert data["artefact"] == {"file": model_path.name, "sha256": sha256_file(model_path), "format": "onnx", "precision": "fp32"}
+    loaded = load_model(model_path)
+    assert ModelCard.from_dict(data["card"]) == loaded.card
+    plain = data["selftest"]
+    crops = np.frombuffer(__import__("base64").b64decode(plain["crops_base64"]), np.uint8).reshape(plain["crops_shape"])
+    embedded = SelfTestVectors.from_text(
+        next(p.value for p in onnx.load(str(model_path)).metadata_props if p.key == SELFTEST_KEY), "m"
+    )
+    assert np.array_equal(crops, embedded.crops) and np.allclose(plain["reference"], embedded.reference, atol=1e-7)
+
+    copy = tmp_path / "copy"
+    shutil.copytree(model_path.parent, copy)
+    foreign = json.loads((copy / sidecar.name).read_text(encoding="utf-8"))
+    foreign["artefact"]["sha256"] = "0" * 64
+    (copy / sidecar.name).write_text(json.dumps(foreign), encoding="utf-8")
+    with pytest.raises(ModelError, match=r"model.onnx.card.json belongs to another file \(sha256 000000000000…"):
+        load_model(copy / model_path.name)
+    (copy / sidecar.name).unlink()
+    assert load_model(copy / model_path.name).card == loaded.card  # no sidecar: the card inside the file is enough

@@ -368,3 +368,10 @@ def test_modules_themselves_import_neither_torch_nor_onnxruntime() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy(), timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_npz_without_usable_arrays_is_a_message_not_a_traceback(root: Path) -> None:
+    empty = root / "empty.npz"
+    np.savez(empty, train_images=np.zeros((0, 28, 28), np.uint8), train_labels=np.zeros((0, 1), np.int64))
+    with pytest.raises(InputError, match=r"empty.npz does not hold MedMNIST-style arrays \(IndexError.*N > 0"):
+        load_source(empty)

@@ -284,135 +284,30 @@ def _cell(row: dict[str | None, Any], column: str) -> str:
     return value.strip() if isinstance(value, str) else ""
 
 
+_Row = tuple[int, dict[str | None, Any]]  # (line number in the file, the row's cells)
+
+
 def _load_csv(
     csv_path: Path, layout: ManifestLayout, label_columns: Sequence[str] | None, class_names: Sequence[str] | None
 ) -> TrainingData:
+    """A CSV manifest as :class:`TrainingData`; checks run file, header, paths, patients, splits, then labels."""
     name = csv_path.name
-    label_column = layout.label_column
     layout.check_image_dir()
-    # utf-8-sig: spreadsheets often save a byte-order mark before the header.
-    try:
-        with csv_path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            header = [h.strip() for h in (reader.fieldnames or [])]
-            reader.fieldnames = header
-            rows: list[tuple[int, dict[str | None, Any]]] = []
-            for row in reader:
-                if not any(isinstance(v, str) and v.strip() for v in row.values()):
-                    continue  # blank line
-                rows.append((reader.line_num, cast(dict[str | None, Any], row)))
-    except UnicodeDecodeError:
-        raise InputError(f"{csv_path} is not UTF-8 text; save the manifest as a UTF-8 CSV") from None
-    except csv.Error as exc:
-        raise InputError(f"{csv_path} is not a readable CSV ({exc}); fix the file") from None
-    if not header:
-        raise InputError(f"manifest {csv_path} is empty; it needs a header row (path,label) and one row per image")
-    columns = ", ".join(header)
+    header, rows = _read_csv_rows(csv_path)
     path_column = layout.find_path_column(header, name)
-    if label_columns is not None:
-        label_columns = [str(c) for c in label_columns]
-        if len(label_columns) < 2:
-            raise InputError(
-                f"label_columns names {len(label_columns)} column(s) {label_columns}; a multi-label manifest needs "
-                "at least 2 (for one label use label_column)"
-            )
-        for col in label_columns:
-            if col not in header:
-                raise InputError(f"label column {col!r} not in {name}; columns are: {columns}")
-    else:
-        layout.check_label_column(header, name)
+    label_columns = _check_label_columns(header, name, layout, label_columns)
     if not rows:
         raise InputError(f"manifest {csv_path} has a header but no rows; add one row per image")
-
-    paths: list[Path] = []  # absolute: ids must not depend on the working directory
-    for line, row in rows:
-        value = _cell(row, path_column)
-        if not value:
-            raise InputError(f"empty {path_column!r} on line {line} of {name}; every row needs an image path")
-        paths.append(layout.image_path(value, csv_path))
-    _check_no_repeats(paths, [line for line, _ in rows], name)
-    _check_files_exist(paths, csv_path, layout)
-
-    patient_ids = None
-    if PATIENT_COLUMN in header:
-        patient_ids = []
-        for line, row in rows:
-            pid = _cell(row, PATIENT_COLUMN)
-            if not pid:
-                raise InputError(
-                    f"empty {PATIENT_COLUMN!r} on line {line} of {name}; fill in every patient id "
-                    "(or remove the column to split by image)"
-                )
-            patient_ids.append(pid)
-    splits = None
-    if SPLIT_COLUMN in header:
-        splits = []
-        for line, row in rows:
-            split = _cell(row, SPLIT_COLUMN).lower()
-            if split not in SPLIT_NAMES:
-                raise InputError(
-                    f"split {_cell(row, SPLIT_COLUMN)!r} on line {line} of {name} is not one of train, val, test; "
-                    "fix the value (or remove the split column to split automatically)"
-                )
-            splits.append(split)
-
-    names: tuple[str, ...]
+    paths = _csv_image_paths(rows, path_column, csv_path, layout)
+    patient_ids = _csv_patient_ids(rows, header, name)
+    splits = _csv_splits(rows, header, name)
     task: Task
     if label_columns is not None:
-        targets = np.zeros((len(rows), len(label_columns)), np.float32)
-        for r, (line, row) in enumerate(rows):
-            for c, col in enumerate(label_columns):
-                value = _cell(row, col)
-                if value in _ONE_VALUES:
-                    targets[r, c] = 1.0
-                elif value not in _ZERO_VALUES:
-                    raise InputError(
-                        f"label column {col!r} on line {line} of {name} holds {value!r}; multi-label columns hold 0 or 1"
-                    )
-        names = tuple(label_columns)
-        if class_names is not None:
-            names = tuple(str(n) for n in class_names)
-            if len(names) != len(label_columns) or len(set(names)) != len(names):
-                raise InputError(
-                    f"class_names {list(names)} must give {len(label_columns)} distinct names, one per label column "
-                    f"({', '.join(label_columns)})"
-                )
+        names, targets = _csv_multilabel_targets(rows, label_columns, class_names, csv_path)
         task = "multilabel"
-        for label, count in zip(names, targets.sum(axis=0)):
-            if count == 0:
-                log.warning("label %r has no positive item in %s", label, csv_path)
     else:
-        raw: list[str] = []
-        for line, row in rows:
-            value = _cell(row, label_column)
-            if not value:
-                raise InputError(f"empty label column {label_column!r} on line {line} of {name}; every row needs a class")
-            raw.append(value)
-        found = tuple(sorted(set(raw)))
-        if class_names is not None:
-            names = tuple(str(n) for n in class_names)
-            if len(set(names)) != len(names):
-                raise InputError(f"class_names has duplicates: {list(names)}; give each class once")
-            unknown = [v for v in found if v not in names]
-            if unknown:
-                line = rows[raw.index(unknown[0])][0]
-                raise InputError(
-                    f"label {unknown[0]!r} on line {line} of {name} is not in class_names {list(names)}; "
-                    "add it or fix the label"
-                )
-            for missing in sorted(set(names) - set(found)):
-                log.warning("class %r has no item in %s", missing, csv_path)
-        else:
-            names = found
-        if len(found) < 2:
-            raise InputError(
-                f"{name} has only one class ({found[0]!r} in column {label_column!r}); "
-                "a classifier needs at least two classes"
-            )
-        lookup = {n: i for i, n in enumerate(names)}
-        targets = np.asarray([lookup[v] for v in raw], np.int64)
+        names, targets = _csv_single_label_targets(rows, layout.label_column, class_names, csv_path)
         task = _single_label_task(len(names))
-
     return TrainingData(
         class_names=names,
         task=task,
@@ -424,6 +319,167 @@ def _load_csv(
         loader=_file_loader(paths),
         locator=tuple(paths).__getitem__,
     )
+
+
+def _read_csv_rows(csv_path: Path) -> tuple[list[str], list[_Row]]:
+    """The stripped header and the non-blank rows with their line numbers, so errors can point at a line."""
+    # utf-8-sig: spreadsheets often save a byte-order mark before the header.
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            reader.fieldnames = header
+            rows: list[_Row] = []
+            for row in reader:
+                if not any(isinstance(v, str) and v.strip() for v in row.values()):
+                    continue  # blank line
+                rows.append((reader.line_num, cast(dict[str | None, Any], row)))
+    except UnicodeDecodeError:
+        raise InputError(f"{csv_path} is not UTF-8 text; save the manifest as a UTF-8 CSV") from None
+    except csv.Error as exc:
+        raise InputError(f"{csv_path} is not a readable CSV ({exc}); fix the file") from None
+    if not header:
+        raise InputError(f"manifest {csv_path} is empty; it needs a header row (path,label) and one row per image")
+    return header, rows
+
+
+def _check_label_columns(
+    header: Sequence[str], name: str, layout: ManifestLayout, label_columns: Sequence[str] | None
+) -> list[str] | None:
+    """The multi-label 0/1 columns as strings, or None after checking the single class column: all before any row."""
+    if label_columns is None:
+        layout.check_label_column(header, name)
+        return None
+    label_columns = [str(c) for c in label_columns]
+    if len(label_columns) < 2:
+        raise InputError(
+            f"label_columns names {len(label_columns)} column(s) {label_columns}; a multi-label manifest needs "
+            "at least 2 (for one label use label_column)"
+        )
+    for col in label_columns:
+        if col not in header:
+            raise InputError(f"label column {col!r} not in {name}; columns are: {', '.join(header)}")
+    return label_columns
+
+
+def _csv_image_paths(rows: Sequence[_Row], path_column: str, csv_path: Path, layout: ManifestLayout) -> list[Path]:
+    """Absolute image paths (ids must not depend on the working directory), each listed once, not all missing."""
+    name = csv_path.name
+    paths: list[Path] = []
+    for line, row in rows:
+        value = _cell(row, path_column)
+        if not value:
+            raise InputError(f"empty {path_column!r} on line {line} of {name}; every row needs an image path")
+        paths.append(layout.image_path(value, csv_path))
+    _check_no_repeats(paths, [line for line, _ in rows], name)
+    _check_files_exist(paths, csv_path, layout)
+    return paths
+
+
+def _csv_patient_ids(rows: Sequence[_Row], header: Sequence[str], name: str) -> list[str] | None:
+    """One patient id per row when the column exists: a blank one would let a patient straddle train and test."""
+    if PATIENT_COLUMN not in header:
+        return None
+    patient_ids = []
+    for line, row in rows:
+        pid = _cell(row, PATIENT_COLUMN)
+        if not pid:
+            raise InputError(
+                f"empty {PATIENT_COLUMN!r} on line {line} of {name}; fill in every patient id "
+                "(or remove the column to split by image)"
+            )
+        patient_ids.append(pid)
+    return patient_ids
+
+
+def _csv_splits(rows: Sequence[_Row], header: Sequence[str], name: str) -> list[str] | None:
+    """The predefined split of each row, lower-cased, when the column exists; any other value is a typo."""
+    if SPLIT_COLUMN not in header:
+        return None
+    splits = []
+    for line, row in rows:
+        split = _cell(row, SPLIT_COLUMN).lower()
+        if split not in SPLIT_NAMES:
+            raise InputError(
+                f"split {_cell(row, SPLIT_COLUMN)!r} on line {line} of {name} is not one of train, val, test; "
+                "fix the value (or remove the split column to split automatically)"
+            )
+        splits.append(split)
+    return splits
+
+
+def _csv_multilabel_targets(
+    rows: Sequence[_Row], label_columns: Sequence[str], class_names: Sequence[str] | None, csv_path: Path
+) -> tuple[tuple[str, ...], np.ndarray]:
+    """(N, C) float32 0/1 targets and the label names; a label no item has is warned about, not refused."""
+    name = csv_path.name
+    targets = np.zeros((len(rows), len(label_columns)), np.float32)
+    for r, (line, row) in enumerate(rows):
+        for c, col in enumerate(label_columns):
+            value = _cell(row, col)
+            if value in _ONE_VALUES:
+                targets[r, c] = 1.0
+            elif value not in _ZERO_VALUES:
+                raise InputError(
+                    f"label column {col!r} on line {line} of {name} holds {value!r}; multi-label columns hold 0 or 1"
+                )
+    names = tuple(label_columns)
+    if class_names is not None:
+        names = tuple(str(n) for n in class_names)
+        if len(names) != len(label_columns) or len(set(names)) != len(names):
+            raise InputError(
+                f"class_names {list(names)} must give {len(label_columns)} distinct names, one per label column "
+                f"({', '.join(label_columns)})"
+            )
+    for label, count in zip(names, targets.sum(axis=0)):
+        if count == 0:
+            log.warning("label %r has no positive item in %s", label, csv_path)
+    return names, targets
+
+
+def _csv_single_label_targets(
+    rows: Sequence[_Row], label_column: str, class_names: Sequence[str] | None, csv_path: Path
+) -> tuple[tuple[str, ...], np.ndarray]:
+    """(N,) int64 class indices and the class order (given, else sorted); a classifier needs two classes present."""
+    name = csv_path.name
+    raw: list[str] = []
+    for line, row in rows:
+        value = _cell(row, label_column)
+        if not value:
+            raise InputError(f"empty label column {label_column!r} on line {line} of {name}; every row needs a class")
+        raw.append(value)
+    found = tuple(sorted(set(raw)))
+    if class_names is not None:
+        names = _check_csv_class_names(class_names, found, raw, rows, csv_path)
+    else:
+        names = found
+    if len(found) < 2:
+        raise InputError(
+            f"{name} has only one class ({found[0]!r} in column {label_column!r}); "
+            "a classifier needs at least two classes"
+        )
+    lookup = {n: i for i, n in enumerate(names)}
+    return names, np.asarray([lookup[v] for v in raw], np.int64)
+
+
+def _check_csv_class_names(
+    class_names: Sequence[str], found: tuple[str, ...], raw: Sequence[str], rows: Sequence[_Row], csv_path: Path
+) -> tuple[str, ...]:
+    """The user's class order: every label must be in it (a typo otherwise); a class with no item only warns."""
+    name = csv_path.name
+    names = tuple(str(n) for n in class_names)
+    if len(set(names)) != len(names):
+        raise InputError(f"class_names has duplicates: {list(names)}; give each class once")
+    unknown = [v for v in found if v not in names]
+    if unknown:
+        line = rows[raw.index(unknown[0])][0]
+        raise InputError(
+            f"label {unknown[0]!r} on line {line} of {name} is not in class_names {list(names)}; "
+            "add it or fix the label"
+        )
+    for missing in sorted(set(names) - set(found)):
+        log.warning("class %r has no item in %s", missing, csv_path)
+    return names
 
 
 def _check_no_repeats(paths: Sequence[Path], lines: Sequence[int], name: str) -> None:
@@ -462,25 +518,38 @@ def _check_files_exist(paths: Sequence[Path], csv_path: Path, layout: ManifestLa
 
 
 def _load_npz(npz_path: Path, class_names: Sequence[str] | None) -> TrainingData:
+    """A MedMNIST ``.npz`` as :class:`TrainingData`, images kept in memory and shared by every subset."""
     name = npz_path.name
+    present, images, labels = _read_npz_arrays(npz_path)
+    try:
+        _check_npz_shapes(present, images, labels, name)
+        stacked = _stack_npz_labels(present, labels, name)
+        names, targets, task = _npz_targets(stacked, class_names, name)
+    except (AttributeError, IndexError, TypeError) as exc:  # members that are not arrays, or empty ones: a message, not a traceback
+        raise InputError(
+            f"{name} does not hold MedMNIST-style arrays ({type(exc).__name__}: {exc}); it needs <split>_images (N, H, W[, 3]) "
+            "uint8 and <split>_labels (N,) or (N, 1) with N > 0"
+        ) from None
+    arrays = [images[s] for s in present]
+    return TrainingData(
+        class_names=names,
+        task=task,
+        ids=[f"{name}:{s}[{j}]" for s in present for j in range(len(images[s]))],
+        targets=targets,
+        patient_ids=None,
+        splits=[s for s in present for _ in range(len(images[s]))],
+        source=str(npz_path),
+        loader=_npz_loader(arrays),
+    )
+
+
+def _read_npz_arrays(npz_path: Path) -> tuple[list[str], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The splits present (in train, val, test order) and their image and label arrays, each read once."""
     if not zipfile.is_zipfile(npz_path):
         raise InputError(f"{npz_path} is not a .npz archive (not a zip file); give a MedMNIST-style .npz")
     try:
         with np.load(npz_path, allow_pickle=False) as archive:
-            keys = sorted(archive.files)
-            present = [s for s in SPLIT_NAMES if f"{s}_images" in keys or f"{s}_labels" in keys]
-            if not present:
-                raise InputError(
-                    f"{name} has no MedMNIST arrays (train_images/train_labels, val_..., test_...); "
-                    f"keys present: {', '.join(keys) or 'none'}"
-                )
-            for s in present:
-                for kind in ("images", "labels"):
-                    if f"{s}_{kind}" not in keys:
-                        raise InputError(
-                            f"{name} has no '{s}_{kind}' array to go with its {s} split; "
-                            f"keys present: {', '.join(keys)}"
-                        )
+            present = _npz_splits(sorted(archive.files), npz_path.name)
             # Read each array once: NpzFile decompresses again on every access.
             images = {s: archive[f"{s}_images"] for s in present}
             labels = {s: archive[f"{s}_labels"] for s in present}
@@ -488,7 +557,30 @@ def _load_npz(npz_path: Path, class_names: Sequence[str] | None) -> TrainingData
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise InputError(f"{npz_path} is not a readable .npz file ({exc}); give a MedMNIST-style .npz") from None
+    return present, images, labels
 
+
+def _npz_splits(keys: Sequence[str], name: str) -> list[str]:
+    """Splits with any MedMNIST array; each must have both images and labels, or items could not be paired."""
+    present = [s for s in SPLIT_NAMES if f"{s}_images" in keys or f"{s}_labels" in keys]
+    if not present:
+        raise InputError(
+            f"{name} has no MedMNIST arrays (train_images/train_labels, val_..., test_...); "
+            f"keys present: {', '.join(keys) or 'none'}"
+        )
+    for s in present:
+        for kind in ("images", "labels"):
+            if f"{s}_{kind}" not in keys:
+                raise InputError(
+                    f"{name} has no '{s}_{kind}' array to go with its {s} split; keys present: {', '.join(keys)}"
+                )
+    return present
+
+
+def _check_npz_shapes(
+    present: Sequence[str], images: dict[str, np.ndarray], labels: dict[str, np.ndarray], name: str
+) -> None:
+    """uint8 grey or RGB images and one label row per image, checked per split so the error names the array."""
     for s in present:
         img, lab = images[s], labels[s]
         if img.dtype != np.uint8 or not (img.ndim == 3 or (img.ndim == 4 and img.shape[3] in (1, 3))):
@@ -501,6 +593,10 @@ def _load_npz(npz_path: Path, class_names: Sequence[str] | None) -> TrainingData
                 f"'{s}_labels' in {name} has shape {lab.shape} for {len(img)} images; "
                 f"expected ({len(img)},), ({len(img)}, 1) or ({len(img)}, C)"
             )
+
+
+def _stack_npz_labels(present: Sequence[str], labels: dict[str, np.ndarray], name: str) -> np.ndarray:
+    """All splits' labels as one (N, width) int64 array: same width everywhere, whole numbers, none negative."""
     widths = {1 if labels[s].ndim == 1 else labels[s].shape[1] for s in present}
     if len(widths) > 1:
         raise InputError(f"label arrays in {name} have different widths {sorted(widths)}; they must agree")
@@ -512,47 +608,41 @@ def _load_npz(npz_path: Path, class_names: Sequence[str] | None) -> TrainingData
     stacked = stacked.astype(np.int64)
     if stacked.size and stacked.min() < 0:
         raise InputError(f"labels in {name} must be >= 0, found {int(stacked.min())}")
+    return stacked
 
-    names: tuple[str, ...]
-    task: Task
-    targets: np.ndarray
+
+def _npz_targets(
+    stacked: np.ndarray, class_names: Sequence[str] | None, name: str
+) -> tuple[tuple[str, ...], np.ndarray, Task]:
+    """Class names, targets and task: one column holds class indices, several hold one 0/1 target per label."""
+    width = stacked.shape[1]
     if width == 1:
         n_classes = int(stacked.max()) + 1 if stacked.size else 0
-        names = _npz_class_names(class_names, n_classes, f"the labels in {name} run 0..{n_classes - 1} ({n_classes} classes)", "label")
+        found = f"the labels in {name} run 0..{n_classes - 1} ({n_classes} classes)"
+        names = _npz_class_names(class_names, n_classes, found, "label")
         targets = stacked[:, 0]
         if len(np.unique(targets)) < 2:
             raise InputError(f"{name} has only one class (label {int(targets[0])}); a classifier needs at least two")
-        task = _single_label_task(len(names))
-    else:
-        bad = np.argwhere((stacked != 0) & (stacked != 1))
-        if len(bad):
-            r, c = (int(v) for v in bad[0])
-            raise InputError(
-                f"multi-label targets in {name} must be 0 or 1; item {r}, label {c} holds {int(stacked[r, c])}"
-            )
-        names = _npz_class_names(class_names, width, f"the labels in {name} have {width} columns", "column")
-        targets = stacked.astype(np.float32)
-        task = "multilabel"
+        return names, targets, _single_label_task(len(names))
+    bad = np.argwhere((stacked != 0) & (stacked != 1))
+    if len(bad):
+        r, c = (int(v) for v in bad[0])
+        raise InputError(
+            f"multi-label targets in {name} must be 0 or 1; item {r}, label {c} holds {int(stacked[r, c])}"
+        )
+    names = _npz_class_names(class_names, width, f"the labels in {name} have {width} columns", "column")
+    return names, stacked.astype(np.float32), "multilabel"
 
-    ids = [f"{name}:{s}[{j}]" for s in present for j in range(len(images[s]))]
-    split_of = [s for s in present for _ in range(len(images[s]))]
-    offsets = np.cumsum([0] + [len(images[s]) for s in present])
-    arrays = [images[s] for s in present]
+
+def _npz_loader(arrays: Sequence[np.ndarray]) -> Loader:
+    """Item ``i`` of the splits laid end to end, found by offset so the arrays are never concatenated (copied)."""
+    offsets = np.cumsum([0] + [len(a) for a in arrays])
 
     def load(i: int) -> np.ndarray:
         k = int(np.searchsorted(offsets, i, side="right")) - 1
         return to_rgb_uint8(arrays[k][i - int(offsets[k])])
 
-    return TrainingData(
-        class_names=names,
-        task=task,
-        ids=ids,
-        targets=targets,
-        patient_ids=None,
-        splits=split_of,
-        source=str(npz_path),
-        loader=load,
-    )
+    return load
 
 
 def _npz_class_names(given: Sequence[str] | None, count: int, found: str, order: str) -> tuple[str, ...]:

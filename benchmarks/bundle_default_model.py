@@ -21,7 +21,7 @@ import onnx
 
 from edgedx.card import ONNX_METADATA_KEY, ModelCard
 from edgedx.export.onnx_export import embed_metadata
-from edgedx.runtime.integrity import write_checksum
+from edgedx.runtime.io.integrity import write_checksum
 
 TARGET = Path(__file__).resolve().parents[1] / "runtime" / "models" / "isic_mel_nv.fp16.onnx"
 INTENDED_USE = (

@@ -39,9 +39,9 @@ from typing import Any
 import cv2
 import numpy as np
 from edgedx.runtime import load_model
-from edgedx.runtime.image_io import read_image, write_image
+from edgedx.runtime.io.image_io import read_image, write_image
 from edgedx.runtime.metrics import roc_auc
-from edgedx.runtime.overlay import render_overlay
+from edgedx.runtime.outputs.overlay import render_overlay
 from edgedx.runtime.tiling import aggregate
 
 RESULTS = Path(__file__).parent / "results"

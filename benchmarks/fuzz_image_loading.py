@@ -1,4 +1,4 @@
-"""Bounded, seeded fuzz run of the image loading path (``edgedx.runtime.image_io.read_image``).
+"""Bounded, seeded fuzz run of the image loading path (``edgedx.runtime.io.image_io.read_image``).
 
 A clinic runs EdgeDx unattended on folders it does not control, so every file, however broken,
 must end as a decoded image or an ``ImageReadError``: never another exception, a crash or a hang.
@@ -191,7 +191,7 @@ def build_case(corpus: dict[str, bytes], seed: int, index: int) -> tuple[str, by
 def plain_read(path: Path) -> np.ndarray:
     """The loader before hardening, for comparison: np.fromfile + cv2.imdecode, None -> ImageReadError."""
     import cv2
-    from edgedx.runtime.image_io import to_rgb_uint8
+    from edgedx.runtime.io.image_io import to_rgb_uint8
 
     from edgedx.errors import ImageReadError
 
@@ -231,7 +231,7 @@ def worker(args: argparse.Namespace) -> None:
     if args.max_mem_mib:
         limit = args.max_mem_mib * (1 << 20)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    from edgedx.runtime.image_io import read_image
+    from edgedx.runtime.io.image_io import read_image
 
     from edgedx.errors import ImageReadError
 
@@ -366,7 +366,7 @@ def main() -> None:
 
 
 def replay(corpus: dict[str, bytes], seed: int, index: int) -> None:
-    from edgedx.runtime.image_io import read_image
+    from edgedx.runtime.io.image_io import read_image
 
     name, data, kind, what = build_case(corpus, seed, index)
     print(f"case {index}: {name}, {kind}: {what}")

@@ -59,7 +59,7 @@ from edgedx.card import CropPolicy
 from edgedx.export.parity import artefact_logits, compare_logits, torch_logits
 from edgedx.export.precision import to_int8
 from edgedx.export.samples import Samples, SplitUnavailable, split_samples
-from edgedx.runtime.onnx_backend import OnnxSession
+from edgedx.runtime.backends.onnx_backend import OnnxSession
 from edgedx.runtime.preprocess import model_input
 from edgedx.training.checkpoint import build_model, load_checkpoint
 from edgedx.training.models import create_model
@@ -119,7 +119,7 @@ class Crops:
 
 
 def as_crops(samples: Samples, card) -> Crops:  # noqa: ANN001
-    from edgedx.runtime.image_io import read_image, to_rgb_uint8
+    from edgedx.runtime.io.image_io import read_image, to_rgb_uint8
     from edgedx.runtime.preprocess import resize_to
 
     h, w = card.input_size

@@ -80,7 +80,7 @@ def main() -> None:
         raise SystemExit(2) from None
     import torch
     from edgedx.runtime import load_model
-    from edgedx.runtime.image_io import read_image
+    from edgedx.runtime.io.image_io import read_image
     from edgedx.runtime.preprocess import preprocess_batch, to_probabilities
     from edgedx.runtime.tiling import plan_tiles
     from edgedx.training.checkpoint import build_model, load_checkpoint

@@ -7,7 +7,7 @@ Each architecture is built with random weights and random batch-norm
 statistics (speed does not depend on the weights), exported the way
 ``edgedx export`` does it (torch's exporter at opset 18, every batch norm
 folded, the card embedded, checked) into a temporary folder, and loaded
-through ``edgedx.runtime.onnx_backend.OnnxSession``. PyTorch runs the same
+through ``edgedx.runtime.backends.onnx_backend.OnnxSession``. PyTorch runs the same
 module in eval mode under ``torch.inference_mode()`` with
 ``torch.set_num_threads(threads)``; ONNX Runtime gets ``threads`` intra-op
 threads. Both see the same float32 NCHW batch, and the script first checks that
@@ -53,7 +53,7 @@ from edgedx.export.bn_fold import assert_no_batchnorm, fold_batchnorms
 from edgedx.export.onnx_export import check_graph, embed_metadata, torch_to_onnx
 from edgedx.export.parity import parity_inputs
 from edgedx.export.pipeline import PRECISION_KEY
-from edgedx.runtime.onnx_backend import OnnxSession
+from edgedx.runtime.backends.onnx_backend import OnnxSession
 from edgedx.training.models import create_model, default_normalization, reset_head
 
 import edgedx

@@ -67,7 +67,7 @@ def current_rss_bytes() -> int:
 def case_write(args: argparse.Namespace) -> dict:
     """Write the big TIFF tile by tile; only the source fields and one tile are ever in memory."""
     import tifffile
-    from edgedx.runtime.image_io import read_image
+    from edgedx.runtime.io.image_io import read_image
 
     folder = args.images or default_images()
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})[:6] if folder.is_dir() else []
@@ -106,7 +106,7 @@ def case_run(args: argparse.Namespace) -> dict:
         return out
     started = time.perf_counter()
     if args.case == "tiff_lazy":
-        from edgedx.runtime.image_io import pixel_limit
+        from edgedx.runtime.io.image_io import pixel_limit
 
         with pixel_limit(1 << 31):  # a 16k² slide is over the default 250 MP limit: this run raises it on purpose (--max-pixels)
             diagnosis = model.diagnose(args.tiff)

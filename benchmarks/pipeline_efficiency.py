@@ -23,7 +23,7 @@ from pathlib import Path
 
 
 from edgedx.runtime import load_model
-from edgedx.runtime.image_io import read_image
+from edgedx.runtime.io.image_io import read_image
 from edgedx.runtime.preprocess import model_input
 from edgedx.runtime.tiling import iter_tile_batches, plan_tiles, rescale
 

@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import cpu_model, git_rev, version
 from edgedx.runtime.batch import diagnose_paths
 from edgedx.runtime.bundled import bundled_model_path
-from edgedx.runtime.image_io import write_image
+from edgedx.runtime.io.image_io import write_image
 from edgedx.runtime.model import load_model
 from edgedx.runtime.ray_engine import diagnose_ray, read_ray_records
-from edgedx.runtime.records import read_records
+from edgedx.runtime.outputs.records import read_records
 
 from edgedx.synthetic import render_field
 

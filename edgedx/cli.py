@@ -235,7 +235,7 @@ def _must_exist(path: Path, what: str, expected: str) -> None:
 
 
 def _where_taken(task: Any, threshold: float | None) -> str:
-    from edgedx.runtime.plots import where_taken
+    from edgedx.runtime.outputs.plots import where_taken
 
     return where_taken(task, threshold) if task in ("binary", "multiclass", "multilabel") else "at the card's threshold"
 
@@ -437,7 +437,7 @@ def audit_verify(
 ) -> None:
     """Walk the log's hash chain: an edited, deleted, inserted, moved or torn line is found and named."""
     from edgedx.errors import AuditError
-    from edgedx.runtime.audit import verify_audit
+    from edgedx.runtime.outputs.audit import verify_audit
 
     result = verify_audit(log_file)
     if not result.ok:
@@ -519,7 +519,7 @@ def evaluate(
 ) -> None:
     """Score a deployed model on labelled images, through the same path as diagnose."""
     from edgedx.runtime.evaluate import evaluate as evaluate_data
-    from edgedx.runtime.manifest import ManifestLayout
+    from edgedx.runtime.io.manifest import ManifestLayout
 
     layout = ManifestLayout(path_column, label_column, str(image_dir) if image_dir else None, suffix)
     with progress_bar() as progress:

@@ -61,9 +61,9 @@ def run_demo(out: str | Path, *, seed: int = 0, progress: ProgressFn = no_progre
     """Run the demo into ``out``; returns the field table and the paths of everything written."""
     from edgedx.export.pipeline import export_checkpoint
     from edgedx.runtime.batch import diagnose_paths
-    from edgedx.runtime.image_io import write_image
+    from edgedx.runtime.io.image_io import write_image
     from edgedx.runtime.model import load_model
-    from edgedx.runtime.records import read_records
+    from edgedx.runtime.outputs.records import read_records
     from edgedx.training.train import TrainConfig, train
 
     started = time.perf_counter()

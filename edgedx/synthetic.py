@@ -603,7 +603,7 @@ def write_image_folder(
 
     ``index`` is the image's position in ``images``, so a file traces back to its
     array row. PNG is lossless, so the pixels read back exactly. Encoding goes
-    through ``cv2.imencode`` and a byte write (as :mod:`edgedx.runtime.image_io`
+    through ``cv2.imencode`` and a byte write (as :mod:`edgedx.runtime.io.image_io`
     does) so paths with spaces or non-ASCII characters work on every OS.
     """
     root = Path(root)

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from edgedx.errors import ModelError
-from edgedx.runtime.onnx_backend import import_onnxruntime
+from edgedx.runtime.backends.onnx_backend import import_onnxruntime
 
 log = logging.getLogger(__name__)
 

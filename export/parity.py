@@ -27,7 +27,7 @@ from edgedx.runtime.metrics import classification_metrics
 from edgedx.errors import EdgeDxError
 from edgedx.runtime.model import Model, decide
 from edgedx.runtime.preprocess import model_input, preprocess_batch, to_probabilities
-from edgedx.runtime.session import Session
+from edgedx.runtime.backends.session import Session
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ class _RecordingSession:
 def diagnose_outputs(session: Session, items: Iterable[tuple[Hashable, Any]], *, batch_size: int = 32) -> PathOutputs:
     """Diagnose ``items`` with ``session`` as the engine, through the runtime's :class:`Model` (``diagnose``'s path).
 
-    Any :class:`~edgedx.runtime.session.Session` is an engine: an ONNX
+    Any :class:`~edgedx.runtime.backends.session.Session` is an engine: an ONNX
     Runtime or TensorRT session, or the PyTorch reference
     (:class:`edgedx.training.validation.TorchSession`). Crop logits are recorded
     as the engine returns them; a padded last GPU batch is trimmed off.

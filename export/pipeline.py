@@ -39,8 +39,8 @@ from edgedx.export.samples import Samples, SplitUnavailable, calibration_crops, 
 from edgedx.export.selftest import embed_selftest, for_precision, selftest_vectors
 from edgedx.export.sidecar import write_card_sidecar
 from edgedx.progress import ProgressFn, no_progress
-from edgedx.runtime.integrity import CHECKSUM_SUFFIX, atomic_write_bytes, write_checksum
-from edgedx.runtime.onnx_backend import OnnxSession
+from edgedx.runtime.io.integrity import CHECKSUM_SUFFIX, atomic_write_bytes, write_checksum
+from edgedx.runtime.backends.onnx_backend import OnnxSession
 from edgedx.runtime.selftest import SELFTEST_KEY, SelfTestVectors
 from edgedx.training.checkpoint import build_model, file_sha256, load_checkpoint
 from edgedx.training.validation import TorchSession
@@ -485,7 +485,7 @@ def _mobile(path: Path, precision: str, judge: Callable[..., Artefact]) -> Artef
 
 def _engine(path: Path, precision: str, card: ModelCard, options: ExportOptions, judge: Callable[..., Artefact], progress: ProgressFn) -> Artefact:
     from edgedx.export.tensorrt import onnx_to_engine
-    from edgedx.runtime.trt_backend import TensorRTSession
+    from edgedx.runtime.backends.trt_backend import TensorRTSession
 
     lo, opt, hi = options.engine_batch
     engine_path = path.with_suffix(".engine")

@@ -22,8 +22,8 @@ import numpy as np
 
 from edgedx.card import ModelCard
 from edgedx.errors import ImageReadError, InputError
-from edgedx.runtime.datasets import list_image_folder
-from edgedx.runtime.image_io import is_image_path, read_image, to_rgb_uint8
+from edgedx.runtime.io.datasets import list_image_folder
+from edgedx.runtime.io.image_io import is_image_path, read_image, to_rgb_uint8
 from edgedx.runtime.tiling import split_tiles
 from edgedx.training.run import RunFolder, SplitUnavailable, resolve_source
 from edgedx.training.sources import TrainingData

@@ -22,7 +22,7 @@ from edgedx.card import ModelCard
 from edgedx.errors import ImageReadError
 from edgedx.export.onnx_export import embed_metadata
 from edgedx.export.parity import TOLERANCES
-from edgedx.runtime.image_io import read_image, to_rgb_uint8
+from edgedx.runtime.io.image_io import read_image, to_rgb_uint8
 from edgedx.runtime.preprocess import model_input, to_probabilities
 from edgedx.runtime.selftest import SELFTEST_KEY, SelfTestVectors, Tolerances
 from edgedx.runtime.tiling import split_tiles

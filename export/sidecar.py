@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from edgedx.card import ModelCard, sidecar_path
-from edgedx.runtime.integrity import atomic_write_bytes, sha256_file
+from edgedx.runtime.io.integrity import atomic_write_bytes, sha256_file
 from edgedx.runtime.selftest import SelfTestVectors
 
 SIDECAR_FORMAT = 1

@@ -7,7 +7,7 @@ int8 engine). No precision builder flags are ever set: they are invalid for
 strongly typed networks and gone in TensorRT 11.
 
 An engine is tied to the TensorRT version and the GPU it was built on, so the
-sidecar records both (see :mod:`edgedx.runtime.trt_backend`), and the runtime
+sidecar records both (see :mod:`edgedx.runtime.backends.trt_backend`), and the runtime
 refuses a mismatch with the rebuild command. TensorRT is imported only when an
 engine is built; this module imports nothing heavy (and never torch).
 """
@@ -24,8 +24,8 @@ from edgedx.card import ModelCard, now_iso
 from edgedx.errors import InputError, ModelError
 from edgedx.export.precision import PRECISIONS
 from edgedx.progress import ProgressFn, no_progress
-from edgedx.runtime.onnx_backend import check_input_matches_card
-from edgedx.runtime.trt_backend import (
+from edgedx.runtime.backends.onnx_backend import check_input_matches_card
+from edgedx.runtime.backends.trt_backend import (
     atomic_write_bytes,
     current_gpu,
     errors_in,

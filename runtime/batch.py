@@ -25,16 +25,16 @@ import numpy as np
 
 from edgedx.errors import EdgeDxError, ImageReadError, InputError
 from edgedx.progress import ProgressFn, no_progress
-from edgedx.runtime.audit import AuditLog, sha256_pixels
-from edgedx.runtime.feeds import RollingDecision, is_video_path, iter_frames, parse_stream_source, redact_url, watch_folder
-from edgedx.runtime.image_io import check_regular_file, default_max_pixels, pixel_limit, read_image, write_image
-from edgedx.runtime.inputs import expand_inputs
-from edgedx.runtime.integrity import atomic_path, sha256_file
+from edgedx.runtime.outputs.audit import AuditLog, sha256_pixels
+from edgedx.runtime.io.feeds import RollingDecision, is_video_path, iter_frames, parse_stream_source, redact_url, watch_folder
+from edgedx.runtime.io.image_io import check_regular_file, default_max_pixels, pixel_limit, read_image, write_image
+from edgedx.runtime.io.inputs import expand_inputs
+from edgedx.runtime.io.integrity import atomic_path, sha256_file
 from edgedx.runtime.model import Diagnosis, Model, decide, load_model
 from edgedx.runtime.options import DiagnoseOptions
-from edgedx.runtime.outputs import RunSettings, check_distinct, check_not_inputs, check_writable, exclusive_outputs, prepare_records_file
-from edgedx.runtime.overlay import render_overlay
-from edgedx.runtime.records import RecordWriter, completed_versions, empty_record, output_format, record_key
+from edgedx.runtime.outputs.guards import RunSettings, check_distinct, check_not_inputs, check_writable, exclusive_outputs, prepare_records_file
+from edgedx.runtime.outputs.overlay import render_overlay
+from edgedx.runtime.outputs.records import RecordWriter, completed_versions, empty_record, output_format, record_key
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +84,12 @@ def diagnose_paths(
     model are checked before any image is read: the output folders must be
     writable with room left and never an input. Running the same command again
     continues ``out`` (each input keeps exactly one record; see
-    :mod:`edgedx.runtime.outputs`); ``overwrite`` starts it again. Videos and
+    :mod:`edgedx.runtime.outputs.guards`); ``overwrite`` starts it again. Videos and
     cameras give one record per ``every``-th frame, with a rolling decision
     over the last ``window`` frames; a camera or stream that fails gets a
     record saying so, and one that drops is reopened up to ``reconnect`` times.
     Images over ``max_pixels`` are refused from their header (default: see
-    :func:`edgedx.runtime.image_io.default_max_pixels`).
+    :func:`edgedx.runtime.io.image_io.default_max_pixels`).
     """
     options = (options or DiagnoseOptions()).replace(model=model, out=Path(out), **settings)
     options.validate(inputs)

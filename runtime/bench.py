@@ -28,7 +28,7 @@ import numpy as np
 import edgedx
 from edgedx.errors import EdgeDxError, InputError
 from edgedx.progress import ProgressFn, no_progress
-from edgedx.runtime.image_io import decode_image, default_max_pixels
+from edgedx.runtime.io.image_io import decode_image, default_max_pixels
 from edgedx.runtime.model import Model, load_model
 from edgedx.runtime.preprocess import model_input, to_probabilities
 from edgedx.runtime.tiling import merge, split_tiles
@@ -262,7 +262,7 @@ def gpu_description() -> tuple[str, str | None]:
 
     A table titled "GPU: unknown" reads as a failed probe on a machine with a GPU; on a CPU box it is "no GPU".
     """
-    from edgedx.runtime.trt_backend import UNKNOWN, current_gpu
+    from edgedx.runtime.backends.trt_backend import UNKNOWN, current_gpu
 
     try:
         gpu, capability = current_gpu()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from edgedx.card import ModelCard
 from edgedx.errors import InputError
-from edgedx.runtime.onnx_backend import OnnxSession
+from edgedx.runtime.backends.onnx_backend import OnnxSession
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 DEFAULT_MODEL = "isic_mel_nv"

@@ -70,7 +70,7 @@ def diagnose(inputs: Sequence[str | Path], options: DiagnoseOptions, *, progress
 
 def _to_memory(inputs: Sequence[str | Path], options: DiagnoseOptions, progress: ProgressFn) -> Diagnosed:
     """No ``out``: the same batch diagnosis into a temporary results file, read back, then removed."""
-    from edgedx.runtime.records import read_records
+    from edgedx.runtime.outputs.records import read_records
 
     with tempfile.TemporaryDirectory(prefix="edgedx-") as tmp:
         out = Path(tmp) / "results.jsonl"

@@ -16,8 +16,8 @@ import numpy as np
 from edgedx.card import ModelCard
 from edgedx.errors import EdgeDxError, InputError
 from edgedx.progress import ProgressFn, no_progress
-from edgedx.runtime.labelled import load_labelled
-from edgedx.runtime.manifest import ManifestLayout
+from edgedx.runtime.io.labelled import load_labelled
+from edgedx.runtime.io.manifest import ManifestLayout
 from edgedx.runtime.metrics import classification_metrics, roc_auc
 from edgedx.runtime.model import Model, decide, load_model
 
@@ -104,7 +104,7 @@ def evaluate(
     wrong = misclassified(truth, p_all, card, [labelled.names[i] for i in kept])
     report = EvaluationReport(str(model), labelled.source, card.threshold, metrics, tuple(failed), tuple(record for _, record in wrong))
     if out is not None:
-        from edgedx.runtime.report_html import write_evaluation
+        from edgedx.runtime.outputs.report_html import write_evaluation
 
         write_evaluation(Path(out), report, card, truth, p_all, thumbnails=[labelled.images[kept[row]] for row, _ in wrong])
     return report

@@ -24,11 +24,11 @@ import numpy as np
 
 from edgedx.card import CropPolicy, ModelCard
 from edgedx.errors import CardError, EdgeDxError, ImageReadError, InputError, InsufficientContentError
-from edgedx.runtime.image_io import to_rgb_uint8
+from edgedx.runtime.io.image_io import to_rgb_uint8
 from edgedx.runtime.preprocess import model_input, to_probabilities
-from edgedx.runtime.sources import ArraySource, open_source
+from edgedx.runtime.io.sources import ArraySource, open_source
 from edgedx.runtime.tiling import ImageRegionSource, ResampledImage, SlidingResult, sliding_window_many
-from edgedx.runtime.session import ENGINE_SUFFIXES, Session, open_session
+from edgedx.runtime.backends.session import ENGINE_SUFFIXES, Session, open_session
 
 MAX_ENLARGEMENT = 16  # per side: a crop must hold at least 1/256 of its pixels' worth of the image
 

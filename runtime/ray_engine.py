@@ -42,12 +42,12 @@ from edgedx.card import CropPolicy, ModelCard
 from edgedx.errors import EdgeDxError, InputError, MissingDependencyError
 from edgedx.progress import ProgressFn, no_progress
 from edgedx.runtime.batch import DiagnoseSummary
-from edgedx.runtime.feeds import is_video_path, parse_stream_source
-from edgedx.runtime.inputs import expand_inputs
+from edgedx.runtime.io.feeds import is_video_path, parse_stream_source
+from edgedx.runtime.io.inputs import expand_inputs
 from edgedx.runtime.model import CheckedSettings, Model, load_model, prefetched
-from edgedx.runtime.session import is_engine_file, open_session
-from edgedx.runtime.outputs import check_not_inputs, check_writable
-from edgedx.runtime.records import empty_record
+from edgedx.runtime.backends.session import is_engine_file, open_session
+from edgedx.runtime.outputs.guards import check_not_inputs, check_writable
+from edgedx.runtime.outputs.records import empty_record
 from edgedx.runtime.tiling import CropLayout, SlidingResult, TileBatcher, TileGrid, merge, split_tiles
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ def _check_out(out: Path, files: list[Path], folders: list[Path], overwrite: boo
 def _check_model(path: Path, batch_size: int, crop: CropPolicy | Mapping[str, Any] | None, refer_band: tuple[float, float] | None) -> CheckedSettings:
     """The card, crop overrides and refer band checked on the driver, before Ray starts; no session kept."""
     if is_engine_file(path):
-        from edgedx.runtime.trt_backend import read_sidecar
+        from edgedx.runtime.backends.trt_backend import read_sidecar
 
         card, _ = read_sidecar(path)
     else:

@@ -163,7 +163,7 @@ def verify_artefact(path: Any, device: str = "cpu") -> SelfTestReport:
     failing replay is a report with ``passed`` False, for the caller to show.
     """
     from edgedx.runtime.model import resolve_model_path
-    from edgedx.runtime.session import open_session
+    from edgedx.runtime.backends.session import open_session
 
     session = open_session(resolve_model_path(path), device)
     try:

@@ -228,7 +228,7 @@ class _TileReader:
 
 def _check_resampled_size(grid: TileGrid, policy: CropPolicy) -> None:
     """An in-memory image is resampled whole: refuse a size that cannot be allocated before trying."""
-    from edgedx.runtime.image_io import default_max_pixels
+    from edgedx.runtime.io.image_io import default_max_pixels
 
     limit = default_max_pixels()
     if grid.height * grid.width > limit:

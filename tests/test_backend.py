@@ -11,8 +11,8 @@ import pytest
 
 from conftest import Trained
 from edgedx.errors import MissingDependencyError, ModelError
-from edgedx.runtime import onnx_backend
-from edgedx.runtime.onnx_backend import OnnxSession, resolve_providers
+from edgedx.runtime.backends import onnx_backend
+from edgedx.runtime.backends.onnx_backend import OnnxSession, resolve_providers
 
 
 def test_resolve_providers() -> None:
@@ -110,7 +110,7 @@ def test_diagnose_on_cuda_matches_cpu(trained: Trained) -> None:
 
 
 def test_gpu_providers_get_options_that_avoid_per_shape_tuning(tmp_path) -> None:
-    from edgedx.runtime.onnx_backend import provider_options
+    from edgedx.runtime.backends.onnx_backend import provider_options
 
     got = provider_options(["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], tmp_path / "m.onnx")
     trt, cuda, cpu = got
@@ -121,7 +121,8 @@ def test_gpu_providers_get_options_that_avoid_per_shape_tuning(tmp_path) -> None
 
 
 def test_bench_says_no_gpu_rather_than_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
-    from edgedx.runtime import bench, trt_backend
+    from edgedx.runtime import bench
+    from edgedx.runtime.backends import trt_backend
 
     monkeypatch.setattr(trt_backend, "current_gpu", lambda: (trt_backend.UNKNOWN, trt_backend.UNKNOWN))
     assert bench.gpu_description() == ("no GPU", None) and bench.environment({})["gpu"] == "no GPU"
@@ -134,12 +135,12 @@ def test_every_backend_is_a_session(trained: Trained) -> None:
     read (card, path, sha256, device, providers, precision, pads_batches, run, close); no caller probes with getattr."""
     import ast
 
-    from edgedx.runtime.session import Session, open_session
+    from edgedx.runtime.backends.session import Session, open_session
 
     fields = [n for n in Session.__annotations__] + ["run", "close"]
     assert fields == ["card", "path", "sha256", "device", "providers", "precision", "pads_batches", "selftest", "run", "close"]
     for module in ("onnx_backend.py", "trt_backend.py"):
-        tree = ast.parse((Path(__file__).parents[1] / "runtime" / module).read_text(encoding="utf-8"))
+        tree = ast.parse((Path(__file__).parents[1] / "runtime" / "backends" / module).read_text(encoding="utf-8"))
         cls = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name.endswith("Session") and n.name != "FallbackSession")
         assigned = {t.attr for n in ast.walk(cls) if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Attribute)}
         methods = {n.name for n in cls.body if isinstance(n, ast.FunctionDef)}

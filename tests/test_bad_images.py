@@ -16,8 +16,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from edgedx.runtime import image_io
-from edgedx.runtime.image_io import (
+from edgedx.runtime.io import image_io
+from edgedx.runtime.io.image_io import (
     BUILTIN_MAX_PIXELS,
     MAX_PIXELS_ENV,
     decode_image,
@@ -224,7 +224,7 @@ def test_trailing_bytes_after_the_end_still_load(tmp_path: Path, suffix: str) ->
 @pytest.fixture
 def fresh_mismatch_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
     """The suffix warning is once per process: start each test as a new run."""
-    from edgedx.runtime import image_io
+    from edgedx.runtime.io import image_io
 
     monkeypatch.setattr(image_io, "_MISMATCHES_SEEN", set())
 
@@ -234,7 +234,7 @@ def test_png_named_jpg_decodes_by_content_and_warns_once_per_run(
 ) -> None:
     rgb = rgb_pattern()
     paths = [write(tmp_path, f"really a png {i}.jpg", cv_bytes(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))) for i in range(3)]
-    with caplog.at_level(logging.INFO, logger="edgedx.runtime.image_io"):
+    with caplog.at_level(logging.INFO, logger="edgedx.runtime.io.image_io"):
         images = [read_image(p) for p in paths]
     np.testing.assert_array_equal(images[2], rgb)  # lossless PNG: exact
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -247,7 +247,7 @@ def test_png_named_jpg_decodes_by_content_and_warns_once_per_run(
 
 def test_jpeg_named_tif_decodes_by_content(tmp_path: Path, caplog: pytest.LogCaptureFixture, fresh_mismatch_warnings: None) -> None:
     data = jpeg_bytes(rgb_pattern())
-    with caplog.at_level(logging.WARNING, logger="edgedx.runtime.image_io"):
+    with caplog.at_level(logging.WARNING, logger="edgedx.runtime.io.image_io"):
         image = read_image(write(tmp_path, "scan.tif", data))
     np.testing.assert_array_equal(image, read_image(write(tmp_path, "scan.jpg", data)))
     assert any("the content is JPEG but the suffix says TIFF" in m for m in caplog.messages)
@@ -515,7 +515,7 @@ def test_permission_denied_for_real(tmp_path: Path) -> None:
 
 
 def test_file_vanishing_after_listing(tmp_path: Path) -> None:
-    from edgedx.runtime.inputs import expand_inputs
+    from edgedx.runtime.io.inputs import expand_inputs
 
     write(tmp_path, "a.png", cv_bytes(".png", rgb_pattern()))
     gone = write(tmp_path, "b.png", cv_bytes(".png", rgb_pattern()))
@@ -543,7 +543,7 @@ def test_names_with_spaces_and_non_ascii(tmp_path: Path, name: str) -> None:
 
 def test_batch_records_each_bad_file_and_goes_on(trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from edgedx.runtime.batch import diagnose_paths
-    from edgedx.runtime.records import read_records
+    from edgedx.runtime.outputs.records import read_records
 
     from edgedx.synthetic import render_field
 

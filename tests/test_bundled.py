@@ -36,7 +36,7 @@ def test_an_unknown_bundled_name_lists_the_known_ones() -> None:
 
 
 def test_the_bundled_model_ships_with_its_checksum() -> None:
-    from edgedx.runtime.integrity import expected_sha256, sha256_file, verify_model_file
+    from edgedx.runtime.io.integrity import expected_sha256, sha256_file, verify_model_file
 
     path = bundled_model_path()
     assert expected_sha256(path) == (sha256_file(path), path.with_name(path.name + ".sha256"))  # recorded, so checked

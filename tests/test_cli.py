@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from conftest import run_edgedx
 from edgedx.cli import app
-from edgedx.runtime.manifest import ManifestLayout
+from edgedx.runtime.io.manifest import ManifestLayout
 
 runner = CliRunner()
 COMMANDS = ("train", "export", "diagnose", "evaluate", "bench", "demo", "models", "audit")
@@ -372,7 +372,7 @@ def test_model_without_card_is_a_one_line_error(tmp_path: Path) -> None:
     path = tmp_path / "no card.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
     image = tmp_path / "x.png"
-    from edgedx.runtime.image_io import write_image
+    from edgedx.runtime.io.image_io import write_image
     import numpy as np
 
     write_image(image, np.zeros((8, 8, 3), np.uint8))

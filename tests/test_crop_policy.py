@@ -101,7 +101,7 @@ def test_crop_choice_parsing() -> None:
 
 def _mixed_folder(root: Path) -> Path:
     """Images of very different sizes and aspect ratios in two classes (brightness tells them apart)."""
-    from edgedx.runtime.image_io import write_image
+    from edgedx.runtime.io.image_io import write_image
 
     rng = np.random.default_rng(3)
     sizes = [(237, 511), (768, 1024), (2000, 3000), (97, 64), (300, 300), (451, 129)]
@@ -171,7 +171,7 @@ def test_validation_and_diagnosis_agree_on_images_of_mixed_sizes(tmp_path: Path)
 
 def test_training_says_what_to_change_when_its_own_images_would_be_refused(tmp_path: Path) -> None:
     pytest.importorskip("torch")
-    from edgedx.runtime.image_io import write_image
+    from edgedx.runtime.io.image_io import write_image
     from edgedx.training.train import TrainConfig, train
 
     rng = np.random.default_rng(5)

@@ -16,7 +16,7 @@ from edgedx.errors import InputError
 from edgedx.runtime import diagnose as entry
 from edgedx.runtime.batch import DiagnoseSummary
 from edgedx.runtime.options import DiagnoseOptions
-from edgedx.runtime.records import RecordWriter, empty_record
+from edgedx.runtime.outputs.records import RecordWriter, empty_record
 
 
 def summary(out: Path | None) -> DiagnoseSummary:

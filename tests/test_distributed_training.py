@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
 
 from edgedx.errors import InputError  # noqa: E402
-from edgedx.runtime.image_io import write_image  # noqa: E402
+from edgedx.runtime.io.image_io import write_image  # noqa: E402
 from edgedx.training import distributed  # noqa: E402
 from edgedx.training.checkpoint import load_checkpoint  # noqa: E402
 from edgedx.training.losses import TaskLoss, balanced_order, class_weights  # noqa: E402

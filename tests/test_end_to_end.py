@@ -42,7 +42,7 @@ def test_training_learns_and_checkpoint_carries_card(trained: Trained) -> None:
     # validation split at the card's threshold reproduces the accuracy in the card.
     import torch
 
-    from edgedx.runtime.image_io import read_image
+    from edgedx.runtime.io.image_io import read_image
     from edgedx.runtime.preprocess import preprocess_batch
 
     split = json.loads((trained.checkpoint.parent / "split.json").read_text())
@@ -96,7 +96,7 @@ def test_export_folds_batchnorm_embeds_card_and_verifies_parity(trained: Trained
 
 
 def test_diagnose_cli_odd_size_space_and_bad_image(trained: Trained) -> None:
-    from edgedx.runtime.image_io import write_image
+    from edgedx.runtime.io.image_io import write_image
     from edgedx.synthetic import render_field
 
     folder = trained.root / "whole fields"
@@ -237,7 +237,7 @@ def test_evaluate_csv_and_npz_with_intervals_plots_and_html(trained: Trained, tm
     page = (out / "report.html").read_text()
     assert "Intended use" in page and "not a medical device" in page and "data:image/png;base64," in page
     # the same images as a CSV manifest give the same numbers
-    from edgedx.runtime.image_io import write_image
+    from edgedx.runtime.io.image_io import write_image
 
     rows = ["path,label,split"]
     (tmp_path / "csv imgs").mkdir()

@@ -209,7 +209,7 @@ def test_a_relative_data_path_is_found_when_export_runs_elsewhere(trained: Train
 
 
 def test_verification_folder_must_name_the_model_classes(trained: Trained, tmp_path: Path) -> None:
-    from edgedx.runtime.image_io import write_image
+    from edgedx.runtime.io.image_io import write_image
 
     for name in ("cats", "dogs"):
         (tmp_path / "wrong" / name).mkdir(parents=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from edgedx.runtime.feeds import (
+from edgedx.runtime.io.feeds import (
     Frame,
     RollingDecision,
     is_temporary_name,
@@ -24,7 +24,7 @@ from edgedx.runtime.feeds import (
     redact_url,
     watch_folder,
 )
-from edgedx.runtime.image_io import read_image, write_image
+from edgedx.runtime.io.image_io import read_image, write_image
 
 from edgedx.errors import InputError
 

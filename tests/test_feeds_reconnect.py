@@ -18,8 +18,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from edgedx.runtime import feeds
-from edgedx.runtime.feeds import FeedStats, Frame, backoff_delays, iter_frames
+from edgedx.runtime.io import feeds
+from edgedx.runtime.io.feeds import FeedStats, Frame, backoff_delays, iter_frames
 
 from edgedx.errors import InputError, StreamLostError
 
@@ -140,7 +140,7 @@ def test_drop_then_two_failed_opens_then_back_continues_the_index(fake, caplog) 
     script, fake_time = fake
     script.sessions = [frames(0, 5), OPEN_FAILS, OPEN_FAILS, frames(5, 5)]
     stats = FeedStats()
-    with caplog.at_level(logging.INFO, logger="edgedx.runtime.feeds"):
+    with caplog.at_level(logging.INFO, logger="edgedx.runtime.io.feeds"):
         got, error = take("camera:3", max_frames=10, stats=stats)
     assert error is None
     assert [f.index for f in got] == list(range(10))
@@ -190,7 +190,7 @@ def test_lost_for_good_raises_stream_lost_naming_source_frames_attempts_and_time
     script.sessions = [frames(0, 5)]
     url = "rtsp://admin:s3cret@10.0.0.5:554/live"
     stats = FeedStats()
-    with caplog.at_level(logging.INFO, logger="edgedx.runtime.feeds"):
+    with caplog.at_level(logging.INFO, logger="edgedx.runtime.io.feeds"):
         got, error = take(url, reconnect=3, timeout_s=2.5, stats=stats)
     assert ids(got) == [0, 1, 2, 3, 4]
     assert isinstance(error, StreamLostError) and isinstance(error, InputError)
@@ -268,7 +268,7 @@ def test_undecodable_frame_is_counted_and_skipped_without_reconnecting(fake, cap
     session[4] = np.zeros((12, 16, 3), np.uint16)[..., :0]  # an empty frame from a confused driver
     script.sessions = [session]
     stats = FeedStats()
-    with caplog.at_level(logging.WARNING, logger="edgedx.runtime.feeds"):
+    with caplog.at_level(logging.WARNING, logger="edgedx.runtime.io.feeds"):
         got, error = take("camera:0", max_frames=4, stats=stats)
     assert error is None
     assert [f.index for f in got] == [0, 1, 3, 5] and ids(got) == [0, 1, 3, 5]
@@ -289,7 +289,7 @@ def test_frames_of_changing_size_and_grey_frames_pass_through(fake, caplog) -> N
     grey = np.full((30, 40), 7, np.uint8)  # a camera switched to a mono mode
     script.sessions = [[*frames(0, 2, (12, 16)), *frames(2, 1, (24, 32)), grey, *frames(4, 1, (24, 32))]]
     stats = FeedStats()
-    with caplog.at_level(logging.WARNING, logger="edgedx.runtime.feeds"):
+    with caplog.at_level(logging.WARNING, logger="edgedx.runtime.io.feeds"):
         got, error = take("camera:0", max_frames=5, stats=stats)
     assert error is None
     assert [f.image.shape for f in got] == [(12, 16, 3), (12, 16, 3), (24, 32, 3), (30, 40, 3), (24, 32, 3)]

@@ -46,7 +46,7 @@ def test_every_artefact_has_a_card_sidecar_any_client_reads_and_a_foreign_one_is
     from edgedx.card import ModelCard
     from edgedx.errors import ModelError
     from edgedx.runtime import load_model
-    from edgedx.runtime.integrity import sha256_file
+    from edgedx.runtime.io.integrity import sha256_file
     from edgedx.runtime.selftest import SELFTEST_KEY, SelfTestVectors
 
     model_path = Path(trained.onnx)

@@ -16,7 +16,7 @@ import timm  # noqa: E402
 from torch import nn  # noqa: E402
 
 from edgedx.card import CropPolicy, ModelCard, Provenance  # noqa: E402
-from edgedx.runtime.image_io import read_image  # noqa: E402
+from edgedx.runtime.io.image_io import read_image  # noqa: E402
 from edgedx.runtime.preprocess import preprocess_batch, resize_to  # noqa: E402
 from edgedx.training import gradcam as gradcam_module  # noqa: E402
 from edgedx.training.gradcam import DISPLAY_MIN_SIDE, gradcam, overlay_cam, save_gradcam_examples  # noqa: E402

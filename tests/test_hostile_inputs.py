@@ -12,8 +12,8 @@ import pytest
 
 from conftest import Trained
 
-from edgedx.runtime.names import csv_text, json_line, json_lines, printable_name
-from edgedx.runtime.records import completed_inputs, read_records
+from edgedx.runtime.outputs.names import csv_text, json_line, json_lines, printable_name
+from edgedx.runtime.outputs.records import completed_inputs, read_records
 
 
 def test_json_line_round_trips_a_latin1_name_exactly() -> None:
@@ -39,7 +39,7 @@ def test_json_lines_split_on_newlines_only() -> None:
 
 @pytest.fixture()
 def hostile_folder(tmp_path: Path) -> tuple[Path, list[Path]]:
-    from edgedx.runtime.image_io import write_image
+    from edgedx.runtime.io.image_io import write_image
     from edgedx.synthetic import render_field
 
     folder = tmp_path / "share"
@@ -93,7 +93,7 @@ def test_a_formula_name_is_neutralised_in_csv_and_still_resumes(trained: Trained
 def test_two_runs_never_share_one_output(trained: Trained, tmp_path: Path, hostile_folder) -> None:
     from edgedx.errors import InputError
     from edgedx.runtime.batch import diagnose_paths
-    from edgedx.runtime.outputs import exclusive_outputs
+    from edgedx.runtime.outputs.guards import exclusive_outputs
 
     folder, _ = hostile_folder
     out = tmp_path / "results.jsonl"
@@ -113,7 +113,7 @@ def test_audit_never_opens_pipes_or_devices_and_hashes_what_was_read(trained: Tr
 
     from edgedx.runtime import batch
     from edgedx.runtime.batch import diagnose_paths
-    from edgedx.runtime.image_io import write_image
+    from edgedx.runtime.io.image_io import write_image
     from edgedx.synthetic import render_field
 
     folder = tmp_path / "in"
@@ -147,7 +147,7 @@ def test_a_rewritten_file_is_diagnosed_again_and_the_version_is_recorded(trained
     import hashlib
 
     from edgedx.runtime.batch import diagnose_paths
-    from edgedx.runtime.image_io import write_image
+    from edgedx.runtime.io.image_io import write_image
     from edgedx.synthetic import render_field
 
     folder = tmp_path / "scanner"
@@ -170,9 +170,9 @@ def test_a_rewritten_file_is_diagnosed_again_and_the_version_is_recorded(trained
 def test_the_audit_log_is_a_hash_chain_that_finds_edits_deletions_and_torn_lines(trained: Trained, tmp_path: Path) -> None:
     from conftest import run_edgedx
 
-    from edgedx.runtime.audit import verify_audit
+    from edgedx.runtime.outputs.audit import verify_audit
     from edgedx.runtime.batch import diagnose_paths
-    from edgedx.runtime.image_io import write_image
+    from edgedx.runtime.io.image_io import write_image
     from edgedx.synthetic import render_field
 
     folder = tmp_path / "in"
@@ -229,7 +229,7 @@ def test_hashed_audit_names_are_scrubbed_from_errors(trained: Trained, tmp_path:
 
 def test_inputs_with_one_name_in_two_folders_get_their_own_outputs(trained: Trained, tmp_path: Path) -> None:
     from edgedx.runtime.batch import diagnose_paths
-    from edgedx.runtime.image_io import write_image
+    from edgedx.runtime.io.image_io import write_image
     from edgedx.synthetic import render_field
 
     rng = np.random.default_rng(7)
@@ -250,7 +250,7 @@ def test_no_confident_answer_from_crops_that_are_nearly_all_padding(trained: Tra
     from edgedx.errors import InsufficientContentError
     from edgedx.runtime import load_model
     from edgedx.runtime.batch import diagnose_paths
-    from edgedx.runtime.image_io import write_image
+    from edgedx.runtime.io.image_io import write_image
     from edgedx.synthetic import render_field
 
     folder = tmp_path / "in"
@@ -279,7 +279,7 @@ def test_hostile_files_get_one_line_errors_not_tracebacks(tmp_path: Path, monkey
     from edgedx.card import ModelCard
     from edgedx.errors import CardError, InputError
     from edgedx.runtime.bench import bench_models
-    from edgedx.runtime.outputs import check_writable
+    from edgedx.runtime.outputs.guards import check_writable
 
     with pytest.raises(CardError, match="nested too deeply"):
         ModelCard.from_json("[" * 200_000 + "]" * 200_000)
@@ -310,7 +310,7 @@ def test_a_pickle_named_safetensors_is_refused_in_one_line(tmp_path: Path) -> No
 
 def test_dollar_signs_in_class_names_do_not_break_plots(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from edgedx.runtime.plots import plot_confusion_matrix, plot_roc
+    from edgedx.runtime.outputs.plots import plot_confusion_matrix, plot_roc
 
     names = ("ratio $\\undefined$", "a$_{$b")  # pairs of $ that mathtext cannot parse
     path = plot_confusion_matrix([[3, 1], [0, 4]], names, tmp_path / "cm.png")
@@ -327,8 +327,8 @@ def test_odd_entries_inside_a_folder_get_records_and_unreadable_folders_a_warnin
     import socket
 
     from edgedx.runtime.batch import diagnose_paths
-    from edgedx.runtime.image_io import write_image
-    from edgedx.runtime.inputs import folder_images
+    from edgedx.runtime.io.image_io import write_image
+    from edgedx.runtime.io.inputs import folder_images
     from edgedx.synthetic import render_field
 
     folder = tmp_path / "drop"
@@ -364,7 +364,7 @@ def test_odd_entries_inside_a_folder_get_records_and_unreadable_folders_a_warnin
 
 def test_a_manifest_listing_one_image_twice_is_refused(tmp_path: Path) -> None:
     from edgedx.errors import InputError
-    from edgedx.runtime.image_io import write_image
+    from edgedx.runtime.io.image_io import write_image
     from edgedx.training.sources import load_source
 
     for i in range(3):
@@ -377,7 +377,7 @@ def test_a_manifest_listing_one_image_twice_is_refused(tmp_path: Path) -> None:
 
 def test_a_text_file_error_names_its_type_not_its_contents(tmp_path: Path) -> None:
     from edgedx.errors import ImageReadError
-    from edgedx.runtime.image_io import read_image
+    from edgedx.runtime.io.image_io import read_image
 
     secret = tmp_path / "passwd.png"
     secret.write_text("root:x:0:0:root:/root:/bin/bash\n", encoding="utf-8")
@@ -388,7 +388,7 @@ def test_a_text_file_error_names_its_type_not_its_contents(tmp_path: Path) -> No
 
 def test_every_record_states_the_threshold_and_the_decision_in_words(trained: Trained, tmp_path: Path) -> None:
     from edgedx.runtime.batch import diagnose_paths
-    from edgedx.runtime.image_io import write_image
+    from edgedx.runtime.io.image_io import write_image
     from edgedx.runtime.model import decision_rule
     from edgedx.synthetic import render_field
 
@@ -435,7 +435,7 @@ def test_model_paths_as_people_type_them(trained: Trained, tmp_path: Path) -> No
 
 def test_the_hot_folder_keeps_latin1_names_and_sees_a_rewrite(trained: Trained, tmp_path: Path) -> None:
     from edgedx.runtime.batch import diagnose_hot_folder
-    from edgedx.runtime.image_io import write_image
+    from edgedx.runtime.io.image_io import write_image
     from edgedx.synthetic import render_field
 
     drop = tmp_path / "scanner drop"

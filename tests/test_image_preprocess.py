@@ -16,7 +16,7 @@ import pytest
 
 from edgedx.card import CropPolicy, ModelCard, Normalization, Provenance
 from edgedx.errors import EdgeDxError, ImageReadError
-from edgedx.runtime.image_io import decode_image, is_image_path, read_image, to_rgb_uint8, write_image
+from edgedx.runtime.io.image_io import decode_image, is_image_path, read_image, to_rgb_uint8, write_image
 from edgedx.runtime.model import decide
 from edgedx.runtime.preprocess import model_input, preprocess_batch, resize_to, to_probabilities
 
@@ -523,7 +523,7 @@ def test_decide_multilabel() -> None:
 def test_runtime_imports_no_heavy_packages() -> None:
     code = (
         "import sys\n"
-        "import edgedx.card, edgedx.runtime.image_io, edgedx.runtime.preprocess\n"
+        "import edgedx.card, edgedx.runtime.io.image_io, edgedx.runtime.preprocess\n"
         "import edgedx.runtime.tiling, edgedx.runtime.model\n"
         "heavy = [m for m in ('torch', 'timm', 'onnx', 'onnxruntime', 'tensorrt') if m in sys.modules]\n"
         "assert not heavy, heavy\n"

@@ -19,8 +19,10 @@ import pytest
 
 from edgedx.card import CropPolicy, ModelCard, Provenance
 from edgedx.errors import InputError, MissingDependencyError
-from edgedx.runtime import overlay, plots, report_html
-from edgedx.runtime.image_io import write_image
+from edgedx.runtime.outputs import overlay
+from edgedx.runtime.outputs import plots
+from edgedx.runtime.outputs import report_html
+from edgedx.runtime.io.image_io import write_image
 from edgedx.runtime.model import Model
 from edgedx.runtime.tiling import SlidingResult, plan_tiles
 

@@ -29,7 +29,11 @@ def test_wheel_contains_every_module(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     (wheel,) = (tmp_path / "dist").glob("edgedx-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    expected = {f"{target}/{p.name}" for folder, target in STAGES.items() for p in (ROOT / folder).glob("*.py")}
+    expected = {
+        f"{target}/{p.relative_to(ROOT / folder).as_posix()}" for folder, target in STAGES.items() for p in (ROOT / folder).rglob("*.py")
+        if "__pycache__" not in p.parts
+    }
+    assert "edgedx/runtime/backends/session.py" in expected and "edgedx/runtime/io/image_io.py" in expected
     assert expected - names == set()
     assert "edgedx/py.typed" in names
     assert "edgedx/runtime/models/isic_mel_nv.fp16.onnx" in names  # the bundled default model ships

@@ -17,7 +17,7 @@ import pytest
 matplotlib = pytest.importorskip("matplotlib")
 
 from edgedx.runtime.metrics import classification_metrics, roc_auc  # noqa: E402
-from edgedx.runtime import plots  # noqa: E402
+from edgedx.runtime.outputs import plots  # noqa: E402
 
 CLASSES3 = ["normal", "benign", "malignant"]
 
@@ -70,7 +70,7 @@ def three_class_data(seed: int = 0, n: int = 240) -> tuple[np.ndarray, np.ndarra
 
 
 def test_module_imports_no_matplotlib_at_import_time() -> None:
-    code = "import sys, edgedx.runtime.plots; print('matplotlib' in sys.modules)"
+    code = "import sys, edgedx.runtime.outputs.plots; print('matplotlib' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"

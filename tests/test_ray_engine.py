@@ -18,9 +18,9 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from edgedx.runtime.batch import diagnose_paths
-from edgedx.runtime.image_io import write_image
+from edgedx.runtime.io.image_io import write_image
 from edgedx.runtime.ray_engine import diagnose_ray, read_ray_records
-from edgedx.runtime.records import read_records
+from edgedx.runtime.outputs.records import read_records
 
 from edgedx.errors import InputError, MissingDependencyError
 from edgedx.synthetic import render_field

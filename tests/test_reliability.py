@@ -24,10 +24,10 @@ import pytest
 from conftest import ROOT, Trained, run_edgedx
 from edgedx.errors import InputError, ModelError
 from edgedx.runtime.batch import diagnose_paths
-from edgedx.runtime.image_io import write_image
-from edgedx.runtime.integrity import checksum_path, expected_sha256, sha256_file, verify_model_file
+from edgedx.runtime.io.image_io import write_image
+from edgedx.runtime.io.integrity import checksum_path, expected_sha256, sha256_file, verify_model_file
 from edgedx.runtime.model import load_model
-from edgedx.runtime.records import read_records
+from edgedx.runtime.outputs.records import read_records
 
 
 def images(folder: Path, n: int, size: tuple[int, int] = (64, 80), seed: int = 0) -> list[Path]:
@@ -193,7 +193,7 @@ def test_audit_log_can_keep_names_out(trained: Trained, tmp_path: Path) -> None:
 
 def test_a_lost_camera_gets_a_record_and_the_batch_goes_on(trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from edgedx.runtime import batch
-    from edgedx.runtime.feeds import Frame
+    from edgedx.runtime.io.feeds import Frame
 
     def flaky(source, *, every, max_frames, reconnect):
         for k in range(2):
@@ -278,7 +278,7 @@ def test_no_runtime_module_imports_a_network_library() -> None:
 def test_hot_folder_skips_a_file_that_vanishes_while_settling(tmp_path: Path) -> None:
     import threading
 
-    from edgedx.runtime.feeds import watch_folder
+    from edgedx.runtime.io.feeds import watch_folder
 
     hot = tmp_path / "scanner out"
     hot.mkdir()
@@ -301,7 +301,7 @@ def test_hot_folder_skips_a_file_that_vanishes_while_settling(tmp_path: Path) ->
 def test_csv_records_have_frame_columns_only_for_videos_and_cameras(tmp_path: Path) -> None:
     import csv
 
-    from edgedx.runtime.records import RecordWriter, empty_record
+    from edgedx.runtime.outputs.records import RecordWriter, empty_record
 
     still, video = tmp_path / "still.csv", tmp_path / "video.csv"
     with RecordWriter(still, ("a", "b")) as writer:

@@ -19,8 +19,8 @@ pytest.importorskip("onnxruntime")
 from edgedx.card import SCHEMA_VERSION  # noqa: E402
 from edgedx.runtime import load_model  # noqa: E402
 from edgedx.runtime.batch import diagnose_hot_folder, diagnose_paths  # noqa: E402
-from edgedx.runtime.image_io import write_image  # noqa: E402
-from edgedx.runtime.records import read_records  # noqa: E402
+from edgedx.runtime.io.image_io import write_image  # noqa: E402
+from edgedx.runtime.outputs.records import read_records  # noqa: E402
 from edgedx.synthetic import render_field  # noqa: E402
 
 

@@ -180,7 +180,7 @@ def test_a_read_error_passes_through_in_order() -> None:
 
 def test_a_lazy_source_gives_the_same_tiles_as_the_array(tmp_path: Path) -> None:
     tifffile = pytest.importorskip("tifffile")
-    from edgedx.runtime.sources import open_source
+    from edgedx.runtime.io.sources import open_source
 
     rng = np.random.default_rng(2)
     image = rng.integers(0, 256, (237, 511, 3), dtype=np.uint8)
@@ -213,7 +213,7 @@ def test_crop_overrides_are_checked() -> None:
 
 
 def test_resume_drops_a_partial_last_record(tmp_path: Path) -> None:
-    from edgedx.runtime.records import completed_inputs
+    from edgedx.runtime.outputs.records import completed_inputs
 
     out = tmp_path / "out put.jsonl"
     out.write_text('{"input": "a.png", "label": "x"}\n{"input": "b.png", "label": "y"}\n{"input": "c.p', encoding="utf-8")

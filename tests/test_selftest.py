@@ -101,7 +101,7 @@ def _tampered_copy(source: Path, folder: Path) -> Path:
     """The exported model with one reference probability of its vectors changed, checksum rewritten."""
     import onnx
 
-    from edgedx.runtime.integrity import write_checksum
+    from edgedx.runtime.io.integrity import write_checksum
 
     folder.mkdir()
     target = folder / "tampered.onnx"

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from edgedx.errors import ImageReadError, InputError
-from edgedx.runtime.image_io import write_image
-from edgedx.runtime.manifest import ManifestLayout
+from edgedx.runtime.io.image_io import write_image
+from edgedx.runtime.io.manifest import ManifestLayout
 from edgedx.training.sources import TrainingData, load_source
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from edgedx.errors import ImageReadError, MissingDependencyError
-from edgedx.runtime.image_io import read_image, to_rgb_uint8, write_image
-from edgedx.runtime.sources import ArraySource, ImageSource, TiledTiffSource, open_source, source_pixels
+from edgedx.runtime.io.image_io import read_image, to_rgb_uint8, write_image
+from edgedx.runtime.io.sources import ArraySource, ImageSource, TiledTiffSource, open_source, source_pixels
 
 tifffile = pytest.importorskip("tifffile")
 
@@ -318,7 +318,7 @@ def test_jpeg_header_size_follows_exif_orientation(folder: Path) -> None:
 
 def test_one_pixel_limit_for_every_reader(folder: Path) -> None:
     """--max-pixels (or EDGEDX_MAX_IMAGE_PIXELS) is the one limit: PNGs, strip TIFFs and tiled TIFFs alike."""
-    from edgedx.runtime.image_io import pixel_limit
+    from edgedx.runtime.io.image_io import pixel_limit
 
     png = write_image(folder / "big scan.png", np.zeros((100, 120, 3), np.uint8))
     tiled = folder / "slide.tif"
@@ -441,7 +441,7 @@ def test_missing_tifffile_raises_missing_dependency(folder: Path, monkeypatch: p
 def test_module_imports_without_tifffile_or_torch() -> None:
     code = (
         "import sys; sys.modules['tifffile'] = None\n"
-        "import edgedx.runtime.sources\n"
+        "import edgedx.runtime.io.sources\n"
         "heavy = [m for m in ('torch', 'onnx', 'timm', 'tifffile') if sys.modules.get(m) is not None]\n"
         "assert not heavy, heavy\n"
     )

@@ -246,8 +246,8 @@ def test_save_splits_round_trip_and_summary(tmp_path: Path) -> None:
 
 def test_a_run_folder_moved_with_its_data_still_finds_its_split(tmp_path: Path) -> None:
     """split.json stores paths relative to the run: copying a project (data + runs) elsewhere keeps runs usable."""
-    from edgedx.runtime.image_io import write_image
-    from edgedx.runtime.labelled import load_labelled
+    from edgedx.runtime.io.image_io import write_image
+    from edgedx.runtime.io.labelled import load_labelled
 
     before = tmp_path / "project a"
     for cls in ("normal", "tumour"):

@@ -25,8 +25,8 @@ import pytest
 from conftest import Trained
 from edgedx.card import CropPolicy, ModelCard, Provenance, sidecar_path
 from edgedx.errors import CardError, EdgeDxError, InputError, MissingDependencyError, ModelError
-from edgedx.runtime import trt_backend
-from edgedx.runtime.trt_backend import TensorRTSession, check_engine_compatible, read_sidecar, write_sidecar
+from edgedx.runtime.backends import trt_backend
+from edgedx.runtime.backends.trt_backend import TensorRTSession, check_engine_compatible, read_sidecar, write_sidecar
 
 REBUILD = "rebuild it here with edgedx export CHECKPOINT --out DIR --engine"
 BUILT = {
@@ -215,7 +215,7 @@ def test_onnx_to_engine_refuses_bad_options_before_tensorrt(tmp_path: Path, opti
 
 def test_runtime_imports_nothing_heavy() -> None:
     """The engine runtime is torch-free and onnx-free, and TensorRT loads only when a session opens."""
-    probe = "import sys, edgedx.runtime.trt_backend; print([m for m in ('torch', 'onnx', 'tensorrt') if m in sys.modules])"
+    probe = "import sys, edgedx.runtime.backends.trt_backend; print([m for m in ('torch', 'onnx', 'tensorrt') if m in sys.modules])"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
     assert result.stdout.strip() == "[]"
 
@@ -460,7 +460,7 @@ needs_trt = pytest.mark.skipif(NO_TRT is not None, reason=NO_TRT or "")
 def built_engine(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """The session model's fp32 ONNX built into an engine once for the real tests."""
     module = export_tensorrt_module()
-    from edgedx.runtime.onnx_backend import OnnxSession
+    from edgedx.runtime.backends.onnx_backend import OnnxSession
 
     card = OnnxSession(trained.onnx).card
     out = tmp_path_factory.mktemp("trt engine")
@@ -474,7 +474,7 @@ def built_engine(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> 
 @pytest.mark.trt
 @needs_trt
 def test_real_engine_matches_onnx_runtime(built_engine: Any, trained: Trained) -> None:
-    from edgedx.runtime.onnx_backend import OnnxSession
+    from edgedx.runtime.backends.onnx_backend import OnnxSession
     from edgedx.runtime.preprocess import preprocess_batch
 
     card = built_engine.card

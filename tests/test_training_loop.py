@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
 
-from edgedx.runtime.image_io import write_image  # noqa: E402
+from edgedx.runtime.io.image_io import write_image  # noqa: E402
 from edgedx.training.checkpoint import load_checkpoint  # noqa: E402
 from edgedx.training.train import TrainConfig, train  # noqa: E402
 

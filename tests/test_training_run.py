@@ -17,7 +17,7 @@ import pytest
 
 from edgedx.card import CropPolicy, ModelCard, Provenance
 from edgedx.errors import InputError
-from edgedx.runtime.image_io import write_image
+from edgedx.runtime.io.image_io import write_image
 from edgedx.training.run import CARD_NAME, RunFolder, SplitUnavailable, check_run_folder, jsonable, write_json
 from edgedx.training.sources import load_source
 

@@ -73,7 +73,7 @@ def test_weights_from_a_local_state_dict_file(tmp_path: Path) -> None:
 
 
 def test_training_data_errors(tmp_path: Path) -> None:
-    from edgedx.runtime.image_io import write_image
+    from edgedx.runtime.io.image_io import write_image
 
     data = tmp_path / "data"
     (data / "only").mkdir(parents=True)
@@ -89,7 +89,7 @@ def test_training_data_errors(tmp_path: Path) -> None:
 
 
 def test_unreadable_training_images_are_skipped_and_recorded(tmp_path: Path) -> None:
-    from edgedx.runtime.image_io import write_image
+    from edgedx.runtime.io.image_io import write_image
 
     rng = np.random.default_rng(0)
     data = tmp_path / "data"
@@ -143,7 +143,7 @@ def test_published_backbones_fine_tune_a_step(arch: str) -> None:
 
 
 def test_strict_mode_makes_an_unreadable_image_fatal(tmp_path: Path) -> None:
-    from edgedx.runtime.image_io import write_image
+    from edgedx.runtime.io.image_io import write_image
 
     for cls in ("a", "b"):
         (tmp_path / "data" / cls).mkdir(parents=True)

@@ -16,7 +16,7 @@ from torch import nn
 
 from edgedx.card import ModelCard
 from edgedx.errors import CardError, ModelError
-from edgedx.runtime.integrity import sha256_file as file_sha256  # noqa: F401  (re-exported for export/)
+from edgedx.runtime.io.integrity import sha256_file as file_sha256  # noqa: F401  (re-exported for export/)
 
 FORMAT = "edgedx-checkpoint"
 FORMAT_VERSION = 1

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgedx.errors import InputError
-from edgedx.runtime.manifest import ManifestLayout
+from edgedx.runtime.io.manifest import ManifestLayout
 from edgedx.training.augment import PRESETS
 from edgedx.training.crops import CropChoice
 from edgedx.training.losses import IMBALANCE_MODES

@@ -252,7 +252,7 @@ def save_gradcam_examples(
     distinct plain file names (no folders) so files never overwrite each other.
     Returns the paths written, in image order.
     """
-    from edgedx.runtime.image_io import write_image
+    from edgedx.runtime.io.image_io import write_image
     from edgedx.runtime.preprocess import preprocess_batch, resize_to, to_probabilities
 
     count = min(len(images), max(0, max_images))

@@ -21,7 +21,7 @@ from torch import nn
 
 from edgedx.card import ModelCard
 from edgedx.progress import STEP_LOGGER, ProgressFn
-from edgedx.runtime.plots import where_taken
+from edgedx.runtime.outputs.plots import where_taken
 from edgedx.runtime.preprocess import preprocess_batch
 from edgedx.runtime.tiling import random_tile
 from edgedx.training import distributed

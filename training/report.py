@@ -17,7 +17,7 @@ import numpy as np
 from torch import nn
 
 from edgedx.card import ModelCard
-from edgedx.runtime.plots import where_taken
+from edgedx.runtime.outputs.plots import where_taken
 from edgedx.training.data import RunData
 from edgedx.training.loop import Fitting
 from edgedx.training.losses import loss_shares
@@ -65,7 +65,7 @@ def run_summary(f: Fitting, final: Final) -> dict[str, Any]:
 
 def write_plots(folder: Path, history: list[dict[str, Any]], y: np.ndarray, final: Final, monitor: str) -> None:
     """Learning curves, ROC with the operating point, confusion matrix and the six-metric radar."""
-    from edgedx.runtime import plots
+    from edgedx.runtime.outputs import plots
 
     card, probs = final.card, final.val_probs
     curve_metric = {"auc": "val_macro_auc", "loss": "val_loss"}.get(monitor, f"val_{monitor}")

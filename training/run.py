@@ -36,8 +36,8 @@ import numpy as np
 
 from edgedx.card import ModelCard
 from edgedx.errors import CardError, EdgeDxError, ImageReadError, InputError
-from edgedx.runtime.labelled import resolve_id
-from edgedx.runtime.manifest import ManifestLayout
+from edgedx.runtime.io.labelled import resolve_id
+from edgedx.runtime.io.manifest import ManifestLayout
 from edgedx.training.sources import TrainingData, load_source
 from edgedx.training.splits import save_splits
 

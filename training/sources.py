@@ -9,12 +9,12 @@ item as RGB uint8 (the one in-memory image format of EdgeDx).
 Sources:
 
 * a folder: ImageFolder layout (``root/<class>/**/<image>``), read by
-  :func:`edgedx.runtime.datasets.list_image_folder`; binary with 2 classes,
+  :func:`edgedx.runtime.io.datasets.list_image_folder`; binary with 2 classes,
   else multiclass; no patient ids, no predefined split.
 * a ``.csv`` manifest: one row per image with columns ``path`` (relative to the
   CSV's folder, or absolute; a column named ``image``, ``file`` or ``filename``
   is accepted instead, looked up in that order), ``label`` (class names); a
-  :class:`~edgedx.runtime.manifest.ManifestLayout` names other columns, an
+  :class:`~edgedx.runtime.io.manifest.ManifestLayout` names other columns, an
   image folder and a missing suffix (ISIC's ``labels.csv``); optional ``patient_id`` and ``split``
   (``train``/``val``/``test``). Multi-label manifests name their 0/1 columns
   with ``label_columns``.
@@ -38,10 +38,10 @@ from typing import Any, Literal, cast
 import numpy as np
 
 from edgedx.errors import InputError
-from edgedx.runtime.datasets import list_image_folder
-from edgedx.runtime.image_io import read_image, to_rgb_uint8
-from edgedx.runtime.manifest import ManifestLayout
-from edgedx.runtime.sources import source_pixels
+from edgedx.runtime.io.datasets import list_image_folder
+from edgedx.runtime.io.image_io import read_image, to_rgb_uint8
+from edgedx.runtime.io.manifest import ManifestLayout
+from edgedx.runtime.io.sources import source_pixels
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def load_source(
     """Load a folder, ``.csv`` manifest or MedMNIST ``.npz`` as :class:`TrainingData`.
 
     ``layout`` says how a CSV manifest names its images and class column
-    (:class:`~edgedx.runtime.manifest.ManifestLayout`); ``label_columns``
+    (:class:`~edgedx.runtime.io.manifest.ManifestLayout`); ``label_columns``
     names the 0/1 columns of a multi-label CSV. ``class_names`` fixes the class
     order (or names an npz's integer labels); ``task`` forces binary,
     multiclass or multilabel where the labels allow it.

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from edgedx.errors import InputError
-from edgedx.runtime.labelled import SPLIT_PATHS_NOTE, portable_id, resolve_id
+from edgedx.runtime.io.labelled import SPLIT_PATHS_NOTE, portable_id, resolve_id
 from edgedx.training.sources import SPLIT_NAMES, TrainingData
 
 log = logging.getLogger(__name__)

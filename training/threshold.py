@@ -16,7 +16,7 @@ import numpy as np
 
 from edgedx.card import ModelCard
 from edgedx.runtime.metrics import classification_metrics, threshold_for_sensitivity
-from edgedx.runtime.plots import where_taken
+from edgedx.runtime.outputs.plots import where_taken
 
 WEAK_AUC = 0.6
 NEAR_ZERO = 0.05

@@ -27,7 +27,7 @@ _EPS = 1e-12
 
 
 class TorchSession:
-    """A PyTorch model as a runtime :class:`~edgedx.runtime.session.Session`: ``run`` takes the card's model input
+    """A PyTorch model as a runtime :class:`~edgedx.runtime.backends.session.Session`: ``run`` takes the card's model input
     and returns float32 logits. In memory, so no file or sha256; fp32, the reference every artefact is judged by."""
 
     path: Path | None = None

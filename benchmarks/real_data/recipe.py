@@ -45,7 +45,7 @@ from edgedx.errors import ParityError  # noqa: E402
 from edgedx.export.pipeline import ExportOptions, export_checkpoint  # noqa: E402
 from edgedx.runtime import load_model  # noqa: E402
 from edgedx.runtime.evaluate import evaluate  # noqa: E402
-from edgedx.runtime.labelled import load_labelled  # noqa: E402
+from edgedx.runtime.io.labelled import load_labelled  # noqa: E402
 from edgedx.runtime.model import decide  # noqa: E402
 from edgedx.training.checkpoint import build_model, load_checkpoint  # noqa: E402
 from edgedx.training.train import TrainConfig, train  # noqa: E402

@@ -6,7 +6,7 @@ file already stores it as small independently compressed tiles, so a region can
 be read by decoding only the tiles it touches. :func:`open_source` returns a
 lazy :class:`TiledTiffSource` for those (and for large strip-based TIFFs, whose
 strips are decoded the same way), and an in-memory :class:`ArraySource` for
-every other image, decoded with :func:`edgedx.runtime.image_io.read_image`.
+every other image, decoded with :func:`edgedx.runtime.io.image_io.read_image`.
 
 Every source returns RGB uint8 regions, the one in-memory format of EdgeDx.
 ``tifffile`` is imported only when a TIFF is opened, so this module imports
@@ -27,7 +27,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import numpy as np
 
 from edgedx.errors import ImageReadError, MissingDependencyError
-from edgedx.runtime.image_io import check_pixels, check_regular_file, default_max_pixels, read_image, read_image_hashed, to_rgb_uint8
+from edgedx.runtime.io.image_io import check_pixels, check_regular_file, default_max_pixels, read_image, read_image_hashed, to_rgb_uint8
 
 logger = logging.getLogger(__name__)
 _S = TypeVar("_S", bound="_Closing")
@@ -106,7 +106,7 @@ class ArraySource(_Closing):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(
                 f"ArraySource needs an (H, W, 3) uint8 RGB array, got shape {image.shape} dtype {image.dtype}; "
-                "convert it with edgedx.runtime.image_io.to_rgb_uint8 first"
+                "convert it with edgedx.runtime.io.image_io.to_rgb_uint8 first"
             )
         if image.shape[0] < 1 or image.shape[1] < 1:
             raise ValueError(f"ArraySource needs a non-empty image, got shape {image.shape}")
@@ -204,7 +204,7 @@ class TiledTiffSource(_Closing):
     overlap and neighbouring crops share tiles. ``tiles_decoded`` counts the
     decodes (for tests and profiling).
 
-    Pixel conversion is :func:`edgedx.runtime.image_io.to_rgb_uint8`, applied per
+    Pixel conversion is :func:`edgedx.runtime.io.image_io.to_rgb_uint8`, applied per
     tile (it is pointwise, so the result equals converting the whole image): grey
     becomes RGB, alpha and extra samples are dropped, floats in [0, 1] are scaled
     to 0..255. 16-bit images are divided by 257 (65535 -> 255): a contrast

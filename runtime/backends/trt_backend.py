@@ -35,8 +35,8 @@ import numpy as np
 
 from edgedx.card import ModelCard, now_iso, sidecar_path
 from edgedx.errors import CardError, MissingDependencyError, ModelError
-from edgedx.runtime.integrity import atomic_write_bytes, verify_model_file
-from edgedx.runtime.onnx_backend import check_input_matches_card
+from edgedx.runtime.io.integrity import atomic_write_bytes, verify_model_file
+from edgedx.runtime.backends.onnx_backend import check_input_matches_card
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +312,7 @@ def errors_in(lines: list[str] | deque[str], *, limit: int = 3) -> str:
 
 
 class TensorRTSession:
-    """A deserialised TensorRT engine plus the card from its sidecar (a :class:`~edgedx.runtime.session.Session`).
+    """A deserialised TensorRT engine plus the card from its sidecar (a :class:`~edgedx.runtime.backends.session.Session`).
 
     Not reentrant on the GPU side, so :meth:`run` holds a lock: one batch at a
     time per session (the engine is still shared, each call reuses the buffers).

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from edgedx.errors import InputError
-from edgedx.runtime.datasets import list_image_folder
-from edgedx.runtime.manifest import ManifestLayout
+from edgedx.runtime.io.datasets import list_image_folder
+from edgedx.runtime.io.manifest import ManifestLayout
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgedx.errors import InputError
-from edgedx.runtime.image_io import is_image_path
+from edgedx.runtime.io.image_io import is_image_path
 
 
 @dataclass(frozen=True)

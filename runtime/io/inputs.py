@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from edgedx.errors import InputError
-from edgedx.runtime.image_io import is_image_path
+from edgedx.runtime.io.image_io import is_image_path
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ import numpy as np
 
 from edgedx.card import ModelCard
 from edgedx.errors import EdgeDxError, MissingDependencyError
-from edgedx.runtime.image_io import read_image, to_rgb_uint8
-from edgedx.runtime.names import csv_text, printable_name
-from edgedx.runtime.plots import where_taken
+from edgedx.runtime.io.image_io import read_image, to_rgb_uint8
+from edgedx.runtime.outputs.names import csv_text, printable_name
+from edgedx.runtime.outputs.plots import where_taken
 
 if TYPE_CHECKING:
     from edgedx.runtime.evaluate import EvaluationReport
@@ -53,7 +53,7 @@ def write_evaluation(
     where = where_taken(card.task, card.threshold)
     binary = card.task == "binary"
     try:
-        from edgedx.runtime import plots
+        from edgedx.runtime.outputs import plots
 
         written["roc"] = plots.plot_roc(
             truth, probs, card.class_names, out / "roc.png", positive_index=card.positive_index,

@@ -44,8 +44,8 @@ import numpy as np
 
 from edgedx.card import ModelCard, now_iso
 from edgedx.errors import InputError
-from edgedx.runtime.integrity import sha256_file
-from edgedx.runtime.names import json_line, json_lines
+from edgedx.runtime.io.integrity import sha256_file
+from edgedx.runtime.outputs.names import json_line, json_lines
 
 log = logging.getLogger(__name__)
 

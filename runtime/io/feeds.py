@@ -1,6 +1,6 @@
 """Image sources for a clinic that runs all day: video files, cameras, streams and a hot folder.
 
-Still files go through :mod:`edgedx.runtime.inputs`; this module covers the rest:
+Still files go through :mod:`edgedx.runtime.io.inputs`; this module covers the rest:
 
 - :func:`iter_frames` decodes a video file, a camera (``camera:0``) or a network
   stream (``rtsp://...``) into RGB :class:`Frame` objects, optionally every n-th;
@@ -30,11 +30,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import cv2
 import numpy as np
-from edgedx.runtime.image_io import is_image_path, to_rgb_uint8
+from edgedx.runtime.io.image_io import is_image_path, to_rgb_uint8
 
 from edgedx.errors import EdgeDxError, InputError, StreamLostError
 
-from edgedx.runtime.names import json_line, json_lines
+from edgedx.runtime.outputs.names import json_line, json_lines
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from typing import Any
 import edgedx
 from edgedx.card import now_iso
 from edgedx.errors import InputError
-from edgedx.runtime.integrity import atomic_write_bytes
+from edgedx.runtime.io.integrity import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

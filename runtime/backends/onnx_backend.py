@@ -17,7 +17,7 @@ import numpy as np
 
 from edgedx.card import ONNX_METADATA_KEY, ModelCard, sidecar_path
 from edgedx.errors import CardError, MissingDependencyError, ModelError
-from edgedx.runtime.integrity import verify_model_file
+from edgedx.runtime.io.integrity import verify_model_file
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def provider_options(providers: list[str], model_path: Path) -> list[Any]:
 
 
 class OnnxSession:
-    """One ONNX Runtime session plus the model card embedded in the file (a :class:`~edgedx.runtime.session.Session`)."""
+    """One ONNX Runtime session plus the model card embedded in the file (a :class:`~edgedx.runtime.backends.session.Session`)."""
 
     def __init__(self, path: str | Path, *, device: str = "cpu", threads: int | None = None) -> None:
         ort = import_onnxruntime()

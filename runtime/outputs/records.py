@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import IO, Any
 
 from edgedx.errors import InputError
-from edgedx.runtime.names import csv_text, json_line, json_lines
+from edgedx.runtime.outputs.names import csv_text, json_line, json_lines
 
 log = logging.getLogger(__name__)
 

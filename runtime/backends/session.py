@@ -8,8 +8,8 @@ precision) besides ``run``. Before, each caller probed for them with
 implements :class:`Session`, and :func:`open_session` picks the backend from
 the file (``.engine``/``.plan``: TensorRT, else ONNX Runtime).
 
-Backends: :class:`~edgedx.runtime.onnx_backend.OnnxSession` (ONNX/ORT files),
-:class:`~edgedx.runtime.trt_backend.TensorRTSession` (TensorRT engines) and,
+Backends: :class:`~edgedx.runtime.backends.onnx_backend.OnnxSession` (ONNX/ORT files),
+:class:`~edgedx.runtime.backends.trt_backend.TensorRTSession` (TensorRT engines) and,
 above the runtime, ``edgedx.training.validation.TorchSession`` (the PyTorch
 model, for validation and as export's reference).
 """
@@ -71,9 +71,9 @@ def open_session(path: str | Path, device: str = "cpu", *, threads: int | None =
     be the one that actually runs (no silent fallback to CPU).
     """
     if is_engine_file(path):
-        from edgedx.runtime.trt_backend import TensorRTSession
+        from edgedx.runtime.backends.trt_backend import TensorRTSession
 
         return TensorRTSession(path, device=device)
-    from edgedx.runtime.onnx_backend import OnnxSession
+    from edgedx.runtime.backends.onnx_backend import OnnxSession
 
     return OnnxSession(path, device=device, threads=threads)

@@ -110,3 +110,14 @@ def test_missing_optional_package_names_the_extra(module: str, blocked: str, ext
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert f"pip install 'edgedx[{extra}]'" in proc.stdout and f"'{blocked}'" in proc.stdout
+
+
+def test_no_function_over_80_lines() -> None:
+    """House rule: small functions with one responsibility (a CLI command's option table counts; keep it lean)."""
+    long = []
+    for folder in ("edgedx", "runtime", "training", "export"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long

@@ -280,6 +280,7 @@ def export(
     ] = "1,8,32",
     workspace_gib: Annotated[float, typer.Option(help="TensorRT builder workspace limit in GiB.")] = 2.0,
     opset: Annotated[int, typer.Option(help="ONNX opset (18 or newer).")] = 18,
+    fixed_batch: Annotated[Optional[int], typer.Option(help="Static shapes: every graph takes exactly N crops (NNAPI/CoreML take the whole graph only then; .ort files are fixed to N, or 1 by default).")] = None,
 ) -> None:
     """Export to ONNX (and ORT, TensorRT) with batch norm folded, the card embedded and every artefact verified against PyTorch."""
     _must_exist(checkpoint, "checkpoint", "the model.pt that edgedx train wrote")
@@ -293,7 +294,7 @@ def export(
         precisions=parse_precisions(precision), engine=engine, mobile=mobile, embed_preprocessing=embed_preprocessing,
         simplify=simplify, calibration=calibration, verify_data=verify_data, opset=opset,
         synthetic_verification_only=synthetic_verification_only,
-        engine_batch=_batch_range(engine_batch), workspace_gib=workspace_gib,
+        engine_batch=_batch_range(engine_batch), workspace_gib=workspace_gib, fixed_batch=fixed_batch,
     )
     with progress_bar() as progress:
         report = export_checkpoint(checkpoint, out, options, progress=progress)

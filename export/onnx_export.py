@@ -28,13 +28,20 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 
 
-def torch_to_onnx(model: nn.Module, card: ModelCard, *, opset: int = DEFAULT_OPSET, max_batch: int = 4096) -> onnx.ModelProto:
-    """Export ``model`` (eval mode) for (batch, 3, H, W) float32 input per the card."""
+def torch_to_onnx(
+    model: nn.Module, card: ModelCard, *, opset: int = DEFAULT_OPSET, max_batch: int = 4096, fixed_batch: int | None = None
+) -> onnx.ModelProto:
+    """Export ``model`` (eval mode) for (batch, 3, H, W) float32 input per the card.
+
+    ``fixed_batch`` N gives every tensor a static shape (NNAPI and CoreML take
+    the whole graph only then); the runtime feeds such a graph N crops at a time.
+    """
     if opset < 18:
         raise ModelError(f"opset {opset} is too old for torch's exporter; use 18 or newer")
     model = model.eval()
-    example = torch.zeros(2, 3, *card.input_size, dtype=torch.float32)
+    example = torch.zeros(fixed_batch or 2, 3, *card.input_size, dtype=torch.float32)
     batch = torch.export.Dim("batch", min=1, max=max_batch)
+    dynamic = None if fixed_batch else ({0: batch},)
     chatter = io.StringIO()
     try:
         with contextlib.redirect_stdout(chatter), warnings.catch_warnings():
@@ -46,7 +53,7 @@ def torch_to_onnx(model: nn.Module, card: ModelCard, *, opset: int = DEFAULT_OPS
                 opset_version=opset,
                 input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME],
-                dynamic_shapes=({0: batch},),
+                dynamic_shapes=dynamic,
                 external_data=False,
                 optimize=True,
             )

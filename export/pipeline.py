@@ -70,6 +70,7 @@ class ExportOptions:
     calibration_samples: int = 128
     engine_batch: tuple[int, int, int] = (1, 8, 32)
     workspace_gib: float = 2.0
+    fixed_batch: int | None = None  # static shapes: every graph takes exactly this many crops (NNAPI/CoreML, fixed pipelines)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precisions", parse_precisions(self.precisions))
@@ -78,6 +79,13 @@ class ExportOptions:
             raise InputError(f"engine batch range must satisfy 1 <= min <= opt <= max, got {self.engine_batch}")
         if self.verify_samples < 1 or self.calibration_samples < 1:
             raise InputError("verify_samples and calibration_samples must be at least 1")
+        if self.fixed_batch is not None and self.fixed_batch < 1:
+            raise InputError(f"--fixed-batch must be at least 1, got {self.fixed_batch}")
+
+    @property
+    def mobile_batch(self) -> int:
+        """The batch .ort files are fixed to: NNAPI and CoreML take a graph whole only with static shapes."""
+        return self.fixed_batch or 1
 
 
 @dataclass(frozen=True)
@@ -326,7 +334,7 @@ def _runtime_artefacts(
     """Append the ORT and TensorRT artefacts asked for, derived from each judged ONNX, in precision order."""
     for precision, path in onnx_variants:
         if options.mobile:
-            artefacts.append(_mobile(path, precision, judge))
+            artefacts.append(_mobile(path, precision, options.mobile_batch, judge))
             step(f"{precision} ort")
         if options.engine:
             artefacts.append(_engine(path, precision, card, options, judge, progress))
@@ -393,7 +401,7 @@ def _forget_previous_export(out: Path, stem: str) -> None:
 def _fp32_graph(model: torch.nn.Module, card: ModelCard, options: ExportOptions, *, sha: str) -> tuple[onnx.ModelProto, dict[str, int], ModelCard]:
     """Export, fold every batch norm, optionally embed preprocessing and simplify, embed the card; checked."""
     bn_modules = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    graph = torch_to_onnx(model, card, opset=options.opset)
+    graph = torch_to_onnx(model, card, opset=options.opset, fixed_batch=options.fixed_batch)
     left_by_exporter = count_batchnorms(graph)
     graph, bn = fold_batchnorms(graph)
     assert_no_batchnorm(graph)
@@ -475,12 +483,23 @@ def _calibration_samples(checkpoint: Path | None, card: ModelCard, options: Expo
     raise InputError(f"int8 needs calibration images and the run's training split cannot be read ({why}); give a folder of typical images with --calibration DIR")
 
 
-def _mobile(path: Path, precision: str, judge: Callable[..., Artefact]) -> Artefact:
-    from edgedx.export.mobile import onnx_to_ort
+def _mobile(path: Path, precision: str, batch: int, judge: Callable[..., Artefact]) -> Artefact:
+    """The .ort file, with its batch fixed, and how much of it NNAPI and CoreML take (before and after fixing)."""
+    import tempfile
+
+    from edgedx.export.mobile import fixed_batch_copy, mobile_usability, onnx_to_ort
 
     t0 = time.perf_counter()
-    ort_path = onnx_to_ort(path)
-    return judge(ort_path, "ort", precision, time.perf_counter() - t0, OnnxSession(ort_path, device="cpu"))
+    ort_path = onnx_to_ort(path, fixed_batch=batch)
+    seconds = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory(prefix="edgedx-usability-") as tmp:
+        usability = {
+            "as_exported": mobile_usability(path),
+            f"batch_fixed_to_{batch}": mobile_usability(fixed_batch_copy(path, Path(tmp) / path.name, batch)),
+        }
+    for name, counts in usability[f"batch_fixed_to_{batch}"].items():
+        log.info("%s: %s takes %d of %d nodes", ort_path.name, name, counts["supported_nodes"], counts["nodes"])
+    return judge(ort_path, "ort", precision, seconds, OnnxSession(ort_path, device="cpu"), fixed_batch=batch, mobile_usability=usability)
 
 
 def _engine(path: Path, precision: str, card: ModelCard, options: ExportOptions, judge: Callable[..., Artefact], progress: ProgressFn) -> Artefact:

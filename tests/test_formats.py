@@ -71,3 +71,38 @@ def test_every_artefact_has_a_card_sidecar_any_client_reads_and_a_foreign_one_is
         load_model(copy / model_path.name)
     (copy / sidecar.name).unlink()
     assert load_model(copy / model_path.name).card == loaded.card  # no sidecar: the card inside the file is enough
+
+
+def test_fixed_batch_exports_static_shapes_that_phones_take_whole_and_the_runtime_feeds(trained: Trained, tmp_path: Path) -> None:
+    """--mobile .ort files are fixed to batch 1 (NNAPI/CoreML take no node with a dynamic dimension); --fixed-batch N
+    makes every graph static; the runtime feeds such a graph N crops at a time, whatever the batch it was given."""
+    import json
+
+    import numpy as np
+
+    from edgedx.export.pipeline import ExportOptions, export_checkpoint
+    from edgedx.runtime import load_model
+    from edgedx.runtime.io.image_io import read_image
+
+    report = export_checkpoint(trained.checkpoint, tmp_path / "fixed", ExportOptions(mobile=True, fixed_batch=4))
+    graph = onnx.load(str(report.onnx_path))
+    assert [d.dim_value for d in graph.graph.input[0].type.tensor_type.shape.dim] == [4, 3, 32, 32]
+    ort_entry = next(a for a in json.loads(report.report_path.read_text())["artefacts"] if a["format"] == "ort")
+    assert ort_entry["fixed_batch"] == 4 and ort_entry["parity"]["passed"]
+    usability = ort_entry["mobile_usability"]
+    for engine in ("nnapi", "coreml"):
+        fixed, dynamic = usability["batch_fixed_to_4"][engine], usability["as_exported"][engine]
+        assert fixed["supported_nodes"] >= dynamic["supported_nodes"] and fixed["nodes"] > 0
+    # the default export has a dynamic batch: its .ort is fixed to batch 1, and that is what lets phones take it whole
+    mobile = export_checkpoint(trained.checkpoint, tmp_path / "mobile", ExportOptions(mobile=True))
+    entry = next(a for a in json.loads(mobile.report_path.read_text())["artefacts"] if a["format"] == "ort")
+    before, after = entry["mobile_usability"]["as_exported"]["nnapi"], entry["mobile_usability"]["batch_fixed_to_1"]["nnapi"]
+    assert entry["fixed_batch"] == 1 and after["supported_nodes"] == after["nodes"] > before["supported_nodes"]
+
+    image = read_image(sorted(Path(trained.data).rglob("*.png"))[0])
+    field = np.tile(image, (3, 3, 1))[:90, :70]  # several crops, fed in batches of 7: chunks of 4 and a padded 3
+    fixed_model = load_model(report.onnx_path, batch_size=7)
+    dynamic_model = load_model(trained.onnx, batch_size=7)
+    a, b = fixed_model.diagnose(field), dynamic_model.diagnose(field)
+    assert a.n_crops == b.n_crops > 7
+    np.testing.assert_allclose(a.sliding.probabilities, b.sliding.probabilities, atol=1e-4)

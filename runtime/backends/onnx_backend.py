@@ -116,11 +116,26 @@ class OnnxSession:
             raise ModelError(f"{self.path}: expected one input, the model has {len(inputs)}")
         self.input_name = inputs[0].name
         check_input_matches_card(inputs[0].shape, self.card, self.path)
+        batch = inputs[0].shape[0]
+        self.fixed_batch = batch if isinstance(batch, int) and batch > 0 else None  # --fixed-batch / mobile exports
         log.info("loaded %s on %s", self.path, ", ".join(active))
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        """Raw model outputs (logits) for a preprocessed batch."""
-        return self.session.run(None, {self.input_name: x})[0]
+        """Raw model outputs (logits) for a preprocessed batch of any size.
+
+        A graph with a fixed batch (exported for NNAPI/CoreML) gets exactly that
+        many rows per call: the batch is cut into chunks and the last one padded
+        with copies of its final row, whose outputs are dropped.
+        """
+        n = self.fixed_batch
+        if n is None or len(x) == n:
+            return self.session.run(None, {self.input_name: x})[0]
+        outputs = []
+        for start in range(0, len(x), n):
+            chunk = x[start : start + n]
+            padded = np.concatenate([chunk, np.repeat(chunk[-1:], n - len(chunk), axis=0)]) if len(chunk) < n else chunk
+            outputs.append(self.session.run(None, {self.input_name: padded})[0][: len(chunk)])
+        return np.concatenate(outputs) if outputs else self.session.run(None, {self.input_name: x})[0]
 
     def close(self) -> None:
         """ONNX Runtime frees the session with the object; nothing to release early."""

@@ -319,6 +319,8 @@ def export(
         f"{verification['n_real']} real, {verification['n_labelled']} labelled: {verification['source']})"
     )
     console.print(f"report: {report.report_path}")
+    for row in report.data.get("recommendations") or ():
+        console.print(f"ship to {row['target']}: {row['file'] or '—'} ({row['why']})")
     engines = [a for a in report.artefacts if a["format"] == "engine"]
     best = report.path_of(engines[-1]) if engines else report.onnx_path
     device = " --device tensorrt" if engines else ""

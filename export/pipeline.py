@@ -201,6 +201,7 @@ def export_checkpoint(
         if artefact.parity.passed:
             _write_sidecar(artefact, card, for_precision(vectors, artefact.precision))
             write_checksum(artefact.path)  # the runtime refuses a copy that no longer matches
+    data["recommendations"] = _recommendations(artefacts, card)
     report_path = out / REPORT_NAME
     atomic_write_bytes(report_path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
     step("report")
@@ -208,6 +209,16 @@ def export_checkpoint(
         raise _refusal(artefacts, failed, report_path, options)
     log.info("exported %d artefacts to %s", len(artefacts), out)
     return ExportReport(onnx_path, report_path, data)
+
+
+def _recommendations(artefacts: list[Artefact], card: ModelCard) -> list[dict[str, str]]:
+    """Which file to ship to which kind of target, from the verdicts and a short CPU timing of each verified .onnx."""
+    from edgedx.export.recommend import cpu_images_per_second, recommend
+    from edgedx.runtime.bench import environment
+
+    speeds = {a.path.name: cpu_images_per_second(a.path, card) for a in artefacts if a.parity.passed and a.format == "onnx"}
+    entries = [{"path": a.path.name, "format": a.format, "precision": a.precision, "parity": {"passed": a.parity.passed}} for a in artefacts]
+    return recommend(entries, speeds, environment({})["cpu"])
 
 
 def _write_sidecar(artefact: Artefact, card: ModelCard, vectors: SelfTestVectors) -> None:

@@ -106,3 +106,28 @@ def test_fixed_batch_exports_static_shapes_that_phones_take_whole_and_the_runtim
     a, b = fixed_model.diagnose(field), dynamic_model.diagnose(field)
     assert a.n_crops == b.n_crops > 7
     np.testing.assert_allclose(a.sliding.probabilities, b.sliding.probabilities, atol=1e-4)
+
+
+def test_export_says_which_file_to_ship_where(trained: Trained) -> None:
+    import json
+
+    from edgedx.export.recommend import recommend
+
+    def entry(path: str, fmt: str, precision: str, passed: bool = True) -> dict:
+        return {"path": path, "format": fmt, "precision": precision, "parity": {"passed": passed}}
+
+    artefacts = [entry("model.onnx", "onnx", "fp32"), entry("model.int8.onnx", "onnx", "int8"), entry("model.fp16.onnx", "onnx", "fp16", False),
+                 entry("model.ort", "ort", "fp32"), entry("model.fp16.ort", "ort", "fp16")]
+    rows = {r["target"]: r for r in recommend(artefacts, {"model.onnx": 200.0, "model.int8.onnx": 410.0}, "Intel Xeon")}
+    assert rows["PC CPU (ONNX Runtime)"]["file"] == "model.int8.onnx" and "2.05× model.onnx" in rows["PC CPU (ONNX Runtime)"]["why"]
+    assert "run edgedx verify there" in rows["PC CPU (ONNX Runtime)"]["why"]
+    assert rows["NVIDIA GPU"]["file"] == "model.onnx" and "--engine" in rows["NVIDIA GPU"]["why"]  # the fp16 file failed: never offered
+    phone = rows["Android/iOS (ONNX Runtime Mobile)"]
+    assert phone["file"] == "model.ort" and "model.fp16.ort computes in fp32 on phone CPUs" in phone["why"]
+    assert rows["browser (onnxruntime-web)"]["file"] == "model.onnx" and "model.onnx.card.json" in rows["browser (onnxruntime-web)"]["why"]
+    slow_int8 = {r["target"]: r for r in recommend(artefacts, {"model.onnx": 200.0, "model.int8.onnx": 100.0}, "AMD EPYC")}
+    assert slow_int8["PC CPU (ONNX Runtime)"]["file"] == "model.onnx"  # int8 that does not pay here is not recommended here
+
+    report = json.loads(Path(trained.export_report).read_text())
+    targets = {r["target"]: r["file"] for r in report["recommendations"]}
+    assert targets["PC CPU (ONNX Runtime)"] == "model.onnx" and "no .ort file was made" in str(report["recommendations"])

@@ -280,6 +280,7 @@ def export(
     ] = "1,8,32",
     workspace_gib: Annotated[float, typer.Option(help="TensorRT builder workspace limit in GiB.")] = 2.0,
     opset: Annotated[int, typer.Option(help="ONNX opset (18 or newer).")] = 18,
+    bundle: Annotated[bool, typer.Option("--bundle", help="Also write one archive for the vendor: the verified files, their card sidecars (self-test vectors inside), the report, a README and a sha256 manifest; check it with edgedx verify BUNDLE.")] = False,
     fixed_batch: Annotated[Optional[int], typer.Option(help="Static shapes: every graph takes exactly N crops (NNAPI/CoreML take the whole graph only then; .ort files are fixed to N, or 1 by default).")] = None,
 ) -> None:
     """Export to ONNX (and ORT, TensorRT) with batch norm folded, the card embedded and every artefact verified against PyTorch."""
@@ -294,7 +295,7 @@ def export(
         precisions=parse_precisions(precision), engine=engine, mobile=mobile, embed_preprocessing=embed_preprocessing,
         simplify=simplify, calibration=calibration, verify_data=verify_data, opset=opset,
         synthetic_verification_only=synthetic_verification_only,
-        engine_batch=_batch_range(engine_batch), workspace_gib=workspace_gib, fixed_batch=fixed_batch,
+        engine_batch=_batch_range(engine_batch), workspace_gib=workspace_gib, fixed_batch=fixed_batch, bundle=bundle,
     )
     with progress_bar() as progress:
         report = export_checkpoint(checkpoint, out, options, progress=progress)
@@ -321,6 +322,8 @@ def export(
     console.print(f"report: {report.report_path}")
     for row in report.data.get("recommendations") or ():
         console.print(f"ship to {row['target']}: {row['file'] or '—'} ({row['why']})")
+    if report.bundle_path is not None:
+        console.print(f"bundle for the vendor: {report.bundle_path} (check it anywhere with: edgedx verify {report.bundle_path})")
     engines = [a for a in report.artefacts if a["format"] == "engine"]
     best = report.path_of(engines[-1]) if engines else report.onnx_path
     device = " --device tensorrt" if engines else ""
@@ -492,9 +495,18 @@ def verify_model(
     model: Annotated[Path, typer.Argument(help="Exported .onnx/.ort model or TensorRT .engine (or an export folder).")],
     device: Device = "cpu",
 ) -> None:
-    """Replay the model's self-test vectors on this machine: does it reproduce what export measured?"""
-    from edgedx.runtime.selftest import verify_artefact
+    """Replay the model's self-test vectors on this machine: does it reproduce what export measured? (A bundle: every file too.)"""
+    from edgedx.runtime.selftest import is_bundle, verify_artefact, verify_bundle
 
+    if is_bundle(model):
+        checked = verify_bundle(model, device)
+        console.print(f"{model}: all {checked.files} files match the bundle's sha256 manifest")
+        for name, result in checked.reports:
+            console.print(f"{name}: {result.summary()}")
+        if not checked.passed:
+            err_console.print(f"error: a model in {model} does not reproduce its export on this machine; use one that passed here")
+            raise typer.Exit(1)
+        return
     report = verify_artefact(model, device)
     console.print(report.summary())
     console.print(f"vectors: {report.n} real crops from {report.source or 'the export'}; reference: the fp32 PyTorch model")

@@ -37,6 +37,7 @@ from edgedx.export.precision import parse_precisions, to_fp16, to_int8
 from edgedx.export.preprocess_graph import embed_preprocessing
 from edgedx.export.samples import Samples, SplitUnavailable, calibration_crops, folder_samples, split_samples
 from edgedx.export.selftest import embed_selftest, for_precision, selftest_vectors
+from edgedx.export.bundle import write_bundle
 from edgedx.export.sidecar import write_card_sidecar
 from edgedx.progress import ProgressFn, no_progress
 from edgedx.runtime.io.integrity import CHECKSUM_SUFFIX, atomic_write_bytes, write_checksum
@@ -71,6 +72,7 @@ class ExportOptions:
     engine_batch: tuple[int, int, int] = (1, 8, 32)
     workspace_gib: float = 2.0
     fixed_batch: int | None = None  # static shapes: every graph takes exactly this many crops (NNAPI/CoreML, fixed pipelines)
+    bundle: bool = False  # one archive for the vendor: artefacts, sidecars, report, README, sha256 manifest
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precisions", parse_precisions(self.precisions))
@@ -115,6 +117,7 @@ class ExportReport:
     onnx_path: Path
     report_path: Path
     data: dict[str, Any]
+    bundle_path: Path | None = None  # --bundle: the vendor's archive
 
     @property
     def artefacts(self) -> list[dict[str, Any]]:
@@ -208,7 +211,8 @@ def export_checkpoint(
     if failed:
         raise _refusal(artefacts, failed, report_path, options)
     log.info("exported %d artefacts to %s", len(artefacts), out)
-    return ExportReport(onnx_path, report_path, data)
+    bundle = write_bundle(out, stem, data, card, [a.path for a in artefacts]) if options.bundle else None
+    return ExportReport(onnx_path, report_path, data, bundle)
 
 
 def _recommendations(artefacts: list[Artefact], card: ModelCard) -> list[dict[str, str]]:

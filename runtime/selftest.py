@@ -175,3 +175,55 @@ def verify_artefact(path: Any, device: str = "cpu") -> SelfTestReport:
         return run_selftest(session, SelfTestVectors.from_text(session.selftest, str(session.path)))
     finally:
         session.close()
+
+
+BUNDLE_SUFFIX = ".edgedx-bundle.zip"
+MANIFEST = "MANIFEST.json"
+MODEL_FILES = (".onnx", ".ort")
+
+
+@dataclass(frozen=True)
+class BundleCheck:
+    """``edgedx verify BUNDLE``: every file matched the manifest, and each model's self-test here."""
+
+    files: int
+    reports: tuple[tuple[str, SelfTestReport], ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(report.passed for _, report in self.reports)
+
+
+def is_bundle(path: Any) -> bool:
+    return str(path).endswith(BUNDLE_SUFFIX)
+
+
+def verify_bundle(path: Any, device: str = "cpu") -> BundleCheck:
+    """Check a vendor bundle's files against its sha256 manifest, then replay each model's vectors on ``device``.
+
+    A file missing, added or changed on the way is an error naming it (nothing
+    is replayed from a bundle that does not match its manifest). TensorRT
+    engines are replayed only with ``device="tensorrt"``.
+    """
+    import hashlib
+    import tempfile
+    import zipfile
+    from pathlib import Path
+
+    try:
+        archive = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise ModelError(f"{path} is not a readable EdgeDx bundle ({exc}); copy it again") from None
+    with archive, tempfile.TemporaryDirectory(prefix="edgedx-bundle-") as tmp:
+        names = archive.namelist()
+        if MANIFEST not in names or any("/" in n or "\\" in n or n.startswith(".") for n in names):
+            raise ModelError(f"{path} is not an EdgeDx bundle (no {MANIFEST}, or entries inside folders); copy it again")
+        expected = json.loads(archive.read(MANIFEST))["sha256"]
+        found = {n: hashlib.sha256(archive.read(n)).hexdigest() for n in names if n != MANIFEST}
+        problems = sorted(set(expected) ^ set(found)) + sorted(n for n in expected if n in found and found[n] != expected[n])
+        if problems:
+            raise ModelError(f"{path}: {', '.join(problems)} do(es) not match the bundle's manifest (missing, added or changed); ask for the bundle again")
+        archive.extractall(tmp)
+        suffixes = MODEL_FILES + ((".engine", ".plan") if device == "tensorrt" else ())
+        reports = tuple((n, verify_artefact(Path(tmp) / n, device)) for n in sorted(found) if n.endswith(suffixes))
+    return BundleCheck(len(found), reports)

@@ -189,6 +189,7 @@ def test_export_passes_options_through(tmp_path: Path) -> None:
         {"path": "model.int8.onnx", "format": "onnx", "precision": "int8", "bytes": 700, "parity": {**parity, "labelled": None}},
     ]
     fake.return_value.path_of = lambda a: tmp_path / a["path"]
+    fake.return_value.bundle_path = tmp_path / "model.edgedx-bundle.zip"
     fake.return_value.data = {"verification": {"n_samples": 10, "n_crops": 14, "n_real": 10, "n_labelled": 10, "source": "val split"}}
     fake.return_value.batchnorm = {"in_model": 5, "folded_by_exporter": 5, "folded_into_conv": 0, "converted_to_affine": 0, "remaining": 0}
     with mock.patch("edgedx.export.pipeline.export_checkpoint", fake):
@@ -196,16 +197,17 @@ def test_export_passes_options_through(tmp_path: Path) -> None:
             app,
             ["export", "run/model.pt", "--out", "exp", "--opset", "20", "--precision", "int8,fp16", "--mobile",
              "--embed-preprocessing", "--calibration", "cal dir", "--verify-data", "labelled",
-             "--engine-batch", "2,4,16", "--workspace-gib", "1.5", "--fixed-batch", "4"],
+             "--engine-batch", "2,4,16", "--workspace-gib", "1.5", "--fixed-batch", "4", "--bundle"],
         )
     assert result.exit_code == 0, result.output
     expected = ExportOptions(
         precisions=("fp32", "fp16", "int8"), mobile=True, embed_preprocessing=True,
         calibration=Path("cal dir"), verify_data=Path("labelled"), opset=20, engine_batch=(2, 4, 16), workspace_gib=1.5,
-        fixed_batch=4,
+        fixed_batch=4, bundle=True,
     )
     fake.assert_called_once_with(Path("run/model.pt"), Path("exp"), expected, progress=mock.ANY)
     assert "model.int8.onnx  0.0 MB  int8 onnx" in result.output
+    assert "bundle for the vendor: " in result.output and "edgedx verify " in result.output
     assert "verified as diagnose runs on 10 images (14 crops; 10 real, 10 labelled: val split)" in result.output
     assert "accuracy 0.900 (Δ +0.000 on 10)" in result.output and "edgedx diagnose" in result.output
 

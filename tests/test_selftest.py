@@ -97,6 +97,22 @@ def test_the_cli_prints_the_comparison_and_exits_1_on_a_failure() -> None:
     assert result.exit_code == 1 and "self-test FAILED" in result.output and "does not reproduce its export" in result.output
 
 
+def test_the_cli_verifies_a_bundle_file_by_file() -> None:
+    from typer.testing import CliRunner
+
+    from edgedx.cli import app
+    from edgedx.runtime.selftest import BundleCheck
+
+    good = run_selftest(RedSession(), vectors())
+    bad = run_selftest(RedSession(), vectors(0.01))
+    runner = CliRunner()
+    with mock.patch("edgedx.runtime.selftest.verify_bundle", return_value=BundleCheck(7, (("model.onnx", good), ("model.int8.onnx", bad)))) as check:
+        result = runner.invoke(app, ["verify", "m.edgedx-bundle.zip"])
+    check.assert_called_once_with(Path("m.edgedx-bundle.zip"), "cpu")
+    assert result.exit_code == 1 and "all 7 files match the bundle's sha256 manifest" in result.output
+    assert "model.onnx: self-test passed" in result.output and "model.int8.onnx: self-test FAILED" in result.output
+
+
 def _tampered_copy(source: Path, folder: Path) -> Path:
     """The exported model with one reference probability of its vectors changed, checksum rewritten."""
     import onnx
@@ -141,3 +157,29 @@ def test_an_exported_model_carries_vectors_and_verifies_here_and_a_tampered_one_
     with pytest.raises(ModelError, match="does not reproduce its export"):
         diagnose_paths([image], tampered, tmp_path / "out2" / "r.jsonl", verify=True)
     shutil.rmtree(tmp_path / "copy")
+
+
+def test_a_vendor_bundle_checks_its_manifest_and_replays_every_model(trained: Trained, tmp_path: Path) -> None:
+    import zipfile
+
+    from edgedx.export.pipeline import ExportOptions, export_checkpoint
+    from edgedx.runtime.selftest import verify_bundle
+
+    report = export_checkpoint(trained.checkpoint, tmp_path / "export dir", ExportOptions(mobile=True, bundle=True))
+    bundle = report.bundle_path
+    assert bundle is not None and bundle.name == "model.edgedx-bundle.zip"
+    names = set(zipfile.ZipFile(bundle).namelist())
+    assert {"model.onnx", "model.onnx.sha256", "model.onnx.card.json", "model.ort", "model.ort.card.json",
+            "export_report.json", "README.md", "MANIFEST.json"} <= names
+    readme = zipfile.ZipFile(bundle).read("README.md").decode()
+    assert "## Intended use" in readme and "p(parasitized) ≥" in readme and "edgedx verify model.edgedx-bundle.zip" in readme
+    checked = verify_bundle(bundle)
+    assert checked.passed and checked.files == len(names) - 1 and [n for n, _ in checked.reports] == ["model.onnx", "model.ort"]
+
+    tampered = tmp_path / "tampered.edgedx-bundle.zip"
+    with zipfile.ZipFile(bundle) as source, zipfile.ZipFile(tampered, "w") as target:
+        for name in source.namelist():
+            data = source.read(name)
+            target.writestr(name, data.replace(b"research", b"RESEARCH") if name == "README.md" else data)
+    with pytest.raises(ModelError, match=r"README.md do\(es\) not match the bundle's manifest"):
+        verify_bundle(tampered)

@@ -227,6 +227,8 @@ class Model:
         """
         policy = resolve_crop(self.crop, crop)
         card = self.card
+        if crop is not None:
+            check_tile_fits(policy, card)  # a per-call tile larger than the input would shrink objects silently
         read_ms: dict[Hashable, float] = {}
         hashes: dict[Hashable, str | None] = {}
         names: dict[Hashable, str] = {}  # file inputs, to name them in a refusal
@@ -263,17 +265,18 @@ class Model:
                 continue
             assert outcome.result is not None
             name = names.pop(outcome.key, None)
-            problem = self.content_problem(outcome.result)
+            problem = self.content_problem(outcome.result, policy.min_content)
             if problem is not None:
                 yield outcome.key, InsufficientContentError(f"{name}: {problem}" if name else problem)
                 continue
             diagnosis = self.to_diagnosis(outcome.result, {"read": round(ms, 2), "diagnose": round(outcome.seconds * 1000, 2)})
             yield outcome.key, dataclasses.replace(diagnosis, input_sha256=digest) if digest else diagnosis
 
-    def content_problem(self, sliding: SlidingResult) -> str | None:
+    def content_problem(self, sliding: SlidingResult, minimum: float | None = None) -> str | None:
         """Why no result should be given for this image, or None: crops that are nearly all padding, or an image
-        enlarged so far that a crop holds almost none of its pixels, would give a confident answer from no content."""
-        minimum = self.crop.min_content
+        enlarged so far that a crop holds almost none of its pixels, would give a confident answer from no content.
+        ``minimum`` is the run's ``min_content`` (a per-call crop override included); default the model's."""
+        minimum = self.crop.min_content if minimum is None else minimum
         if minimum <= 0:
             return None
         grid = sliding.grid

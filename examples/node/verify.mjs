@@ -1,0 +1,284 @@
+#!/usr/bin/env node
+// Replay an EdgeDx model's self-test vectors with onnxruntime-node: a conformance check for a
+// Node.js integration of the contract in docs/integration.md.
+//
+//   node verify.mjs path/to/model.onnx [--sidecar path/to/model.onnx.card.json] [--json]
+//
+// Reads <model>.card.json (the card, the artefact's sha256 and the plain self-test vectors),
+// checks the sha256, decodes the crops (raw uint8, C order, crops_shape = [n, H, W, 3], RGB),
+// resizes them to the card's input_size only when H×W differs (see resize() below), builds the
+// model input the card asks for (float32 NCHW normalised here, or uint8 NHWC for models with the
+// preprocessing embedded), runs the model, applies the card's activation and compares with the
+// reference probabilities (the fp32 PyTorch model's). Exit 0: within the tolerances; 1: outside
+// them; 2: the files could not be used.
+
+import { createHash } from "node:crypto";
+import { existsSync, readFileSync } from "node:fs";
+import { createRequire } from "node:module";
+import process from "node:process";
+
+const require = createRequire(import.meta.url);
+
+function usage(message) {
+  if (message) console.error(`error: ${message}`);
+  console.error("usage: node verify.mjs MODEL.onnx [--sidecar MODEL.onnx.card.json] [--json]");
+  process.exit(2);
+}
+
+function fail(message) {
+  console.error(`error: ${message}`);
+  process.exit(2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Resizing a crop to the model input (docs/integration.md §5.1). The vectors are cut at the
+// crop policy's tile_size, which is usually the input_size: then nothing is resized. When the
+// tile is smaller, EdgeDx calls OpenCV's cv2.resize with the card's interpolation ("area" turns
+// into "linear" whenever a side grows, and a tile is never larger than the input). This is a
+// plain-float re-implementation of OpenCV's nearest, bilinear and bicubic (A = -0.75) rules with
+// half-pixel centres and replicated borders; OpenCV itself uses fixed-point weights for uint8, so
+// a pixel may differ by one grey level. Bit-exact pixels need OpenCV (e.g. opencv.js).
+// ---------------------------------------------------------------------------------------------
+function resize(src, h, w, oh, ow, interpolation) {
+  if (h === oh && w === ow) return src;
+  let mode = interpolation;
+  if (mode === "area") {
+    if (oh < h && ow < w) throw new Error("shrinking with INTER_AREA is not implemented here (EdgeDx never shrinks a crop: tile_size <= input_size)");
+    mode = "linear";
+  }
+  const out = new Uint8Array(oh * ow * 3);
+  const sy = h / oh;
+  const sx = w / ow;
+  const clamp = (v, n) => (v < 0 ? 0 : v > n - 1 ? n - 1 : v);
+  const px = (y, x, c) => src[(clamp(y, h) * w + clamp(x, w)) * 3 + c];
+  const sat = (v) => (v <= 0 ? 0 : v >= 255 ? 255 : Math.round(v));
+  const A = -0.75;
+  const cubic = (t) => {
+    const w0 = ((A * (t + 1) - 5 * A) * (t + 1) + 8 * A) * (t + 1) - 4 * A;
+    const w1 = ((A + 2) * t - (A + 3)) * t * t + 1;
+    const w2 = ((A + 2) * (1 - t) - (A + 3)) * (1 - t) * (1 - t) + 1;
+    return [w0, w1, w2, 1 - w0 - w1 - w2];
+  };
+  for (let y = 0; y < oh; y++) {
+    for (let x = 0; x < ow; x++) {
+      for (let c = 0; c < 3; c++) {
+        let v;
+        if (mode === "nearest") {
+          // OpenCV INTER_NEAREST: floor(dst * src/dst), no half-pixel shift
+          v = px(Math.min(Math.floor(y * sy), h - 1), Math.min(Math.floor(x * sx), w - 1), c);
+        } else if (mode === "linear") {
+          let fy = (y + 0.5) * sy - 0.5;
+          let fx = (x + 0.5) * sx - 0.5;
+          let y0 = Math.floor(fy);
+          let x0 = Math.floor(fx);
+          fy -= y0;
+          fx -= x0;
+          if (y0 < 0) { y0 = 0; fy = 0; }
+          if (x0 < 0) { x0 = 0; fx = 0; }
+          if (y0 >= h - 1) { y0 = h - 1; fy = 0; }
+          if (x0 >= w - 1) { x0 = w - 1; fx = 0; }
+          const top = px(y0, x0, c) * (1 - fx) + px(y0, x0 + 1, c) * fx;
+          const bottom = px(y0 + 1, x0, c) * (1 - fx) + px(y0 + 1, x0 + 1, c) * fx;
+          v = sat(top * (1 - fy) + bottom * fy);
+        } else if (mode === "cubic") {
+          const fy = (y + 0.5) * sy - 0.5;
+          const fx = (x + 0.5) * sx - 0.5;
+          const y0 = Math.floor(fy);
+          const x0 = Math.floor(fx);
+          const wy = cubic(fy - y0);
+          const wx = cubic(fx - x0);
+          let sum = 0;
+          for (let i = 0; i < 4; i++) {
+            let row = 0;
+            for (let j = 0; j < 4; j++) row += px(y0 - 1 + i, x0 - 1 + j, c) * wx[j];
+            sum += row * wy[i];
+          }
+          v = sat(sum);
+        } else {
+          throw new Error(`unknown interpolation ${interpolation}`);
+        }
+        out[(y * ow + x) * 3 + c] = v;
+      }
+    }
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Model input (docs/integration.md §5.2-5.4)
+// ---------------------------------------------------------------------------------------------
+const f32 = Math.fround;
+
+function normalise(crop, h, w, card) {
+  // crop: h*w*3 uint8 RGB at input size → Float32Array of 3*h*w, channel-major (one CHW image)
+  const order = card.colour_order === "BGR" ? [2, 1, 0] : [0, 1, 2];
+  const norm = card.normalization;
+  const out = new Float32Array(3 * h * w);
+  const n = h * w;
+  const scale = f32(norm.pixel_scale);
+  for (let c = 0; c < 3; c++) {
+    const src = order[c];
+    if (norm.kind === "mean_std") {
+      const mean = f32(norm.mean.length === 1 ? norm.mean[0] : norm.mean[c]);
+      const std = f32(norm.std.length === 1 ? norm.std[0] : norm.std[c]);
+      const gain = f32(scale / std);
+      const shift = f32(-mean / std);
+      for (let i = 0; i < n; i++) out[c * n + i] = f32(f32(crop[i * 3 + src] * gain) + shift);
+    } else {
+      // per_image: per crop and channel, mean and population std in float64, std floored at 1/sqrt(h*w)
+      let sum = 0;
+      for (let i = 0; i < n; i++) sum += f32(crop[i * 3 + src] * scale);
+      const mean = sum / n;
+      let sq = 0;
+      for (let i = 0; i < n; i++) {
+        const d = f32(crop[i * 3 + src] * scale) - mean;
+        sq += d * d;
+      }
+      const std = Math.max(Math.sqrt(sq / n), 1 / Math.sqrt(n));
+      for (let i = 0; i < n; i++) out[c * n + i] = (f32(crop[i * 3 + src] * scale) - mean) / std;
+    }
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Outputs and decisions (docs/integration.md §6)
+// ---------------------------------------------------------------------------------------------
+function activate(row, card) {
+  const names = card.class_names;
+  if (card.output_activation === "sigmoid") {
+    const p = row.map((z) => 0.5 * (1 + Math.tanh(0.5 * z)));
+    if (card.task === "binary" && p.length === 1) {
+      const pos = names.indexOf(card.positive_class);
+      const out = [0, 0];
+      out[pos] = p[0];
+      out[1 - pos] = 1 - p[0];
+      return out;
+    }
+    return p;
+  }
+  const m = Math.max(...row);
+  const e = row.map((z) => Math.exp(z - m));
+  const s = e.reduce((a, b) => a + b, 0);
+  return e.map((v) => v / s);
+}
+
+function argmax(p) {
+  let best = 0;
+  for (let i = 1; i < p.length; i++) if (p[i] > p[best]) best = i;
+  return best;
+}
+
+function decide(p, card) {
+  const threshold = card.threshold === null ? 0.5 : card.threshold;
+  const names = card.class_names;
+  if (card.task === "binary") {
+    const pos = names.indexOf(card.positive_class);
+    return p[pos] >= threshold ? names[pos] : names[1 - pos];
+  }
+  if (card.task === "multilabel") return names.filter((_, i) => p[i] >= threshold).join("|");
+  return names[argmax(p)];
+}
+
+// ---------------------------------------------------------------------------------------------
+async function main() {
+  const args = process.argv.slice(2);
+  const json = args.includes("--json");
+  let sidecarPath = null;
+  const positional = [];
+  for (let i = 0; i < args.length; i++) {
+    if (args[i] === "--json") continue;
+    if (args[i] === "--sidecar") sidecarPath = args[++i];
+    else if (args[i] === "-h" || args[i] === "--help") usage();
+    else positional.push(args[i]);
+  }
+  if (positional.length !== 1) usage("give one model file");
+  const modelPath = positional[0];
+  sidecarPath = sidecarPath ?? `${modelPath}.card.json`;
+  if (!existsSync(modelPath)) fail(`model file not found: ${modelPath}`);
+  if (!existsSync(sidecarPath)) fail(`card sidecar not found: ${sidecarPath} (export the model with edgedx export)`);
+
+  let doc;
+  try {
+    doc = JSON.parse(readFileSync(sidecarPath, "utf8"));
+  } catch (err) {
+    fail(`${sidecarPath} is not JSON: ${err.message}`);
+  }
+  const { card, artefact, selftest } = doc;
+  if (!card || !artefact) fail(`${sidecarPath} has no card or artefact block`);
+  const sha256 = createHash("sha256").update(readFileSync(modelPath)).digest("hex");
+  if (sha256 !== artefact.sha256) fail(`${sidecarPath} belongs to another file (sha256 ${artefact.sha256.slice(0, 12)}…, the model is ${sha256.slice(0, 12)}…)`);
+  if (!selftest) fail(`${sidecarPath} carries no self-test vectors; re-export the model with edgedx export`);
+  if (selftest.format !== 1) fail(`self-test vectors in format ${selftest.format}; this script reads format 1`);
+
+  const [n, th, tw, channels] = selftest.crops_shape;
+  if (channels !== 3) fail(`crops_shape ${JSON.stringify(selftest.crops_shape)}: expected (n, H, W, 3)`);
+  const raw = Buffer.from(selftest.crops_base64, "base64");
+  if (raw.length !== n * th * tw * 3) fail(`crops_base64 holds ${raw.length} bytes, crops_shape needs ${n * th * tw * 3}`);
+  const [ih, iw] = card.input_size;
+  const resized = th !== ih || tw !== iw;
+  const crops = [];
+  for (let k = 0; k < n; k++) {
+    const crop = new Uint8Array(raw.buffer, raw.byteOffset + k * th * tw * 3, th * tw * 3);
+    crops.push(resize(crop, th, tw, ih, iw, card.interpolation));
+  }
+
+  const ort = require("onnxruntime-node");
+  const session = await ort.InferenceSession.create(modelPath, { executionProviders: ["cpu"] });
+  const inputName = session.inputNames[0];
+  const outputName = session.outputNames[0];
+  const probabilities = [];
+  const batch = 8;
+  for (let start = 0; start < n; start += batch) {
+    const chunk = crops.slice(start, start + batch);
+    let tensor;
+    if (card.input_format === "uint8_nhwc") {
+      const data = new Uint8Array(chunk.length * ih * iw * 3);
+      chunk.forEach((c, i) => data.set(c, i * ih * iw * 3));
+      tensor = new ort.Tensor("uint8", data, [chunk.length, ih, iw, 3]);
+    } else {
+      const data = new Float32Array(chunk.length * 3 * ih * iw);
+      chunk.forEach((c, i) => data.set(normalise(c, ih, iw, card), i * 3 * ih * iw));
+      tensor = new ort.Tensor("float32", data, [chunk.length, 3, ih, iw]);
+    }
+    const result = await session.run({ [inputName]: tensor });
+    const logits = result[outputName];
+    const width = logits.dims.length === 1 ? 1 : logits.dims[1];
+    for (let i = 0; i < chunk.length; i++) {
+      probabilities.push(activate(Array.from(logits.data.slice(i * width, (i + 1) * width), Number), card));
+    }
+  }
+
+  const reference = selftest.reference;
+  let maxDelta = 0;
+  let top1 = 0;
+  let decisions = 0;
+  for (let k = 0; k < n; k++) {
+    const got = probabilities[k];
+    const ref = reference[k];
+    if (got.length !== ref.length) fail(`the model gives ${got.length} probabilities, the reference ${ref.length}`);
+    for (let c = 0; c < ref.length; c++) maxDelta = Math.max(maxDelta, Math.abs(got[c] - ref[c]));
+    if (argmax(got) === argmax(ref)) top1 += 1;
+    if (decide(got, card) === decide(ref, card)) decisions += 1;
+  }
+  top1 = n ? top1 / n : 1;
+  decisions = n ? decisions / n : 1;
+  const tol = selftest.tolerances;
+  const passed = maxDelta <= tol.max_prob_delta && Math.min(top1, decisions) >= tol.min_agreement;
+  const report = {
+    model: modelPath, n, precision: selftest.precision, input_format: card.input_format,
+    crops_shape: selftest.crops_shape, input_size: card.input_size, resized,
+    max_prob_delta: maxDelta, top1_agreement: top1, decision_agreement: decisions,
+    tolerances: tol, passed, onnxruntime_node: ort.env.versions?.node ?? null,
+  };
+  console.log(
+    `self-test ${passed ? "passed" : "FAILED"} on ${n} vectors (${selftest.precision}, onnxruntime-node ${report.onnxruntime_node}): ` +
+      `max |Δp| ${maxDelta.toExponential(2)} (≤ ${tol.max_prob_delta}), top-1 agreement ${top1.toFixed(3)} and ` +
+      `decision agreement ${decisions.toFixed(3)} (≥ ${tol.min_agreement})` +
+      (resized ? `; crops resized ${th}×${tw} → ${ih}×${iw} (${card.interpolation})` : "; crops already at the input size"),
+  );
+  if (json) console.log(JSON.stringify(report));
+  process.exit(passed ? 0 : 1);
+}
+
+main().catch((err) => fail(err?.stack ?? String(err)));

@@ -228,9 +228,14 @@ async function main() {
   const inputName = session.inputNames[0];
   const outputName = session.outputNames[0];
   const probabilities = [];
-  const batch = 8;
+  // A graph with a fixed batch (.ort files, --fixed-batch N) takes exactly that many crops: pad the last chunk.
+  const dim0 = session.inputMetadata?.[0]?.shape?.[0];
+  const fixed = Number.isInteger(dim0) && dim0 > 0 ? dim0 : null;
+  const batch = fixed ?? 8;
   for (let start = 0; start < n; start += batch) {
     const chunk = crops.slice(start, start + batch);
+    const used = chunk.length;
+    while (fixed !== null && chunk.length < fixed) chunk.push(chunk[chunk.length - 1]);
     let tensor;
     if (card.input_format === "uint8_nhwc") {
       const data = new Uint8Array(chunk.length * ih * iw * 3);
@@ -244,7 +249,7 @@ async function main() {
     const result = await session.run({ [inputName]: tensor });
     const logits = result[outputName];
     const width = logits.dims.length === 1 ? 1 : logits.dims[1];
-    for (let i = 0; i < chunk.length; i++) {
+    for (let i = 0; i < used; i++) {
       probabilities.push(activate(Array.from(logits.data.slice(i * width, (i + 1) * width), Number), card));
     }
   }

@@ -88,7 +88,7 @@ class CropPolicy:
     - ``fit``: the whole image is resized to ``tile_size`` (one crop; lesion
       photographs, chest X-rays: the finding is the whole picture);
     - ``shorter_side``: resized, keeping its aspect ratio, so its shorter side is
-      ``shorter_side`` pixels (the longer one rounds to the nearest pixel), then cut;
+      ``shorter_side`` pixels (the longer one rounds to the nearest pixel, ties to even: see docs/integration.md), then cut;
     - ``scale``: resampled by the fixed factor ``scale`` (microscopy: cells keep
       the size they had in training), then cut.
 

@@ -114,7 +114,7 @@ def progress_bar() -> Iterator[ProgressFn]:
         yield update
 
 
-Device = Annotated[str, typer.Option(help="Inference device: auto, cpu, cuda or tensorrt.")]
+Device = Annotated[str, typer.Option(help="Inference device: auto, cpu, cuda, tensorrt, or openvino[-bf16][:GPU|NPU] (OpenVINO).")]
 # CSV manifest layout, the same in train and evaluate (ISIC's labels.csv: --path-column image --image-dir images --suffix .jpg)
 LabelColumn = Annotated[str, typer.Option(help="CSV manifests: the column holding the class name.")]
 PathColumn = Annotated[Optional[str], typer.Option(help="CSV manifests: the column holding the image path or id (default: path, image, file or filename).")]
@@ -576,7 +576,7 @@ def evaluate(
 def bench(
     models: Annotated[list[Path], typer.Argument(help="Exported artefacts (.onnx, .ort, .engine), e.g. the fp32/fp16/int8 files of one export.")],
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,8",
-    devices: Annotated[str, typer.Option(help="Comma-separated devices: cpu, cuda, tensorrt, auto.")] = "cpu",
+    devices: Annotated[str, typer.Option(help="Comma-separated devices: cpu, cuda, tensorrt, auto, openvino, openvino-bf16, openvino:GPU, openvino:NPU.")] = "cpu",
     image_sizes: Annotated[
         Optional[str], typer.Option(help="Whole-image sizes WxH, comma-separated (e.g. 1280x960,4000x3000): per-stage breakdown.")
     ] = None,

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -281,6 +282,8 @@ def environment(active_providers: dict[str, list[str]]) -> dict[str, Any]:
             versions[name] = __import__(name).__version__
         except ImportError:
             pass
+    if "openvino" in sys.modules:  # only when a --devices openvino… row loaded it
+        versions["openvino"] = sys.modules["openvino"].__version__
     gpu, capability = gpu_description()
     return {
         "cpu": _cpu_model(),

@@ -203,7 +203,7 @@ def verify_bundle(path: Any, device: str = "cpu") -> BundleCheck:
 
     A file missing, added or changed on the way is an error naming it (nothing
     is replayed from a bundle that does not match its manifest). TensorRT
-    engines are replayed only with ``device="tensorrt"``.
+    engines are replayed only with ``device="tensorrt"``; OpenVINO devices replay the ``.onnx`` files.
     """
     import hashlib
     import tempfile
@@ -225,5 +225,7 @@ def verify_bundle(path: Any, device: str = "cpu") -> BundleCheck:
             raise ModelError(f"{path}: {', '.join(problems)} do(es) not match the bundle's manifest (missing, added or changed); ask for the bundle again")
         archive.extractall(tmp)
         suffixes = MODEL_FILES + ((".engine", ".plan") if device == "tensorrt" else ())
+        if device.lower().startswith("openvino"):
+            suffixes = (".onnx",)  # OpenVINO reads neither ONNX Runtime's .ort nor TensorRT engines
         reports = tuple((n, verify_artefact(Path(tmp) / n, device)) for n in sorted(found) if n.endswith(suffixes))
     return BundleCheck(len(found), reports)

@@ -41,7 +41,7 @@ def import_onnxruntime() -> Any:
 def resolve_providers(device: str, available: list[str]) -> list[str]:
     """Execution providers to request for ``device`` (``auto`` prefers CUDA when listed)."""
     if device not in DEVICES:
-        raise ModelError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+        raise ModelError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}, or openvino[-bf16][:GPU|NPU]")
     if device == "auto":
         device = "cuda" if "CUDAExecutionProvider" in available else "cpu"
     wanted = DEVICE_PROVIDERS[device]

@@ -6,16 +6,19 @@ about an engine (its card, the file and its sha256, what actually runs it, its
 precision) besides ``run``. Before, each caller probed for them with
 ``getattr``; a new backend had no list of what to provide. A backend now
 implements :class:`Session`, and :func:`open_session` picks the backend from
-the file (``.engine``/``.plan``: TensorRT, else ONNX Runtime).
+the file (``.engine``/``.plan``: TensorRT, else ONNX Runtime) or the device
+(``openvino…``: OpenVINO).
 
 Backends: :class:`~edgedx.runtime.backends.onnx_backend.OnnxSession` (ONNX/ORT files),
-:class:`~edgedx.runtime.backends.trt_backend.TensorRTSession` (TensorRT engines) and,
+:class:`~edgedx.runtime.backends.trt_backend.TensorRTSession` (TensorRT engines),
+:class:`~edgedx.runtime.backends.openvino_backend.OpenVinoSession` (ONNX files on OpenVINO) and,
 above the runtime, ``edgedx.training.validation.TorchSession`` (the PyTorch
 model, for validation and as export's reference).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -24,7 +27,7 @@ import numpy as np
 from edgedx.card import ModelCard
 
 ENGINE_SUFFIXES = (".engine", ".plan")
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8")  # of artefacts; OpenVINO may also report bf16 or int8+bf16 (what runs)
 
 
 @runtime_checkable
@@ -64,12 +67,17 @@ def is_engine_file(path: str | Path) -> bool:
 
 
 def open_session(path: str | Path, device: str = "cpu", *, threads: int | None = None) -> Session:
-    """The engine for an exported file: TensorRT for ``.engine``/``.plan``, ONNX Runtime for ``.onnx``/``.ort``.
+    """The engine for an exported file: OpenVINO for ``openvino[-bf16][:DEVICE]`` devices, TensorRT for
+    ``.engine``/``.plan``, ONNX Runtime for ``.onnx``/``.ort``.
 
     The file's sha256 is checked against the one export wrote beside it, the
     card is read and checked against the graph, and the requested device must
     be the one that actually runs (no silent fallback to CPU).
     """
+    if device.lower().startswith("openvino"):
+        from edgedx.runtime.backends.openvino_backend import OpenVinoSession
+
+        return OpenVinoSession(path, device=device, threads=threads)
     if is_engine_file(path):
         from edgedx.runtime.backends.trt_backend import TensorRTSession
 
@@ -77,3 +85,14 @@ def open_session(path: str | Path, device: str = "cpu", *, threads: int | None =
     from edgedx.runtime.backends.onnx_backend import OnnxSession
 
     return OnnxSession(path, device=device, threads=threads)
+
+
+def run_in_fixed_batches(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, n: int) -> np.ndarray:
+    """``run`` on a graph with a fixed batch ``n``: the batch cut into chunks of exactly ``n`` rows, the last
+    padded with copies of its final row, whose outputs are dropped."""
+    outputs = []
+    for start in range(0, len(x), n):
+        chunk = x[start : start + n]
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], n - len(chunk), axis=0)]) if len(chunk) < n else chunk
+        outputs.append(run(padded)[: len(chunk)])
+    return np.concatenate(outputs)

@@ -315,3 +315,16 @@ def test_every_plot_title_carries_where_it_was_taken(tmp_path: Path, monkeypatch
     assert "at threshold 0.31: sens 0.50, spec 0.50" in texts["roc.png"]
     plots.plot_confusion_matrix([[3, 1], [0, 4]], ["a", "b"], tmp_path / "old.png")  # other callers: titles as before
     assert "Confusion matrix (counts, n=8)" in texts["old.png"]
+
+
+def test_a_long_caption_wraps_instead_of_losing_its_threshold() -> None:
+    """A 320-px field cut "... threshold 0.62" to "... thresh": the number the overlay exists to show."""
+    caption = "parasitized  p(parasitized)=0.99  threshold 0.62"
+    line_h = max(18, 240 // 16)
+    one_line = overlay._banner(2000, 240, caption, None)
+    wrapped = overlay._banner(320, 240, caption, None)
+    assert one_line.shape[0] == line_h and wrapped.shape[0] == 2 * line_h  # two lines on the narrow image
+    assert overlay._wrap(caption, 312, line_h / 30.0) == ["parasitized p(parasitized)=0.99", "threshold 0.62"]
+    assert not wrapped[:, -3:].any()  # nothing runs into the right edge
+    with_note = overlay._banner(320, 240, caption, "single crop - no map")
+    assert with_note.shape[0] == 3 * line_h

@@ -92,14 +92,28 @@ def no_map_note(n_crops: int) -> str | None:
 
 
 def _banner(width: int, image_height: int, caption: str, note: str | None) -> np.ndarray:
-    """The black caption banner; a note gets a line of its own so a long caption never hides it."""
+    """The black caption banner: the caption wrapped to the image's width (a clipped "thresh…" hides the very
+    number the overlay must show), and the note on a line of its own so a long caption never hides it."""
     line_h = max(18, image_height // 16)
-    banner = np.zeros((line_h * (2 if note else 1), width, 3), np.uint8)
     scale = line_h / 30.0
-    cv2.putText(banner, caption, (4, int(line_h * 0.75)), FONT, scale, (255, 255, 255), 1, cv2.LINE_AA)
-    if note:
-        cv2.putText(banner, note, (4, line_h + int(line_h * 0.75)), FONT, scale, NOTE, 1, cv2.LINE_AA)
+    lines = _wrap(caption, width - 8, scale)
+    rows = [(text, (255, 255, 255)) for text in lines] + ([(note, NOTE)] if note else [])
+    banner = np.zeros((line_h * len(rows), width, 3), np.uint8)
+    for k, (text, colour) in enumerate(rows):
+        cv2.putText(banner, text, (4, k * line_h + int(line_h * 0.75)), FONT, scale, colour, 1, cv2.LINE_AA)
     return banner
+
+
+def _wrap(text: str, width: int, scale: float) -> list[str]:
+    """Words on as few lines as fit ``width`` pixels at ``scale`` (a word wider than a line gets a line alone)."""
+    lines: list[str] = []
+    for word in text.split():
+        candidate = f"{lines[-1]} {word}" if lines else word
+        if lines and cv2.getTextSize(candidate, FONT, scale, 1)[0][0] <= width:
+            lines[-1] = candidate
+        else:
+            lines.append(word)
+    return lines or [""]
 
 
 def _heat_wash(image: np.ndarray, sliding: SlidingResult, class_index: int, weighting: str) -> np.ndarray:

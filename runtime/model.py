@@ -28,7 +28,7 @@ from edgedx.runtime.io.image_io import to_rgb_uint8
 from edgedx.runtime.preprocess import model_input, to_probabilities
 from edgedx.runtime.io.sources import ArraySource, open_source
 from edgedx.runtime.tiling import ImageRegionSource, ResampledImage, SlidingResult, sliding_window_many
-from edgedx.runtime.backends.session import ENGINE_SUFFIXES, Session, open_session
+from edgedx.runtime.backends.session import ENGINE_SUFFIXES, Session, is_engine_file, open_session
 
 MAX_ENLARGEMENT = 16  # per side: a crop must hold at least 1/256 of its pixels' worth of the image
 
@@ -433,11 +433,19 @@ def load_model(
     ``.onnx`` and ``.ort`` files run on ONNX Runtime with the card from their
     metadata; ``.engine``/``.plan`` files are TensorRT engines with the card in
     the sidecar JSON beside them (``device`` must then be tensorrt, cuda or auto).
+    ``device="auto"`` measures the verified candidates (the export folder's
+    files × the engines installed) and takes the fastest (:mod:`edgedx.runtime.auto`).
     ``verify`` replays the artefact's self-test vectors on this machine first
     and refuses one that does not reproduce its export (the report is kept in
     ``Model.verification``).
     """
-    session = open_session(resolve_model_path(path), device, threads=threads)
+    resolved = resolve_model_path(path)
+    if device == "auto" and not is_engine_file(resolved):
+        from edgedx.runtime.auto import choose
+
+        choice = choose(resolved, batch_size=min(batch_size, 32))  # the fastest verified file × engine here, said
+        resolved, device = choice.path, choice.device
+    session = open_session(resolved, device, threads=threads)
     model = Model(session, batch_size=batch_size, crop=crop, refer_band=refer_band)
     if verify:
         from edgedx.runtime.selftest import verify_session

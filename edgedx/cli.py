@@ -281,6 +281,7 @@ def export(
     workspace_gib: Annotated[float, typer.Option(help="TensorRT builder workspace limit in GiB.")] = 2.0,
     opset: Annotated[int, typer.Option(help="ONNX opset (18 or newer).")] = 18,
     bundle: Annotated[bool, typer.Option("--bundle", help="Also write one archive for the vendor: the verified files, their card sidecars (self-test vectors inside), the report, a README and a sha256 manifest; check it with edgedx verify BUNDLE.")] = False,
+    embed_resample: Annotated[bool, typer.Option("--embed-resample", help="Also write MODEL.resample.onnx: decoded uint8 RGB image in, the image resampled per the card's crop policy out (no OpenCV needed in the app); verified at export.")] = False,
     fixed_batch: Annotated[Optional[int], typer.Option(help="Static shapes: every graph takes exactly N crops (NNAPI/CoreML take the whole graph only then; .ort files are fixed to N, or 1 by default).")] = None,
 ) -> None:
     """Export to ONNX (and ORT, TensorRT) with batch norm folded, the card embedded and every artefact verified against PyTorch."""
@@ -296,6 +297,7 @@ def export(
         simplify=simplify, calibration=calibration, verify_data=verify_data, opset=opset,
         synthetic_verification_only=synthetic_verification_only,
         engine_batch=_batch_range(engine_batch), workspace_gib=workspace_gib, fixed_batch=fixed_batch, bundle=bundle,
+        embed_resample=embed_resample,
     )
     with progress_bar() as progress:
         report = export_checkpoint(checkpoint, out, options, progress=progress)

@@ -35,6 +35,7 @@ from edgedx.export.onnx_export import DEFAULT_OPSET, check_graph, embed_metadata
 from edgedx.export.parity import ParityReport, PathOutputs, compare_outputs, diagnose_outputs, parity_crops
 from edgedx.export.precision import parse_precisions, to_fp16, to_int8
 from edgedx.export.preprocess_graph import embed_preprocessing
+from edgedx.export.resample_graph import decoded_images, write_resample_graph
 from edgedx.export.samples import Samples, SplitUnavailable, calibration_crops, folder_samples, split_samples
 from edgedx.export.selftest import embed_selftest, for_precision, selftest_vectors
 from edgedx.export.bundle import write_bundle
@@ -73,6 +74,7 @@ class ExportOptions:
     workspace_gib: float = 2.0
     fixed_batch: int | None = None  # static shapes: every graph takes exactly this many crops (NNAPI/CoreML, fixed pipelines)
     bundle: bool = False  # one archive for the vendor: artefacts, sidecars, report, README, sha256 manifest
+    embed_resample: bool = False  # also write {stem}.resample.onnx: decoded image -> resampled image, verified
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precisions", parse_precisions(self.precisions))
@@ -199,6 +201,11 @@ def export_checkpoint(
         "card": card.to_dict(),
         "seconds": round(time.perf_counter() - started, 2),
     }
+    extra_files: list[Path] = []
+    if options.embed_resample:  # raises ModelError (the graph renamed *.failed) if it does not resample as EdgeDx does
+        data["resample_graph"] = write_resample_graph(out, stem, card, decoded_images(items), opset=options.opset)
+        extra_files.append(out / data["resample_graph"]["path"])
+        write_checksum(extra_files[-1])
     failed = _quarantine_failed(artefacts, data)
     for artefact in artefacts:
         if artefact.parity.passed:
@@ -211,7 +218,7 @@ def export_checkpoint(
     if failed:
         raise _refusal(artefacts, failed, report_path, options)
     log.info("exported %d artefacts to %s", len(artefacts), out)
-    bundle = write_bundle(out, stem, data, card, [a.path for a in artefacts]) if options.bundle else None
+    bundle = write_bundle(out, stem, data, card, [a.path for a in artefacts] + extra_files) if options.bundle else None
     return ExportReport(onnx_path, report_path, data, bundle)
 
 

@@ -227,5 +227,6 @@ def verify_bundle(path: Any, device: str = "cpu") -> BundleCheck:
         suffixes = MODEL_FILES + ((".engine", ".plan") if device == "tensorrt" else ())
         if device.lower().startswith("openvino"):
             suffixes = (".onnx",)  # OpenVINO reads neither ONNX Runtime's .ort nor TensorRT engines
-        reports = tuple((n, verify_artefact(Path(tmp) / n, device)) for n in sorted(found) if n.endswith(suffixes))
+        models = [n for n in sorted(found) if n.endswith(suffixes) and not n.endswith(".resample.onnx")]  # the resample graph is no model
+        reports = tuple((n, verify_artefact(Path(tmp) / n, device)) for n in models)
     return BundleCheck(len(found), reports)

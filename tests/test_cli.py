@@ -197,13 +197,13 @@ def test_export_passes_options_through(tmp_path: Path) -> None:
             app,
             ["export", "run/model.pt", "--out", "exp", "--opset", "20", "--precision", "int8,fp16", "--mobile",
              "--embed-preprocessing", "--calibration", "cal dir", "--verify-data", "labelled",
-             "--engine-batch", "2,4,16", "--workspace-gib", "1.5", "--fixed-batch", "4", "--bundle"],
+             "--engine-batch", "2,4,16", "--workspace-gib", "1.5", "--fixed-batch", "4", "--bundle", "--embed-resample"],
         )
     assert result.exit_code == 0, result.output
     expected = ExportOptions(
         precisions=("fp32", "fp16", "int8"), mobile=True, embed_preprocessing=True,
         calibration=Path("cal dir"), verify_data=Path("labelled"), opset=20, engine_batch=(2, 4, 16), workspace_gib=1.5,
-        fixed_batch=4, bundle=True,
+        fixed_batch=4, bundle=True, embed_resample=True,
     )
     fake.assert_called_once_with(Path("run/model.pt"), Path("exp"), expected, progress=mock.ANY)
     assert "model.int8.onnx  0.0 MB  int8 onnx" in result.output

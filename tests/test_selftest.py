@@ -165,12 +165,12 @@ def test_a_vendor_bundle_checks_its_manifest_and_replays_every_model(trained: Tr
     from edgedx.export.pipeline import ExportOptions, export_checkpoint
     from edgedx.runtime.selftest import verify_bundle
 
-    report = export_checkpoint(trained.checkpoint, tmp_path / "export dir", ExportOptions(mobile=True, bundle=True))
+    report = export_checkpoint(trained.checkpoint, tmp_path / "export dir", ExportOptions(mobile=True, bundle=True, embed_resample=True))
     bundle = report.bundle_path
     assert bundle is not None and bundle.name == "model.edgedx-bundle.zip"
     names = set(zipfile.ZipFile(bundle).namelist())
     assert {"model.onnx", "model.onnx.sha256", "model.onnx.card.json", "model.ort", "model.ort.card.json",
-            "export_report.json", "README.md", "MANIFEST.json"} <= names
+            "model.resample.onnx", "model.resample.onnx.sha256", "export_report.json", "README.md", "MANIFEST.json"} <= names
     readme = zipfile.ZipFile(bundle).read("README.md").decode()
     assert "## Intended use" in readme and "p(parasitized) ≥" in readme and "edgedx verify model.edgedx-bundle.zip" in readme
     checked = verify_bundle(bundle)

@@ -201,11 +201,7 @@ def export_checkpoint(
         "card": card.to_dict(),
         "seconds": round(time.perf_counter() - started, 2),
     }
-    extra_files: list[Path] = []
-    if options.embed_resample:  # raises ModelError (the graph renamed *.failed) if it does not resample as EdgeDx does
-        data["resample_graph"] = write_resample_graph(out, stem, card, decoded_images(items), opset=options.opset)
-        extra_files.append(out / data["resample_graph"]["path"])
-        write_checksum(extra_files[-1])
+    extra_files = _resample_artefact(out, stem, card, items, options, data) if options.embed_resample else []
     failed = _quarantine_failed(artefacts, data)
     for artefact in artefacts:
         if artefact.parity.passed:
@@ -220,6 +216,14 @@ def export_checkpoint(
     log.info("exported %d artefacts to %s", len(artefacts), out)
     bundle = write_bundle(out, stem, data, card, [a.path for a in artefacts] + extra_files) if options.bundle else None
     return ExportReport(onnx_path, report_path, data, bundle)
+
+
+def _resample_artefact(out: Path, stem: str, card: ModelCard, items: list[tuple[int, Any]], options: ExportOptions, data: dict[str, Any]) -> list[Path]:
+    """``{stem}.resample.onnx``, checked against EdgeDx's own resampling (ModelError and ``*.failed`` if it differs)."""
+    data["resample_graph"] = write_resample_graph(out, stem, card, decoded_images(items), opset=options.opset)
+    path = out / data["resample_graph"]["path"]
+    write_checksum(path)
+    return [path]
 
 
 def _recommendations(artefacts: list[Artefact], card: ModelCard) -> list[dict[str, str]]:

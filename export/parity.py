@@ -28,6 +28,7 @@ from edgedx.errors import EdgeDxError
 from edgedx.runtime.model import Model, decide
 from edgedx.runtime.preprocess import model_input, preprocess_batch, to_probabilities
 from edgedx.runtime.backends.session import Session
+from edgedx.runtime.selftest import SELFTEST_TOLERANCES
 
 
 @dataclass(frozen=True)
@@ -48,10 +49,14 @@ class Tolerance:
 # fp16 and int8 are judged by agreement and probability change, not by logits.
 # int8 moves a few borderline probabilities a lot by nature (a sample near the
 # decision boundary), so its largest single change is not judged, only the mean.
+_SELF = SELFTEST_TOLERANCES  # the probability and agreement gates are the ones artefacts prove on their targets
 TOLERANCES: dict[str, Tolerance] = {
-    "fp32": Tolerance(atol=1e-4, rtol=1e-3, min_agreement=1.0, max_prob_delta=1e-3, max_mean_prob_delta=1e-4, max_accuracy_drop=0.0),
-    "fp16": Tolerance(atol=None, rtol=None, min_agreement=0.98, max_prob_delta=0.05, max_mean_prob_delta=0.005, max_accuracy_drop=0.01),
-    "int8": Tolerance(atol=None, rtol=None, min_agreement=0.95, max_prob_delta=1.0, max_mean_prob_delta=0.05, max_accuracy_drop=0.03),
+    "fp32": Tolerance(atol=1e-4, rtol=1e-3, min_agreement=_SELF["fp32"].min_agreement, max_prob_delta=_SELF["fp32"].max_prob_delta,
+                      max_mean_prob_delta=1e-4, max_accuracy_drop=0.0),
+    "fp16": Tolerance(atol=None, rtol=None, min_agreement=_SELF["fp16"].min_agreement, max_prob_delta=_SELF["fp16"].max_prob_delta,
+                      max_mean_prob_delta=0.005, max_accuracy_drop=0.01),
+    "int8": Tolerance(atol=None, rtol=None, min_agreement=_SELF["int8"].min_agreement, max_prob_delta=_SELF["int8"].max_prob_delta,
+                      max_mean_prob_delta=0.05, max_accuracy_drop=0.03),
 }
 
 

@@ -271,7 +271,7 @@ def _judge_against(
     is the file that ships, and the file can prove itself on its target later (``edgedx verify``)."""
 
     def judge(path: Path, fmt: str, precision: str, seconds: float, session: Any, **extra: Any) -> Artefact:
-        if fmt == "onnx":
+        if fmt == "onnx":  # the vectors go in first, so the one session judged is the file that ships
             embed_selftest(path, for_precision(vectors, precision))
             session = OnnxSession(path, device="cpu")
         candidate = diagnose_outputs(session, items)
@@ -314,7 +314,7 @@ def _onnx_artefacts(
                 checkpoint, checkpoint_card, card, options, onnx_path, out / f"{stem}.int8.onnx"
             )
             seconds = time.perf_counter() - t0
-        artefacts.append(judge(path, "onnx", precision, seconds, OnnxSession(path, device="cpu")))
+        artefacts.append(judge(path, "onnx", precision, seconds, None))  # judge opens it once its vectors are in
         onnx_variants.append((precision, path))
         step(f"{precision} onnx")
         if precision == "fp32" and not artefacts[0].parity.passed:

@@ -27,7 +27,7 @@ TIMING_SECONDS = 0.5
 
 
 def cpu_images_per_second(path: Path, card: ModelCard) -> float:
-    """Images/s of one artefact on this CPU at batch 8 (a short measurement for ranking, not a benchmark)."""
+    """Crops/s of one artefact on this CPU at batch 8, model only (a short measurement for ranking, not a benchmark)."""
     session = OnnxSession(path, device="cpu")
     crops = np.random.default_rng(0).integers(0, 256, (TIMING_BATCH, *card.input_size, 3), dtype=np.uint8)
     x = model_input(crops, session.card)
@@ -54,7 +54,7 @@ def _pc_cpu(passed: list[dict[str, Any]], speeds: dict[str, float], cpu: str) ->
     best = max(onnx_files, key=lambda a: speeds[a["path"]])
     fp32 = next((a for a in onnx_files if a["precision"] == "fp32"), best)
     ratio = speeds[best["path"]] / speeds[fp32["path"]]
-    why = f"fastest verified file on this CPU ({cpu}): {speeds[best['path']]:.0f} images/s at batch {TIMING_BATCH}"
+    why = f"fastest verified file on this CPU ({cpu}): {speeds[best['path']]:.0f} crops/s at batch {TIMING_BATCH}, model only"
     if best is not fp32:
         why += f", {ratio:.2f}× {fp32['path']}"
     why += "; another CPU may round and rank differently: run edgedx verify there (and edgedx bench)"

@@ -21,10 +21,9 @@ import torch
 from edgedx.card import ModelCard
 from edgedx.errors import ImageReadError
 from edgedx.export.onnx_export import embed_metadata
-from edgedx.export.parity import TOLERANCES
 from edgedx.runtime.io.image_io import read_image, to_rgb_uint8
 from edgedx.runtime.preprocess import model_input, to_probabilities
-from edgedx.runtime.selftest import SELFTEST_KEY, SelfTestVectors, Tolerances
+from edgedx.runtime.selftest import SELFTEST_KEY, SELFTEST_TOLERANCES, SelfTestVectors, Tolerances
 from edgedx.runtime.tiling import split_tiles
 from edgedx.training.validation import TorchSession
 
@@ -56,8 +55,7 @@ def selftest_vectors(
 
 
 def tolerances_for(precision: str) -> Tolerances:
-    tol = TOLERANCES[precision]
-    return Tolerances(max_prob_delta=tol.max_prob_delta, min_agreement=tol.min_agreement)
+    return SELFTEST_TOLERANCES[precision]
 
 
 def for_precision(vectors: SelfTestVectors, precision: str) -> SelfTestVectors:

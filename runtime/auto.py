@@ -41,7 +41,7 @@ PC_SUFFIXES = (".onnx",)  # .ort is for phones: 3-6× slower on x86 (basic optim
 class Candidate:
     file: str
     device: str
-    images_per_s: float | None  # None: not timed (refused)
+    images_per_s: float | None  # crops/s through the engine, model only; None: not timed (refused)
     refused: str | None = None
 
 
@@ -55,11 +55,11 @@ class AutoChoice:
     def describe(self) -> str:
         timed = sorted((c for c in self.candidates if c.images_per_s), key=lambda c: -(c.images_per_s or 0))
         best = timed[0]
-        runner = f"; next {timed[1].file} on {timed[1].device} {timed[1].images_per_s:.0f} images/s" if len(timed) > 1 else ""
+        runner = f"; next {timed[1].file} on {timed[1].device} {timed[1].images_per_s:.0f} crops/s" if len(timed) > 1 else ""
         refused = [c for c in self.candidates if c.refused]
         skipped = f"; {len(refused)} refused (self-test or engine missing)" if refused else ""
         return (
-            f"--device auto chose {best.file} on {best.device}: {best.images_per_s:.0f} images/s, self-test passed here"
+            f"--device auto chose {best.file} on {best.device}: {best.images_per_s:.0f} crops/s (model only), self-test passed here"
             f"{runner}{skipped}{' (cached for this machine)' if self.cached else ''}"
         )
 

@@ -41,6 +41,15 @@ class Tolerances:
     min_agreement: float  # share of vectors whose top-1 class and thresholded decision both agree
 
 
+# Per precision, how far an artefact may stray from the fp32 PyTorch reference: the single source of these numbers
+# (export's parity gates use them too; the runtime cannot import export).
+SELFTEST_TOLERANCES = {
+    "fp32": Tolerances(max_prob_delta=1e-3, min_agreement=1.0),
+    "fp16": Tolerances(max_prob_delta=0.05, min_agreement=0.98),
+    "int8": Tolerances(max_prob_delta=1.0, min_agreement=0.95),
+}
+
+
 @dataclass(frozen=True)
 class SelfTestVectors:
     crops: np.ndarray  # (n, H, W, 3) uint8 RGB: the crops the runtime cuts, before preprocessing

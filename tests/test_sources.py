@@ -375,3 +375,20 @@ def test_npz_without_usable_arrays_is_a_message_not_a_traceback(root: Path) -> N
     np.savez(empty, train_images=np.zeros((0, 28, 28), np.uint8), train_labels=np.zeros((0, 1), np.int64))
     with pytest.raises(InputError, match=r"empty.npz does not hold MedMNIST-style arrays \(IndexError.*N > 0"):
         load_source(empty)
+
+
+def test_evaluate_reads_manifests_like_training(root: Path) -> None:
+    """One reader: a byte-order mark, blank lines and a capitalised split value mean the same to evaluate as to train,
+    and errors name the file's own line numbers."""
+    from edgedx.runtime.io.labelled import load_labelled
+
+    for i in range(3):
+        write_image(root / f"{i}.png", rgb(i))
+    manifest = root / "labels.csv"
+    manifest.write_text("\ufeffpath,label,split\n0.png,a,train\n\n1.png,b,Val\n2.png,c,val\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"labels.csv line 5: label 'c' is not a class"):
+        load_labelled(manifest, ("a", "b"), split="val")
+    manifest.write_text("\ufeffpath,label,split\n0.png,a,train\n\n1.png,b,Val\n2.png,a,val\n", encoding="utf-8")
+    held_out = load_labelled(manifest, ("a", "b"), split="val")
+    assert [Path(p).name for p in held_out.names] == ["1.png", "2.png"] and held_out.labels.tolist() == [1, 0]
+    assert load_source(manifest).splits == ["train", "val", "val"]

@@ -26,7 +26,6 @@ Numpy, csv and the runtime's image I/O only (no torch): cheap to import and test
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import zipfile
@@ -40,7 +39,7 @@ import numpy as np
 from edgedx.errors import InputError
 from edgedx.runtime.io.datasets import list_image_folder
 from edgedx.runtime.io.image_io import read_image, to_rgb_uint8
-from edgedx.runtime.io.manifest import ManifestLayout
+from edgedx.runtime.io.manifest import ManifestLayout, ManifestRow, read_manifest_rows
 from edgedx.runtime.io.sources import source_pixels
 
 log = logging.getLogger(__name__)
@@ -284,7 +283,7 @@ def _cell(row: dict[str | None, Any], column: str) -> str:
     return value.strip() if isinstance(value, str) else ""
 
 
-_Row = tuple[int, dict[str | None, Any]]  # (line number in the file, the row's cells)
+_Row = ManifestRow
 
 
 def _load_csv(
@@ -293,7 +292,7 @@ def _load_csv(
     """A CSV manifest as :class:`TrainingData`; checks run file, header, paths, patients, splits, then labels."""
     name = csv_path.name
     layout.check_image_dir()
-    header, rows = _read_csv_rows(csv_path)
+    header, rows = read_manifest_rows(csv_path)
     path_column = layout.find_path_column(header, name)
     label_columns = _check_label_columns(header, name, layout, label_columns)
     if not rows:
@@ -319,28 +318,6 @@ def _load_csv(
         loader=_file_loader(paths),
         locator=tuple(paths).__getitem__,
     )
-
-
-def _read_csv_rows(csv_path: Path) -> tuple[list[str], list[_Row]]:
-    """The stripped header and the non-blank rows with their line numbers, so errors can point at a line."""
-    # utf-8-sig: spreadsheets often save a byte-order mark before the header.
-    try:
-        with csv_path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            header = [h.strip() for h in (reader.fieldnames or [])]
-            reader.fieldnames = header
-            rows: list[_Row] = []
-            for row in reader:
-                if not any(isinstance(v, str) and v.strip() for v in row.values()):
-                    continue  # blank line
-                rows.append((reader.line_num, cast(dict[str | None, Any], row)))
-    except UnicodeDecodeError:
-        raise InputError(f"{csv_path} is not UTF-8 text; save the manifest as a UTF-8 CSV") from None
-    except csv.Error as exc:
-        raise InputError(f"{csv_path} is not a readable CSV ({exc}); fix the file") from None
-    if not header:
-        raise InputError(f"manifest {csv_path} is empty; it needs a header row (path,label) and one row per image")
-    return header, rows
 
 
 def _check_label_columns(

@@ -17,6 +17,7 @@ import numpy as np
 
 from edgedx.card import ONNX_METADATA_KEY, ModelCard, sidecar_path
 from edgedx.errors import CardError, MissingDependencyError, ModelError
+from edgedx.runtime.backends.session import run_in_fixed_batches
 from edgedx.runtime.io.integrity import verify_model_file
 
 log = logging.getLogger(__name__)
@@ -127,15 +128,12 @@ class OnnxSession:
         many rows per call: the batch is cut into chunks and the last one padded
         with copies of its final row, whose outputs are dropped.
         """
-        n = self.fixed_batch
-        if n is None or len(x) == n:
-            return self.session.run(None, {self.input_name: x})[0]
-        outputs = []
-        for start in range(0, len(x), n):
-            chunk = x[start : start + n]
-            padded = np.concatenate([chunk, np.repeat(chunk[-1:], n - len(chunk), axis=0)]) if len(chunk) < n else chunk
-            outputs.append(self.session.run(None, {self.input_name: padded})[0][: len(chunk)])
-        return np.concatenate(outputs) if outputs else self.session.run(None, {self.input_name: x})[0]
+        if self.fixed_batch is None:
+            return self._infer(x)
+        return run_in_fixed_batches(self._infer, x, self.fixed_batch)
+
+    def _infer(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: x})[0]
 
     def close(self) -> None:
         """ONNX Runtime frees the session with the object; nothing to release early."""
@@ -173,8 +171,11 @@ def check_card_sidecar(path: Path, sha256: str, card: ModelCard) -> None:
 
 def card_from_session(session: Any, path: Path) -> ModelCard:
     """The card stored in the model's metadata, or a ModelError saying how to get one."""
-    metadata = session.get_modelmeta().custom_metadata_map
-    text = metadata.get(ONNX_METADATA_KEY)
+    return card_from_text(session.get_modelmeta().custom_metadata_map.get(ONNX_METADATA_KEY), path)
+
+
+def card_from_text(text: str | None, path: Path) -> ModelCard:
+    """The card of ONNX metadata ``edgedx.card`` as any backend reads it; missing or newer schema: what to do."""
     if text is None:
         raise ModelError(
             f"{path} has no EdgeDx model card (ONNX metadata '{ONNX_METADATA_KEY}'); "

@@ -32,9 +32,10 @@ from typing import Any
 import numpy as np
 
 from edgedx.card import ONNX_METADATA_KEY, ModelCard
-from edgedx.errors import CardError, MissingDependencyError, ModelError
-from edgedx.runtime.backends.onnx_backend import check_card_sidecar, check_input_matches_card
+from edgedx.errors import MissingDependencyError, ModelError
+from edgedx.runtime.backends.onnx_backend import card_from_text, check_card_sidecar, check_input_matches_card
 from edgedx.runtime.backends.session import run_in_fixed_batches
+from edgedx.runtime.selftest import SELFTEST_TOLERANCES
 from edgedx.runtime.io.integrity import verify_model_file
 
 log = logging.getLogger(__name__)
@@ -42,9 +43,9 @@ log = logging.getLogger(__name__)
 DEVICE_NAMES = ("openvino", "openvino-bf16")  # each optionally followed by :DEVICE (CPU, GPU, GPU.1, NPU…)
 INFERENCE_PRECISIONS = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}  # OpenVINO element type -> EdgeDx name
 NPU_BATCH = 1  # NPUs compile static shapes only: a dynamic batch is fixed to this, and runs are chunked
-# export.parity.TOLERANCES["fp16"] (the runtime cannot import export); tests/test_openvino.py checks they agree.
-FP16_MAX_PROB_DELTA = 0.05
-FP16_MIN_AGREEMENT = 0.98
+# The fp16 self-test gates (export's parity gates for fp16 are the same numbers): bf16 and NPU fp16 must meet them.
+FP16_MAX_PROB_DELTA = SELFTEST_TOLERANCES["fp16"].max_prob_delta
+FP16_MIN_AGREEMENT = SELFTEST_TOLERANCES["fp16"].min_agreement
 
 
 def import_openvino() -> Any:
@@ -129,16 +130,7 @@ def metadata(model: Any, key: str) -> str | None:
 
 
 def card_from_model(model: Any, path: Path) -> ModelCard:
-    text = metadata(model, ONNX_METADATA_KEY)
-    if text is None:
-        raise ModelError(
-            f"{path} has no EdgeDx model card (ONNX metadata '{ONNX_METADATA_KEY}'); "
-            "export it from an EdgeDx checkpoint with: edgedx export CHECKPOINT --out DIR"
-        )
-    try:
-        return ModelCard.from_json(text)
-    except CardError as exc:
-        raise CardError(f"{path}: {exc}") from None
+    return card_from_text(metadata(model, ONNX_METADATA_KEY), path)
 
 
 class OpenVinoSession:

@@ -8,7 +8,6 @@ indices into the *model's* class names, so a folder may hold only some classes.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -19,7 +18,7 @@ import numpy as np
 
 from edgedx.errors import InputError
 from edgedx.runtime.io.datasets import list_image_folder
-from edgedx.runtime.io.manifest import ManifestLayout
+from edgedx.runtime.io.manifest import ManifestLayout, read_manifest_rows
 
 
 @dataclass(frozen=True)
@@ -70,23 +69,15 @@ def _folder(root: Path, class_names: tuple[str, ...]) -> LabelledSet:
 
 
 def _csv(path: Path, class_names: tuple[str, ...], split: str, layout: ManifestLayout) -> LabelledSet:
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
-    except UnicodeDecodeError:
-        raise InputError(f"{path} is not UTF-8 text; save the manifest as a UTF-8 CSV") from None
-    except csv.Error as exc:
-        raise InputError(f"{path} is not a readable CSV ({exc}); fix the file") from None
+    columns, rows = read_manifest_rows(path)  # the reader training uses: same encoding, BOM and blank-line rules
     if not rows:
         raise InputError(f"{path} has no rows")
-    columns = [c.strip() if isinstance(c, str) else c for c in rows[0]]
-    rows = [{(k.strip() if isinstance(k, str) else k): v for k, v in r.items()} for r in rows]
     layout.check_image_dir()
     path_column = layout.find_path_column(columns, path.name)
     layout.check_label_column(columns, path.name)
     label_column = layout.label_column
     if "split" in columns and split != "all":
-        rows = [r for r in rows if (r.get("split") or "").strip() == split]
+        rows = [(n, r) for n, r in rows if (r.get("split") or "").strip().lower() == split]  # "Val" is val, as in training
         if not rows:
             raise InputError(f"{path} has no rows with split '{split}'; choose another with --split")
     elif split != "all":
@@ -96,11 +87,14 @@ def _csv(path: Path, class_names: tuple[str, ...], split: str, layout: ManifestL
             "images: edgedx evaluate MODEL RUN_DIR --split val (or test)"
         )
     names, images, labels = [], [], []
-    for n, row in enumerate(rows, 2):
+    for n, row in rows:
         label = (row.get(label_column) or "").strip()
         if label not in class_names:
             raise InputError(f"{path} line {n}: label {label!r} is not a class of this model ({list(class_names)})")
-        image = layout.image_path((row.get(path_column) or "").strip(), path).resolve()
+        value = (row.get(path_column) or "").strip()
+        if not value:
+            raise InputError(f"{path} line {n}: empty {path_column!r}; every row needs an image path")
+        image = layout.image_path(value, path).resolve()
         names.append(str(image))
         images.append(image)
         labels.append(class_names.index(label))

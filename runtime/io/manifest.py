@@ -12,14 +12,16 @@ the layout is recorded in the card so export reloads the data the same way.
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from edgedx.errors import InputError
 
 PATH_COLUMNS: tuple[str, ...] = ("path", "image", "file", "filename")
+ManifestRow = tuple[int, dict[str | None, Any]]  # (line number in the file, the row's cells)
 
 
 @dataclass(frozen=True)
@@ -102,3 +104,28 @@ class ManifestLayout:
         where = f"the image folder {self.image_dir}" if self.image_dir else "the manifest's folder"
         extra = f", with {self.suffix} appended" if self.suffix else ""
         return f"relative paths are read from {where}{extra} (change with --image-dir / --suffix)"
+
+
+def read_manifest_rows(csv_path: Path) -> tuple[list[str], list[ManifestRow]]:
+    """The stripped header and the non-blank rows with their line numbers, so errors can point at a line.
+
+    Training and evaluation read manifests through this one function: same BOM, blank-line and encoding rules.
+    """
+    # utf-8-sig: spreadsheets often save a byte-order mark before the header.
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            reader.fieldnames = header
+            rows: list[ManifestRow] = []
+            for row in reader:
+                if not any(isinstance(v, str) and v.strip() for v in row.values()):
+                    continue  # blank line
+                rows.append((reader.line_num, cast(dict[str | None, Any], row)))
+    except UnicodeDecodeError:
+        raise InputError(f"{csv_path} is not UTF-8 text; save the manifest as a UTF-8 CSV") from None
+    except csv.Error as exc:
+        raise InputError(f"{csv_path} is not a readable CSV ({exc}); fix the file") from None
+    if not header:
+        raise InputError(f"manifest {csv_path} is empty; it needs a header row (path,label) and one row per image")
+    return header, rows

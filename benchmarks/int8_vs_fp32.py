@@ -23,7 +23,7 @@ difference as a check that the fp32 graph is the same model.
 The 224-px row: the trained models are 64-px (ISIC 192-px), where fixed
 per-call costs weigh more. For speed at a typical deployment size, a
 ``tf_efficientnet_lite0`` with **random weights** is exported at 224 px and
-quantised with ``edgedx.export.precision.to_int8`` calibrated on real malaria
+quantised with ``edgedx.export.int8.quantise`` (the 'cpu-avx2' flavour: 7-bit weights) calibrated on real malaria
 training cells resized to 224; it is timed on real malaria validation cells
 resized to 224. Its agreement is not reported: a random network's top-1 says
 nothing about a trained one's.
@@ -57,7 +57,7 @@ import torch
 
 from edgedx.card import CropPolicy
 from edgedx.export.parity import artefact_logits, compare_logits, torch_logits
-from edgedx.export.precision import to_int8
+from edgedx.export.int8 import INT8_FLAVOURS, quantise
 from edgedx.export.samples import Samples, SplitUnavailable, split_samples
 from edgedx.runtime.backends.onnx_backend import OnnxSession
 from edgedx.runtime.preprocess import model_input
@@ -229,7 +229,7 @@ def main() -> None:
                 with tempfile.TemporaryDirectory(prefix="edgedx-int8-224-") as tmp:
                     t0 = time.perf_counter()
                     fp32_path = export_fp32(model, card, Path(tmp) / "model.onnx")
-                    int8_path = to_int8(fp32_path, Path(tmp) / "model.int8.onnx", card, calibration.images)
+                    int8_path = quantise(fp32_path, Path(tmp) / "model.int8.onnx", card, calibration.images, INT8_FLAVOURS["cpu-avx2"])
                     print(
                         f"lite0 224 px (random weights): exported and quantised ({len(calibration)} real malaria training "
                         f"cells resized 64 → 224) in {time.perf_counter() - t0:.0f} s",

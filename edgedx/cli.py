@@ -244,6 +244,33 @@ def _split_names(text: str | None) -> tuple[str, ...] | None:
     return tuple(v.strip() for v in text.split(",") if v.strip()) if text else None
 
 
+def artefact_line(path: Path, artefact: dict[str, Any]) -> str:
+    """One line per exported file: size, precision, format and its parity with PyTorch."""
+    p = artefact["parity"]
+    line = (
+        f"{path}  {artefact['bytes'] / 1e6:.1f} MB  {artefact['precision']} {artefact['format']}  "
+        f"parity: max abs diff {p['max_abs_diff']:.2e}, top-1 agreement {p['top1_agreement']:.3f}, "
+        f"max prob delta {p['max_prob_delta']:.3f}"
+    )
+    if p["labelled"]:
+        line += f", accuracy {p['labelled']['accuracy']:.3f} (Δ {p['labelled']['accuracy_delta']:+.3f} on {p['labelled']['n']})"
+    return line
+
+
+def int8_line(artefact: dict[str, Any]) -> str:
+    """One line per int8 file: its flavour, what stayed float and whether it runs on this machine's kernels."""
+    int8 = artefact["int8"]
+    kept = int8["kept_float"]
+    floats = f"{len(kept)} layer(s) kept float ({', '.join(kept[:4])}{', …' if len(kept) > 4 else ''})" if kept else "every layer int8"
+    reached = "reached" if int8["reached"] else "NOT reached (try --qat-epochs 2)"
+    here = artefact.get("this_machine")
+    where = "" if here is None else ("; runs on this CPU" if here["runs_here"] else "; not for this CPU (its self-test here fails), ships for its targets")
+    return (
+        f"{int8['flavour']['about']}; {floats}; agreement target {int8['target_agreement']:.3f} {reached} "
+        f"(top-1 {int8['top1_agreement']:.3f}, decisions {int8['decision_agreement']:.3f} on {int8['n_search_crops']} training crops){where}"
+    )
+
+
 def _batch_range(text: str) -> tuple[int, int, int]:
     """"1,8,32" → (1, 8, 32), or a one-line error naming the value."""
     parts = [p.strip() for p in text.split(",")]
@@ -283,6 +310,9 @@ def export(
     bundle: Annotated[bool, typer.Option("--bundle", help="Also write one archive for the vendor: the verified files, their card sidecars (self-test vectors inside), the report, a README and a sha256 manifest; check it with edgedx verify BUNDLE.")] = False,
     embed_resample: Annotated[bool, typer.Option("--embed-resample", help="Also write MODEL.resample.onnx: decoded uint8 RGB image in, the image resampled per the card's crop policy out (no OpenCV needed in the app); verified at export.")] = False,
     fixed_batch: Annotated[Optional[int], typer.Option(help="Static shapes: every graph takes exactly N crops (NNAPI/CoreML take the whole graph only then; .ort files are fixed to N, or 1 by default).")] = None,
+    int8_flavours: Annotated[Optional[str], typer.Option(help="int8 files to write, comma-separated: cpu (VNNI/AMX/Arm CPUs), cpu-avx2 (x86 without VNNI), tensorrt (default: cpu,cpu-avx2, plus tensorrt with --engine). The self-test on the target decides which one runs there.")] = None,
+    int8_target: Annotated[float, typer.Option(help="Top-1 and decision agreement with fp32 that int8 aims for: the most harmful layers stay float until it is reached.")] = 0.99,
+    qat_epochs: Annotated[int, typer.Option(help="Quantisation-aware fine-tuning before int8, for when keeping layers float is not enough: N epochs on the run's training split (writes RUN/MODEL.qat.pt; 0: off).")] = 0,
 ) -> None:
     """Export to ONNX (and ORT, TensorRT) with batch norm folded, the card embedded and every artefact verified against PyTorch."""
     _must_exist(checkpoint, "checkpoint", "the model.pt that edgedx train wrote")
@@ -297,20 +327,15 @@ def export(
         simplify=simplify, calibration=calibration, verify_data=verify_data, opset=opset,
         synthetic_verification_only=synthetic_verification_only,
         engine_batch=_batch_range(engine_batch), workspace_gib=workspace_gib, fixed_batch=fixed_batch, bundle=bundle,
-        embed_resample=embed_resample,
+        embed_resample=embed_resample, int8_flavours=None if int8_flavours is None else tuple(int8_flavours.split(",")),
+        int8_target=int8_target, qat_epochs=qat_epochs,
     )
     with progress_bar() as progress:
         report = export_checkpoint(checkpoint, out, options, progress=progress)
     for artefact in report.artefacts:
-        p = artefact["parity"]
-        line = (
-            f"{report.path_of(artefact)}  {artefact['bytes'] / 1e6:.1f} MB  {artefact['precision']} {artefact['format']}  "
-            f"parity: max abs diff {p['max_abs_diff']:.2e}, top-1 agreement {p['top1_agreement']:.3f}, "
-            f"max prob delta {p['max_prob_delta']:.3f}"
-        )
-        if p["labelled"]:
-            line += f", accuracy {p['labelled']['accuracy']:.3f} (Δ {p['labelled']['accuracy_delta']:+.3f} on {p['labelled']['n']})"
-        console.print(line)
+        console.print(artefact_line(report.path_of(artefact), artefact))
+        if "int8" in artefact:
+            console.print(f"  {int8_line(artefact)}")
     bn = report.batchnorm
     console.print(
         f"batch norm: {bn['in_model']} in model, {bn['folded_by_exporter']} folded by the exporter, "

@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +33,18 @@ from edgedx.errors import InputError, ParityError, PartialExportError
 from edgedx.export.bn_fold import assert_no_batchnorm, count_batchnorms, fold_batchnorms
 from edgedx.export.onnx_export import DEFAULT_OPSET, check_graph, embed_metadata, simplify, torch_to_onnx
 from edgedx.export.parity import ParityReport, PathOutputs, compare_outputs, diagnose_outputs, parity_crops
-from edgedx.export.precision import parse_precisions, to_fp16, to_int8
+from edgedx.export.int8 import DEFAULT_FLAVOURS, FLAVOUR_KEY, INT8_FLAVOURS, Int8Flavour, Int8Result, controlled_int8, exact_probabilities, parse_flavours
+from edgedx.export.precision import parse_precisions, to_fp16
 from edgedx.export.preprocess_graph import embed_preprocessing
 from edgedx.export.resample_graph import decoded_images, write_resample_graph
 from edgedx.export.samples import Samples, SplitUnavailable, calibration_crops, folder_samples, split_samples
-from edgedx.export.selftest import embed_selftest, for_precision, selftest_vectors
+from edgedx.export.selftest import N_INT8_VECTORS, N_VECTORS, embed_selftest, for_precision, selftest_vectors
 from edgedx.export.bundle import write_bundle
 from edgedx.export.sidecar import write_card_sidecar
 from edgedx.progress import ProgressFn, no_progress
 from edgedx.runtime.io.integrity import CHECKSUM_SUFFIX, atomic_write_bytes, write_checksum
 from edgedx.runtime.backends.onnx_backend import OnnxSession
-from edgedx.runtime.selftest import SELFTEST_KEY, SelfTestVectors
+from edgedx.runtime.selftest import SELFTEST_KEY, SelfTestVectors, run_selftest
 from edgedx.training.checkpoint import build_model, file_sha256, load_checkpoint
 from edgedx.training.validation import TorchSession
 
@@ -75,9 +76,18 @@ class ExportOptions:
     fixed_batch: int | None = None  # static shapes: every graph takes exactly this many crops (NNAPI/CoreML, fixed pipelines)
     bundle: bool = False  # one archive for the vendor: artefacts, sidecars, report, README, sha256 manifest
     embed_resample: bool = False  # also write {stem}.resample.onnx: decoded image -> resampled image, verified
+    int8_flavours: tuple[str, ...] | None = None  # None: the CPU flavours, plus TensorRT's with --engine
+    int8_target: float = 0.99  # top-1 and decision agreement with fp32 that accuracy-controlled int8 aims for
+    qat_epochs: int = 0  # > 0: quantisation-aware fine-tuning of the checkpoint before int8 (run/<stem>.qat.pt)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precisions", parse_precisions(self.precisions))
+        flavours = self.int8_flavours or (*DEFAULT_FLAVOURS, *(("tensorrt",) if self.engine else ()))
+        object.__setattr__(self, "int8_flavours", parse_flavours(flavours))
+        if not 0.0 < self.int8_target <= 1.0:
+            raise InputError(f"--int8-target must be in (0, 1], got {self.int8_target}")
+        if self.qat_epochs < 0:
+            raise InputError(f"--qat-epochs must be 0 (off) or more, got {self.qat_epochs}")
         lo, opt, hi = self.engine_batch
         if not 1 <= lo <= opt <= hi:
             raise InputError(f"engine batch range must satisfy 1 <= min <= opt <= max, got {self.engine_batch}")
@@ -100,6 +110,7 @@ class Artefact:
     parity: ParityReport
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
+    vectors: SelfTestVectors | None = field(default=None, repr=False, compare=False)  # what the file carries
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -148,8 +159,7 @@ def export_checkpoint(
     """Build, verify and report every artefact ``options`` asks for; raise ParityError if any fails."""
     options = options or ExportOptions()
     started = time.perf_counter()
-    if options.engine:
-        _require_tensorrt()
+    checkpoint, qat = _source_checkpoint(Path(checkpoint), options, progress)
     ckpt = load_checkpoint(checkpoint)
     card = ckpt.card
     model = build_model(ckpt)
@@ -174,7 +184,8 @@ def export_checkpoint(
     reference = diagnose_outputs(TorchSession(model, ckpt.card), items)
     labels = _labels_of(verify, reference, n_real, card)
     vectors = selftest_vectors(
-        model, ckpt.card, [image for _, image in items], "fp32", source=verify.source if verify is not None and n_real else "synthetic images"
+        model, ckpt.card, [image for _, image in items], "fp32", source=verify.source if verify is not None and n_real else "synthetic images",
+        n=N_INT8_VECTORS if "int8" in options.precisions else N_VECTORS,
     )
     step("reference")
     judge = _judge_against(reference, items, card, n_real, labels, vectors)
@@ -197,6 +208,7 @@ def export_checkpoint(
         "verification": _verification_summary(verify, reference, n_real, labels),
         "selftest": {"n_vectors": len(vectors.crops), "source": vectors.source, "key": SELFTEST_KEY},
         "calibration": calibration_info,
+        "quantisation_aware": qat,
         "versions": _versions(options),
         "card": card.to_dict(),
         "seconds": round(time.perf_counter() - started, 2),
@@ -205,7 +217,7 @@ def export_checkpoint(
     failed = _quarantine_failed(artefacts, data)
     for artefact in artefacts:
         if artefact.parity.passed:
-            _write_sidecar(artefact, card, for_precision(vectors, artefact.precision))
+            _write_sidecar(artefact, card, artefact.vectors or for_precision(vectors, artefact.precision))
             write_checksum(artefact.path)  # the runtime refuses a copy that no longer matches
     data["recommendations"] = _recommendations(artefacts, card)
     report_path = out / REPORT_NAME
@@ -231,7 +243,8 @@ def _recommendations(artefacts: list[Artefact], card: ModelCard) -> list[dict[st
     from edgedx.export.recommend import cpu_images_per_second, recommend
     from edgedx.runtime.bench import environment
 
-    speeds = {a.path.name: cpu_images_per_second(a.path, card) for a in artefacts if a.parity.passed and a.format == "onnx"}
+    runs_here = [a for a in artefacts if a.parity.passed and a.format == "onnx" and a.extra.get("this_machine", {}).get("runs_here", True)]
+    speeds = {a.path.name: cpu_images_per_second(a.path, card) for a in runs_here}  # an int8 flavour refused here is not timed
     entries = [{"path": a.path.name, "format": a.format, "precision": a.precision, "parity": {"passed": a.parity.passed}} for a in artefacts]
     return recommend(entries, speeds, environment({})["cpu"])
 
@@ -240,7 +253,8 @@ def _write_sidecar(artefact: Artefact, card: ModelCard, vectors: SelfTestVectors
     """The card and self-test vectors beside the file, for clients that cannot read ONNX metadata; an engine's
     existing sidecar (card and build record) gains the vectors."""
     if artefact.format != "engine":
-        write_card_sidecar(artefact.path, card, artefact.format, artefact.precision, vectors)
+        flavour = artefact.extra.get("int8", {}).get("flavour")
+        write_card_sidecar(artefact.path, card, artefact.format, artefact.precision, vectors, flavour)
         return
     path = sidecar_path(artefact.path)
     document = json.loads(path.read_text(encoding="utf-8"))
@@ -268,16 +282,32 @@ def _judge_against(
     with ``session`` and compares them with the fp32 PyTorch reference: every artefact meets the same test.
 
     An ONNX file first gets its self-test vectors (held to its precision's tolerances), so the session judged
-    is the file that ships, and the file can prove itself on its target later (``edgedx verify``)."""
+    is the file that ships, and the file can prove itself on its target later (``edgedx verify``).
 
-    def judge(path: Path, fmt: str, precision: str, seconds: float, session: Any, **extra: Any) -> Artefact:
+    int8 files are judged on their exact arithmetic (graph optimisations off),
+    which every conforming int8 engine computes: the verdict is the file's,
+    not this CPU's. Their vectors carry those exact probabilities, so a target
+    whose kernels compute something else (x86 without VNNI saturating 8-bit
+    weights) is refused there; whether this machine's kernels conform is
+    recorded as ``this_machine``."""
+
+    def judge(
+        path: Path, fmt: str, precision: str, seconds: float, session: Any, *, flavour: Int8Flavour | None = None,
+        carried: SelfTestVectors | None = None, **extra: Any,
+    ) -> Artefact:
+        exact = precision != "int8" or fmt == "engine"  # an engine is judged as it runs: that is what TensorRT computes
         if fmt == "onnx":  # the vectors go in first, so the one session judged is the file that ships
-            embed_selftest(path, for_precision(vectors, precision))
-            session = OnnxSession(path, device="cpu")
+            carried = for_precision(vectors, precision)
+            if flavour is not None:
+                carried = replace(carried, exact=exact_probabilities(path, card, carried.crops), about=flavour.about())
+            embed_selftest(path, carried)
+            session = OnnxSession(path, device="cpu", optimise=exact)
         candidate = diagnose_outputs(session, items)
         report = compare_outputs(reference, candidate, card, precision, n_real=n_real, labels=labels)
-        log.info("%s: %s", path.name, report.summary())
-        return Artefact(path, fmt, precision, report, seconds, extra)
+        log.info("%s: %s%s", path.name, report.summary(), "" if exact else " (exact int8 arithmetic)")
+        if not exact and carried is not None and fmt != "engine":
+            extra["this_machine"] = _int8_here(path, carried)
+        return Artefact(path, fmt, precision, report, seconds, extra, carried or for_precision(vectors, precision))
 
     return judge
 
@@ -303,16 +333,19 @@ def _onnx_artefacts(
     calibration_info: dict[str, Any] | None = None
     for precision in options.precisions:
         t0 = time.perf_counter()
+        if precision == "int8":
+            int8, calibration_info = _write_int8(checkpoint, checkpoint_card, card, options, onnx_path, out, stem)
+            for result, seconds in int8:
+                extra = {"int8": result.to_dict()}
+                artefacts.append(judge(result.path, "onnx", "int8", seconds, None, flavour=result.flavour, **extra))
+                onnx_variants.append(("int8", result.path))
+            step("int8 onnx")
+            continue
         if precision == "fp32":
             path, seconds = onnx_path, fp32_seconds
-        elif precision == "fp16":
+        else:
             path = out / f"{stem}.fp16.onnx"
             _write_fp16(onnx_path, path)
-            seconds = time.perf_counter() - t0
-        else:
-            path, calibration_info = _write_int8(
-                checkpoint, checkpoint_card, card, options, onnx_path, out / f"{stem}.int8.onnx"
-            )
             seconds = time.perf_counter() - t0
         artefacts.append(judge(path, "onnx", precision, seconds, None))  # judge opens it once its vectors are in
         onnx_variants.append((precision, path))
@@ -320,6 +353,39 @@ def _onnx_artefacts(
         if precision == "fp32" and not artefacts[0].parity.passed:
             break  # every other artefact derives from this graph
     return artefacts, onnx_variants, calibration_info
+
+
+def _source_checkpoint(checkpoint: Path, options: ExportOptions, progress: ProgressFn) -> tuple[Path, dict[str, Any] | None]:
+    """The checkpoint to export (``--qat-epochs``: fine-tuned first, with the first int8 flavour's arithmetic
+    simulated) and what the fine-tuning did, for the report; refuses early what cannot be built here."""
+    if options.engine:
+        _require_tensorrt()
+    if not options.qat_epochs:
+        return checkpoint, None
+    from edgedx.training.qat import QatOptions, quantisation_aware_finetune
+
+    if "int8" not in options.precisions:
+        raise InputError("--qat-epochs fine-tunes for int8: add int8 to --precision, or leave --qat-epochs at 0")
+    flavour = INT8_FLAVOURS[options.int8_flavours[0]]
+    qat = QatOptions(epochs=options.qat_epochs, weight_bits=flavour.weight_bits, activations=flavour.activations)
+    result = quantisation_aware_finetune(checkpoint, qat, progress)
+    log.info("quantisation-aware fine-tuning (%s flavour): %s", flavour.name, result.to_dict())
+    return result.checkpoint, {
+        **result.to_dict(), "flavour": flavour.name,
+        "note": "every artefact here is exported from the fine-tuned checkpoint; the card's threshold and validation "
+        "metrics are the original run's, and each artefact's parity is measured on the fine-tuned weights",
+    }
+
+
+def _int8_here(path: Path, carried: SelfTestVectors) -> dict[str, Any]:
+    """Whether this machine's ONNX Runtime int8 kernels reproduce the file's exact arithmetic (its self-test here)."""
+    from edgedx.runtime.bench import environment
+
+    report = run_selftest(OnnxSession(path, device="cpu"), carried)
+    cpu = environment({})["cpu"]
+    if not report.passed:
+        log.info("%s is not for this CPU (%s): %s; it ships for its targets, where its self-test decides", path.name, cpu, report.summary())
+    return {"cpu": cpu, "runs_here": report.passed, "selftest": report.to_dict()}
 
 
 def _write_fp16(onnx_path: Path, path: Path) -> None:
@@ -330,22 +396,31 @@ def _write_fp16(onnx_path: Path, path: Path) -> None:
 
 
 def _write_int8(
-    checkpoint: Path | None,
-    checkpoint_card: ModelCard,
-    card: ModelCard,
-    options: ExportOptions,
-    onnx_path: Path,
-    target: Path,
-) -> tuple[Path, dict[str, Any]]:
-    """The fp32 graph quantised on real calibration crops and labelled int8: (its path, what it was calibrated on)."""
-    calibration = _calibration_samples(checkpoint, checkpoint_card, options)
-    crops = calibration_crops(calibration, checkpoint_card, limit=options.calibration_samples)
-    calibration_info = {"source": calibration.source, "n_images": len(calibration), "n_crops": len(crops)}
-    path = to_int8(onnx_path, target, card, crops)
-    quantised = onnx.load(str(path))
-    embed_metadata(quantised, {PRECISION_KEY: "int8"})
-    onnx.save(quantised, path)
-    return path, calibration_info
+    checkpoint: Path | None, checkpoint_card: ModelCard, card: ModelCard, options: ExportOptions, onnx_path: Path, out: Path, stem: str,
+) -> tuple[list[tuple[Int8Result, float]], dict[str, Any]]:
+    """One int8 file per flavour, each quantised under accuracy control and labelled with its precision and
+    flavour: ([(result, seconds)], what they were calibrated and searched on).
+
+    The first ``calibration_samples`` crops set the ranges (fewer when the
+    images give under 1.5 times as many: a third is kept back); the crops after
+    them (up to twice as many more) are where the layers to keep in float are
+    searched. Neither is the verification set.
+    """
+    calibration = _calibration_samples(checkpoint, checkpoint_card, options, extra=3)
+    crops = calibration_crops(calibration, checkpoint_card, limit=options.calibration_samples * 3)
+    n_ranges = min(options.calibration_samples, len(crops) - len(crops) // 3)  # few images: a third is kept for the search
+    ranges, search = crops[:n_ranges], crops[n_ranges:]
+    info = {"source": calibration.source, "n_images": len(calibration), "n_crops": len(ranges), "n_search_crops": len(search)}
+    results = []
+    for name in options.int8_flavours:
+        t0 = time.perf_counter()
+        flavour = INT8_FLAVOURS[name]
+        result = controlled_int8(onnx_path, out / f"{stem}.{flavour.file_tag}.onnx", card, ranges, search, flavour, target=options.int8_target)
+        quantised = onnx.load(str(result.path))
+        embed_metadata(quantised, {PRECISION_KEY: "int8", FLAVOUR_KEY: json.dumps(flavour.to_dict())})
+        onnx.save(quantised, result.path)
+        results.append((result, time.perf_counter() - t0))
+    return results, info
 
 
 def _runtime_artefacts(
@@ -357,13 +432,19 @@ def _runtime_artefacts(
     step: Callable[[str], None],
     progress: ProgressFn,
 ) -> None:
-    """Append the ORT and TensorRT artefacts asked for, derived from each judged ONNX, in precision order."""
+    """Append the ORT and TensorRT artefacts asked for, derived from each judged ONNX, in precision order.
+
+    An int8 flavour goes only where it is meant to run: TensorRT's to engines,
+    the CPU flavours to .ort files (phones' CPUs and NPUs)."""
+    sources = {a.path: a for a in artefacts}
     for precision, path in onnx_variants:
-        if options.mobile:
-            artefacts.append(_mobile(path, precision, options.mobile_batch, judge))
+        source = sources[path]
+        tensorrt_only = source.extra.get("int8", {}).get("flavour", {}).get("name") == "tensorrt"
+        if options.mobile and not tensorrt_only:
+            artefacts.append(_mobile(source, options.mobile_batch, judge))
             step(f"{precision} ort")
-        if options.engine:
-            artefacts.append(_engine(path, precision, card, options, judge, progress))
+        if options.engine and (precision != "int8" or tensorrt_only):
+            artefacts.append(_engine(path, precision, card, options, judge, progress, source.vectors))
             step(f"{precision} engine")
 
 
@@ -404,7 +485,10 @@ def _refusal(artefacts: list[Artefact], failed: list[Artefact], report_path: Pat
         return ParityError(f"{refused}; nothing was derived from it. Evidence: {report_path}")
     hints = []
     if any(a.precision == "int8" for a in failed):
-        hints.append("retry int8 with --calibration DIR (typical images of the deployment)" if options.calibration is None else "int8 is optional: export without it")
+        hints.append(
+            ("retry int8 with --calibration DIR (typical images of the deployment), " if options.calibration is None else "")
+            + "fine-tune for int8 with --qat-epochs 2, or export without int8 (it is optional)"
+        )
     if any(a.precision == "fp16" for a in failed):
         hints.append("fp16 is optional: export without it")
     ship = ", ".join(a.path.name for a in passed)
@@ -496,25 +580,28 @@ def _labels_of(verify: Samples | None, reference: PathOutputs, n_real: int, card
     return verify.labels[read]
 
 
-def _calibration_samples(checkpoint: Path | None, card: ModelCard, options: ExportOptions) -> Samples:
-    """The user's folder, else the run's training split; int8 without real images is refused."""
+def _calibration_samples(checkpoint: Path | None, card: ModelCard, options: ExportOptions, *, extra: int = 1) -> Samples:
+    """The user's folder, else the run's training split (``extra`` times the calibration samples); int8 without
+    real images is refused."""
+    limit = options.calibration_samples * extra
     if options.calibration is not None:
-        return folder_samples(options.calibration, card, limit=options.calibration_samples, labelled=False)
+        return folder_samples(options.calibration, card, limit=limit, labelled=False)
     why = "the checkpoint is not in a run folder"
     if checkpoint is not None:
         try:
-            return split_samples(checkpoint, card, "train", limit=options.calibration_samples)
+            return split_samples(checkpoint, card, "train", limit=limit)
         except SplitUnavailable as exc:
             why = str(exc)
     raise InputError(f"int8 needs calibration images and the run's training split cannot be read ({why}); give a folder of typical images with --calibration DIR")
 
 
-def _mobile(path: Path, precision: str, batch: int, judge: Callable[..., Artefact]) -> Artefact:
+def _mobile(source: Artefact, batch: int, judge: Callable[..., Artefact]) -> Artefact:
     """The .ort file, with its batch fixed, and how much of it NNAPI and CoreML take (before and after fixing)."""
     import tempfile
 
     from edgedx.export.mobile import fixed_batch_copy, mobile_usability, onnx_to_ort
 
+    path, precision = source.path, source.precision
     t0 = time.perf_counter()
     ort_path = onnx_to_ort(path, fixed_batch=batch)
     seconds = time.perf_counter() - t0
@@ -525,10 +612,15 @@ def _mobile(path: Path, precision: str, batch: int, judge: Callable[..., Artefac
         }
     for name, counts in usability[f"batch_fixed_to_{batch}"].items():
         log.info("%s: %s takes %d of %d nodes", ort_path.name, name, counts["supported_nodes"], counts["nodes"])
-    return judge(ort_path, "ort", precision, seconds, OnnxSession(ort_path, device="cpu"), fixed_batch=batch, mobile_usability=usability)
+    session = OnnxSession(ort_path, device="cpu", optimise=precision != "int8")  # int8: its exact arithmetic, as for .onnx
+    extra = {"int8": source.extra["int8"]} if "int8" in source.extra else {}
+    return judge(ort_path, "ort", precision, seconds, session, carried=source.vectors, fixed_batch=batch, mobile_usability=usability, **extra)
 
 
-def _engine(path: Path, precision: str, card: ModelCard, options: ExportOptions, judge: Callable[..., Artefact], progress: ProgressFn) -> Artefact:
+def _engine(
+    path: Path, precision: str, card: ModelCard, options: ExportOptions, judge: Callable[..., Artefact], progress: ProgressFn,
+    carried: SelfTestVectors | None,
+) -> Artefact:
     from edgedx.export.tensorrt import onnx_to_engine
     from edgedx.runtime.backends.trt_backend import TensorRTSession
 
@@ -538,7 +630,7 @@ def _engine(path: Path, precision: str, card: ModelCard, options: ExportOptions,
         path, engine_path, card, precision=precision, onnx_sha256=file_sha256(path),
         min_batch=lo, opt_batch=opt, max_batch=hi, workspace_gib=options.workspace_gib, progress=progress,
     )
-    return judge(engine_path, "engine", precision, info.seconds, TensorRTSession(engine_path), tensorrt=info.to_dict())
+    return judge(engine_path, "engine", precision, info.seconds, TensorRTSession(engine_path), carried=carried, tensorrt=info.to_dict())
 
 
 def _require_tensorrt() -> None:

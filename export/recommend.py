@@ -4,7 +4,7 @@ Why: an export folder can hold six files (fp32/fp16/int8 × .onnx/.ort, engines)
 and nothing said which one a scanner PC, a GPU box, a phone app or a browser
 should load. ``.ort`` is 3–6× slower than ``.onnx`` on x86 (basic graph
 optimisations only); an fp16 ``.ort`` carries Cast nodes and computes in fp32
-on CPUs; int8 pays only on CPUs with VNNI/AMX-class instructions; an engine
+on CPUs; int8 pays in the flavour made for the CPU (uint8 activations; 7-bit weights without VNNI); an engine
 runs on the GPU it was built on. The recommendation uses the parity verdicts
 and a short CPU timing taken here, and says that the target must confirm it
 (``edgedx verify`` on the target).
@@ -42,7 +42,9 @@ def cpu_images_per_second(path: Path, card: ModelCard) -> float:
 def recommend(artefacts: list[dict[str, Any]], speeds: dict[str, float], cpu: str) -> list[dict[str, str]]:
     """One line per target class: the file, and why (from the parity verdicts and the speeds measured here)."""
     passed = [a for a in artefacts if a["parity"]["passed"]]
-    by = {(a["format"], a["precision"]): a["path"] for a in passed}
+    by: dict[tuple[str, str], str] = {}
+    for a in passed:  # the first of a kind wins: for int8 the 'cpu' flavour, the one for Arm phones and VNNI CPUs
+        by.setdefault((a["format"], a["precision"]), a["path"])
     rows = [_pc_cpu(passed, speeds, cpu), _gpu(by), _phone(by), _browser(by)]
     return [r for r in rows if r is not None]
 

@@ -24,6 +24,7 @@ from edgedx.export.parity import TOLERANCES, Tolerance  # noqa: E402
 from edgedx.export.pipeline import ExportOptions, export_checkpoint  # noqa: E402
 from edgedx.export.preprocess_graph import embed_preprocessing  # noqa: E402
 from edgedx.runtime.preprocess import preprocess_batch  # noqa: E402
+from edgedx.runtime.selftest import SelfTestVectors  # noqa: E402
 
 
 def identity_graph(h: int, w: int) -> onnx.ModelProto:
@@ -90,7 +91,8 @@ def any_cpu_int8(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def variants(trained: Trained, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("variants") / "out dir"
-    options = ExportOptions(precisions=("fp32", "fp16", "int8"), mobile=True, embed_preprocessing=True, simplify=True)
+    # a low int8 target: the search for layers to keep float is tested on a tiny graph in test_int8_flavours.py
+    options = ExportOptions(precisions=("fp32", "fp16", "int8"), mobile=True, embed_preprocessing=True, simplify=True, int8_target=0.5)
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(TOLERANCES, "int8", ANY_CPU_INT8)
         return export_checkpoint(trained.checkpoint, out, options)
@@ -100,7 +102,9 @@ def test_every_variant_is_written_verified_and_reported(variants, trained: Train
     names = [(a["path"], a["precision"], a["format"]) for a in variants.artefacts]
     assert names == [
         ("model.onnx", "fp32", "onnx"), ("model.fp16.onnx", "fp16", "onnx"), ("model.int8.onnx", "int8", "onnx"),
+        ("model.int8-avx2.onnx", "int8", "onnx"),
         ("model.ort", "fp32", "ort"), ("model.fp16.ort", "fp16", "ort"), ("model.int8.ort", "int8", "ort"),
+        ("model.int8-avx2.ort", "int8", "ort"),
     ]
     report = json.loads(variants.report_path.read_text())
     assert report["artefacts"] == variants.artefacts
@@ -113,7 +117,20 @@ def test_every_variant_is_written_verified_and_reported(variants, trained: Train
     sizes = {a["path"]: a["bytes"] for a in report["artefacts"]}
     assert sizes["model.fp16.onnx"] < 0.6 * sizes["model.onnx"]
     assert sizes["model.int8.onnx"] < 0.4 * sizes["model.onnx"]
-    assert report["calibration"]["n_crops"] == 128 and "train split" in report["calibration"]["source"]
+    calibration = report["calibration"]
+    assert "train split" in calibration["source"] and 0 < calibration["n_crops"] <= 128
+    assert calibration["n_search_crops"] >= calibration["n_crops"] // 3  # the layers kept float are chosen on other crops
+    for artefact in report["artefacts"]:
+        if artefact["precision"] != "int8":
+            assert "int8" not in artefact and "this_machine" not in artefact
+            continue
+        int8 = artefact["int8"]
+        assert int8["flavour"]["name"] == ("cpu-avx2" if "avx2" in artefact["path"] else "cpu")
+        assert int8["steps"][0]["n_float"] == 0  # all-int8 is tried first
+        assert len(int8["kept_float"]) in {step["n_float"] for step in int8["steps"]}  # the file is one of the tries
+        # whether this CPU's int8 kernels conform is recorded, whichever way it went
+        assert artefact["this_machine"]["selftest"]["exact_mean_delta"] is not None
+        assert artefact["this_machine"]["runs_here"] == artefact["this_machine"]["selftest"]["passed"]
     assert report["verification"]["path"].startswith("diagnose")
     assert report["input_format"] == "uint8_nhwc" and report["options"]["embed_preprocessing"] is True
     assert {"torch", "onnx", "onnxruntime"} <= set(report["versions"])
@@ -141,6 +158,13 @@ def test_variant_graphs_carry_card_precision_and_uint8_input(variants, trained: 
             assert TensorProto.FLOAT16 in kinds
         if precision == "int8":
             assert {"QuantizeLinear", "DequantizeLinear"} <= ops and TensorProto.INT8 in kinds
+            assert TensorProto.UINT8 in kinds  # the CPU flavour: uint8 asymmetric activations (zero points)
+            assert json.loads(meta["edgedx.int8_flavour"])["name"] == "cpu"
+            carried = SelfTestVectors.from_text(meta["edgedx.selftest"], name)
+            assert carried.exact is not None and carried.exact.shape == carried.reference.shape and len(carried.crops) > 8
+            assert "meant for" in carried.about
+            sidecar = json.loads((out / f"{name}.card.json").read_text())
+            assert sidecar["artefact"]["int8_flavour"]["name"] == "cpu" and "exact" in sidecar["selftest"]
             # preprocessing stays in float32, outside the quantised part
             pre = [n for n in graph.graph.node if n.name.startswith("edgedx_preprocess/")]
             assert pre and all(n.op_type not in ("QuantizeLinear", "DequantizeLinear") for n in pre)
@@ -166,12 +190,15 @@ def test_variants_diagnose_like_the_float_model(variants, trained: Trained) -> N
 def test_calibration_and_verification_folders(trained: Trained, tmp_path: Path, any_cpu_int8: None) -> None:
     options = ExportOptions(
         precisions=("int8",), calibration=trained.data, verify_data=trained.data, calibration_samples=20, verify_samples=40,
+        int8_flavours=("cpu-avx2",), int8_target=0.5,
     )
     report = export_checkpoint(trained.checkpoint, tmp_path / "out", options)
-    assert report.data["calibration"] == {"source": str(trained.data), "n_images": 20, "n_crops": 20}
+    calibration = report.data["calibration"]
+    assert calibration["source"] == str(trained.data) and calibration["n_crops"] == 20  # the ranges: 20 crops
+    assert calibration["n_search_crops"] == calibration["n_images"] - 20  # the rest: where layers kept float are chosen
     assert report.data["verification"]["source"] == str(trained.data)
     assert report.data["verification"]["n_labelled"] == 40
-    assert [a["precision"] for a in report.artefacts] == ["fp32", "int8"]
+    assert [(a["path"], a["precision"]) for a in report.artefacts] == [("model.onnx", "fp32"), ("model.int8-avx2.onnx", "int8")]
 
 
 def test_without_the_run_folder_export_stops_and_names_the_options(trained: Trained, tmp_path: Path) -> None:
@@ -265,3 +292,18 @@ def test_densenet_style_preactivation_bn_becomes_affine_through_the_real_exporte
     with torch.inference_mode():
         expected = model(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(session.run(None, {"input": x})[0], expected, atol=1e-5)
+
+
+def test_quantisation_aware_fine_tuning_feeds_the_int8_export(trained: Trained, tmp_path: Path, any_cpu_int8: None) -> None:
+    run = trained.checkpoint.parent.parent / "run for qat"  # beside the original run: its data paths are relative
+    shutil.copytree(trained.checkpoint.parent, run, dirs_exist_ok=True)  # the fine-tuned checkpoint goes beside the copy
+    with pytest.raises(InputError, match="--qat-epochs fine-tunes for int8: add int8 to --precision"):
+        export_checkpoint(run / "model.pt", tmp_path / "none", ExportOptions(qat_epochs=1))
+    options = ExportOptions(
+        precisions=("int8",), qat_epochs=1, int8_flavours=("cpu-avx2",), int8_target=0.5, calibration_samples=16, verify_samples=32,
+    )
+    report = export_checkpoint(run / "model.pt", tmp_path / "out", options)
+    qat = report.data["quantisation_aware"]
+    assert qat["flavour"] == "cpu-avx2" and qat["epochs"] == 1 and "fine-tuned checkpoint" in qat["note"]
+    assert report.data["checkpoint"] == str(run / "model.qat.pt") and (run / "model.qat.pt").is_file()
+    assert [a["path"] for a in report.artefacts] == ["model.qat.onnx", "model.qat.int8-avx2.onnx"]

@@ -76,7 +76,7 @@ def test_missing_or_damaged_vectors_are_refused_not_skipped() -> None:
     text = json.loads(vectors().to_text())
     with pytest.raises(ModelError, match="self-test vectors are damaged"):
         SelfTestVectors.from_text(json.dumps({**text, "npz_base64": "bm90IGFuIG5weg=="}), "m.onnx")
-    with pytest.raises(ModelError, match="format 99; this EdgeDx reads format 1: upgrade EdgeDx"):
+    with pytest.raises(ModelError, match="format 99; this EdgeDx reads formats 1, 2: upgrade EdgeDx"):
         SelfTestVectors.from_text(json.dumps({**text, "format": 99}), "m.onnx")
 
 

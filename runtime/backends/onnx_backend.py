@@ -78,7 +78,9 @@ def provider_options(providers: list[str], model_path: Path) -> list[Any]:
 class OnnxSession:
     """One ONNX Runtime session plus the model card embedded in the file (a :class:`~edgedx.runtime.backends.session.Session`)."""
 
-    def __init__(self, path: str | Path, *, device: str = "cpu", threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, *, device: str = "cpu", threads: int | None = None, optimise: bool = True) -> None:
+        """``optimise=False`` runs the graph as written (QDQ int8 in exact float arithmetic, no fused kernels):
+        export judges an int8 file's quality that way, the same on every CPU."""
         ort = import_onnxruntime()
         self.path = Path(path)
         if not self.path.is_file():
@@ -89,6 +91,8 @@ class OnnxSession:
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
+        if not optimise:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
             self.session = ort.InferenceSession(
                 str(self.path), sess_options=options, providers=provider_options(providers, self.path)

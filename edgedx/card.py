@@ -26,7 +26,8 @@ from typing import Any, Literal, Union
 
 from edgedx.errors import CardError
 
-SCHEMA_VERSION = 3  # 2: crop padding modes, aggregations, top_k, centre weighting, foreground filter; 3: crop modes
+SCHEMA_VERSION = 4  # 2: crop padding modes, aggregations, top_k, centre weighting, foreground filter; 3: crop modes;
+# 4: calibration, abstention, image-quality limits, physical scale, lineage
 ONNX_METADATA_KEY = "edgedx.card"
 SIDECAR_SUFFIX = ".card.json"
 
@@ -177,6 +178,65 @@ class Provenance:
     split_seed: int | None = None
     weights: str = "none"
     training: dict[str, Any] = field(default_factory=dict)
+    # what was done to the model after training, oldest first: e.g. a site recalibration
+    # {"step": "recalibrate", "parent_sha256": ..., "site_data": {...}, "date": ...}
+    lineage: tuple[dict[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Temperature scaling fitted on validation outputs through the deployed path.
+
+    The runtime divides each crop's logits by the temperature before the
+    activation (so the ONNX graph and its parity stay on raw logits): one
+    temperature for binary/multiclass models, one per label for multilabel.
+    ``method`` "none" (and an empty tuple) leaves probabilities as the network gives them.
+    """
+
+    method: Literal["none", "temperature"] = "none"
+    temperature: tuple[float, ...] = ()
+    fitted_on: dict[str, Any] = field(default_factory=dict)  # n images, split, ECE and Brier before/after
+
+    def __post_init__(self) -> None:
+        if self.method == "temperature" and (not self.temperature or any(not (t > 0 and math.isfinite(t)) for t in self.temperature)):
+            raise CardError(f"model card field 'calibration.temperature' must be positive numbers, got {list(self.temperature)}")
+
+
+@dataclass(frozen=True)
+class Abstention:
+    """When a record says "refer" instead of a diagnosis, from split-conformal prediction sets and crop disagreement.
+
+    ``qhat``: a class is in an image's prediction set when 1 - p(class) ≤ qhat
+    (calibrated on validation for ``coverage``); a set of more or fewer than one
+    class is a refer. ``dispersion_limit``: refer when the standard deviation of
+    the crops' positive-class (or top-class) probabilities exceeds it.
+    None disables either rule.
+    """
+
+    coverage: float | None = None
+    qhat: float | None = None
+    dispersion_limit: float | None = None
+    fitted_on: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.coverage is not None and not 0.0 < self.coverage < 1.0:
+            raise CardError(f"model card field 'abstention.coverage' must be within (0, 1), got {self.coverage}")
+
+
+@dataclass(frozen=True)
+class QualityLimits:
+    """The image-quality gate before diagnosis, from percentiles of the training images (overridable).
+
+    None disables a check. ``reference`` holds the training images' statistics
+    (percentiles of each measure) for drift monitoring.
+    """
+
+    focus_min: float | None = None  # variance of the Laplacian of the grey image at the model's scale
+    clipped_max: float | None = None  # fraction of pixels at 0 or 255 in any channel
+    brightness_range: tuple[float, float] | None = None  # mean grey level, 0-255
+    colour_range: tuple[float, float] | None = None  # mean saturation (HSV S), 0-255: stain/colour cast
+    min_short_side: int | None = None  # pixels at the model's scale below which the image is too small to read
+    reference: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -198,6 +258,10 @@ class ModelCard:
     input_format: InputFormat = "float32_nchw"
     metrics: dict[str, Any] = field(default_factory=dict)
     intended_use: str = DEFAULT_INTENDED_USE
+    calibration: Calibration = field(default_factory=Calibration)
+    abstention: Abstention = field(default_factory=Abstention)
+    quality: QualityLimits = field(default_factory=QualityLimits)
+    um_per_px: float | None = None  # the training images' physical scale (micrometres per pixel); None: not known
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -228,6 +292,11 @@ class ModelCard:
             raise CardError(
                 f"model card field 'normalization.mean' needs 1 or 3 values, got {len(self.normalization.mean)}"
             )
+        if self.um_per_px is not None and not (self.um_per_px > 0 and math.isfinite(self.um_per_px)):
+            raise CardError(f"model card field 'um_per_px' must be a positive number, got {self.um_per_px}")
+        n_temperatures = len(self.calibration.temperature)
+        if self.calibration.method == "temperature" and n_temperatures not in (1, len(names) if self.task == "multilabel" else 1):
+            raise CardError(f"model card field 'calibration.temperature' has {n_temperatures} values for a {self.task} model with {len(names)} classes")
         if self.schema_version != SCHEMA_VERSION:
             raise CardError(f"model card: cannot build schema_version {self.schema_version} cards with this edgedx")
 
@@ -309,6 +378,19 @@ _ADDED_IN = {
     # before 3 every card resampled by its fixed scale; the content check (no answer from crops that are
     # nearly all padding) applies to older cards too
     3: {"crop": {"mode": "scale", "shorter_side": None, "min_content": 0.05}},
+    # before 4 no card calibrated, abstained, gated on quality or knew its scale: the defaults do none of it
+    4: {
+        "": {
+            "calibration": {"method": "none", "temperature": [], "fitted_on": {}},
+            "abstention": {"coverage": None, "qhat": None, "dispersion_limit": None, "fitted_on": {}},
+            "quality": {
+                "focus_min": None, "clipped_max": None, "brightness_range": None, "colour_range": None,
+                "min_short_side": None, "reference": {},
+            },
+            "um_per_px": None,
+        },
+        "provenance": {"lineage": []},
+    },
 }
 
 
@@ -317,7 +399,9 @@ def _migrate(data: dict[str, Any], version: int) -> dict[str, Any]:
     data = {**data, "schema_version": SCHEMA_VERSION}
     for added in range(version + 1, SCHEMA_VERSION + 1):
         for section, fields in _ADDED_IN.get(added, {}).items():
-            if isinstance(data.get(section), dict):
+            if section == "":
+                data = {**fields, **data}
+            elif isinstance(data.get(section), dict):
                 data[section] = {**fields, **data[section]}
     return data
 

@@ -432,3 +432,34 @@ def test_non_finite_normalisation_fails_in_the_constructor() -> None:
     for kwargs in ({"mean": (math.nan,) * 3}, {"std": (math.inf,) * 3}, {"pixel_scale": math.inf}):
         with pytest.raises(CardError, match="normalization"):
             Normalization(**kwargs)
+
+
+def test_older_cards_migrate_to_defaults_that_mean_as_before() -> None:
+    """A schema-1 card (no crop modes, no calibration, no quality limits) reads as the current schema and behaves as it did."""
+    data = make_card("binary").to_dict()
+    data["schema_version"] = 1
+    for added in ("top_k", "centre_weighting", "min_foreground", "mode", "shorter_side", "min_content"):
+        del data["crop"][added]
+    for added in ("calibration", "abstention", "quality", "um_per_px"):
+        del data[added]
+    del data["provenance"]["lineage"]
+    card = ModelCard.from_dict(data)
+    assert card.schema_version == SCHEMA_VERSION and card.crop.mode == "scale" and card.crop.min_content == 0.05
+    assert card.calibration.method == "none" and card.calibration.temperature == ()
+    assert card.abstention.qhat is None and card.abstention.dispersion_limit is None
+    assert card.quality.focus_min is None and card.um_per_px is None and card.provenance.lineage == ()
+
+
+def test_trust_fields_are_checked() -> None:
+    from edgedx.card import Abstention, Calibration
+
+    with pytest.raises(CardError, match="calibration.temperature' must be positive"):
+        Calibration("temperature", (0.0,))
+    with pytest.raises(CardError, match="abstention.coverage' must be within"):
+        Abstention(coverage=1.5)
+    with pytest.raises(CardError, match="um_per_px' must be a positive number"):
+        make_card("binary", um_per_px=-1.0)
+    with pytest.raises(CardError, match="3 values for a binary model"):
+        make_card("binary", calibration=Calibration("temperature", (1.0, 1.0, 1.0)))
+    per_label = make_card("multilabel", calibration=Calibration("temperature", (1.2, 0.8, 1.0)))
+    assert ModelCard.from_json(per_label.to_json()) == per_label

@@ -6,7 +6,7 @@ Why flavours: one int8 file cannot be fast everywhere. Measured side by side
 - an AMD EPYC without VNNI, batch 16: symmetric int8 activations 0.67× fp32,
   uint8 asymmetric activations 1.75× fp32 (ONNX Runtime's x86 kernels are
   u8×s8; signed activations take a slow path);
-- an Intel Xeon with VNNI/AMX (reported in issue 19): 0.47× vs 2.01×.
+- an Intel Xeon with VNNI/AMX (reported in issue 19), ONNX Runtime's static quantiser: 0.52× vs 2.01×.
 
 TensorRT, however, takes only symmetric int8. And on x86 CPUs without VNNI the
 u8×s8 kernels add pairs of products in saturating 16-bit arithmetic, so 8-bit

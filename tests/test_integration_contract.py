@@ -678,6 +678,78 @@ def test_node_verify_paths(tmp_path: Path, task: str, changes: dict[str, Any], e
     assert result.returncode == 1 and report["passed"] is False
 
 
+def int8_with_format2_sidecar(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    """A real int8 file (flavour 'cpu-avx2': 7-bit weights, which no CPU's kernels saturate) with a format-2
+    sidecar as export writes it: 32 crops, the fp32 reference, the file's exact int8 arithmetic and its flavour."""
+    from edgedx.export.int8 import FLAVOUR_KEY, INT8_FLAVOURS, exact_probabilities, quantise
+    from edgedx.export.sidecar import write_card_sidecar
+    from edgedx.runtime.selftest import SELFTEST_TOLERANCES, SelfTestVectors
+
+    card = make_card("multiclass")  # argmax decisions: shifting every class by one amount keeps them
+    float_path = write_model(tmp_path / "float.onnx", card, seed=11, gain=2.0)
+    flavour = INT8_FLAVOURS["cpu-avx2"]
+    calibration = np.stack([field_image(32, 32, seed=100 + s) for s in range(32)])
+    path = quantise(float_path, tmp_path / "m.int8-avx2.onnx", card, calibration, flavour)
+    graph = onnx.load(str(path))
+    embed_metadata(graph, {ONNX_METADATA_KEY: card.to_json(), "edgedx.precision": "int8", FLAVOUR_KEY: json.dumps(flavour.to_dict())})
+    onnx.save(graph, str(path))
+    crops = np.stack([field_image(32, 32, seed=s) for s in range(32)])
+    plain = read_card(path)
+    session = ort.InferenceSession(str(float_path), providers=["CPUExecutionProvider"])
+    ref = activate(session.run(None, {"input": model_feed(crops, plain)})[0], plain).astype(np.float32)
+    exact = exact_probabilities(path, card, crops)
+    vectors = SelfTestVectors(crops, ref, "int8", SELFTEST_TOLERANCES["int8"], "test", exact, flavour.about())
+    write_card_sidecar(path, card, "onnx", "int8", vectors, flavour.to_dict())
+    return path, json.loads((tmp_path / "m.int8-avx2.onnx.card.json").read_text())
+
+
+def test_node_verify_int8_format2(tmp_path: Path) -> None:
+    """§9, format 2: agreement is counted against the file's exact int8 arithmetic (`exact`), and the mean |Δp| from
+    it must stay within max_mean_exact_delta; a target computing something else is refused with the flavour said."""
+    node = node_or_skip()
+    path, document = int8_with_format2_sidecar(tmp_path)
+    sidecar = tmp_path / "m.int8-avx2.onnx.card.json"
+    vectors = document["selftest"]
+    assert vectors["format"] == 2 and len(vectors["exact"]) == 32 and vectors["tolerances"]["max_mean_exact_delta"] == 0.045
+    assert document["artefact"]["int8_flavour"]["name"] == "cpu-avx2"
+
+    result, report = run_node(node, path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    print(result.stdout)
+    assert report["passed"] and report["format"] == 2 and report["agreement_against"] == "exact"
+    assert report["exact_mean_delta"] <= 0.045 and "exact int8 arithmetic" in result.stdout
+
+    # the fp32 reference is not what agreement is counted against: 3 of 32 rows moved elsewhere still pass
+    # (against the reference, agreement would be at most 29/32 < 0.95)
+    moved = json.loads(json.dumps(document))
+    for k in range(3):
+        row = moved["selftest"]["reference"][k]
+        moved["selftest"]["reference"][k] = row[1:] + row[:1]  # the classes rotated: another top-1
+    against_reference = np.mean(np.argmax(vectors["exact"], axis=1) == np.argmax(moved["selftest"]["reference"], axis=1))
+    assert against_reference < 0.95
+    sidecar.write_text(json.dumps(moved))
+    result, report = run_node(node, path)
+    assert result.returncode == 0 and report["passed"], result.stdout + result.stderr
+
+    # an engine whose int8 kernels compute something else: `exact` shifted by 0.1 (argmax unchanged)
+    shifted = json.loads(json.dumps(document))
+    shifted["selftest"]["exact"] = [[v + 0.1 for v in row] for row in shifted["selftest"]["exact"]]
+    sidecar.write_text(json.dumps(shifted))
+    result, report = run_node(node, path)
+    assert result.returncode == 1 and report["passed"] is False, result.stdout + result.stderr
+    assert min(report["top1_agreement"], report["decision_agreement"]) >= 0.95 and report["exact_mean_delta"] > 0.045
+    assert "mean |Δp| from the file's exact int8 arithmetic" in report["failures"][0] and len(report["failures"]) == 1
+    assert "refused:" in result.stdout and "int8 flavour 'cpu-avx2'" in result.stdout  # the flavour is said
+    print(result.stdout)
+
+    # vectors in a format this script does not know: exit 2, saying to upgrade
+    future = json.loads(json.dumps(document))
+    future["selftest"]["format"] = 3
+    sidecar.write_text(json.dumps(future))
+    result, _ = run_node(node, path)
+    assert result.returncode == 2 and "upgrade" in result.stderr
+
+
 def test_per_call_crop_overrides_are_checked_and_honoured_like_load_time_ones(tmp_path: Path) -> None:
     """Found while writing this contract: a per-call ``min_content`` was ignored and a per-call tile larger than the
     model input was accepted (shrinking objects silently). Both now behave as the same setting given to load_model."""

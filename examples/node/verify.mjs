@@ -9,8 +9,11 @@
 // resizes them to the card's input_size only when H×W differs (see resize() below), builds the
 // model input the card asks for (float32 NCHW normalised here, or uint8 NHWC for models with the
 // preprocessing embedded), runs the model, applies the card's activation and compares with the
-// reference probabilities (the fp32 PyTorch model's). Exit 0: within the tolerances; 1: outside
-// them; 2: the files could not be used.
+// reference probabilities (the fp32 PyTorch model's). Vectors in format 2 (int8 files) also carry
+// `exact`, the probabilities of the file's own int8 arithmetic: top-1 and decision agreement are
+// then counted against it, and the mean |Δp| from it must stay within
+// tolerances.max_mean_exact_delta (docs/integration.md §9). Exit 0: within the tolerances;
+// 1: outside them; 2: the files could not be used.
 
 import { createHash } from "node:crypto";
 import { existsSync, readFileSync } from "node:fs";
@@ -18,6 +21,7 @@ import { createRequire } from "node:module";
 import process from "node:process";
 
 const require = createRequire(import.meta.url);
+const READABLE_FORMATS = [1, 2]; // 1: reference only (fp32, fp16); 2: with the exact int8 arithmetic (int8 files)
 
 function usage(message) {
   if (message) console.error(`error: ${message}`);
@@ -144,8 +148,11 @@ function normalise(crop, h, w, card) {
 // ---------------------------------------------------------------------------------------------
 // Outputs and decisions (docs/integration.md §6)
 // ---------------------------------------------------------------------------------------------
-function activate(row, card) {
+function activate(logits, card) {
+  // schema 4: the card's temperature divides the logits first (one value, or one per label for multilabel)
   const names = card.class_names;
+  const temps = card.calibration?.method === "temperature" ? card.calibration.temperature : [];
+  const row = temps.length ? logits.map((z, i) => z / temps[temps.length === 1 ? 0 : i]) : logits;
   if (card.output_activation === "sigmoid") {
     const p = row.map((z) => 0.5 * (1 + Math.tanh(0.5 * z)));
     if (card.task === "binary" && p.length === 1) {
@@ -209,7 +216,9 @@ async function main() {
   const sha256 = createHash("sha256").update(readFileSync(modelPath)).digest("hex");
   if (sha256 !== artefact.sha256) fail(`${sidecarPath} belongs to another file (sha256 ${artefact.sha256.slice(0, 12)}…, the model is ${sha256.slice(0, 12)}…)`);
   if (!selftest) fail(`${sidecarPath} carries no self-test vectors; re-export the model with edgedx export`);
-  if (selftest.format !== 1) fail(`self-test vectors in format ${selftest.format}; this script reads format 1`);
+  if (!READABLE_FORMATS.includes(selftest.format)) {
+    fail(`self-test vectors in format ${selftest.format}; this script reads formats ${READABLE_FORMATS.join(" and ")}: upgrade it (take verify.mjs from the EdgeDx version that exported the model)`);
+  }
 
   const [n, th, tw, channels] = selftest.crops_shape;
   if (channels !== 3) fail(`crops_shape ${JSON.stringify(selftest.crops_shape)}: expected (n, H, W, 3)`);
@@ -255,33 +264,69 @@ async function main() {
   }
 
   const reference = selftest.reference;
+  // int8 (format 2): agreement is counted against the file's exact int8 arithmetic, which every conforming int8
+  // engine computes; its quality against fp32 was judged at export. Otherwise against the fp32 reference.
+  const exact = selftest.exact ?? null;
+  if (exact !== null && (!Array.isArray(exact) || exact.length !== n)) fail(`selftest.exact has ${exact?.length} rows, crops_shape says ${n}`);
+  const agreeWith = exact ?? reference;
   let maxDelta = 0;
   let top1 = 0;
   let decisions = 0;
+  let exactSum = 0;
   for (let k = 0; k < n; k++) {
     const got = probabilities[k];
     const ref = reference[k];
+    const want = agreeWith[k];
     if (got.length !== ref.length) fail(`the model gives ${got.length} probabilities, the reference ${ref.length}`);
-    for (let c = 0; c < ref.length; c++) maxDelta = Math.max(maxDelta, Math.abs(got[c] - ref[c]));
-    if (argmax(got) === argmax(ref)) top1 += 1;
-    if (decide(got, card) === decide(ref, card)) decisions += 1;
+    if (want.length !== ref.length) fail(`selftest.exact rows have ${want.length} probabilities, the reference ${ref.length}`);
+    for (let c = 0; c < ref.length; c++) {
+      maxDelta = Math.max(maxDelta, Math.abs(got[c] - ref[c]));
+      if (exact !== null) exactSum += Math.abs(got[c] - want[c]);
+    }
+    if (argmax(got) === argmax(want)) top1 += 1;
+    if (decide(got, card) === decide(want, card)) decisions += 1;
   }
   top1 = n ? top1 / n : 1;
   decisions = n ? decisions / n : 1;
+  const exactMean = exact !== null && n ? exactSum / (n * reference[0].length) : null;
   const tol = selftest.tolerances;
-  const passed = maxDelta <= tol.max_prob_delta && Math.min(top1, decisions) >= tol.min_agreement;
+  const exactLimit = tol.max_mean_exact_delta ?? null;
+  const failures = [];
+  if (!(maxDelta <= tol.max_prob_delta)) failures.push(`max |Δp| from the fp32 reference ${maxDelta.toExponential(2)} > ${tol.max_prob_delta}`);
+  if (!(Math.min(top1, decisions) >= tol.min_agreement)) {
+    failures.push(`agreement ${Math.min(top1, decisions).toFixed(3)} < ${tol.min_agreement} (against the ${exact !== null ? "file's exact int8 arithmetic" : "fp32 reference"})`);
+  }
+  if (exactMean !== null && exactLimit !== null && !(exactMean <= exactLimit)) {
+    failures.push(
+      `mean |Δp| from the file's exact int8 arithmetic ${exactMean.toFixed(3)} > ${exactLimit}: this engine's int8 kernels ` +
+        "do not compute what the file means (they round or saturate differently)",
+    );
+  }
+  const passed = failures.length === 0;
+  const about = selftest.about || artefact.int8_flavour?.about || null;
   const report = {
-    model: modelPath, n, precision: selftest.precision, input_format: card.input_format,
+    model: modelPath, n, format: selftest.format, precision: selftest.precision, input_format: card.input_format,
     crops_shape: selftest.crops_shape, input_size: card.input_size, resized,
     max_prob_delta: maxDelta, top1_agreement: top1, decision_agreement: decisions,
-    tolerances: tol, passed, onnxruntime_node: ort.env.versions?.node ?? null,
+    agreement_against: exact !== null ? "exact" : "reference", exact_mean_delta: exactMean, about,
+    tolerances: tol, passed, failures, onnxruntime_node: ort.env.versions?.node ?? null,
   };
   console.log(
     `self-test ${passed ? "passed" : "FAILED"} on ${n} vectors (${selftest.precision}, onnxruntime-node ${report.onnxruntime_node}): ` +
       `max |Δp| ${maxDelta.toExponential(2)} (≤ ${tol.max_prob_delta}), top-1 agreement ${top1.toFixed(3)} and ` +
       `decision agreement ${decisions.toFixed(3)} (≥ ${tol.min_agreement})` +
+      (exactMean !== null
+        ? `; mean |Δp| from the file's exact int8 arithmetic ${exactMean.toFixed(3)}` +
+          ` (${exactLimit !== null ? `≤ ${exactLimit}; ` : ""}agreement counted against that arithmetic)`
+        : "") +
       (resized ? `; crops resized ${th}×${tw} → ${ih}×${iw} (${card.interpolation})` : "; crops already at the input size"),
   );
+  if (!passed) {
+    console.log(
+      `refused: ${failures.join("; ")}.` + (about ? ` This file: ${about}.` : "") +
+        (exact !== null ? " Load another int8 flavour of this export whose self-test passes here, or the fp32 model." : ""),
+    );
+  }
   if (json) console.log(JSON.stringify(report));
   process.exit(passed ? 0 : 1);
 }

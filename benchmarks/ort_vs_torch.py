@@ -42,7 +42,6 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -57,6 +56,7 @@ from edgedx.runtime.backends.onnx_backend import OnnxSession
 from edgedx.training.models import create_model, default_normalization, reset_head
 
 import edgedx
+from _env import _cpu, images_per_s, interleaved, most_other, ratio_stats  # noqa: F401  (re-exported)
 from edgedx.card import (
     ONNX_METADATA_KEY,
     CropPolicy,
@@ -71,91 +71,8 @@ TARGET = 2.0
 
 
 # -- shared with int8_vs_fp32.py ------------------------------------------------------------
-
-
-def _cpu() -> tuple[float, float]:
-    """(CPU seconds used by the whole machine including hypervisor steal, CPU seconds used by this process)."""
-    fields = Path("/proc/stat").read_text(encoding="ascii").split("\n", 1)[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-    own = os.times()
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own.user + own.system
-
-
-def images_per_s(fn: Callable[[], None], images_per_call: int, seconds: float) -> tuple[float, float | None]:
-    """Call ``fn`` until at least ``seconds`` have passed: (images per second over the whole span, other load).
-
-    Other load: the share of the machine's CPU time, over the span, used by other
-    processes (and stolen by the hypervisor): 0 on a quiet machine, 0.5 when
-    something else kept one of two cores busy. None where /proc/stat is missing.
-    """
-    try:
-        busy0, own0 = _cpu()
-    except (OSError, ValueError):
-        busy0 = own0 = None
-    calls = 0
-    start = time.perf_counter()
-    while True:
-        fn()
-        calls += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            break
-    other = None
-    if busy0 is not None:
-        busy1, own1 = _cpu()
-        other = max(0.0, ((busy1 - busy0) - (own1 - own0)) / (elapsed * (os.cpu_count() or 1)))
-    return calls * images_per_call / elapsed, other
-
-
-def interleaved(
-    variants: dict[str, Callable[[], None]], images_per_call: int, *, rounds: int, seconds: float, warmup: float, settle: float,
-    max_other: float = 0.15, retries: int = 2,
-) -> tuple[dict[str, list[float]], dict[str, list[float | None]], int]:
-    """images/s of every variant per round, the other load during each measurement, and the rounds discarded.
-
-    In round r the order is rotated by r (A B C, B C A, C A B, ...), so no variant
-    always runs first. A round in which other processes took more than
-    ``max_other`` of the machine during any measurement is discarded and run
-    again, at most ``retries`` times per call; after that rounds are kept
-    whatever the load (the load is recorded with them).
-    """
-    names = list(variants)
-    for name in names:
-        images_per_s(variants[name], images_per_call, warmup)
-    rates: dict[str, list[float]] = {name: [] for name in names}
-    other: dict[str, list[float | None]] = {name: [] for name in names}
-    discarded = 0
-    r = 0
-    while len(rates[names[0]]) < rounds:
-        k = r % len(names)
-        r += 1
-        got: dict[str, tuple[float, float | None]] = {}
-        for name in names[k:] + names[:k]:
-            time.sleep(settle)  # let the other runtime's spinning worker threads go idle
-            got[name] = images_per_s(variants[name], images_per_call, seconds)
-        if discarded < retries and any(load is not None and load > max_other for _, load in got.values()):
-            discarded += 1
-            continue
-        for name, (rate, load) in got.items():
-            rates[name].append(rate)
-            other[name].append(load)
-    return rates, other, discarded
-
-
-def most_other(other: dict[str, list[float | None]]) -> float | None:
-    values = [v for vs in other.values() for v in vs if v is not None]
-    return max(values) if values else None
-
-
-def ratio_stats(numerator: list[float], denominator: list[float]) -> dict[str, float]:
-    """Ratio of the medians, and the min / max of the per-round ratios."""
-    per_round = [a / b for a, b in zip(numerator, denominator)]
-    return {
-        "ratio": statistics.median(numerator) / statistics.median(denominator),
-        "ratio_min": min(per_round),
-        "ratio_max": max(per_round),
-        "ratio_per_round": per_round,
-    }
+# images_per_s, interleaved, most_other and ratio_stats live in _env.py (pipeline_efficiency.py uses them too
+# and must not import torch); they are imported here so `from ort_vs_torch import interleaved` keeps working.
 
 
 def export_fp32(model: torch.nn.Module, card: ModelCard, path: Path) -> Path:

@@ -231,12 +231,13 @@ class QualityLimits:
     (percentiles of each measure) for drift monitoring.
     """
 
-    focus_min: float | None = None  # variance of the Laplacian of the grey image at the model's scale
+    # the measures are edgedx.runtime.quality.measure_quality's (its docstring says where each is taken, and why)
+    focus_min: float | None = None  # fine detail: Laplacian variance ratio of the image to itself blurred by 1 px
     clipped_max: float | None = None  # fraction of pixels at 0 or 255 in any channel
-    brightness_range: tuple[float, float] | None = None  # mean grey level, 0-255
+    brightness_range: tuple[float, float] | None = None  # 95th-percentile grey level, 0-255
     colour_range: tuple[float, float] | None = None  # mean saturation (HSV S), 0-255: stain/colour cast
     min_short_side: int | None = None  # pixels at the model's scale below which the image is too small to read
-    reference: dict[str, Any] = field(default_factory=dict)
+    reference: dict[str, Any] = field(default_factory=dict)  # training percentiles; also "blockiness_max" (JPEG)
 
 
 @dataclass(frozen=True)

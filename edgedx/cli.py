@@ -143,6 +143,10 @@ def train(
     monitor: Annotated[str, typer.Option(help="Validation metric that picks the best epoch: balanced_accuracy, auc, accuracy or loss.")] = "balanced_accuracy",
     patience: Annotated[Optional[int], typer.Option(help="Stop after this many epochs without improvement.")] = None,
     target_sensitivity: Annotated[float, typer.Option(help="Binary tasks: the operating threshold reaches this validation sensitivity.")] = 0.95,
+    calibrate: Annotated[str, typer.Option(help="temperature: fit temperature scaling on validation (through diagnose's merge) before the threshold is chosen; none: the network's own probabilities.")] = "temperature",
+    coverage: Annotated[float, typer.Option(help="Binary/multiclass: prediction sets (refer when not one class) hold the true class for this share of cases, fitted on validation.")] = 0.95,
+    quality_gate: Annotated[bool, typer.Option("--quality-gate/--no-quality-gate", help="Store image-quality limits (focus, exposure, colour, size) from the training images in the card.")] = True,
+    um_per_px: Annotated[Optional[float], typer.Option(help="Micrometres per pixel of the training images, recorded in the card.")] = None,
     val_fraction: Annotated[float, typer.Option(help="Share held out for validation (by patient when ids exist).")] = 0.2,
     test_fraction: Annotated[float, typer.Option(help="Share held out for a test split (by patient when ids exist).")] = 0.0,
     positive_class: Annotated[Optional[str], typer.Option(help="Binary tasks: the class to screen for.")] = None,
@@ -169,7 +173,8 @@ def train(
         arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
         input_size=input_size, crop=crop, weights=weights, strategy=strategy, backbone_lr_factor=backbone_lr_factor,
         imbalance=imbalance, augmentation=augment, normalization=normalization, monitor=monitor, patience=patience,
-        target_sensitivity=target_sensitivity, val_fraction=val_fraction, test_fraction=test_fraction,
+        target_sensitivity=target_sensitivity, calibrate=calibrate, coverage=coverage, quality_gate=quality_gate, um_per_px=um_per_px,
+        val_fraction=val_fraction, test_fraction=test_fraction,
         positive_class=positive_class, label_column=label_column, label_columns=_split_names(labels),
         path_column=path_column, image_dir=str(image_dir) if image_dir else None, suffix=suffix,
         class_names=_split_names(class_names), device=device, strict=strict, resume=resume, overwrite=overwrite, seed=seed,
@@ -210,6 +215,8 @@ def _print_run(result: Any, out: Path) -> None:
             f"held-out test split (n {test.get('n')}, at the same threshold): accuracy {_fmt(test.get('accuracy'))}, "
             f"balanced accuracy {_fmt(test.get('balanced_accuracy'))}, AUC {_fmt(test.get('macro_auc'))}"
         )
+    for line in (result.summary or {}).get("trust_lines") or ():
+        console.print(line)
     crop_info = result.summary.get("crop") if result.summary else None
     if crop_info:
         console.print(f"crops: {crop_info['policy']} ({crop_info['reason']}); validation metrics are measured as diagnose runs")
@@ -395,6 +402,9 @@ def diagnose(
     engine: Annotated[str, typer.Option(help="local (this process) or ray (Ray Data: parallel reading, a pool of model actors; still images only; needs 'edgedx\\[ray]').")] = "local",
     address: Annotated[Optional[str], typer.Option(help="--engine ray: the cluster (auto, or ray://HOST:10001); default: a local Ray on this machine.")] = None,
     verify: Annotated[bool, typer.Option("--verify", help="Replay the model's self-test vectors on this machine first; refuse a model that does not reproduce its export (recorded in OUT.run.json).")] = False,
+    quality: Annotated[str, typer.Option(help="card: images outside the card's quality limits (focus, exposure, colour, size, JPEG blocks) are 'reject' with the reasons and never diagnosed; off: diagnose every image.")] = "card",
+    quality_limit: Annotated[Optional[list[str]], typer.Option("--quality-limit", help="NAME=VALUE overriding one of the card's limits (repeatable): focus_min=3, clipped_max=0.1, brightness_range=40,220, colour_range=10,120, min_short_side=64, blockiness_max=1.8; VALUE off turns that check off.")] = None,
+    um_per_px: Annotated[Optional[float], typer.Option(help="Micrometres per pixel of the images (a scanner at D dpi: 25400/D); default: the files' TIFF resolution tags. With the card's training scale the images are resampled so objects keep their trained size.")] = None,
 ) -> None:
     """Diagnose whole images with sliding crops; one record per input (or per video frame)."""
     from edgedx.runtime.diagnose import diagnose as run_diagnose
@@ -410,6 +420,7 @@ def diagnose(
         refer_band=_band(refer_band), overlays=overlays, maps=maps, audit=audit, audit_names=audit_names, resume=resume,
         overwrite=overwrite, every=every, window=window, max_frames=max_frames, reconnect=reconnect, max_pixels=max_pixels,
         watch=watch, idle_timeout_s=idle_timeout, engine=engine, address=address, verify=verify,
+        quality=quality, quality_limits=_quality_limits(quality_limit), um_per_px=um_per_px,
     )
     with progress_bar() as progress:
         done = run_diagnose(inputs or [], options, progress=progress)
@@ -417,15 +428,31 @@ def diagnose(
     if out is None:
         _records_table(done.records, summary)
     else:
-        counts = ", ".join(f"{n} {label}" for label, n in sorted(summary.label_counts.items())) or "none"
+        rejected = summary.label_counts.get(None, 0)  # a label of None: an image the quality gate rejected
+        counts = ", ".join(f"{n} {label}" for label, n in sorted((k, v) for k, v in summary.label_counts.items() if k is not None)) or "none"
         resumed = f", {summary.n_resumed} already done" if summary.n_resumed else ""
-        console.print(f"{summary.n_ok} diagnosed ({counts}), {summary.n_failed} failed{resumed}, {summary.seconds:.1f}s → {summary.out}")
+        gate = f", {rejected} rejected by the quality gate (reasons in 'reject_reasons')" if rejected else ""
+        console.print(f"{summary.n_ok - rejected} diagnosed ({counts}){gate}, {summary.n_failed} failed{resumed}, {summary.seconds:.1f}s → {summary.out}")
         if summary.overlays:
             console.print(f"overlays: {overlays}")
     if summary.n_failed:
         where = "their reasons are in the table" if out is None else f"see the 'error' field in {summary.out}"
         err_console.print(f"error: {summary.n_failed} of {summary.n_inputs} inputs could not be read; {where}")
         raise typer.Exit(1)
+
+
+def _quality_limits(items: list[str] | None) -> dict[str, str] | None:
+    """``["focus_min=3", "brightness_range=40,220"]`` → ``{"focus_min": "3", ...}``; the values are checked with the
+    options (unknown names are refused there, naming the valid ones)."""
+    if not items:
+        return None
+    limits: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise InputError(f"--quality-limit needs NAME=VALUE (e.g. focus_min=3 or brightness_range=40,220), got {item!r}")
+        limits[name.strip()] = value.strip()
+    return limits
 
 
 def _records_table(records: tuple[dict[str, Any], ...], summary: Any) -> None:
@@ -560,7 +587,7 @@ def evaluate(
     device: Device = "cpu",
 ) -> None:
     """Score a deployed model on labelled images, through the same path as diagnose."""
-    from edgedx.runtime.evaluate import evaluate as evaluate_data
+    from edgedx.runtime.evaluate import evaluate as evaluate_data, trust_lines
     from edgedx.runtime.io.manifest import ManifestLayout
 
     layout = ManifestLayout(path_column, label_column, str(image_dir) if image_dir else None, suffix)
@@ -589,6 +616,8 @@ def evaluate(
     if "at_0.5" in m:
         half = m["at_0.5"]
         console.print(f"at 0.5: accuracy {_fmt(half['accuracy'])}  sensitivity {_fmt(half['sensitivity'])}  specificity {_fmt(half['specificity'])}")
+    for line in trust_lines(report):
+        console.print(line)
     if report.failed:
         console.print(f"{len(report.failed)} image(s) could not be read", style="yellow")
     if out:
@@ -711,6 +740,119 @@ def demo(
     )
     for label, path in result.paths.items():
         console.print(f"{label}: {path}")
+
+
+@app.command("recalibrate")
+def recalibrate_command(
+    model: Annotated[Path, typer.Argument(help="Exported .onnx model (or its export folder); it is never modified.")],
+    site_data: Annotated[Path, typer.Argument(help="50–500 labelled local cases: an ImageFolder (sub-folders named as the model's classes) or a CSV manifest.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the new model (<stem>.<site>.onnx with its .sha256 and card sidecar) and recalibration_report.json.")],
+    holdout: Annotated[Optional[float], typer.Option(help="Share of the cases held out to report the old and new operating points on (default 0.3 from 100 cases, else 0: fitted and reported on the same cases).")] = None,
+    target_sensitivity: Annotated[Optional[float], typer.Option(help="Binary: the sensitivity the new threshold reaches on the fitting cases (default: the card's).")] = None,
+    coverage: Annotated[Optional[float], typer.Option(help="Prediction-set coverage to refit qhat for (default: the card's; none when it has none).")] = None,
+    site: Annotated[Optional[str], typer.Option(help="Site name in the new file's name (default: the data's folder or file name).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="The new file's name, ending in .onnx (instead of <stem>.<site>.onnx).")] = None,
+    split: Annotated[str, typer.Option(help="CSV manifests with a split column: which rows to use (default all).")] = "all",
+    label_column: LabelColumn = "label",
+    path_column: PathColumn = None,
+    image_dir: ImageDir = None,
+    suffix: Suffix = "",
+    device: Device = "cpu",
+    seed: Annotated[int, typer.Option(help="Seed of the fit/held-out split and the bootstrap.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file of the same name.")] = False,
+) -> None:
+    """Refit temperature, threshold and refer rules on a site's labelled cases; writes a NEW model whose lineage names its parent."""
+    _must_exist(model, "model", "an exported .onnx file or its export folder")
+    _must_exist(site_data, "site data", "an ImageFolder (one sub-folder per class) or a CSV manifest")
+    from edgedx.export.recalibrate import RecalibrateOptions
+    from edgedx.export.recalibrate import recalibrate as recalibrate_model
+    from edgedx.runtime.io.manifest import ManifestLayout
+
+    options = RecalibrateOptions(
+        holdout=holdout, target_sensitivity=target_sensitivity, coverage=coverage, site=site, name=name, split=split,
+        layout=ManifestLayout(path_column, label_column, str(image_dir) if image_dir else None, suffix),
+        device=device, seed=seed, overwrite=overwrite,
+    )
+    with progress_bar() as progress:
+        report = recalibrate_model(model, site_data, out, options, progress=progress)
+    _print_recalibration(report)
+
+
+def _print_recalibration(report: Any) -> None:
+    """Old against new on the site cases, the honesty note, the new file and its self-test."""
+    old, new = report.operating_points["old"], report.operating_points["new"]
+
+    def cell(point: dict[str, Any], key: str) -> str:
+        value, ci, counts = point.get(key), point.get(f"{key}_ci95"), point.get(f"{key}_counts")
+        text = _fmt(value) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+        return text + (f" ({counts[0]}/{counts[1]})" if counts else "")
+
+    table = Table(title=f"site cases (n {report.evaluated_on}), 95% intervals", box=box.SIMPLE)
+    for col in ("", "old card (as deployed)", "recalibrated"):
+        table.add_column(col)
+    temps = [report.old.get("temperature"), report.new.get("temperature")]
+    table.add_row("temperature", *("none" if t is None else ", ".join(f"{v:.3g}" for v in t) for t in temps))
+    if new.get("threshold") is not None:
+        table.add_row("threshold", _fmt(old.get("threshold")), _fmt(new.get("threshold")))
+    for key in ("sensitivity", "specificity", "accuracy", "ece"):
+        if key in new:
+            table.add_row(key.upper() if key == "ece" else key, cell(old, key), cell(new, key))
+    console.print(table)
+    console.print(f"note: {report.note}", style="yellow")
+    for warning in report.warnings:
+        console.print(f"warning: {warning}", style="yellow")
+    console.print(f"new model: {report.output} (parent {Path(report.parent).name} sha256 {report.parent_sha256[:12]}…, unchanged)")
+    console.print(f"self-test of the new model here: {'passed' if report.selftest['passed'] else 'FAILED'}; check anywhere with: edgedx verify {report.output}")
+    console.print(f"report: {report.report_path}")
+
+
+@app.command("monitor")
+def monitor_command(
+    results: Annotated[Path, typer.Argument(help="Results of edgedx diagnose (.jsonl or .csv).")],
+    model: Annotated[Optional[Path], typer.Option(help="The model that wrote the results (.onnx, export folder) or its card JSON: the training references to compare with.")] = None,
+    window: Annotated[int, typer.Option(help="Records per rolling window; the flags judge the last one.")] = 100,
+    fail_on_drift: Annotated[bool, typer.Option("--fail-on-drift", help="Exit 1 when a shift is found (for a scheduled check).")] = False,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON.")] = None,
+) -> None:
+    """Compare recent diagnose results with the training images: confidence, refer and reject rates, image quality."""
+    from edgedx.runtime.monitor import MonitorOptions
+    from edgedx.runtime.monitor import monitor as run_monitor
+
+    report = run_monitor(results, model, MonitorOptions(window=window))
+    _print_monitor(report)
+    if json_out:
+        json_out.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        console.print(f"report: {json_out}")
+    if fail_on_drift:
+        report.raise_if_drift()
+
+
+def _print_monitor(report: Any) -> None:
+    """A short table (recent windows, the last window, overall), then the flags and what could not be compared."""
+    table = Table(title=f"{report.results}: {report.n} records", box=box.SIMPLE, pad_edge=False, collapse_padding=True)
+    for col in ("records", "errors", "confidence", "refer", "reject", "brightness", "focus", "clipped", "colour"):
+        table.add_column(col, justify="left" if col == "records" else "right")
+
+    def pct(x: float | None) -> str:
+        return "—" if x is None else f"{x:.0%}"
+
+    rows = [(f"{w.start}–{w.end}", w) for w in report.windows[-5:]]
+    rows += [(f"last {report.current.n}", report.current), ("all", report.overall)]
+    for label, w in rows:
+        q = w.quality
+        table.add_row(
+            label, str(w.n_errors), "—" if w.confidence is None else f"{w.confidence['mean']:.2f}", pct(w.refer_rate), pct(w.reject_rate),
+            *("—" if m not in q else (f"{q[m]:.3f}" if m == "clipped" else f"{q[m]:.0f}") for m in ("brightness", "focus", "clipped", "colour")),
+        )
+    console.print(table)
+    for flag in report.flags:
+        console.print(f"{'SHIFT' if flag.severity == 'shift' else 'watch'}: {flag.message}", style="red" if flag.severity == "shift" else "yellow")
+    for line in report.cannot_compare:
+        console.print(f"cannot compare: {line}", style="yellow")
+    for note in report.notes:
+        console.print(f"note: {note}", style="yellow")
+    if not report.flags and report.expected:
+        console.print(f"no shift found against the card's references ({', '.join(sorted(report.expected))})")
 
 
 def _parse_ints(text: str, option: str) -> list[int]:

@@ -307,12 +307,12 @@ def controlled_int8(
         quantise(prepared, out_path, card, calibration, flavour)
         result = _try(out_path, card, search, reference, flavour, target, [], 0)
         if result.reached or not len(search):
-            return result
+            return result  # n_quantisable stays 0: no layer ranking was needed (or possible)
         ranked = [n for n, loss in layer_harm(prepared, out_path, card, search[:rank_crops]) if loss > 0]
         result.n_quantisable, best = len(ranked), result
         trial = Path(tmp) / "trial.onnx"
-        k = 1
-        while k <= max(1, int(len(ranked) * max_float_share)):
+        cap = max(1, int(len(ranked) * max_float_share))
+        for k in sorted({*(2**i for i in range(cap.bit_length()) if 2**i < cap), cap}):  # 1, 2, 4, … and the cap itself
             quantise(prepared, trial, card, calibration, flavour, ranked[:k])
             attempt = _try(trial, card, search, reference, flavour, target, ranked[:k], len(ranked))
             best.steps.append(attempt.steps[-1])
@@ -322,7 +322,6 @@ def controlled_int8(
                                   ranked[:k], len(ranked), best.steps, len(search))
             if attempt.reached:
                 break
-            k *= 2
         return best
 
 

@@ -33,7 +33,7 @@ from edgedx.runtime.io.integrity import atomic_path, sha256_file
 from edgedx.runtime.model import Diagnosis, Model, decide, load_model
 from edgedx.runtime.options import DiagnoseOptions
 from edgedx.runtime.outputs.guards import RunSettings, check_distinct, check_not_inputs, check_writable, exclusive_outputs, prepare_records_file
-from edgedx.runtime.outputs.overlay import render_overlay
+from edgedx.runtime.outputs.overlay import diagnosis_overlay
 from edgedx.runtime.outputs.records import RecordWriter, completed_versions, empty_record, output_format, record_key
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ def _load(options: DiagnoseOptions) -> Model:
         return options.model
     return load_model(
         options.model, device=options.device, batch_size=options.batch_size, crop=options.crop, refer_band=options.refer_band,
-        verify=options.verify,
+        verify=options.verify, quality=options.quality, quality_limits=options.quality_limits, um_per_px=options.um_per_px,
     )
 
 
@@ -194,11 +194,12 @@ def _check_outputs(options: DiagnoseOptions, files: list[Path], folders: list[Pa
 
 
 def _run_settings(model: Model, extra: Mapping[str, Any]) -> RunSettings:
-    """The model's bytes and every setting that shapes a record (crop policy, threshold, refer band)."""
+    """The model's bytes and every setting that shapes a record (crop policy, threshold, refer band, quality gate, scale)."""
     sha = model.session.sha256
     settings = {
         "crop": dataclasses.asdict(model.crop), "threshold": model.card.threshold,
-        "refer_band": list(model.refer_band) if model.refer_band else None, **extra,
+        "refer_band": list(model.refer_band) if model.refer_band else None,
+        "quality": model.gate.describe(), "um_per_px": model.gate.um_per_px, **extra,
     }
     evidence = {"selftest": model.verification.to_dict()} if model.verification is not None else None
     return RunSettings(sha, settings, evidence)
@@ -294,7 +295,7 @@ def _run(
                 else:
                     record.update(result.to_record())
                     labels.update(result.label if isinstance(result.label, list) else [result.label])
-                    if item.stream is not None:
+                    if item.stream is not None and not result.rejected:  # a rejected frame has no probabilities to smooth
                         record.update(_rolling(rolling, item.stream, result, model, window))
                     if overlay_dir is not None:
                         try:
@@ -397,28 +398,11 @@ def _write_map(folder: Path, item: _Item, result: Diagnosis) -> Path:
 
 
 def _write_overlay(folder: Path, item: _Item, result: Diagnosis, model: Model) -> Path:
-    """One PNG per input version, named after it (see :func:`_output_stem`)."""
-    card = model.card
-    index = card.positive_index if card.task == "binary" else card.class_names.index(_top_label(result))
-    caption = f"{_caption_label(result)}  p({card.class_names[index]})={result.probabilities[card.class_names[index]]:.2f}"
-    if result.threshold is not None:
-        caption += f"  threshold {result.threshold:.2f}"
+    """One PNG per input version, named after it (see :func:`_output_stem`): the heat map, or a rejected image
+    with the quality gate's reasons (:func:`edgedx.runtime.outputs.overlay.diagnosis_overlay`)."""
     image = read_image(item.path) if item.path is not None else item.image
     target = folder / f"{_output_stem(item, result)}.overlay.png"
-    # result.threshold is the one the decision was taken at (binary, multilabel); None for argmax (multiclass)
-    heat = render_overlay(
-        image, result.sliding, index, caption, weighting=model.crop.centre_weighting,
-        threshold=result.threshold, scale_label=f"p({card.class_names[index]})",
-    )
+    heat = diagnosis_overlay(image, result, model.card, weighting=model.crop.centre_weighting)
     with atomic_path(target) as tmp:
         write_image(tmp, heat)
     return target
-
-
-def _top_label(result: Diagnosis) -> str:
-    return max(result.probabilities, key=result.probabilities.__getitem__)
-
-
-def _caption_label(result: Diagnosis) -> str:
-    label = result.decision if result.decision is not None else result.label
-    return ", ".join(label) if isinstance(label, list) else label

@@ -56,9 +56,11 @@ def diagnose(inputs: Sequence[str | Path], options: DiagnoseOptions, *, progress
         assert options.out is not None
         summary = diagnose_ray(
             inputs, options.model, options.out, address=options.address, device=options.device, batch_size=options.batch_size,
-            crop=options.crop, refer_band=options.refer_band, overwrite=options.overwrite, progress=progress,
+            crop=options.crop, refer_band=options.refer_band, overwrite=options.overwrite, progress=progress, **_gate_changes(options),
         )
-    elif options.watch is not None:
+        return Diagnosed(summary, options.model)
+    options = _with_gate(options)
+    if options.watch is not None:
         steps_log.info("watching %s (Ctrl-C to stop) → %s", options.watch, options.out)
         summary = diagnose_hot_folder(options.watch, options.model, options.out, options, progress=progress)
     elif options.out is None:
@@ -66,6 +68,35 @@ def diagnose(inputs: Sequence[str | Path], options: DiagnoseOptions, *, progress
     else:
         summary = diagnose_paths(inputs, options.model, options.out, options, progress=progress)
     return Diagnosed(summary, options.model)
+
+
+def _gate_changes(options: DiagnoseOptions) -> dict[str, Any]:
+    """The quality-gate and scale settings that differ from the defaults (the card's gate, the files' own scale)."""
+    changes = {"quality": options.quality, "quality_limits": options.quality_limits, "um_per_px": options.um_per_px}
+    defaults = {"quality": "card", "quality_limits": None, "um_per_px": None}
+    return {k: v for k, v in changes.items() if v != defaults[k] and not (k == "quality_limits" and not v)}
+
+
+def _with_gate(options: DiagnoseOptions) -> DiagnoseOptions:
+    """A run that changes the quality gate (``quality``, ``quality_limits``) or gives ``um_per_px`` gets its model
+    loaded here with them, so every record is held to the gate asked for; other runs load it as before. A
+    :class:`~edgedx.runtime.model.Model` passed in has its gate already: changing it here is refused, not ignored."""
+    from edgedx.errors import InputError
+    from edgedx.runtime.model import Model, load_model
+
+    changes = _gate_changes(options)
+    if not changes:
+        return options
+    if isinstance(options.model, Model):
+        raise InputError(
+            f"{', '.join(changes)} apply when the model is loaded; this Model was loaded already: "
+            "pass its path, or build it with load_model(path, quality=..., quality_limits=..., um_per_px=...)"
+        )
+    model = load_model(
+        options.model, device=options.device, batch_size=options.batch_size, crop=options.crop, refer_band=options.refer_band,
+        verify=options.verify, **changes,
+    )
+    return options.replace(model=model)
 
 
 def _to_memory(inputs: Sequence[str | Path], options: DiagnoseOptions, progress: ProgressFn) -> Diagnosed:

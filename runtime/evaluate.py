@@ -2,12 +2,22 @@
 
 Each image is diagnosed exactly as ``edgedx diagnose`` would (same crops, same
 preprocessing from the card), so the numbers describe the artefact you ship.
+
+Beyond accuracy, whether its probabilities and its "refer" can be trusted
+(:func:`trust_report`): ECE, Brier and a reliability diagram before (the
+network's own probabilities, the card's temperature undone) and after (as
+deployed); how often the prediction sets hold the true class against the
+coverage the card promises; how often it refers, and what referring buys
+(accuracy, sensitivity, specificity on the cases not referred vs all). Images
+the quality gate rejects are not scored; they are counted and listed.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import re
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +26,14 @@ import numpy as np
 from edgedx.card import ModelCard
 from edgedx.errors import EdgeDxError, InputError
 from edgedx.progress import ProgressFn, no_progress
-from edgedx.runtime.io.labelled import load_labelled
+from edgedx.runtime.fitting import uncalibrated
+from edgedx.runtime.io.labelled import LabelledSet, load_labelled
 from edgedx.runtime.io.manifest import ManifestLayout
-from edgedx.runtime.metrics import classification_metrics, roc_auc
+from edgedx.runtime.metrics import classification_metrics, roc_auc, selective_metrics
 from edgedx.runtime.model import Model, decide, load_model
+from edgedx.runtime.trust import brier_score, expected_calibration_error, reliability
+
+REFER, REJECT = "refer", "reject"
 
 
 @dataclass(frozen=True)
@@ -33,6 +47,9 @@ class EvaluationReport:
     metrics: dict[str, Any]
     failed: tuple[str, ...]
     misclassified: tuple[dict[str, Any], ...] = ()
+    calibration: dict[str, Any] = field(default_factory=dict)  # ECE, Brier, reliability before/after (:func:`trust_report`)
+    abstention: dict[str, Any] = field(default_factory=dict)  # coverage, refer rate, metrics on not-referred vs all
+    rejected: tuple[dict[str, Any], ...] = ()  # images the quality gate rejected: not scored, listed with the reasons
 
     @property
     def n_misclassified(self) -> int:
@@ -44,6 +61,10 @@ class EvaluationReport:
             "data": self.data,
             "threshold": self.threshold,
             "metrics": self.metrics,
+            "calibration": self.calibration,
+            "abstention": self.abstention,
+            "n_rejected": len(self.rejected),
+            "rejected": [dict(r) for r in self.rejected],
             "failed": list(self.failed),
             "n_misclassified": self.n_misclassified,
             "misclassified": [dict(m) for m in self.misclassified],
@@ -78,36 +99,151 @@ def evaluate(
     if card.task == "multilabel":
         raise InputError("evaluate needs a binary or multiclass model; this card is multilabel")
     labelled = load_labelled(data, card.class_names, split=split, layout=layout)
-    y_true: list[int] = []
-    probs: list[np.ndarray] = []
-    kept: list[int] = []  # the labelled index of each scored image (failed ones are not scored)
-    failed: list[str] = []
-    total = len(labelled)
-    progress("evaluate", 0, total)
-    for done, (i, result) in enumerate(loaded.stream(enumerate(labelled.images)), 1):
-        if isinstance(result, EdgeDxError):
-            failed.append(str(result))
-        else:
-            kept.append(i)
-            y_true.append(int(labelled.labels[i]))
-            probs.append(result.sliding.probabilities)
-        progress("evaluate", done, total)
-    if not y_true:
-        raise InputError(f"no image in {data} could be read")
-    truth = np.asarray(y_true)
-    p_all = np.stack(probs)
+    seen = diagnose_labelled(loaded, labelled, progress)
+    if not seen.kept:
+        why = f"; the quality gate rejected {len(seen.rejected)}" if seen.rejected else ""
+        raise InputError(f"no image in {data} could be scored ({len(seen.failed)} unreadable{why})")
+    truth, p_all = np.asarray(seen.truth), np.stack(seen.probs)
     metrics = score(truth, p_all, card, card.threshold)
     if card.task == "binary":
         metrics["at_0.5"] = score(truth, p_all, card, 0.5)
     if bootstrap > 0:
         metrics.update(intervals(truth, p_all, card, metrics, n=bootstrap, seed=seed))
-    wrong = misclassified(truth, p_all, card, [labelled.names[i] for i in kept])
-    report = EvaluationReport(str(model), labelled.source, card.threshold, metrics, tuple(failed), tuple(record for _, record in wrong))
+    trust = trust_report(truth, p_all, np.stack(seen.raw), seen.records, card)
+    wrong = misclassified(truth, p_all, card, [labelled.names[i] for i in seen.kept])
+    report = EvaluationReport(
+        str(model), labelled.source, card.threshold, metrics, tuple(seen.failed), tuple(record for _, record in wrong),
+        trust["calibration"], trust["abstention"], tuple(seen.rejected),
+    )
     if out is not None:
         from edgedx.runtime.outputs.report_html import write_evaluation
 
-        write_evaluation(Path(out), report, card, truth, p_all, thumbnails=[labelled.images[kept[row]] for row, _ in wrong])
+        write_evaluation(Path(out), report, card, truth, p_all, thumbnails=[labelled.images[seen.kept[row]] for row, _ in wrong])
     return report
+
+
+@dataclass
+class Diagnosed:
+    """What :func:`diagnose_labelled` saw: per scored image its label, probabilities as deployed and as the network
+    gives them, and its record; the images that could not be read; the images the quality gate rejected."""
+
+    truth: list[int] = field(default_factory=list)
+    probs: list[np.ndarray] = field(default_factory=list)
+    raw: list[np.ndarray] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)
+    kept: list[int] = field(default_factory=list)  # the labelled index of each scored image
+    failed: list[str] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+
+
+def diagnose_labelled(loaded: Model, labelled: LabelledSet, progress: ProgressFn = no_progress) -> Diagnosed:
+    """Every labelled image through ``loaded.stream`` (diagnose's path); a rejected image is listed, not scored."""
+    card, seen, total = loaded.card, Diagnosed(), len(labelled)
+    progress("evaluate", 0, total)
+    for done, (i, result) in enumerate(loaded.stream(enumerate(labelled.images)), 1):
+        progress("evaluate", done, total)
+        if isinstance(result, EdgeDxError):
+            seen.failed.append(str(result))
+            continue
+        record = result.to_record()
+        if record.get("decision") == REJECT:
+            seen.rejected.append({"image": labelled.names[i], "reasons": list(record.get("reject_reasons") or [])})
+            continue
+        seen.kept.append(i)
+        seen.truth.append(int(labelled.labels[i]))
+        seen.probs.append(result.sliding.probabilities)
+        seen.raw.append(uncalibrated(result.sliding, card, loaded.crop))
+        seen.records.append(record)
+    return seen
+
+
+def trust_report(
+    truth: np.ndarray, probs: np.ndarray, raw: np.ndarray, records: list[dict[str, Any]], card: ModelCard
+) -> dict[str, dict[str, Any]]:
+    """``calibration`` and ``abstention`` sections of a report, for the scored (not rejected) images.
+
+    ``probs`` as deployed (the card's temperature applied), ``raw`` the network's
+    own; ``records`` the diagnosis records (their ``decision``, ``prediction_set``
+    and ``refer_reasons``), in the same order as ``truth``.
+    """
+    task, pos = card.task, card.positive_index
+
+    def figures(p: np.ndarray) -> dict[str, Any]:
+        return {"ece": expected_calibration_error(p, truth, task, pos), "brier": brier_score(p, truth, task),
+                "reliability": reliability(p, truth, task, pos)}
+
+    calibration = {
+        "method": card.calibration.method, "temperature": list(card.calibration.temperature), "n": int(len(truth)),
+        "before": figures(raw), "after": figures(probs), "fitted_on": dict(card.calibration.fitted_on),
+    }
+    return {"calibration": calibration, "abstention": abstention_report(truth, probs, records, card)}
+
+
+def abstention_report(truth: np.ndarray, probs: np.ndarray, records: list[dict[str, Any]], card: ModelCard) -> dict[str, Any]:
+    """Coverage of the records' prediction sets (share holding the true class), the refer rate and its reasons, and
+    accuracy (sensitivity, specificity) on the cases not referred against all cases, decided at the card's threshold."""
+    rule = card.abstention
+    names = card.class_names
+    with_sets = [(names[int(y)], r["prediction_set"]) for y, r in zip(truth, records) if r.get("prediction_set") is not None]
+    referred = np.asarray([r.get("decision") == REFER for r in records], bool)
+    reasons = Counter(reason_kind(reason) for r, ref in zip(records, referred) if ref for reason in (r.get("refer_reasons") or []))
+    predicted = np.asarray([names.index(decide(p, card)) for p in probs])  # type: ignore[arg-type]
+    return {
+        "coverage_target": rule.coverage, "qhat": rule.qhat, "dispersion_limit": rule.dispersion_limit,
+        "n_with_sets": len(with_sets),
+        "empirical_coverage": float(np.mean([t in s for t, s in with_sets])) if with_sets else None,
+        "mean_set_size": float(np.mean([len(s) for _, s in with_sets])) if with_sets else None,
+        "n_referred": int(referred.sum()), "refer_rate": float(referred.mean()) if len(referred) else None,
+        "refer_reasons": dict(reasons),
+        **selective_metrics(truth, predicted, ~referred, positive_index=card.positive_index if card.task == "binary" else None),
+    }
+
+
+def reason_kind(reason: Any) -> str:
+    """A refer reason without its numbers, for counting: "prediction set {a, b} at 95% coverage" → "prediction set",
+    "crops disagree: dispersion 0.21 > limit 0.12" → "crops disagree"."""
+    return re.split(r"[:{\[(]", str(reason), maxsplit=1)[0].strip() or str(reason)
+
+
+def trust_lines(report: EvaluationReport) -> list[str]:
+    """One line each: calibration before → after, prediction-set coverage, refer rate and what it buys, rejects.
+
+    A section that is missing or not a mapping (a report built by hand, or by an older caller) gives no line."""
+    cal = report.calibration if isinstance(report.calibration, dict) else {}
+    ab = report.abstention if isinstance(report.abstention, dict) else {}
+    rejected = report.rejected if isinstance(report.rejected, (tuple, list)) else ()
+    lines = []
+    if cal:
+        temps = ", ".join(f"{t:.3g}" for t in cal["temperature"]) or "none on the card"
+        lines.append(
+            f"calibration (temperature {temps}): ECE {_f(cal['before']['ece'])} → {_f(cal['after']['ece'])}, Brier "
+            f"{_f(cal['before']['brier'])} → {_f(cal['after']['brier'])} (before: the network's own probabilities; after: as deployed)"
+        )
+    if ab and ab.get("empirical_coverage") is not None:
+        target = "none on the card" if ab["coverage_target"] is None else f"{ab['coverage_target']:.0%}"
+        lines.append(
+            f"prediction sets: the true class is in the set for {ab['empirical_coverage']:.1%} of {ab['n_with_sets']} images "
+            f"(target {target}; mean set size {ab['mean_set_size']:.2f})"
+        )
+    elif ab:
+        lines.append("prediction sets: none (the card has no conformal qhat, or the records carry no prediction_set)")
+    if ab:
+        kept, every = ab["not_referred"], ab["all"]
+        line = f"refer: {ab['n_referred']} of {every['n']} ({_pct(ab['refer_rate'])}); accuracy {_f(kept['accuracy'])} on the {kept['n']} not referred vs {_f(every['accuracy'])} on all"
+        if "sensitivity" in every:
+            line += (f"; sensitivity {_f(kept['sensitivity'])} vs {_f(every['sensitivity'])}, "
+                     f"specificity {_f(kept['specificity'])} vs {_f(every['specificity'])}")
+        lines.append(line)
+    lines.append(f"reject (image quality): {len(rejected)} image(s), not scored")
+    return lines
+
+
+def _f(value: float | None) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.3f}"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
 
 
 def misclassified(truth: np.ndarray, probs: np.ndarray, card: ModelCard, names: list[str]) -> list[tuple[int, dict[str, Any]]]:

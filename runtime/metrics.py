@@ -35,6 +35,7 @@ __all__ = [
     "confusion_matrix",
     "roc_auc",
     "roc_curve",
+    "selective_metrics",
     "threshold_for_sensitivity",
 ]
 
@@ -348,3 +349,38 @@ def _macro_auc(aucs: list[float], positive_index: int) -> float:
         return aucs[positive_index]
     defined = [a for a in aucs if not math.isnan(a)]
     return float(np.mean(defined)) if defined else float("nan")
+
+
+# --------------------------------------------------------------------------- #
+# Abstention
+# --------------------------------------------------------------------------- #
+
+
+def selective_metrics(
+    truth: np.ndarray, predicted: np.ndarray, kept: np.ndarray, *, positive_index: int | None = None
+) -> dict[str, Any]:
+    """Accuracy (and, with ``positive_index``, sensitivity and specificity) on all cases and on the cases ``kept``
+    (those not referred to a person), with how many each holds.
+
+    Why both: referring the hard cases raises accuracy on the rest, and the
+    clinic must see that gain next to its price (the share referred). Here an
+    empty denominator gives None, not 0.0: "no case kept" is not "all wrong".
+    """
+    y, p = np.asarray(truth, np.int64), np.asarray(predicted, np.int64)
+    keep = np.asarray(kept, bool)
+    if not (len(y) == len(p) == len(keep)):
+        raise ValueError(f"truth, predicted and kept must have one entry per case, got {len(y)}, {len(p)} and {len(keep)}")
+
+    def share(num: int, den: int) -> float | None:
+        return float(num) / den if den else None
+
+    def block(mask: np.ndarray) -> dict[str, Any]:
+        yt, yp = y[mask], p[mask]
+        out: dict[str, Any] = {"n": int(mask.sum()), "accuracy": share(int((yt == yp).sum()), int(mask.sum()))}
+        if positive_index is not None:
+            pos, called = yt == positive_index, yp == positive_index
+            out["sensitivity"] = share(int((pos & called).sum()), int(pos.sum()))
+            out["specificity"] = share(int((~pos & ~called).sum()), int((~pos).sum()))
+        return out
+
+    return {"all": block(np.ones(len(y), bool)), "not_referred": block(keep)}

@@ -14,9 +14,10 @@ import dataclasses
 import math
 import time
 from collections import deque
-from collections.abc import Hashable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,13 @@ import numpy as np
 
 from edgedx.card import CropPolicy, ModelCard
 from edgedx.errors import CardError, EdgeDxError, ImageReadError, InputError, InsufficientContentError
+from edgedx.runtime.gate import GateSettings, Prepared
+from edgedx.runtime.gate import prepare as gate_image
 from edgedx.runtime.io.image_io import to_rgb_uint8
-from edgedx.runtime.preprocess import model_input, to_probabilities
+from edgedx.runtime.preprocess import model_input, pixelwise, preprocess_batch, preprocess_field, to_probabilities
 from edgedx.runtime.io.sources import ArraySource, open_source
-from edgedx.runtime.tiling import ImageRegionSource, ResampledImage, SlidingResult, sliding_window_many
+from edgedx.runtime.tiling import CropLayout, ImageRegionSource, ResampledImage, SlidingResult, content_fraction, sliding_window_many
+from edgedx.runtime.trust import crop_dispersion, prediction_set
 from edgedx.runtime.backends.session import ENGINE_SUFFIXES, Session, is_engine_file, open_session
 
 MAX_ENLARGEMENT = 16  # per side: a crop must hold at least 1/256 of its pixels' worth of the image
@@ -35,18 +39,36 @@ MAX_ENLARGEMENT = 16  # per side: a crop must hold at least 1/256 of its pixels'
 
 @dataclass(frozen=True)
 class Diagnosis:
-    """The result for one image: decision, probabilities and the tiles behind them."""
+    """The result for one image: decision, probabilities and the tiles behind them.
 
-    label: str | list[str]
+    ``decision`` is the label, "refer" (``refer_reasons`` say why: the refer
+    band, a prediction set of more or fewer than one class, crops that
+    disagree) or "reject": the quality gate stopped the image before the
+    model (``reject_reasons``; then ``label`` is None, ``probabilities`` empty
+    and ``sliding`` only the grid the image would have had, all NaN).
+    """
+
+    label: str | list[str] | None
     probabilities: dict[str, float]
     n_crops: int
     sliding: SlidingResult
-    decision: str | list[str] | None = None  # the label, or "refer" inside the refer band
+    decision: str | list[str] | None = None  # the label, "refer" or "reject"
     top_k: tuple[tuple[str, float], ...] = ()
     timings_ms: dict[str, float] = field(default_factory=dict)
     input_sha256: str | None = None  # of the file bytes that were decoded and diagnosed, when read from a file
     threshold: float | None = None  # the operating threshold the decision was taken at
     rule: str | None = None  # the decision in words: "p(melanoma) = 0.480 ≥ threshold 0.310 → melanoma"
+    prediction_set: tuple[str, ...] | None = None  # the conformal set, when the card has a qhat (binary, multiclass)
+    crop_dispersion: float | None = None  # the crops' disagreement, when the card has a limit and there are 2+ crops
+    refer_reasons: tuple[str, ...] = ()
+    reject_reasons: tuple[str, ...] = ()
+    quality: dict[str, Any] | None = None  # the gate's measures, "passed" and "gate"
+    scale: dict[str, Any] | None = None  # the physical scale: image and trained µm/px, source, factor, note
+
+    @property
+    def rejected(self) -> bool:
+        """The quality gate stopped the image: no model output exists for it."""
+        return bool(self.reject_reasons)
 
     @property
     def tiles_used(self) -> int:
@@ -57,22 +79,32 @@ class Diagnosis:
         return self.sliding.n_skipped
 
     def to_record(self) -> dict[str, Any]:
+        """The record's fields (see :func:`edgedx.runtime.outputs.records.empty_record`); a reject has no label,
+        no probabilities and no crops."""
+        rejected = self.rejected
         return {
-            "label": self.label,
-            "decision": self.label if self.decision is None else self.decision,
-            "probabilities": self.probabilities,
+            "label": None if rejected else self.label,
+            "decision": REJECT if rejected else self.label if self.decision is None else self.decision,
+            "probabilities": None if rejected else self.probabilities,
             "top_k": [{"class": c, "probability": p} for c, p in self.top_k],
             "n_crops": self.n_crops,
-            "tiles_used": self.tiles_used,
-            "tiles_skipped": self.tiles_skipped,
+            "tiles_used": 0 if rejected else self.tiles_used,
+            "tiles_skipped": 0 if rejected else self.tiles_skipped,
             "timings_ms": self.timings_ms,
             "input_sha256": self.input_sha256,
             "threshold": self.threshold,
             "rule": self.rule,
+            "prediction_set": None if self.prediction_set is None else list(self.prediction_set),
+            "crop_dispersion": self.crop_dispersion,
+            "refer_reasons": list(self.refer_reasons),
+            "reject_reasons": list(self.reject_reasons),
+            "quality": self.quality,
+            "scale": self.scale,
         }
 
 
 REFER = "refer"
+REJECT = "reject"
 
 
 def decide(probabilities: np.ndarray, card: ModelCard) -> str | list[str]:
@@ -163,9 +195,18 @@ class Model:
 
     ``crop`` overrides the card's crop policy (tile, stride, scale, padding,
     aggregation, foreground filter) for every call; ``refer_band`` marks
-    binary results whose positive probability falls inside it as "refer".
+    binary results whose positive probability falls inside it as "refer", as
+    the card's abstention rules (prediction sets, crop dispersion) do.
     On GPU devices the last tile batch of a stream is padded to ``batch_size``
     so the engine sees one shape and never re-tunes.
+
+    ``quality`` "card" holds every image to the card's quality limits
+    (``quality_limits`` overriding them by name) before the model sees it,
+    and a failing image gets a "reject" (:mod:`edgedx.runtime.gate`):
+    :func:`load_model`'s default, what an application gets. This
+    constructor's default is "off", for the callers that must compare every
+    image on two engines (export verification, training validation).
+    ``um_per_px`` is the images' physical scale (else their TIFF tags).
     """
 
     def __init__(
@@ -177,14 +218,21 @@ class Model:
         refer_band: tuple[float, float] | None = None,
         top_k: int = 3,
         pad_batches: bool | None = None,
+        quality: str = "off",
+        quality_limits: Mapping[str, Any] | None = None,
+        um_per_px: float | None = None,
     ) -> None:
-        settings = CheckedSettings.check(session.card, batch_size=batch_size, crop=crop, refer_band=refer_band)
+        settings = CheckedSettings.check(
+            session.card, batch_size=batch_size, crop=crop, refer_band=refer_band, quality=quality, quality_limits=quality_limits,
+            um_per_px=um_per_px,
+        )
         self.session = session
         self.card = session.card
         self.verification: Any = None  # the self-test report when loaded with verify=True
         self.batch_size = batch_size
         self.crop = settings.crop
         self.refer_band = settings.refer_band
+        self.gate = settings.gate
         self.top_k = max(1, min(top_k, self.card.n_classes))
         self.pad_batches = session.pads_batches if pad_batches is None else pad_batches
 
@@ -192,6 +240,15 @@ class Model:
         """(N, H, W, 3) uint8 RGB crops → (N, C) probabilities."""
         logits = self.session.run(model_input(tiles, self.card))
         return to_probabilities(logits, self.card)
+
+    def predict_prepared(self, x: np.ndarray) -> np.ndarray:
+        """A batch already preprocessed (:meth:`prepare`) → (N, C) probabilities."""
+        return to_probabilities(self.session.run(np.ascontiguousarray(x)), self.card)
+
+    def prepare(self, pixels: np.ndarray) -> np.ndarray:
+        """The card's per-pixel preprocessing of a whole (H, W, 3) field or an (N, h, w, 3) batch of crops (the tiler
+        preprocesses a field once and cuts its crops from that; see :func:`edgedx.runtime.preprocess.pixelwise`)."""
+        return preprocess_field(pixels, self.card) if pixels.ndim == 3 else preprocess_batch(pixels, self.card)
 
     def diagnose(self, image: np.ndarray | str | Path, *, crop: CropPolicy | Mapping[str, Any] | None = None) -> Diagnosis:
         """Diagnose one whole image (path or RGB array) with sliding crops."""
@@ -233,6 +290,7 @@ class Model:
         hashes: dict[Hashable, str | None] = {}
         names: dict[Hashable, str] = {}  # file inputs, to name them in a refusal
         opened: dict[Hashable, Any] = {}  # lazy sources opened here, closed when their image is done
+        judged: dict[Hashable, Prepared] = {}  # each image's scale and quality, for its record
 
         def named() -> Iterator[tuple[Hashable, Any]]:
             for key, image in items:
@@ -241,17 +299,23 @@ class Model:
                 yield key, image
 
         def decoded() -> Iterator[tuple[Hashable, Any]]:
-            for key, image, ms, digest in prefetched(named(), prefetch):
+            gate = partial(gate_image, card=card, policy=policy, settings=self.gate)
+            for key, image, ms, digest in prefetched(named(), prefetch, gate):
                 read_ms[key] = ms
                 hashes[key] = digest
-                if hasattr(image, "close") and not isinstance(image, BaseException):
+                if isinstance(image, Prepared):  # a rejected image goes through as an error: in order, never cut
+                    judged[key], source, image = image, image.source, self._unless_rejected(image, policy, names.get(key))
+                    if source is not None:
+                        opened[key] = source
+                elif hasattr(image, "close") and not isinstance(image, BaseException):
                     opened[key] = image
                 yield key, image
 
+        fieldwise = pixelwise(card, policy.tile_size)  # preprocess each field once, not every overlapping crop
         outcomes = sliding_window_many(
-            decoded(), self.predict_tiles, policy, batch_size=self.batch_size,
+            decoded(), self.predict_prepared if fieldwise else self.predict_tiles, policy, batch_size=self.batch_size,
             activation=card.output_activation, positive_index=card.positive_index if card.task == "binary" else None,
-            pad_batches=self.pad_batches, flush_each=live,
+            pad_batches=self.pad_batches, flush_each=live, prepare=self.prepare if fieldwise else None,
         )
         for outcome in outcomes:
             ms = read_ms.pop(outcome.key, 0.0)
@@ -259,18 +323,36 @@ class Model:
             source = opened.pop(outcome.key, None)
             if source is not None:
                 source.close()
-            if outcome.error is not None:
-                names.pop(outcome.key, None)
-                yield outcome.key, outcome.error  # type: ignore[misc]
-                continue
-            assert outcome.result is not None
-            name = names.pop(outcome.key, None)
-            problem = self.content_problem(outcome.result, policy.min_content)
-            if problem is not None:
-                yield outcome.key, InsufficientContentError(f"{name}: {problem}" if name else problem)
-                continue
-            diagnosis = self.to_diagnosis(outcome.result, {"read": round(ms, 2), "diagnose": round(outcome.seconds * 1000, 2)})
-            yield outcome.key, dataclasses.replace(diagnosis, input_sha256=digest) if digest else diagnosis
+            timings = {"read": round(ms, 2), "diagnose": round(outcome.seconds * 1000, 2)}
+            result = self._result(outcome, judged.pop(outcome.key, None), names.pop(outcome.key, None), policy, timings)
+            yield outcome.key, dataclasses.replace(result, input_sha256=digest) if digest and isinstance(result, Diagnosis) else result
+
+    def _unless_rejected(self, seen: Prepared, policy: CropPolicy, name: str | None) -> Any:
+        """What goes to the splitter: the prepared image, or in its place (in order, never cut) its rejection; an
+        image that is nearly all padding is refused as it was before the gate existed (the content check first)."""
+        if not seen.rejected:
+            return seen.image
+        assert seen.grid is not None
+        n = seen.grid.n_tiles
+        layout = CropLayout(seen.grid, np.ones(n, bool), np.ones(n), False)
+        whole = SlidingResult(np.zeros(self.card.n_classes), np.zeros((n, self.card.n_classes)), seen.grid, content=content_fraction(layout))
+        problem = self.content_problem(whole, policy.min_content)
+        if problem is not None:
+            return InsufficientContentError(f"{name}: {problem}" if name else problem)
+        return _Rejected(seen)
+
+    def _result(self, outcome: Any, seen: Prepared | None, name: str | None, policy: CropPolicy, timings: dict[str, float]) -> Diagnosis | EdgeDxError:
+        """One image's outcome as a result: its rejection, its read error, a refusal (too little content), or its
+        diagnosis with the scale and quality it was judged at."""
+        if isinstance(outcome.error, _Rejected):
+            return self.rejection(outcome.error.prepared, timings)
+        if outcome.error is not None:
+            return outcome.error
+        problem = self.content_problem(outcome.result, policy.min_content)
+        if problem is not None:
+            return InsufficientContentError(f"{name}: {problem}" if name else problem)
+        diagnosis = self.to_diagnosis(outcome.result, timings)
+        return diagnosis if seen is None else dataclasses.replace(diagnosis, quality=seen.quality, scale=seen.scale)
 
     def content_problem(self, sliding: SlidingResult, minimum: float | None = None) -> str | None:
         """Why no result should be given for this image, or None: crops that are nearly all padding, or an image
@@ -297,44 +379,101 @@ class Model:
         return None
 
     def to_diagnosis(self, sliding: SlidingResult, timings: dict[str, float]) -> Diagnosis:
-        """Merged tiles → the decision, refer band and top-k (shared by the local and Ray engines)."""
+        """Merged tiles → the decision, its refer reasons and top-k (shared by the local and Ray engines)."""
         card = self.card
         probs = sliding.probabilities
         label = decide(probs, card)
-        decision: str | list[str] = label
-        if self.refer_band is not None:
-            p = float(probs[card.positive_index])  # type: ignore[index]
-            if self.refer_band[0] <= p < self.refer_band[1]:
-                decision = REFER
+        pset, dispersion, reasons = self.abstain(probs, sliding)
+        rule = decision_rule(probs, card, label)
+        if reasons:
+            rule += "; " + "; ".join(reasons) + " → refer to a person"
         order = np.argsort(-probs, kind="stable")[: self.top_k]
         return Diagnosis(
             label=label,
             probabilities={n: round(float(p), 6) for n, p in zip(card.class_names, probs)},
             n_crops=sliding.n_used,
             sliding=sliding,
-            decision=decision,
+            decision=REFER if reasons else label,
             top_k=tuple((card.class_names[i], round(float(probs[i]), 6)) for i in order),
             timings_ms=timings,
             threshold=None if card.task == "multiclass" else (0.5 if card.threshold is None else card.threshold),
-            rule=decision_rule(probs, card, label, self.refer_band),
+            rule=rule,
+            prediction_set=pset,
+            crop_dispersion=dispersion,
+            refer_reasons=tuple(reasons),
+        )
+
+    def abstain(self, probs: np.ndarray, sliding: SlidingResult) -> tuple[tuple[str, ...] | None, float | None, list[str]]:
+        """Why a result goes to a person instead of standing as a diagnosis: (the prediction set, the crops'
+        dispersion, the reasons in words). A split-conformal set of other than one class (the card's ``qhat``: the
+        model cannot tell at the promised coverage); crops whose calibrated probabilities of the positive class
+        (another task: of any class) spread more than the card's limit; the run's refer band."""
+        card, rules = self.card, self.card.abstention
+        reasons: list[str] = []
+        pset = None
+        if rules.qhat is not None and card.task in ("binary", "multiclass"):
+            pset = tuple(prediction_set(probs, rules.qhat, card.class_names))
+            if len(pset) != 1:
+                at = f"{rules.coverage * 100:g}% coverage" if rules.coverage is not None else f"qhat {rules.qhat:g}"
+                reasons.append(f"prediction set {{{', '.join(pset)}}} at {at}")
+        dispersion = None
+        if rules.dispersion_limit is not None and sliding.n_used >= 2:
+            used = np.ones(sliding.n_tiles, bool) if sliding.used is None else np.asarray(sliding.used, bool)
+            index = card.positive_index if card.task == "binary" else None
+            dispersion = round(crop_dispersion(sliding.tile_probabilities[used], index), 6)
+            if dispersion > rules.dispersion_limit:
+                reasons.append(f"crops disagree: dispersion {dispersion:.3g} > limit {rules.dispersion_limit:.3g}")
+        if self.refer_band is not None:  # the run's own band last: the rule ends with it, as before the card had rules
+            p = float(probs[card.positive_index])  # type: ignore[index]
+            if self.refer_band[0] <= p < self.refer_band[1]:
+                reasons.append(f"inside the refer band [{self.refer_band[0]:g}, {self.refer_band[1]:g})")
+        return pset, dispersion, reasons
+
+    def rejection(self, seen: Prepared, timings: dict[str, float]) -> Diagnosis:
+        """A rejected image's result: the gate's reasons and measures, no model output; its ``sliding`` is the grid
+        the image would have had, every tile NaN and unused, so writers that draw or save maps still work."""
+        n_classes, grid = self.card.n_classes, seen.grid
+        assert grid is not None  # the gate keeps the grid of every image it rejects
+        n = grid.n_tiles
+        sliding = SlidingResult(np.full(n_classes, np.nan), np.full((n, n_classes), np.nan), grid, np.zeros(n, bool), np.ones(n), False, 0.0)
+        return Diagnosis(
+            label=None, probabilities={}, n_crops=0, sliding=sliding, decision=REJECT, timings_ms=timings,
+            rule="image quality gate: " + "; ".join(seen.reasons) + " → reject (not diagnosed: take the image again)",
+            reject_reasons=seen.reasons, quality=seen.quality, scale=seen.scale,
         )
 
 
-def prefetched(items: Iterable[tuple[Hashable, Any]], depth: int) -> Iterator[tuple[Hashable, Any, float, str | None]]:
+class _Rejected(Exception):
+    """Carries a rejected image through the splitter in its place, so results keep their order and no crop is cut."""
+
+    def __init__(self, prepared: Prepared) -> None:
+        super().__init__("; ".join(prepared.reasons))
+        self.prepared = prepared
+
+
+Gate = Callable[[Any, "str | Path | None"], Prepared]
+
+
+def prefetched(
+    items: Iterable[tuple[Hashable, Any]], depth: int, gate: Gate | None = None,
+) -> Iterator[tuple[Hashable, Any, float, str | None]]:
     """Decode paths ``depth`` images ahead in one background thread, so reading overlaps inference.
 
     Yields ``(key, RGB array | lazy source | ImageReadError, read milliseconds,
     sha256 of the file bytes decoded or None)`` in input order; arrays are converted to RGB uint8. OpenCV and ONNX Runtime
-    release the GIL, so the two really run at once.
+    release the GIL, so the two really run at once. With ``gate`` (``gate(image, path)``, see
+    :func:`edgedx.runtime.gate.prepare`) each image is scaled and judged in the same thread and comes out as its
+    :class:`~edgedx.runtime.gate.Prepared`.
     """
+    load = partial(_load, gate=gate)
     if depth < 1:
         for key, image in items:
-            yield (key, *_load(image))
+            yield (key, *load(image))
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgedx-read") as pool:
         window: deque[tuple[Hashable, Future]] = deque()
         for key, image in items:
-            window.append((key, pool.submit(_load, image)))
+            window.append((key, pool.submit(load, image)))
             if len(window) > depth:
                 k, future = window.popleft()
                 yield (k, *future.result())
@@ -343,7 +482,7 @@ def prefetched(items: Iterable[tuple[Hashable, Any]], depth: int) -> Iterator[tu
             yield (k, *future.result())
 
 
-def _load(image: Any) -> tuple[Any, float, str | None]:
+def _load(image: Any, gate: Gate | None = None) -> tuple[Any, float, str | None]:
     started = time.perf_counter()
     digest = None
     try:
@@ -358,6 +497,8 @@ def _load(image: Any) -> tuple[Any, float, str | None]:
             loaded = image
         else:
             loaded = to_rgb_uint8(np.asarray(image))
+        if gate is not None and not isinstance(loaded, EdgeDxError):
+            loaded = gate(loaded, image if isinstance(image, (str, Path)) else None)
     except ImageReadError as exc:
         loaded = exc
     return loaded, (time.perf_counter() - started) * 1000, digest
@@ -373,6 +514,7 @@ class CheckedSettings:
 
     crop: CropPolicy
     refer_band: tuple[float, float] | None
+    gate: GateSettings = field(default_factory=GateSettings)
 
     @classmethod
     def check(
@@ -382,12 +524,15 @@ class CheckedSettings:
         batch_size: int = 32,
         crop: CropPolicy | Mapping[str, Any] | None = None,
         refer_band: tuple[float, float] | None = None,
+        quality: str = "off",
+        quality_limits: Mapping[str, Any] | None = None,
+        um_per_px: float | None = None,
     ) -> CheckedSettings:
         if batch_size < 1:
             raise InputError(f"batch size must be at least 1, got {batch_size}")
         policy = resolve_crop(card.crop, crop)
         check_tile_fits(policy, card)
-        return cls(policy, check_refer_band(refer_band, card))
+        return cls(policy, check_refer_band(refer_band, card), GateSettings.check(card, quality, quality_limits, um_per_px))
 
 
 MODEL_SUFFIXES = (".onnx", ".ort", *ENGINE_SUFFIXES)
@@ -427,6 +572,9 @@ def load_model(
     crop: CropPolicy | Mapping[str, Any] | None = None,
     refer_band: tuple[float, float] | None = None,
     verify: bool = False,
+    quality: str = "card",
+    quality_limits: Mapping[str, Any] | None = None,
+    um_per_px: float | None = None,
 ) -> Model:
     """Load an exported model, ready to diagnose.
 
@@ -437,7 +585,10 @@ def load_model(
     files × the engines installed) and takes the fastest (:mod:`edgedx.runtime.auto`).
     ``verify`` replays the artefact's self-test vectors on this machine first
     and refuses one that does not reproduce its export (the report is kept in
-    ``Model.verification``).
+    ``Model.verification``). ``quality`` "card" (the default) holds every image
+    to the card's quality limits, ``quality_limits`` overriding them by name;
+    "off" diagnoses every image. ``um_per_px`` is the images' physical scale
+    (default: each file's TIFF resolution tags), see :mod:`edgedx.runtime.scale`.
     """
     resolved = resolve_model_path(path)
     if device == "auto" and not is_engine_file(resolved):
@@ -446,7 +597,14 @@ def load_model(
         choice = choose(resolved, batch_size=min(batch_size, 32))  # the fastest verified file × engine here, said
         resolved, device = choice.path, choice.device
     session = open_session(resolved, device, threads=threads)
-    model = Model(session, batch_size=batch_size, crop=crop, refer_band=refer_band)
+    try:
+        model = Model(
+            session, batch_size=batch_size, crop=crop, refer_band=refer_band, quality=quality, quality_limits=quality_limits,
+            um_per_px=um_per_px,
+        )
+    except EdgeDxError:
+        session.close()
+        raise
     if verify:
         from edgedx.runtime.selftest import verify_session
 

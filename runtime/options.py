@@ -31,6 +31,10 @@ class DiagnoseOptions:
     images' results instead of writing a file (:func:`edgedx.runtime.diagnose.diagnose`
     returns them); ``watch`` makes a hot-folder run; ``engine="ray"`` runs still
     images on Ray Data. ``crop`` overrides the card's crop policy field by field.
+    ``quality`` "card" holds every image to the card's image-quality limits
+    (``quality_limits`` overrides them by name: ``{"focus_min": 3.0,
+    "brightness_range": (40, 220)}``), "off" diagnoses every image;
+    ``um_per_px`` is the images' physical scale (default: their TIFF tags).
     """
 
     model: Any = None  # str | Path | Model | None
@@ -57,6 +61,9 @@ class DiagnoseOptions:
     engine: str = "local"
     address: str | None = None  # --engine ray: the cluster
     verify: bool = False  # replay the artefact's self-test vectors here first; refuse it when they fail
+    quality: str = "card"  # card: the card's quality gate before diagnosis; off: none
+    quality_limits: Mapping[str, Any] | None = None  # overrides of the card's limits, by name (see quality.LIMIT_NAMES)
+    um_per_px: float | None = None  # the images' micrometres per pixel (else their TIFF tags; see runtime/scale.py)
 
     def __post_init__(self) -> None:
         for name in ("out", "overlays", "maps", "audit", "watch"):
@@ -80,6 +87,7 @@ class DiagnoseOptions:
         _check(self.reconnect >= 0, f"--reconnect must be 0 or more, got {self.reconnect}")
         _check(self.audit_names in AUDIT_NAMES, f"--audit-names must be path or hash, got {self.audit_names!r}")
         _check(not (self.resume and self.overwrite), "--resume continues the results file and --overwrite replaces it: give one of them")
+        self.check_gate()
         if self.engine == "local":
             _check(self.address is None, "--address names a Ray cluster: add --engine ray, or leave out --address")
         else:
@@ -93,6 +101,17 @@ class DiagnoseOptions:
             hint = "globs" if self.engine == "ray" else "globs, videos or camera:N (or use --watch FOLDER)"
             _check(bool(inputs), f"no inputs given; name image files, folders, {hint}")
         return self
+
+    def check_gate(self) -> None:
+        """--quality, --quality-limit and --um-per-px, before any model is read (the card's own limits come later)."""
+        from edgedx.runtime.quality import parse_limit
+        from edgedx.runtime.scale import check_um_per_px
+
+        _check(self.quality in ("card", "off"), f"--quality must be card or off, got {self.quality!r}")
+        for name, value in (self.quality_limits or {}).items():
+            parse_limit(name, value)
+        _check(not (self.quality == "off" and self.quality_limits), "--quality off turns the gate off: leave out --quality-limit, or --quality off")
+        check_um_per_px(self.um_per_px)
 
     def local_only_options(self) -> list[str]:
         """The options given that only the local engine has (Ray runs still images into shards)."""

@@ -33,8 +33,9 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -44,10 +45,13 @@ from edgedx.progress import ProgressFn, no_progress
 from edgedx.runtime.batch import DiagnoseSummary
 from edgedx.runtime.io.feeds import is_video_path, parse_stream_source
 from edgedx.runtime.io.inputs import expand_inputs
+from edgedx.runtime.gate import GateSettings, Prepared
+from edgedx.runtime.gate import prepare as gate_image
 from edgedx.runtime.model import CheckedSettings, Model, load_model, prefetched
 from edgedx.runtime.backends.session import is_engine_file, open_session
 from edgedx.runtime.outputs.guards import check_not_inputs, check_writable
 from edgedx.runtime.outputs.records import empty_record
+from edgedx.runtime.quality import MEASURES
 from edgedx.runtime.tiling import CropLayout, SlidingResult, TileBatcher, TileGrid, merge, split_tiles
 
 log = logging.getLogger(__name__)
@@ -84,6 +88,9 @@ def diagnose_ray(
     refer_band: tuple[float, float] | None = None,
     overwrite: bool = False,
     progress: ProgressFn = no_progress,
+    quality: str = "card",
+    quality_limits: Mapping[str, Any] | None = None,
+    um_per_px: float | None = None,
 ) -> DiagnoseSummary:
     """Diagnose still images on Ray Data; ``out`` becomes a folder of JSON Lines or Parquet shards.
 
@@ -97,6 +104,9 @@ def diagnose_ray(
     ``batch_size`` tiles go through the model per call; ``images_per_batch``
     images go to an actor at once. An existing non-empty ``out`` is refused
     unless ``overwrite``. Inputs, output and model are checked before Ray starts.
+    The read tasks apply the physical scale and the quality gate (``quality``,
+    ``quality_limits``, ``um_per_px``) as the local engine does: a rejected
+    image's tiles are never cut.
     """
     if isinstance(model, Model):
         raise InputError("--engine ray loads the model once in every actor: pass the model's file path, not a loaded Model")
@@ -108,7 +118,7 @@ def diagnose_ray(
         raise InputError(f"batch size and images per batch must be at least 1, got {batch_size} and {images_per_batch}")
     if actors is not None and actors < 1:
         raise InputError(f"--actors must be at least 1, got {actors}")
-    checked = _check_model(Path(model), batch_size, crop, refer_band)
+    card, checked = _check_model(Path(model), batch_size, crop, refer_band, GateRequest(quality, quality_limits, um_per_px))
     ray = _import_ray()
     start = time.perf_counter()
     progress("diagnose", 0, len(files))
@@ -120,7 +130,7 @@ def diagnose_ray(
         _check_resources(resources, n_actors, cpus_per_actor, gpus, strict=started)
         log.info("Ray: %d actor(s), %.2g CPU and %.2g GPU each; cluster %s", n_actors, cpus_per_actor, gpus, resources)
         with _quiet_data_context(ray):
-            records = _dataset(ray, files, checked, Path(model), n_actors, cpus_per_actor, gpus, batch_size, images_per_batch, device, resources)
+            records = _dataset(ray, files, card, checked, Path(model), n_actors, cpus_per_actor, gpus, batch_size, images_per_batch, device, resources)
             if fmt == "jsonl":
                 records.write_datasink(_jsonl_sink(str(out.resolve())))
             else:
@@ -131,11 +141,13 @@ def diagnose_ray(
     written = read_ray_records(out)
     _check_one_each(written, files, out)
     failed = sum(1 for r in written if r.get("error"))
-    labels: Counter[str] = Counter()
+    labels: Counter[str | None] = Counter()
     for record in written:
         label = record.get("label")
         if label is not None:
             labels.update(label if isinstance(label, list) else [label])
+        elif record.get("decision") == "reject":
+            labels[None] += 1  # as the local engine counts them: rejected by the quality gate
     seconds = time.perf_counter() - start
     progress("diagnose", len(files), len(files))
     log.info("diagnosed %d inputs on Ray (%d failed) in %.1fs → %s", len(files), failed, seconds, out)
@@ -197,8 +209,19 @@ def _check_out(out: Path, files: list[Path], folders: list[Path], overwrite: boo
     check_writable(out, "--out", is_folder=True)
 
 
-def _check_model(path: Path, batch_size: int, crop: CropPolicy | Mapping[str, Any] | None, refer_band: tuple[float, float] | None) -> CheckedSettings:
-    """The card, crop overrides and refer band checked on the driver, before Ray starts; no session kept."""
+class GateRequest(NamedTuple):
+    """The quality gate and scale asked for (checked against the card in :func:`_check_model`)."""
+
+    quality: str = "card"
+    limits: Mapping[str, Any] | None = None
+    um_per_px: float | None = None
+
+
+def _check_model(
+    path: Path, batch_size: int, crop: CropPolicy | Mapping[str, Any] | None, refer_band: tuple[float, float] | None,
+    gate: GateRequest = GateRequest(),
+) -> tuple[ModelCard, CheckedSettings]:
+    """The card, crop overrides, refer band and quality gate checked on the driver, before Ray starts; no session kept."""
     if is_engine_file(path):
         from edgedx.runtime.backends.trt_backend import read_sidecar
 
@@ -206,7 +229,10 @@ def _check_model(path: Path, batch_size: int, crop: CropPolicy | Mapping[str, An
     else:
         with open_session(path, "cpu", threads=1) as session:
             card = session.card
-    return CheckedSettings.check(card, batch_size=batch_size, crop=crop, refer_band=refer_band)
+    checked = CheckedSettings.check(
+        card, batch_size=batch_size, crop=crop, refer_band=refer_band, quality=gate.quality, quality_limits=gate.limits, um_per_px=gate.um_per_px,
+    )
+    return card, checked
 
 
 def _check_one_each(records: list[dict[str, Any]], files: list[Path], out: Path) -> None:
@@ -305,7 +331,7 @@ def _quiet_data_context(ray: Any) -> Iterator[None]:
 
 
 def _dataset(
-    ray: Any, files: list[Path], checked: CheckedSettings, model: Path, actors: int, cpus: float, gpus: float,
+    ray: Any, files: list[Path], card: ModelCard, checked: CheckedSettings, model: Path, actors: int, cpus: float, gpus: float,
     batch_size: int, images_per_batch: int, device: str, resources: Mapping[str, float],
 ) -> Any:
     """paths → (read + cut tiles: tasks) → (predict + merge + record: actors) as a lazy Ray dataset."""
@@ -315,7 +341,7 @@ def _dataset(
         ray.data.from_items(rows, override_num_blocks=blocks)
         # the memory a read holds (decoded image + tiles) caps reads per node, and, differing from the
         # actors' resources, keeps Ray from fusing the reads into them, where they would wait on inference
-        .map(read_and_cut, fn_kwargs={"policy": checked.crop}, memory=READ_TASK_MEMORY)
+        .map(read_and_cut, fn_kwargs={"policy": checked.crop, "card": card, "gate": checked.gate}, memory=READ_TASK_MEMORY)
         .map_batches(
             TileDiagnoser,
             fn_constructor_kwargs={
@@ -330,14 +356,21 @@ def _dataset(
 # -- stage 1: read and cut (a Ray task per block of paths) ------------------------------------
 
 
-def read_and_cut(row: dict[str, Any], policy: CropPolicy) -> dict[str, Any]:
-    """One input → its used tiles (uint8) with the grid, used mask and foreground, or its read error."""
+def read_and_cut(row: dict[str, Any], policy: CropPolicy, card: ModelCard | None = None, gate: GateSettings | None = None) -> dict[str, Any]:
+    """One input → its used tiles (uint8) with the grid, used mask and foreground, or its read error, or its
+    rejection by the quality gate (``card`` and ``gate``: the local engine's scale and gate, in the same order)."""
     name, path = row["input"], row["path"]
-    [(_, image, read_ms, digest)] = list(prefetched([(0, Path(path))], 0))  # the local engine's read path
+    judge = None if card is None or gate is None else partial(gate_image, card=card, policy=policy, settings=gate)
+    [(_, image, read_ms, digest)] = list(prefetched([(0, Path(path))], 0, judge))  # the local engine's read path
     started = time.perf_counter()
+    seen = image if isinstance(image, Prepared) else None
     try:
         if isinstance(image, BaseException):
             raise image
+        if seen is not None:
+            if seen.rejected:
+                return _rejected_row(name, seen, read_ms, digest or "", policy)
+            image = seen.image
         tiles, layout = cut_tiles(image, policy)
     except EdgeDxError as exc:
         return _error_row(name, str(exc).replace(path, name), read_ms, policy)
@@ -347,10 +380,35 @@ def read_and_cut(row: dict[str, Any], policy: CropPolicy) -> dict[str, Any]:
     grid = layout.grid
     return {
         "input": name, "error": "", "read_ms": read_ms, "cut_ms": (time.perf_counter() - started) * 1000, "sha256": digest or "",
-        "tiles": tiles, "used": layout.used, "foreground": layout.foreground.astype(np.float64),
+        "tiles": tiles, "used": layout.used, "foreground": layout.foreground.astype(np.float64), **_grid_fields(grid),
+        "fallback": layout.fallback, **_judged_fields(seen),
+    }
+
+
+def _grid_fields(grid: TileGrid) -> dict[str, Any]:
+    return {
         "height": grid.height, "width": grid.width, "row_starts": np.asarray(grid.row_starts, np.int64),
         "col_starts": np.asarray(grid.col_starts, np.int64), "source_size": np.asarray(grid.source_size, np.int64),
-        "fallback": layout.fallback,
+    }
+
+
+def _judged_fields(seen: Prepared | None, reasons: Sequence[str] = ()) -> dict[str, str]:
+    """The gate's verdict as JSON text (Arrow rows need one type per column whatever the measures)."""
+    return {
+        "quality": "" if seen is None else json.dumps(seen.quality), "scale": "" if seen is None else json.dumps(seen.scale),
+        "reject": json.dumps(list(reasons)) if reasons else "",
+    }
+
+
+def _rejected_row(name: str, seen: Prepared, read_ms: float, digest: str, policy: CropPolicy) -> dict[str, Any]:
+    """A rejected image: no tiles, the grid it would have had, the reasons."""
+    th, tw = policy.tile_size
+    assert seen.grid is not None
+    n = seen.grid.n_tiles
+    return {
+        "input": name, "error": "", "read_ms": read_ms, "cut_ms": 0.0, "sha256": digest, "tiles": np.zeros((0, th, tw, 3), np.uint8),
+        "used": np.zeros(n, bool), "foreground": np.ones(n), **_grid_fields(seen.grid), "fallback": False,
+        **_judged_fields(seen, seen.reasons),
     }
 
 
@@ -372,6 +430,7 @@ def _error_row(name: str, error: str, read_ms: float, policy: CropPolicy) -> dic
         "input": name, "error": error, "read_ms": read_ms, "cut_ms": 0.0, "sha256": "", "tiles": np.zeros((0, th, tw, 3), np.uint8),
         "used": np.zeros(0, bool), "foreground": np.zeros(0), "height": 0, "width": 0,
         "row_starts": empty_i, "col_starts": empty_i, "source_size": np.zeros(2, np.int64), "fallback": False,
+        **_judged_fields(None),
     }
 
 
@@ -391,7 +450,7 @@ class TileDiagnoser:
         import pyarrow as pa
 
         rows = [{k: batch[k][i] for k in batch} for i in range(len(batch["input"]))]
-        ok = [r for r in rows if not r["error"]]
+        ok = [r for r in rows if not r["error"] and not r["reject"]]
         started = time.perf_counter()
         probs = self._predict([r["tiles"] for r in ok])
         per_tile_ms = (time.perf_counter() - started) * 1000 / max(1, len(probs))
@@ -403,12 +462,7 @@ class TileDiagnoser:
             else:
                 n = len(row["tiles"])
                 timings = {"read": round(float(row["read_ms"]), 2), "diagnose": round(float(row["cut_ms"]) + n * per_tile_ms, 2)}
-                sliding = self._sliding(row, probs[offset : offset + n])
-                problem = self.model.content_problem(sliding)
-                if problem is not None:  # as the local engine: no result from an image that is nearly all padding
-                    record["error"] = problem
-                else:
-                    record.update(self.model.to_diagnosis(sliding, timings).to_record())
+                record.update(self._record(row, probs[offset : offset + n], timings))
                 record["input_sha256"] = str(row["sha256"]) or None  # the bytes the read task decoded
                 offset += n
             records.append(record)
@@ -421,15 +475,31 @@ class TileDiagnoser:
         tiles = np.concatenate([np.asarray(t, np.uint8) for t in tile_sets])
         return TileBatcher(self.model.predict_tiles, self.model.batch_size, pad_batches=self.model.pad_batches).predict_all(tiles)
 
+    def _record(self, row: Mapping[str, Any], probs: np.ndarray, timings: dict[str, float]) -> dict[str, Any]:
+        """The record's result fields, as the local engine makes them: a rejection, a refusal (too little content)
+        or the diagnosis with its scale and quality."""
+        quality, scale = (json.loads(row[k]) if row[k] else None for k in ("quality", "scale"))
+        if row["reject"]:
+            seen = Prepared(None, scale or {}, quality or {}, tuple(json.loads(row["reject"])), self._grid(row))
+            return self.model.rejection(seen, timings).to_record()
+        sliding = self._sliding(row, probs)
+        problem = self.model.content_problem(sliding)
+        if problem is not None:  # as the local engine: no result from an image that is nearly all padding
+            return {"error": problem}
+        return {**self.model.to_diagnosis(sliding, timings).to_record(), "quality": quality, "scale": scale}
+
+    def _grid(self, row: Mapping[str, Any]) -> TileGrid:
+        return TileGrid(
+            int(row["height"]), int(row["width"]), self.model.crop.tile_size,
+            tuple(int(v) for v in row["row_starts"]), tuple(int(v) for v in row["col_starts"]),
+            (int(row["source_size"][0]), int(row["source_size"][1])),
+        )
+
     def _sliding(self, row: Mapping[str, Any], probs: np.ndarray) -> SlidingResult:
         """The local engine's SlidingResult: all grid rows NaN but the used ones, merged by the runtime's merger."""
         card, policy = self.model.card, self.model.crop
         used = np.asarray(row["used"], bool)
-        grid = TileGrid(
-            int(row["height"]), int(row["width"]), policy.tile_size,
-            tuple(int(v) for v in row["row_starts"]), tuple(int(v) for v in row["col_starts"]),
-            (int(row["source_size"][0]), int(row["source_size"][1])),
-        )
+        grid = self._grid(row)
         tile_probs = np.full((grid.n_tiles, probs.shape[1]), np.nan)
         tile_probs[np.flatnonzero(used)] = probs
         layout = CropLayout(grid, used, np.asarray(row["foreground"], np.float64), bool(row["fallback"]))
@@ -451,6 +521,15 @@ def record_schema(card: ModelCard) -> Any:
         "n_crops": pa.int64(), "tiles_used": pa.int64(), "tiles_skipped": pa.int64(),
         "timings_ms": pa.struct([("read", pa.float64()), ("diagnose", pa.float64())]), "error": pa.string(),
         "input_sha256": pa.string(), "overlay": pa.string(), "tile_map": pa.string(), "threshold": pa.float64(), "rule": pa.string(),
+        "prediction_set": pa.list_(pa.string()), "crop_dispersion": pa.float64(),
+        "refer_reasons": pa.list_(pa.string()), "reject_reasons": pa.list_(pa.string()),
+        "quality": pa.struct(
+            [(m, pa.float64()) for m in MEASURES] + [("passed", pa.bool_()), ("gate", pa.string())]
+        ),
+        "scale": pa.struct([
+            ("image_um_per_px", pa.float64()), ("trained_um_per_px", pa.float64()), ("source", pa.string()),
+            ("factor", pa.float64()), ("note", pa.string()),
+        ]),
     }
     fields = list(empty_record(""))
     unknown = [k for k in fields if k not in types]

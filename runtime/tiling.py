@@ -24,6 +24,14 @@ images as it takes, so small images do not leave a GPU idle, and can pad the
 last batch so the model always sees one shape. Tiles are produced lazily: an
 in-memory image is resampled once and sliced; an :class:`ImageRegionSource`
 (a huge tiled TIFF) is read region by region and never decoded whole.
+
+Tiles move in blocks, not one by one: the splitter cuts a batch's worth of
+windows with one gather from a strided view of the resampled image, and the
+batcher hands each block's rows back in one call (per-tile Python was a third
+of a field's overhead). With ``prepare`` (the model's per-pixel preprocessing,
+see :func:`edgedx.runtime.preprocess.pixelwise`) an in-memory field whose crops
+overlap is preprocessed once and the crops are cut from the result, bit for bit
+what preprocessing each crop gives; ``predict`` then receives prepared batches.
 """
 
 from __future__ import annotations
@@ -37,13 +45,19 @@ from typing import Any, Protocol, runtime_checkable
 
 import cv2
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from edgedx.card import CropPolicy
 from edgedx.errors import ImageReadError
 from edgedx.runtime.foreground import estimate_background, foreground_fraction
 
 PredictFn = Callable[[np.ndarray], np.ndarray]
+# per-pixel preprocessing: (..., h, w, 3) uint8 → (..., C, h, w) model input, the same numbers for a field and a crop
+Prepare = Callable[[np.ndarray], np.ndarray]
+Deliver = Callable[[np.ndarray, np.ndarray], None]  # (grid indices, their rows of probabilities)
 _EPS = 1e-12
+# a field whose prepared copy (float32) would be larger is prepared batch by batch instead: memory stays bounded
+PREPARED_FIELD_BYTES = 64 << 20
 
 
 @runtime_checkable
@@ -96,6 +110,11 @@ class TileGrid:
     def positions(self) -> list[tuple[int, int]]:
         """Top-left (y, x) of every tile, row-major."""
         return [(y, x) for y in self.row_starts for x in self.col_starts]
+
+    def starts(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ys, xs): the top-left corners of every tile as two arrays, row-major (as :meth:`positions`)."""
+        rows, cols = np.asarray(self.row_starts, np.intp), np.asarray(self.col_starts, np.intp)
+        return np.repeat(rows, len(cols)), np.tile(cols, len(rows))
 
 
 def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
@@ -180,10 +199,18 @@ ImageInput = np.ndarray | ResampledImage | ImageRegionSource
 
 
 class _TileReader:
-    """Cuts the tiles of one image lazily: slices of the resampled array, or regions of a lazy source."""
+    """Cuts the tiles of one image: windows of the resampled array, or regions of a lazy source.
 
-    def __init__(self, image: ImageInput, policy: CropPolicy) -> None:
+    An in-memory image is cut with one gather per block from a strided view of
+    it (padded first when it is smaller than a tile: the only case with
+    padding, and padding the image pads each tile the same). With ``prepare``
+    and overlapping crops the field is preprocessed once (:data:`PREPARED_FIELD_BYTES`
+    at most) and the model's tiles are cut from that.
+    """
+
+    def __init__(self, image: ImageInput, policy: CropPolicy, prepare: Prepare | None = None) -> None:
         self.policy = policy
+        self.prepare = prepare
         self._source: ImageRegionSource | None = None
         if isinstance(image, ResampledImage):
             self.grid = plan_tiles(*image.source_size, policy)
@@ -202,14 +229,38 @@ class _TileReader:
             self._source = image
         # the image's own glass colour; a lazily read image uses the fixed rule instead
         self.background = estimate_background(self._scaled) if policy.min_foreground > 0 and self._scaled is not None else None
+        self._windows: np.ndarray | None = None  # (rows, cols, th, tw, C) view: the window at every pixel
+        self._prepared: np.ndarray | None = None  # (rows, cols, C', th, tw) view of the field prepared once
+        if self._scaled is not None:
+            (th, tw), grid = self.grid.tile, self.grid
+            whole = _pad(self._scaled, max(th, grid.height), max(tw, grid.width), policy)  # the same array unless smaller than a tile
+            self._windows = sliding_window_view(whole, (th, tw), axis=(0, 1)).transpose(0, 1, 3, 4, 2)
+            if prepare is not None and _prepare_whole(grid, policy):
+                self._prepared = np.moveaxis(sliding_window_view(prepare(whole), (th, tw), axis=(1, 2)), 0, 2)
 
     def tile(self, y: int, x: int) -> np.ndarray:
+        """One (th, tw, C) tile, padded as the policy says."""
+        if self._windows is not None:
+            return self._windows[y, x]
         th, tw = self.grid.tile
-        if self._scaled is not None:
-            window = self._scaled[y : y + th, x : x + tw]
-        else:
-            window = self._region(y, x, min(th, self.grid.height - y), min(tw, self.grid.width - x))
+        window = self._region(y, x, min(th, self.grid.height - y), min(tw, self.grid.width - x))
         return _pad(window, th, tw, self.policy)
+
+    def tiles(self, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        """(n, th, tw, C) uint8 tiles at (ys, xs): one gather in memory, region by region from a lazy source."""
+        if self._windows is not None:
+            return self._windows[ys, xs]
+        if not len(ys):
+            return np.zeros((0, *self.grid.tile, 3), np.uint8)
+        return np.stack([self.tile(int(y), int(x)) for y, x in zip(ys, xs)])
+
+    def model_tiles(self, ys: np.ndarray, xs: np.ndarray, raw: np.ndarray | None = None) -> np.ndarray:
+        """What ``predict`` takes for these tiles: cut from the prepared field, or the raw tiles (``raw`` if already
+        cut), prepared now when there is a ``prepare``."""
+        if self._prepared is not None:
+            return self._prepared[ys, xs]
+        raw = self.tiles(ys, xs) if raw is None else raw
+        return raw if self.prepare is None else self.prepare(raw)
 
     def _region(self, y: int, x: int, vh: int, vw: int) -> np.ndarray:
         """The source pixels behind scaled window (y, x, vh, vw), resampled to exactly (vh, vw)."""
@@ -239,60 +290,92 @@ def _check_resampled_size(grid: TileGrid, policy: CropPolicy) -> None:
         )
 
 
+def _prepare_whole(grid: TileGrid, policy: CropPolicy) -> bool:
+    """Preprocess the field once only where crops overlap (else each pixel is prepared once either way) and the
+    prepared copy stays within :data:`PREPARED_FIELD_BYTES`."""
+    overlapping = policy.stride[0] < grid.tile[0] or policy.stride[1] < grid.tile[1]
+    return overlapping and max(grid.height, grid.tile[0]) * max(grid.width, grid.tile[1]) * 3 * 4 <= PREPARED_FIELD_BYTES
+
+
 def content_fraction(layout: CropLayout) -> float:
     """Share of the predicted crops' pixels that are image, not padding (1.0 when every crop lies inside the image)."""
     grid = layout.grid
     th, tw = grid.tile
-    inside = [min(th, grid.height - y) * min(tw, grid.width - x) for k, (y, x) in enumerate(grid.positions()) if layout.used[k]]
-    return float(sum(inside)) / (len(inside) * th * tw) if inside else 0.0
+    ys, xs = grid.starts()
+    used = np.asarray(layout.used, bool)
+    inside = np.minimum(th, grid.height - ys[used]) * np.minimum(tw, grid.width - xs[used])
+    return float(inside.sum()) / (len(inside) * th * tw) if len(inside) else 0.0
 
 
 class ImageCrops:
     """The splitter: one image + a crop policy → its grid and the crops to predict, lazily.
 
-    Iterating yields ``(grid index, tile)`` for every tile with enough
-    foreground (all of them when the policy does not filter). If no tile has
-    enough, every tile is yielded after all (judging on every crop beats not
-    judging at all) and ``fallback`` is set. ``used`` and ``foreground`` are
-    complete once the iteration ends.
+    :meth:`blocks` yields ``(grid indices, tiles)`` for the tiles with enough
+    foreground (all of them when the policy does not filter), a block at a
+    time. If no tile has enough, every tile is yielded after all (judging on
+    every crop beats not judging at all) and ``fallback`` is set. ``used`` and
+    ``foreground`` are complete once the iteration ends. With ``prepare`` the
+    tiles are the model's prepared input (see :class:`_TileReader`), else RGB
+    uint8 (n, th, tw, 3).
     """
 
-    def __init__(self, image: ImageInput, policy: CropPolicy) -> None:
+    def __init__(self, image: ImageInput, policy: CropPolicy, prepare: Prepare | None = None) -> None:
         self.policy = policy
-        self._reader = _TileReader(image, policy)
+        self._reader = _TileReader(image, policy, prepare)
         self.grid = self._reader.grid
         self.used = np.zeros(self.grid.n_tiles, bool)
         self.foreground = np.ones(self.grid.n_tiles)
         self.fallback = False
 
-    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+    def blocks(self, size: int | Callable[[], int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(grid indices, tiles)`` in row-major order, at most ``size`` tiles per block (a callable: asked before each
+        block, so a batcher can have blocks that fill exactly the room left in its batch)."""
         grid, policy, reader = self.grid, self.policy, self._reader
-        for index, (y, x) in enumerate(grid.positions()):
-            tile = reader.tile(y, x)
-            if policy.min_foreground > 0:  # judged on the image's own pixels, never on edge padding
-                vh, vw = min(tile.shape[0], grid.height - y), min(tile.shape[1], grid.width - x)
-                self.foreground[index] = foreground_fraction(tile[None, :vh, :vw], reader.background)[0]
-                if self.foreground[index] < policy.min_foreground:
+        ys, xs = grid.starts()
+        # judged on the image's own pixels, never on edge padding: only an image smaller than a tile is padded
+        vh, vw = min(grid.tile[0], grid.height), min(grid.tile[1], grid.width)
+        for index in _ranges(grid.n_tiles, size):
+            raw = None
+            if policy.min_foreground > 0:
+                raw = reader.tiles(ys[index], xs[index])
+                self.foreground[index] = foreground_fraction(raw[:, :vh, :vw], reader.background)
+                keep = self.foreground[index] >= policy.min_foreground
+                index, raw = index[keep], raw[keep]
+                if not len(index):
                     continue
             self.used[index] = True
-            yield index, tile
+            yield index, reader.model_tiles(ys[index], xs[index], raw)
         if not self.used.any():
             self.fallback = True
             self.used[:] = True
-            for index, (y, x) in enumerate(grid.positions()):
-                yield index, reader.tile(y, x)
+            for index in _ranges(grid.n_tiles, size):
+                yield index, reader.model_tiles(ys[index], xs[index])
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        """``(grid index, tile)`` one at a time (the blocks of :meth:`blocks`, unpacked)."""
+        for index, tiles in self.blocks(256):
+            yield from zip(index.tolist(), tiles)
 
     def layout(self) -> CropLayout:
         """The splitter's decisions, once the crops have been iterated."""
         return CropLayout(self.grid, self.used, self.foreground, self.fallback)
 
 
+def _ranges(n: int, size: int | Callable[[], int]) -> Iterator[np.ndarray]:
+    """``arange(n)`` in consecutive pieces of ``size`` (or ``size()``, asked before each piece) elements."""
+    start = 0
+    while start < n:
+        step = max(1, size() if callable(size) else size)
+        yield np.arange(start, min(n, start + step))
+        start += step
+
+
 def split_tiles(image: ImageInput, policy: CropPolicy) -> tuple[np.ndarray, ImageCrops]:
     """All crops of one image to predict, stacked in grid order (tile ``k`` is at ``flatnonzero(used)[k]``)."""
     crops = ImageCrops(image, policy)
     th, tw = policy.tile_size
-    tiles = [tile for _, tile in crops]
-    return (np.stack(tiles) if tiles else np.zeros((0, th, tw, 3), np.uint8)), crops
+    tiles = [block for _, block in crops.blocks(256)]
+    return (np.concatenate(tiles) if tiles else np.zeros((0, th, tw, 3), np.uint8)), crops
 
 
 def iter_tile_batches(scaled: np.ndarray, grid: TileGrid, policy: CropPolicy, batch_size: int) -> Iterator[np.ndarray]:
@@ -307,10 +390,10 @@ def iter_tile_batches(scaled: np.ndarray, grid: TileGrid, policy: CropPolicy, ba
 class TileBatcher:
     """The batcher: fills model batches with tiles from any number of images and hands each row back.
 
-    ``add`` queues one tile for an owner; a full batch runs at once, ``flush``
-    runs a short one. With ``pad_batches`` a short batch is padded with blank
-    tiles to ``batch_size`` (GPU engines then never see a new shape): the one
-    place where batches are padded.
+    ``add`` queues a block of tiles for an owner, split across batches where it
+    does not fit; a full batch runs at once, ``flush`` runs a short one. With
+    ``pad_batches`` a short batch is padded with blank tiles to ``batch_size``
+    (GPU engines then never see a new shape): the one place where batches are padded.
     """
 
     def __init__(self, predict: PredictFn, batch_size: int, *, pad_batches: bool = False) -> None:
@@ -319,42 +402,53 @@ class TileBatcher:
         self.predict = predict
         self.batch_size = batch_size
         self.pad_batches = pad_batches
-        self._pending: list[tuple[Callable[[int, np.ndarray], None], int, np.ndarray]] = []
+        self._pending: list[tuple[Deliver, np.ndarray, np.ndarray]] = []
+        self._count = 0
 
     def __len__(self) -> int:
-        return len(self._pending)
+        """Tiles queued for the next batch."""
+        return self._count
 
-    def add(self, deliver: Callable[[int, np.ndarray], None], index: int, tile: np.ndarray) -> None:
-        """Queue ``tile``; ``deliver(index, probabilities)`` is called when its batch has run."""
-        self._pending.append((deliver, index, tile))
-        if len(self._pending) == self.batch_size:
-            self.flush()
+    @property
+    def room(self) -> int:
+        """Tiles the next batch still takes: a block of this size is predicted without being copied again."""
+        return self.batch_size - self._count
+
+    def add(self, deliver: Deliver, indices: np.ndarray, tiles: np.ndarray) -> None:
+        """Queue ``tiles`` (``indices`` name them to their owner); ``deliver(indices, probabilities)`` is called for
+        each part of the block, in order, as its batch runs."""
+        start = 0
+        while start < len(tiles):
+            take = min(self.room, len(tiles) - start)
+            self._pending.append((deliver, indices[start : start + take], tiles[start : start + take]))
+            self._count += take
+            start += take
+            if self._count == self.batch_size:
+                self.flush()
 
     def flush(self) -> None:
         if not self._pending:
             return
-        tiles = np.stack([t for _, _, t in self._pending])
+        parts = [t for _, _, t in self._pending]
+        tiles = parts[0] if len(parts) == 1 else np.concatenate(parts)
         n = len(tiles)
         if self.pad_batches and n < self.batch_size:
             tiles = np.concatenate([tiles, np.zeros((self.batch_size - n, *tiles.shape[1:]), tiles.dtype)])
         out = np.asarray(self.predict(tiles))
         if out.ndim != 2 or out.shape[0] != len(tiles):
             raise ValueError(f"predict returned shape {out.shape} for {len(tiles)} tiles; expected {len(tiles)} rows of class probabilities")
-        pending, self._pending = self._pending, []
-        for (deliver, index, _), row in zip(pending, out[:n]):
-            deliver(index, row)
+        pending, self._pending, self._count = self._pending, [], 0
+        at = 0
+        for deliver, indices, _ in pending:
+            deliver(indices, out[at : at + len(indices)])
+            at += len(indices)
 
     def predict_all(self, tiles: np.ndarray) -> np.ndarray:
         """(N, th, tw, 3) tiles → (N, C) rows, ``batch_size`` per model call (padded like any batch)."""
-        rows: list[np.ndarray | None] = [None] * len(tiles)
-
-        def keep(index: int, row: np.ndarray) -> None:
-            rows[index] = row
-
-        for index, tile in enumerate(tiles):
-            self.add(keep, index, tile)
+        rows: list[np.ndarray] = []
+        self.add(lambda _, block: rows.append(block), np.arange(len(tiles)), tiles)  # parts come back in order
         self.flush()
-        return np.stack(rows) if len(tiles) else np.zeros((0, 0))  # type: ignore[arg-type]
+        return np.concatenate(rows) if rows else np.zeros((0, 0))
 
 
 @dataclass(frozen=True)
@@ -494,12 +588,12 @@ class _Pending:
     def done(self) -> bool:
         return self.error is not None or (self.enqueued_all and self.outstanding == 0)
 
-    def receive(self, index: int, row: np.ndarray) -> None:
-        """A tile's probabilities, delivered by the batcher."""
+    def receive(self, indices: np.ndarray, rows: np.ndarray) -> None:
+        """Some tiles' probabilities, delivered by the batcher."""
         if self.probs is None:
-            self.probs = np.full((self.crops.grid.n_tiles, len(row)), np.nan)  # type: ignore[union-attr]
-        self.probs[index] = row
-        self.outstanding -= 1
+            self.probs = np.full((self.crops.grid.n_tiles, rows.shape[1]), np.nan)  # type: ignore[union-attr]
+        self.probs[indices] = rows
+        self.outstanding -= len(indices)
         if self.done:
             self.seconds = time.perf_counter() - self.started
 
@@ -524,6 +618,7 @@ def sliding_window_many(
     positive_index: int | None = None,
     pad_batches: bool = False,
     flush_each: bool = False,
+    prepare: Prepare | None = None,
 ) -> Iterator[SlidingOutcome]:
     """Sliding crops over a stream of images: split → batch → merge, with model batches filled across images.
 
@@ -534,7 +629,9 @@ def sliding_window_many(
     with blank tiles so the model only ever sees ``batch_size`` (GPU engines then
     never re-tune for a new shape). ``flush_each`` runs the batch at the end of
     every image, for live sources (a hot folder, a camera) where the next image
-    may be minutes away and a result must not wait for it.
+    may be minutes away and a result must not wait for it. ``prepare``: the
+    model's per-pixel preprocessing; ``predict`` then takes what it returns
+    (fields preprocessed once, see :class:`ImageCrops`) instead of uint8 tiles.
     """
     batcher = TileBatcher(predict, batch_size, pad_batches=pad_batches)
     queue: deque[_Pending] = deque()
@@ -555,16 +652,16 @@ def sliding_window_many(
             yield from finished()
             continue
         try:
-            crops = ImageCrops(image, policy)
+            crops = ImageCrops(image, policy, prepare)
         except ImageReadError as exc:  # e.g. a resampled size that cannot be allocated: this image only
             queue.append(_Pending(key, None, error=exc))
             yield from finished()
             continue
         state = _Pending(key, crops)
         queue.append(state)
-        for index, tile in state.crops:  # type: ignore[union-attr]
-            state.outstanding += 1
-            batcher.add(state.receive, index, tile)
+        for indices, tiles in crops.blocks(lambda: batcher.room):  # blocks that fill the batch: no copy to join them
+            state.outstanding += len(indices)
+            batcher.add(state.receive, indices, tiles)
         state.enqueued_all = True
         if flush_each:
             batcher.flush()
@@ -584,11 +681,12 @@ def sliding_window_predict(
     activation: str = "softmax",
     positive_index: int | None = None,
     pad_batches: bool = False,
+    prepare: Prepare | None = None,
 ) -> SlidingResult:
     """Split one image (H, W, 3) per ``policy``, run ``predict`` on tile batches, merge."""
     [outcome] = sliding_window_many(
         [(0, image)], predict, policy, batch_size=batch_size, activation=activation,
-        positive_index=positive_index, pad_batches=pad_batches,
+        positive_index=positive_index, pad_batches=pad_batches, prepare=prepare,
     )
     assert outcome.result is not None
     return outcome.result

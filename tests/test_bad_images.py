@@ -590,7 +590,9 @@ def test_batch_records_each_bad_file_and_goes_on(trained, tmp_path: Path, monkey
         write(folder, name, data)
     monkeypatch.setenv(MAX_PIXELS_ENV, "50000")  # fields are 12,288 pixels, huge.png 60,000
 
-    summary = diagnose_paths(inputs=[folder], model=trained.onnx, out=tmp_path / "out.jsonl")
+    # the gate is off: this test is about files that cannot be read; a synthetic field near the learned focus limit
+    # would be a reject (tested in test_quality_gate.py)
+    summary = diagnose_paths(inputs=[folder], model=trained.onnx, out=tmp_path / "out.jsonl", quality="off")
 
     records = read_records(tmp_path / "out.jsonl")
     by_name = {Path(r["input"]).name: r for r in records}

@@ -136,8 +136,8 @@ def test_diagnosis_beats_chance_on_unseen_tiles_and_csv(trained: Trained) -> Non
     lines = out.read_text().splitlines()
     assert lines[0] == (
         "input,label,decision,n_crops,tiles_used,tiles_skipped,read_ms,diagnose_ms,error,input_sha256,overlay,tile_map,"
-        "threshold,rule,"
-        "p_parasitized,p_uninfected"
+        "threshold,rule,prediction_set,crop_dispersion,refer_reasons,reject_reasons,quality_passed,quality_measures,"
+        "image_um_per_px,scale_factor,p_parasitized,p_uninfected"
     )
     predicted = [row.split(",")[1] for row in lines[1:]]  # still images: no empty frame/time_s columns
     accuracy = np.mean([p == CLASSES[y] for p, y in zip(predicted, labels)])

@@ -85,8 +85,16 @@ def test_the_result_is_plain_json(finetuned: tuple[Path, str, QatResult]) -> Non
 def test_one_step_line_per_epoch(run: Path, caplog: pytest.LogCaptureFixture) -> None:
     folder = run.parent.with_name("run copy")
     shutil.copytree(run.parent, folder)  # beside the run: split.json's paths are relative to its folder
-    with caplog.at_level(logging.INFO, logger=STEP_LOGGER):
-        result = quantisation_aware_finetune(folder / "model.pt", dataclasses.replace(QUICK, epochs=1, activations="int8-symmetric"))
+    steps = logging.getLogger(STEP_LOGGER)
+    propagate = steps.propagate  # the CLI stops step lines propagating (earlier CLI tests leave it so): listen directly
+    steps.propagate = False
+    steps.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger=STEP_LOGGER):
+            result = quantisation_aware_finetune(folder / "model.pt", dataclasses.replace(QUICK, epochs=1, activations="int8-symmetric"))
+    finally:
+        steps.removeHandler(caplog.handler)
+        steps.propagate = propagate
     lines = [r.getMessage() for r in caplog.records if r.name == STEP_LOGGER]
     assert len(lines) == 1 and lines[0].startswith("quantisation-aware epoch 1/1: train loss")
     assert result.checkpoint == folder / "model.qat.pt"

@@ -402,3 +402,95 @@ def test_batch_size_below_one_raises(batch_size: int) -> None:
 def test_non_3d_image_raises(shape: tuple[int, ...]) -> None:
     with pytest.raises(ValueError, match="image"):
         sliding_window_predict(np.zeros(shape, np.uint8), mean_intensity_model, make_card(32, 16).crop)
+
+
+# -- a field preprocessed once (runtime/preprocess.pixelwise) gives exactly the crops of per-crop preprocessing --
+
+
+def _prepare_for(card: ModelCard):  # noqa: ANN202  (the Model's own rule, without a session)
+    from edgedx.runtime.preprocess import preprocess_batch, preprocess_field
+
+    return lambda pixels: preprocess_field(pixels, card) if pixels.ndim == 3 else preprocess_batch(pixels, card)
+
+
+@pytest.mark.parametrize(
+    ("shape", "crop"),
+    [
+        ((97, 131), {"stride": (24, 20)}),  # odd field, non-default stride, last tiles flush with the far edge
+        ((97, 131), {"stride": (24, 20), "min_foreground": 0.3}),  # foreground filter: blocks with gaps
+        ((20, 131), {"stride": (32, 12), "padding": "reflect"}),  # smaller than a tile in one axis: padded
+        ((17, 23), {"stride": (16, 16), "padding": "constant", "pad_value": 7}),  # smaller in both
+    ],
+)
+@pytest.mark.parametrize("colour_order", ["RGB", "BGR"])
+def test_field_prepared_once_gives_the_crops_of_per_crop_preprocessing(shape: tuple[int, int], crop: dict, colour_order: str) -> None:
+    """Why: diagnose normalises a field once and cuts its overlapping crops from it instead of normalising each crop
+    (4x the work at stride half the tile); a result must not change by a bit, nor must the batches the model sees."""
+    import dataclasses
+
+    from edgedx.card import Normalization
+    from edgedx.runtime.preprocess import pixelwise, preprocess_batch
+    from edgedx.runtime.tiling import ImageCrops, split_tiles
+
+    card = dataclasses.replace(
+        make_card(32, **crop), colour_order=colour_order, normalization=Normalization(mean=(0.2, 0.5, 0.7), std=(0.3, 0.25, 0.2))
+    )
+    assert pixelwise(card, card.crop.tile_size)
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    image[: shape[0] // 2, : shape[1] // 3] = 235  # some pale background for the foreground filter
+    raw, raw_crops = split_tiles(image, card.crop)
+    expected = preprocess_batch(raw, card)
+    crops = ImageCrops(image, card.crop, _prepare_for(card))
+    blocks = list(crops.blocks(7))
+    assert crops._reader._prepared is not None  # the whole-field path, not the per-batch one
+    got = np.concatenate([tiles for _, tiles in blocks])
+    assert got.dtype == np.float32 and np.array_equal(got, expected)
+    np.testing.assert_array_equal(np.concatenate([i for i, _ in blocks]), np.flatnonzero(raw_crops.used))
+    np.testing.assert_array_equal(crops.used, raw_crops.used)
+    np.testing.assert_array_equal(crops.foreground, raw_crops.foreground)
+
+    seen: dict[str, list[np.ndarray]] = {"raw": [], "prepared": []}
+
+    def model(kind: str):  # noqa: ANN202
+        def predict(batch: np.ndarray) -> np.ndarray:
+            x = preprocess_batch(batch, card) if kind == "raw" else batch
+            seen[kind].append(x)
+            p = x.reshape(len(x), -1).mean(axis=1, dtype=np.float64)
+            p = 1.0 / (1.0 + np.exp(-p))
+            return np.stack([1 - p, p], axis=1)
+
+        return predict
+
+    per_crop = sliding_window_predict(image, model("raw"), card.crop, batch_size=5, positive_index=1)
+    once = sliding_window_predict(image, model("prepared"), card.crop, batch_size=5, positive_index=1, prepare=_prepare_for(card))
+    assert len(seen["raw"]) == len(seen["prepared"])
+    assert all(np.array_equal(a, b) for a, b in zip(seen["raw"], seen["prepared"]))  # the same batches, bit for bit
+    np.testing.assert_array_equal(once.tile_probabilities, per_crop.tile_probabilities)
+    np.testing.assert_array_equal(once.probabilities, per_crop.probabilities)
+
+
+def test_large_or_non_overlapping_fields_are_prepared_batch_by_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prepared field costs 12 bytes a pixel: above the bound (and where crops do not overlap, when it saves nothing)
+    each batch is prepared as it is cut; the numbers are the same either way."""
+    from edgedx.runtime import tiling
+    from edgedx.runtime.preprocess import preprocess_batch
+
+    card = make_card(32, (24, 20))
+    image = np.random.default_rng(2).integers(0, 256, (97, 131, 3), dtype=np.uint8)
+    whole = np.concatenate([t for _, t in tiling.ImageCrops(image, card.crop, _prepare_for(card)).blocks(9)])
+    monkeypatch.setattr(tiling, "PREPARED_FIELD_BYTES", 0)
+    crops = tiling.ImageCrops(image, card.crop, _prepare_for(card))
+    assert crops._reader._prepared is None
+    batched = np.concatenate([t for _, t in crops.blocks(9)])
+    assert np.array_equal(batched, whole)
+    from edgedx.runtime.io.sources import ArraySource  # a lazily read image: region by region, prepared per batch
+
+    lazy = np.concatenate([t for _, t in tiling.ImageCrops(ArraySource(image), card.crop, _prepare_for(card)).blocks(9)])
+    assert np.array_equal(lazy, whole)
+    flat = make_card(32, 32)
+    assert tiling.ImageCrops(image, flat.crop, _prepare_for(flat))._reader._prepared is None
+    assert np.array_equal(
+        np.concatenate([t for _, t in tiling.ImageCrops(image, flat.crop, _prepare_for(flat)).blocks(4)]),
+        preprocess_batch(tiling.split_tiles(image, flat.crop)[0], flat),
+    )

@@ -98,6 +98,7 @@ def build_card(config: TrainConfig, net: Network, data: RunData, setup: Trainabl
         normalization=normalization,
         output_activation="sigmoid" if task == "multilabel" else "softmax",
         crop=data.planned.policy,
+        um_per_px=config.um_per_px,
         provenance=Provenance(
             edgedx_version=edgedx.__version__,
             created_at=now_iso(),

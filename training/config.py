@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ MONITORS = ("balanced_accuracy", "auc", "accuracy", "loss")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "plateau")
 NORMALIZATIONS = ("imagenet", "per_image")
+CALIBRATIONS = ("temperature", "none")
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,10 @@ class TrainConfig:
     overwrite: bool = False  # start again in a run folder that already holds a run
     gradcam_samples: int = 8
     plots: bool = True
+    calibrate: str = "temperature"  # temperature scaling fitted on validation through the deployed merge, or none
+    coverage: float = 0.95  # split-conformal prediction sets hold the true class for this share of images (binary/multiclass)
+    quality_gate: bool = True  # image-quality limits from the training images go into the card
+    um_per_px: float | None = None  # the training images' physical scale, recorded in the card
 
     def __post_init__(self) -> None:
         if self.image_dir is not None:  # recorded in the card: export reloads the images from any directory
@@ -81,6 +87,10 @@ class TrainConfig:
             (0 < self.stride_fraction <= 1, f"stride fraction must be in (0, 1], got {self.stride_fraction}"),
             (self.device in ("auto", "cpu", "cuda"), f"unknown device {self.device!r}; choose auto, cpu or cuda"),
             (self.input_size is None or self.input_size >= 8, f"input size must be at least 8 pixels, got {self.input_size}"),
+            (self.calibrate in CALIBRATIONS, f"unknown calibration {self.calibrate!r}; choose {' or '.join(CALIBRATIONS)}"),
+            (0 < self.coverage < 1, f"coverage must be in (0, 1), got {self.coverage}"),
+            (self.um_per_px is None or (self.um_per_px > 0 and math.isfinite(self.um_per_px)),
+             f"micrometres per pixel (--um-per-px) must be a positive number, got {self.um_per_px}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -18,6 +18,7 @@ from torch import nn
 
 from edgedx.card import ModelCard
 from edgedx.runtime.outputs.plots import where_taken
+from edgedx.training.calibration import trust_lines
 from edgedx.training.data import RunData
 from edgedx.training.loop import Fitting
 from edgedx.training.losses import loss_shares
@@ -33,9 +34,10 @@ class Final:
 
     card: ModelCard
     operating: dict[str, Any]  # :func:`edgedx.training.threshold.operating_point`'s result
-    val_probs: np.ndarray
+    val_probs: np.ndarray  # calibrated, as the deployed model gives them
     warnings: list[str]
     report: dict[str, Any]  # the contents of metrics.json
+    val_uncalibrated: np.ndarray | None = None  # the network's own (the reliability diagram's "before")
 
 
 def run_summary(f: Fitting, final: Final) -> dict[str, Any]:
@@ -59,12 +61,24 @@ def run_summary(f: Fitting, final: Final) -> dict[str, Any]:
         "batch_norm": "synchronised" if ctx.synced_batchnorm else ("per process" if ctx.distributed else "single process"),
         "crop": {"policy": card.crop.describe(), "reason": data.planned.reason, "validated_as": "diagnose: sliding crops merged per image"},
         "warnings": final.warnings,
-        **({"test": headline(report["test"])} if "test" in report else {}),
+        "calibration": report.get("calibration"),
+        "abstention": report.get("abstention"),
+        "quality_limits": _quality_summary(card) if report.get("quality_gate") else None,
+        "um_per_px": card.um_per_px,
+        "trust_lines": trust_lines(report, report.get("test")) if "calibration" in report else [],
+        **({"test": {**headline(report["test"]), "trust": report["test"].get("trust")}} if "test" in report else {}),
     }
 
 
+def _quality_summary(card: ModelCard) -> dict[str, Any]:
+    """The card's quality limits without the percentile table (that stays in the card)."""
+    q = card.quality
+    return {"focus_min": q.focus_min, "clipped_max": q.clipped_max, "brightness_range": q.brightness_range,
+            "colour_range": q.colour_range, "min_short_side": q.min_short_side, "n_images": q.reference.get("n_images")}
+
+
 def write_plots(folder: Path, history: list[dict[str, Any]], y: np.ndarray, final: Final, monitor: str) -> None:
-    """Learning curves, ROC with the operating point, confusion matrix and the six-metric radar."""
+    """Learning curves, ROC with the operating point, confusion matrix, the six-metric radar and reliability."""
     from edgedx.runtime.outputs import plots
 
     card, probs = final.card, final.val_probs
@@ -87,6 +101,23 @@ def write_plots(folder: Path, history: list[dict[str, Any]], y: np.ndarray, fina
         plots.plot_confusion_matrix(metrics["confusion"], card.class_names, folder / "confusion_matrix.png", where=where)
         six = plots.six_metrics(metrics, card.positive_class)
     plots.plot_radar(six, folder / "radar.png", title=f"{card.arch}, validation", where=where)
+    if final.val_uncalibrated is not None:
+        _plot_reliability(folder, y, final)
+
+
+def _plot_reliability(folder: Path, y: np.ndarray, final: Final) -> None:
+    """Reliability before and after the temperature, on the validation images it was fitted on (and titled so)."""
+    from edgedx.runtime.outputs import plots
+    from edgedx.runtime.trust import reliability
+
+    card, before = final.card, final.val_uncalibrated
+    assert before is not None
+    pos = card.positive_index
+    plots.plot_reliability(
+        reliability(before, y, card.task, pos), reliability(final.val_probs, y, card.task, pos), folder / "reliability.png",
+        **plots.reliability_labels(card.task, card.positive_class), where="validation, fitted on it",
+        calibrated=card.calibration.method != "none",
+    )
 
 
 def write_gradcam(folder: Path, model: nn.Module, data: RunData, card: ModelCard, n: int) -> list[Path]:

@@ -21,7 +21,7 @@ reference scripts::
     build     network, transfer set-up and losses, card, optimiser  edgedx.training.build
     resume    a fresh state or last.pt                          edgedx.training.resume
     epochs    train_one_epoch, evaluate, early stopping         edgedx.training.loop
-    threshold the operating point on validation data            edgedx.training.threshold
+    calibrate temperature, threshold, abstention, quality limits  edgedx.training.calibration, .threshold
     write     model.pt, metrics.json, card.json, summary.json   edgedx.training.run, .report
 
 :func:`train` is the one entry point: one run, cross-validation or the
@@ -46,10 +46,11 @@ from edgedx.errors import InputError  # noqa: E402
 from edgedx.progress import ProgressFn, no_progress  # noqa: E402
 from edgedx.training import distributed  # noqa: E402
 from edgedx.training.build import build_card, build_model, build_optimizer, prepare_training, resolve_device  # noqa: E402
+from edgedx.training.calibration import fit_card, held_out, trust_lines  # noqa: E402
 from edgedx.training.checkpoint import save_checkpoint  # noqa: E402
 from edgedx.training.config import TrainConfig  # noqa: E402
 from edgedx.training.data import build_data, load_data, pick_positive_class  # noqa: E402
-from edgedx.training.loop import Fitting, epoch_line, evaluate, fit, seed_dropout  # noqa: E402
+from edgedx.training.loop import Fitting, epoch_line, fit, seed_dropout  # noqa: E402
 from edgedx.training.models import check_arch  # noqa: E402
 from edgedx.training.report import Final, run_summary, write_gradcam, write_plots  # noqa: E402
 from edgedx.training.resume import RunState, start_or_resume  # noqa: E402
@@ -168,20 +169,23 @@ def _train(
 
 
 def _choose_threshold(f: Fitting, state: RunState) -> Final:
-    """The best epoch's weights, scored on validation: the operating threshold, the final card, the test split."""
+    """The best epoch's weights on validation: temperature, operating threshold on the calibrated probabilities,
+    abstention rules and quality limits (:mod:`edgedx.training.calibration`); then the test split."""
     f.model.load_state_dict(state.best_state)
-    data, config = f.data, f.config
-    _, val_probs = evaluate(f, data.val_idx)
-    operating = operating_point(data.targets[data.val_idx], val_probs, f.card, config.target_sensitivity)
-    card = f.card.replace(threshold=operating["threshold"], metrics={"split": "val", "epoch": state.best_epoch, **operating["card_metrics"]})
-    warnings = quality_warnings(operating, card)
+    fitted = fit_card(f, state.best_epoch)
+    card, operating = fitted.card, fitted.operating
+    warnings = quality_warnings(operating, card) + list(fitted.warnings)
+    report: dict[str, Any] = {
+        "best_epoch": state.best_epoch, "stopped_early": state.stopped_early, "val": operating["metrics"], **fitted.fitted, "history": state.history,
+    }
+    test = held_out(f, card)
+    if test is not None:
+        report["test"] = test
+    for line in trust_lines(fitted.fitted, test) if f.ctx.is_main else ():
+        log.info("%s", line)
     for warning in warnings if f.ctx.is_main else ():
         log.warning("%s", warning)
-    report: dict[str, Any] = {"best_epoch": state.best_epoch, "stopped_early": state.stopped_early, "val": operating["metrics"], "history": state.history}
-    if len(data.test_idx):
-        _, test_probs = evaluate(f, data.test_idx, card)
-        report["test"] = score(data.targets[data.test_idx], test_probs, card, threshold=card.threshold)
-    return Final(card, operating, val_probs, warnings, report)
+    return Final(card, operating, fitted.val_probs, warnings, report, fitted.val_uncalibrated)
 
 
 def _write_run(f: Fitting, state: RunState, final: Final) -> TrainResult:

@@ -21,6 +21,7 @@ from torch import nn
 
 from edgedx.card import ModelCard
 from edgedx.errors import EdgeDxError, InputError
+from edgedx.runtime.fitting import CropLogits, crop_logits
 from edgedx.runtime.model import Model
 
 _EPS = 1e-12
@@ -81,14 +82,33 @@ def predict_resampled(
 ) -> np.ndarray:
     """(len(idx), C) merged probabilities of training images (kept resampled, so nothing can fail to read)."""
     _, probs, failed = diagnose_probabilities(model, card, ((k, images[int(i)]) for k, i in enumerate(idx)), batch_size=batch_size, device=device)
+    _refuse(failed, len(idx))
+    return probs
+
+
+def resampled_crop_logits(
+    model: nn.Module, card: ModelCard, images: Sequence[Any], idx: np.ndarray, *, batch_size: int, device: torch.device | str
+) -> CropLogits:
+    """Each training image's crop logits, split as ``diagnose`` splits it, with ``model`` as the engine.
+
+    Why logits and not probabilities: the temperature and the abstention rules
+    are fitted by recomputing the merged probabilities for many temperatures;
+    the model runs once and :func:`edgedx.runtime.fitting.merged_probabilities`
+    does the rest, with the runtime's own merge.
+    """
+    session = TorchSession(model, card, device)
+    crops = crop_logits(session.run, card, ((k, images[int(i)]) for k, i in enumerate(idx)), batch_size=batch_size)
+    _refuse(list(crops.failed), len(idx))
+    return crops
+
+
+def _refuse(failed: list[tuple[Hashable, EdgeDxError]], n: int) -> None:
+    """Training has no --min-content: say what to change here, not at diagnose time."""
     if failed:
-        error = failed[0][1]
-        # training has no --min-content: say what to change here, not at diagnose time
         raise InputError(
-            f"validation images would be refused when diagnosed ({error}); {len(failed)} of {len(idx)} are. "
+            f"validation images would be refused when diagnosed ({failed[0][1]}); {len(failed)} of {n} are. "
             "Train with a smaller --input-size or another --crop, or remove images far smaller than the input"
         )
-    return probs
 
 
 def as_logits(probs: np.ndarray, activation: str) -> torch.Tensor:

@@ -20,6 +20,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 import stat
 import struct
 from collections.abc import Iterator
@@ -528,6 +529,64 @@ def _tiff_size(data: np.ndarray, path: Path | None) -> tuple[int, int] | None:
             return int(page.imagewidth), int(page.imagelength)
     except Exception:  # noqa: BLE001 - any parse failure of a garbled header: let the decoder decide
         return None
+
+
+# -- physical scale -------------------------------------------------------------------------
+_UM_PER_UNIT = {2: 25_400.0, 3: 10_000.0}  # TIFF ResolutionUnit: 2 inch, 3 centimetre (1: none, no physical size)
+
+
+def tiff_um_per_px(path: str | Path) -> float | None:
+    """Micrometres per pixel from a TIFF's tags, or None when the file does not say (or is not a TIFF).
+
+    Why the tags: a scanner or slide scanner writes its sampling there, and the
+    runtime resamples the image so objects have the size they had in training
+    (:mod:`edgedx.runtime.scale`). XResolution/YResolution are pixels per
+    ResolutionUnit (inch: µm/px = 25400 / dpi; centimetre: 10000 / ppcm); a
+    unit of "none" gives no physical size. An Aperio ``MPP = x`` in the image
+    description is used first (whole-slide scans state it there). Only the IFD
+    is read, never the pixels.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            if f.read(4) not in _TIFF_MAGICS:
+                return None
+        import tifffile
+
+        with tifffile.TiffFile(str(path)) as tif:
+            page = tif.pages[0]
+            return _aperio_mpp(page) or _resolution_um(page)
+    except Exception as exc:  # noqa: BLE001 - a garbled IFD: the scale is unknown, the decoder reports the damage
+        log.debug("%s: no resolution read from the TIFF tags (%s)", path, exc)
+        return None
+
+
+def _aperio_mpp(page: Any) -> float | None:
+    """``MPP = 0.2520`` in an Aperio SVS description (micrometres per pixel at full resolution)."""
+    found = re.search(r"\bMPP\s*=\s*([0-9]*\.?[0-9]+)", str(getattr(page, "description", "") or ""))
+    value = float(found.group(1)) if found else 0.0
+    return value if value > 0 else None
+
+
+def _resolution_um(page: Any) -> float | None:
+    """µm/px from XResolution, YResolution and ResolutionUnit; the mean of the two when they differ (logged)."""
+    tags = page.tags
+    unit_tag = tags.get("ResolutionUnit")
+    unit = int(unit_tag.value) if unit_tag is not None else 2  # the TIFF default is inch
+    per_unit = _UM_PER_UNIT.get(unit)
+    values = []
+    for name in ("XResolution", "YResolution"):
+        tag = tags.get(name)
+        if tag is None:
+            continue
+        num, den = tag.value if isinstance(tag.value, tuple) else (tag.value, 1)
+        if num and den and float(num) / float(den) > 0:
+            values.append(float(num) / float(den))
+    if per_unit is None or not values:
+        return None
+    if max(values) > 1.01 * min(values):
+        log.warning("TIFF pixels are not square (%s per unit); using their mean resolution", " × ".join(f"{v:g}" for v in values))
+    return per_unit / (sum(values) / len(values))
 
 
 # -- pixels ---------------------------------------------------------------------------------

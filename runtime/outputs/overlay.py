@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
 from edgedx.errors import InputError
 from edgedx.runtime.tiling import SlidingResult, coverage_map
+
+if TYPE_CHECKING:
+    from edgedx.card import ModelCard
+    from edgedx.runtime.model import Diagnosis
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +32,9 @@ MIN_WIDTH = 200  # narrower images are padded on the right so the caption, note 
 MIN_CROPS_FOR_MAP = 3  # one or two kept crops give a flat colour, not a map
 MARK = (255, 255, 255)  # the threshold mark: pure white never occurs in JET, so it always stands out
 NOTE = (255, 220, 0)  # the "no map" note, yellow on the black banner
+REJECTED = (255, 90, 90)  # a rejected image's reasons, red on the black banner
+# OpenCV's Hershey fonts draw only ASCII: the reasons' typography in plain letters
+_ASCII = str.maketrans({"–": "-", "—": "-", "≥": ">=", "≤": "<=", "×": "x", "µ": "u", "→": "->", "σ": "sigma", "…": "..."})
 
 
 @dataclass(frozen=True)
@@ -157,3 +166,44 @@ def render_overlay(
         shown = np.pad(shown, ((0, 0), (0, width - shown.shape[1]), (0, 0)))
     banner = _banner(width, image.shape[0], caption, note)
     return np.vstack([banner, shown, colour_bar(width, threshold=threshold, label=scale_label)])
+
+
+def ascii_text(text: str) -> str:
+    """``text`` as the Hershey fonts can draw it (en dashes, ≥, µ… spelt in ASCII; anything else becomes '?')."""
+    return text.translate(_ASCII).encode("ascii", "replace").decode("ascii")
+
+
+def render_rejection(image: np.ndarray, reasons: Sequence[str]) -> np.ndarray:
+    """A rejected image: the image as it is under a banner that says it was not diagnosed and why, one reason per
+    line (wrapped to the width); no heat map and no colour bar, because no probability exists to show."""
+    shown = np.ascontiguousarray(image, dtype=np.uint8)
+    width = max(MIN_WIDTH, shown.shape[1])
+    if width > shown.shape[1]:
+        shown = np.pad(shown, ((0, 0), (0, width - shown.shape[1]), (0, 0)))
+    line_h = max(18, image.shape[0] // 16)
+    scale = line_h / 30.0
+    rows = [(text, (255, 255, 255)) for text in _wrap("REJECTED by the quality gate - not diagnosed", width - 8, scale)]
+    for reason in reasons:
+        rows += [(text, REJECTED) for text in _wrap(ascii_text(reason), width - 8, scale)]
+    banner = np.zeros((line_h * len(rows), width, 3), np.uint8)
+    for k, (text, colour) in enumerate(rows):
+        cv2.putText(banner, text, (4, k * line_h + int(line_h * 0.75)), FONT, scale, colour, 1, cv2.LINE_AA)
+    return np.vstack([banner, shown])
+
+
+def diagnosis_overlay(image: np.ndarray, result: Diagnosis, card: ModelCard, *, weighting: str = "none") -> np.ndarray:
+    """The overlay of one result: a rejected image's banner of reasons (:func:`render_rejection`); else the heat map
+    of the positive class (binary) or of the most probable class, captioned with the decision, that class's
+    probability and the threshold the decision was taken at (marked on the colour bar; none for argmax)."""
+    if result.rejected:
+        return render_rejection(image, result.reject_reasons)
+    probs = result.probabilities
+    index = card.positive_index if card.task == "binary" else card.class_names.index(max(probs, key=probs.__getitem__))
+    name = card.class_names[index]  # type: ignore[index]
+    label = result.decision if result.decision is not None else result.label
+    caption = f"{', '.join(label) if isinstance(label, list) else label}  p({name})={probs[name]:.2f}"
+    if result.threshold is not None:
+        caption += f"  threshold {result.threshold:.2f}"
+    return render_overlay(
+        image, result.sliding, index, ascii_text(caption), weighting=weighting, threshold=result.threshold, scale_label=f"p({name})",
+    )

@@ -1,4 +1,4 @@
-"""PNG plots of a training run and of diagnostic metrics: learning curves, ROC, confusion matrix, radar.
+"""PNG plots of a training run and of diagnostic metrics: learning curves, ROC, confusion matrix, radar, reliability.
 
 Every plot is drawn with matplotlib's object-oriented API on its own Agg canvas:
 no pyplot, no change to the global backend, no figure left registered anywhere.
@@ -34,7 +34,9 @@ __all__ = [
     "plot_confusion_matrix",
     "plot_learning_curves",
     "plot_radar",
+    "plot_reliability",
     "plot_roc",
+    "reliability_labels",
     "six_metrics",
     "threshold_text",
     "where_taken",
@@ -482,3 +484,66 @@ def six_metrics(metrics_dict: dict, positive: str | None) -> dict[str, float | N
         defined = [v for v in (_number(stats.get(k)) for stats in per_class.values()) if v is not None]
         out[k] = float(np.mean(defined)) if defined else None
     return out
+
+
+# --------------------------------------------------------------------------- #
+# Reliability
+# --------------------------------------------------------------------------- #
+
+
+def reliability_labels(task: str, positive_class: str | None) -> dict[str, str]:
+    """What a reliability diagram bins and what it observes, in words (the choice of
+    :func:`edgedx.runtime.trust.reliability`): ``subject`` and ``observed`` for :func:`plot_reliability`."""
+    if task == "binary":
+        return {"subject": f"p({positive_class})", "observed": f"observed share {positive_class}"}
+    if task == "multiclass":
+        return {"subject": "the top class's probability", "observed": "observed share right"}
+    return {"subject": "every label's probability", "observed": "observed share present"}
+
+
+def _bins(rows: Sequence[dict[str, float]], name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """(confidence, observed, count, ECE) of reliability rows, checked."""
+    try:
+        conf = np.asarray([float(r["confidence"]) for r in rows])
+        seen = np.asarray([float(r["observed"]) for r in rows])
+        n = np.asarray([int(r["n"]) for r in rows])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{name} must be reliability rows with confidence, observed and n (edgedx.runtime.trust.reliability)") from None
+    if not len(rows) or n.sum() <= 0:
+        raise ValueError(f"{name} has no images: nothing to plot")
+    return conf, seen, n, float(np.sum(n * np.abs(seen - conf)) / n.sum())
+
+
+def plot_reliability(
+    before: Sequence[dict[str, float]], after: Sequence[dict[str, float]], path: Path, *,
+    subject: str = "confidence", observed: str = "observed share right", where: str = "", calibrated: bool = True,
+) -> Path:
+    """Reliability diagram: in each confidence bin, the share that was right (observed) against the mean
+    probability given, for the network's own probabilities (before) and with the card's temperature (after,
+    as deployed). On the diagonal a probability means what it says; marker area grows with the bin's count.
+
+    ``calibrated`` False (the card has no temperature) draws one series. ``where``
+    says which images ("validation, fitted on it", "test"): a curve on the images
+    the temperature was fitted on flatters it.
+    """
+    series = [("network's own (before)", before, "tab:orange"), ("with the card's temperature (after)", after, "tab:blue")]
+    if not calibrated:
+        series = [("network's own (no temperature on the card)", after, "tab:blue")]
+    fig = _new_figure(5.0, 4.6)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=1, label="perfect calibration")
+    total = 0
+    for label, rows, colour in series:
+        conf, seen, n, ece = _bins(rows, label)
+        total = int(n.sum())
+        ax.plot(conf, seen, color=colour, linewidth=1.5, label=f"{label}: ECE {ece:.3f}")
+        ax.scatter(conf, seen, s=12 + 180 * n / n.max(), color=colour, alpha=0.7, edgecolors="black", linewidths=0.5, zorder=4)
+    ax.set_title(_with_where(f"Reliability of {subject} (n={total})", where), fontsize=10)
+    ax.set_xlabel(f"mean {subject} in the bin")
+    ax.set_ylabel(observed)
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_aspect("equal")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", framealpha=0.6)
+    return _save(fig, path)

@@ -26,6 +26,8 @@ FORMATS = {".jsonl": "jsonl", ".csv": "csv"}
 CSV_COLUMNS = (
     "input", "frame", "time_s", "label", "decision", "n_crops", "tiles_used", "tiles_skipped",
     "read_ms", "diagnose_ms", "error", "input_sha256", "overlay", "tile_map", "threshold", "rule",
+    "prediction_set", "crop_dispersion", "refer_reasons", "reject_reasons", "quality_passed", "quality_measures",
+    "image_um_per_px", "scale_factor",
 )
 FRAME_COLUMNS = ("frame", "time_s")  # only when a video or camera is among the inputs: still images have no frame
 
@@ -46,6 +48,10 @@ def empty_record(input_name: str) -> dict[str, Any]:
         "input_sha256": None,  # the version of the file that was diagnosed (a rewritten file is diagnosed again)
         "overlay": None, "tile_map": None,  # file names of this input's outputs, when written
         "threshold": None, "rule": None,  # the operating threshold and the decision in words
+        # why a result went to a person ("refer") or was never diagnosed ("reject"; label and probabilities null)
+        "prediction_set": None, "crop_dispersion": None, "refer_reasons": None, "reject_reasons": None,
+        "quality": None,  # the quality gate's measures, "passed" (true/false, null when off) and "gate"
+        "scale": None,  # image and trained µm/px, where the image's came from, the factor applied, a note
     }
 
 
@@ -98,12 +104,21 @@ class RecordWriter:
     def _row(self, record: dict[str, Any]) -> list[Any]:
         probs = record.get("probabilities") or {}
         timings = record.get("timings_ms") or {}
+        quality = record.get("quality") or {}
+        scale = record.get("scale") or {}
         row = {
             **{k: record.get(k) for k in CSV_COLUMNS},
             "label": _cell(record.get("label")),
             "decision": _cell(record.get("decision")),
             "read_ms": timings.get("read"),
             "diagnose_ms": timings.get("diagnose"),
+            "prediction_set": _cell(record.get("prediction_set")),
+            "refer_reasons": _reasons(record.get("refer_reasons")),
+            "reject_reasons": _reasons(record.get("reject_reasons")),
+            "quality_passed": quality.get("passed"),
+            "quality_measures": "; ".join(f"{k}={v:g}" for k, v in quality.items() if isinstance(v, (int, float)) and not isinstance(v, bool)) or None,
+            "image_um_per_px": scale.get("image_um_per_px"),
+            "scale_factor": scale.get("factor"),
         }
         return [("" if row[k] is None else csv_text(row[k])) for k in self.columns] + [probs.get(n, "") for n in self.class_names]
 
@@ -130,6 +145,11 @@ def _header_columns(path: Path, default: tuple[str, ...]) -> tuple[str, ...]:
 
 def _cell(value: Any) -> Any:
     return ";".join(value) if isinstance(value, list) else value
+
+
+def _reasons(value: Any) -> str | None:
+    """Reasons in one cell, "; " between them (a reason may hold commas: "prediction set {a, b}"); None when none."""
+    return "; ".join(value) if value else None
 
 
 def record_key(name: str, path: str | Path) -> str:

@@ -2,8 +2,10 @@
 
 Self-contained HTML (plots embedded as PNG data), no scripts, printable. It
 leads with the intended use from the card, then the headline numbers with 95%
-intervals at the operating threshold, the confusion matrix, ROC and radar, and
-the misclassified images with thumbnails (also in ``misclassified.csv``).
+intervals at the operating threshold, the confusion matrix, ROC and radar,
+calibration (ECE, Brier, reliability before and after the card's temperature),
+prediction-set coverage, refer and reject counts, and the misclassified images
+with thumbnails (also in ``misclassified.csv``).
 Every table and plot title says where its numbers were taken ("at threshold
 0.31", "at argmax"): a sensitivity without its threshold cannot be checked.
 """
@@ -43,8 +45,8 @@ def write_evaluation(
     out: Path, report: EvaluationReport, card: ModelCard, truth: np.ndarray, probs: np.ndarray,
     *, thumbnails: Sequence[Path | np.ndarray] = (),
 ) -> dict[str, Path]:
-    """``evaluation.json``, ``misclassified.csv``, ``roc.png``, ``confusion_matrix.png``, ``radar.png`` and
-    ``report.html`` in ``out``. ``thumbnails`` are the images of ``report.misclassified``, in its order."""
+    """``evaluation.json``, ``misclassified.csv``, ``roc.png``, ``confusion_matrix.png``, ``radar.png``,
+    ``reliability.png`` and ``report.html`` in ``out``. ``thumbnails`` are the images of ``report.misclassified``, in its order."""
     out.mkdir(parents=True, exist_ok=True)
     written = {"json": out / "evaluation.json"}
     written["json"].write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
@@ -62,6 +64,12 @@ def write_evaluation(
         written["confusion"] = plots.plot_confusion_matrix(m["confusion"], card.class_names, out / "confusion_matrix.png", where=where)
         radar_title = card.positive_class if binary else "macro mean over classes"
         written["radar"] = plots.plot_radar(plots.six_metrics(m, card.positive_class), out / "radar.png", title=radar_title or "", where=where)
+        if report.calibration:
+            cal = report.calibration
+            written["reliability"] = plots.plot_reliability(
+                cal["before"]["reliability"], cal["after"]["reliability"], out / "reliability.png",
+                **plots.reliability_labels(card.task, card.positive_class), where="this data", calibrated=cal["method"] != "none",
+            )
     except MissingDependencyError:
         pass  # the HTML still carries every number; plots need 'edgedx[plots]'
     written["html"] = out / "report.html"
@@ -135,6 +143,40 @@ def misclassified_section(report: EvaluationReport, card: ModelCard, thumbnails:
     )
 
 
+def trust_section(report: EvaluationReport, where: str) -> str:
+    """Calibration before → after, prediction-set coverage, refer and reject: whether a probability and a "refer"
+    on this page can be taken at their word."""
+    e = html.escape
+    cal, ab = report.calibration, report.abstention
+
+    def fmt(v: Any) -> str:
+        return "—" if v is None else f"{v:.3f}"
+
+    parts = ["<h2>Calibration and referral</h2>"]
+    if cal:
+        temps = ", ".join(f"{t:.3g}" for t in cal["temperature"]) or "none on the card"
+        rows = "".join(f"<tr><td>{k}</td><td>{fmt(cal['before'][k])}</td><td>{fmt(cal['after'][k])}</td></tr>" for k in ("ece", "brier"))
+        parts.append(
+            f"<p>Temperature {e(temps)}. Before: the network's own probabilities; after: as deployed (lower is better; ECE over 10 bins).</p>"
+            f"<table><tr><th>metric</th><th>before</th><th>after</th></tr>{rows}</table>"
+        )
+    if ab:
+        if ab.get("empirical_coverage") is not None:
+            target = "none on the card" if ab["coverage_target"] is None else f"{ab['coverage_target']:.0%}"
+            parts.append(f"<p>Prediction sets hold the true class for {ab['empirical_coverage']:.1%} of {ab['n_with_sets']} images "
+                         f"(target {e(target)}, mean set size {ab['mean_set_size']:.2f}).</p>")
+        keys = [k for k in ("accuracy", "sensitivity", "specificity") if k in ab["all"]]
+        rows = "".join(f"<tr><td>{k}</td><td>{fmt(ab['not_referred'][k])}</td><td>{fmt(ab['all'][k])}</td></tr>" for k in keys)
+        reasons = ", ".join(f"{e(r)}: {n}" for r, n in ab["refer_reasons"].items())
+        parts.append(
+            f"<p>Referred to a person: {ab['n_referred']} of {ab['all']['n']}{f' ({reasons})' if reasons else ''}.</p>"
+            f"<table><tr><th>{e(where)}</th><th>not referred (n={ab['not_referred']['n']})</th><th>all (n={ab['all']['n']})</th></tr>{rows}</table>"
+        )
+    if report.rejected:
+        parts.append(f"<p class=warn>{len(report.rejected)} image(s) rejected by the image-quality gate are not scored (listed in evaluation.json).</p>")
+    return "\n".join(parts) if len(parts) > 1 else ""
+
+
 def render_html(report: EvaluationReport, card: ModelCard, files: dict[str, Path], *, thumbnails: Sequence[Path | np.ndarray] = ()) -> str:
     """The page; every table heading says where its numbers were taken (:func:`where_taken`)."""
     m = report.metrics
@@ -168,7 +210,7 @@ def render_html(report: EvaluationReport, card: ModelCard, files: dict[str, Path
     )
     images = "".join(
         f'<img class=plot alt="{e(key)}" src="data:image/png;base64,{base64.b64encode(files[key].read_bytes()).decode()}">'
-        for key in ("roc", "confusion", "radar")
+        for key in ("roc", "confusion", "radar", "reliability")
         if key in files
     )
     if not binary:
@@ -192,6 +234,7 @@ Operating threshold: {threshold}{f" for '{e(card.positive_class)}'" if binary an
 <h2>Confusion matrix, {e(where)} (rows: truth, columns: model)</h2>
 <table><tr><th></th>{header}</tr>{confusion}</table>
 {images}
+{trust_section(report, where)}
 {misclassified_section(report, card, thumbnails, where)}
 <p><small>Model card schema {card.schema_version}, created {e(card.provenance.created_at)} by EdgeDx {e(card.provenance.edgedx_version)}.</small></p>
 </body></html>

@@ -66,9 +66,9 @@ from edgedx.runtime.io.manifest import ManifestLayout
 from edgedx.runtime.model import Model, load_model, resolve_model_path
 from edgedx.runtime.preprocess import model_input, to_probabilities
 from edgedx.runtime.selftest import SELFTEST_KEY, SelfTestReport, SelfTestVectors, verify_artefact
-from edgedx.runtime.tiling import aggregate
+from edgedx.runtime.fitting import crop_dispersions, merged_probabilities, with_temperature
 from edgedx.runtime.trust import (
-    T_RANGE, brier_score, conformal_qhat, crop_dispersion, dispersion_limit, expected_calibration_error, fit_temperature,
+    T_RANGE, brier_score, conformal_qhat, dispersion_limit, expected_calibration_error, fit_temperature,
     prediction_set,
 )
 from edgedx.training.threshold import margin_threshold
@@ -297,29 +297,14 @@ def raw_logits(probabilities: np.ndarray, card: ModelCard, width: int) -> np.nda
     return z * temperature_of(card)
 
 
-def tempered(card: ModelCard, temperature: Sequence[float]) -> ModelCard:
-    """``card`` with another temperature (what the probabilities would be under it)."""
-    return card.replace(calibration=Calibration("temperature", tuple(float(t) for t in temperature)))
-
-
 def image_probabilities(logits: list[np.ndarray], card: ModelCard, policy: CropPolicy, temperature: Sequence[float]) -> np.ndarray:
-    """(N, C) merged probabilities at ``temperature``: each crop through the card's activation, then the policy's
-    aggregation, as ``diagnose`` computes them with that temperature in the card."""
-    counts = np.asarray([len(z) for z in logits])
-    tiles = to_probabilities(np.concatenate(logits), tempered(card, temperature))
-    if policy.aggregation == "mean":
-        return np.add.reduceat(tiles, np.concatenate([[0], np.cumsum(counts)[:-1]]), axis=0) / counts[:, None]
-    pos = card.positive_index if card.task == "binary" else None
-    parts = np.split(tiles, np.cumsum(counts)[:-1])
-    return np.stack([aggregate(part, policy, activation=card.output_activation, positive_index=pos) for part in parts])
+    """(N, C) merged probabilities as ``diagnose`` computes them with ``temperature`` in the card."""
+    return merged_probabilities(logits, with_temperature(card, temperature), policy)
 
 
 def dispersions(logits: list[np.ndarray], card: ModelCard, temperature: Sequence[float]) -> np.ndarray:
-    """Each image's crop disagreement (:func:`crop_dispersion`) at ``temperature``; NaN for a one-crop image, which
-    cannot disagree with itself and must not pull the limit down (as training fits it)."""
-    scaled = tempered(card, temperature)
-    index = card.positive_index if card.task == "binary" else None
-    return np.asarray([crop_dispersion(to_probabilities(z, scaled), index) if len(z) > 1 else np.nan for z in logits], np.float64)
+    """Each image's crop disagreement at ``temperature`` (NaN for a one-crop image, as training fits the limit)."""
+    return crop_dispersions(logits, with_temperature(card, temperature))
 
 
 def checked_holdout(site: SiteOutputs, options: RecalibrateOptions) -> float:

@@ -228,10 +228,12 @@ def dispersion_index(card: ModelCard) -> int | None:
     return card.positive_index if card.task == "binary" else None
 
 
-def crop_dispersions(crops: CropLogits, card: ModelCard) -> np.ndarray:
-    """Each image's crop dispersion with ``card``'s calibrated crop probabilities; NaN for a single-crop image."""
+def crop_dispersions(crops: CropLogits | Sequence[np.ndarray], card: ModelCard) -> np.ndarray:
+    """Each image's crop dispersion with ``card``'s calibrated crop probabilities; NaN for a single-crop image,
+    which cannot disagree with itself and must not pull the limit down."""
     index = dispersion_index(card)
-    return np.asarray([crop_dispersion(to_probabilities(z, card), index) if len(z) > 1 else np.nan for z in crops.logits], np.float64)
+    logits = crops.logits if isinstance(crops, CropLogits) else crops
+    return np.asarray([crop_dispersion(to_probabilities(z, card), index) if len(z) > 1 else np.nan for z in logits], np.float64)
 
 
 def fit_abstention(

@@ -7,7 +7,6 @@ classes: the mean RGB shares), so every set and dispersion below is known in adv
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,34 +15,10 @@ import pytest
 from edgedx.card import Abstention, Calibration, CropPolicy, ModelCard, Provenance
 from edgedx.runtime.model import Model
 from edgedx.runtime.trust import crop_dispersion
+from fakes import RedLevelSession as ColourSession
 
 TILE = 16
 PROVENANCE = Provenance(edgedx_version="0", created_at="2026-01-01T00:00:00+00:00")
-
-
-class ColourSession:
-    """Binary: p(positive) = mean red / 256 of each crop; three classes: the mean RGB shares. Log-probabilities out."""
-
-    path = Path("fake.onnx")
-    sha256 = None
-    device = "cpu"
-    providers = ("fake",)
-    precision = "fp32"
-    pads_batches = False
-    selftest = None
-
-    def __init__(self, card: ModelCard) -> None:
-        self.card = card
-
-    def close(self) -> None:
-        pass
-
-    def run(self, x: np.ndarray) -> np.ndarray:
-        rgb = x.reshape(len(x), -1, 3).mean(axis=1) + 1.0
-        if self.card.n_classes == 2:
-            p = np.clip(rgb[:, 0] / 256.0, 1e-4, 1 - 1e-4)
-            return np.log(np.stack([1 - p, p], axis=1))
-        return np.log(rgb / rgb.sum(axis=1, keepdims=True))
 
 
 def card(task: str = "binary", **changes: Any) -> ModelCard:

@@ -25,6 +25,7 @@ from edgedx.runtime.outputs import report_html
 from edgedx.runtime.io.image_io import write_image
 from edgedx.runtime.model import Model
 from edgedx.runtime.tiling import SlidingResult, plan_tiles
+from fakes import RedLevelSession
 
 PROVENANCE = Provenance(edgedx_version="0", created_at="2026-01-01T00:00:00+00:00")
 TILE = 32
@@ -113,34 +114,6 @@ def test_no_threshold_means_no_mark_and_a_bad_one_is_refused() -> None:
 
 
 # -- evaluate: misclassified images ----------------------------------------------------------------
-
-
-class RedLevelSession:
-    """A fake inference session: p(positive class) = mean red / 255 of each crop (binary), or the mean RGB
-    shares (three classes); returned as log-probabilities, which the card's softmax turns back into them."""
-
-    path = Path("fake model.onnx")
-    sha256 = None
-    device = "cpu"
-    providers = ("fake",)
-    precision = "fp32"
-    pads_batches = False
-    selftest = None
-
-    def __init__(self, card: ModelCard) -> None:
-        self.card = card
-
-    def close(self) -> None:
-        pass
-
-    def run(self, x: np.ndarray) -> np.ndarray:
-        rgb = x.reshape(len(x), -1, 3).mean(axis=1) + 1.0
-        if self.card.n_classes == 2:
-            p = np.clip(rgb[:, 0] / 256.0, 1e-4, 1 - 1e-4)
-            probs = np.stack([1 - p, p], axis=1) if self.card.positive_index == 1 else np.stack([p, 1 - p], axis=1)
-        else:
-            probs = rgb / rgb.sum(axis=1, keepdims=True)
-        return np.log(probs)
 
 
 def card(task: str = "binary", **changes: Any) -> ModelCard:

@@ -29,35 +29,11 @@ from edgedx.runtime.outputs.records import read_records
 from edgedx.runtime.quality import LIMIT_NAMES, measure_quality, quality_limits
 from edgedx.runtime.scale import model_view
 from edgedx.synthetic import render_field
+from fakes import RedLevelSession as RedSession
 
 TILE = 32
 POLICY = CropPolicy(tile_size=(TILE, TILE), stride=(TILE, TILE))
 PROVENANCE = Provenance(edgedx_version="0", created_at="2026-01-01T00:00:00+00:00")
-
-
-class RedSession:
-    """A fake engine: p(positive) = mean red / 256 of each crop (binary, positive class second); counts crops."""
-
-    path = Path("fake model.onnx")
-    sha256 = None
-    device = "cpu"
-    providers = ("fake",)
-    precision = "fp32"
-    pads_batches = False
-    selftest = None
-
-    def __init__(self, card: ModelCard) -> None:
-        self.card = card
-        self.crops = 0
-
-    def close(self) -> None:
-        pass
-
-    def run(self, x: np.ndarray) -> np.ndarray:
-        self.crops += len(x)
-        red = x.reshape(len(x), -1, 3).mean(axis=1)[:, 0] / 256.0
-        p = np.clip(red, 1e-4, 1 - 1e-4)
-        return np.log(np.stack([1 - p, p], axis=1))
 
 
 def field(seed: int, height: int = 96, width: int = 128) -> np.ndarray:

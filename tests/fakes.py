@@ -1,0 +1,40 @@
+"""Fake inference sessions for runtime tests: answers that follow the image, so a test knows what to expect."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgedx.card import ModelCard
+
+
+class RedLevelSession:
+    """A fake inference session (uint8 NHWC crops): p(positive class) = (mean red + 1) / 256 of each crop (binary),
+    or the mean RGB shares (three classes); returned as log-probabilities, which the card's softmax turns back into
+    them. Counts the crops it was given (``crops``)."""
+
+    path = Path("fake model.onnx")
+    sha256 = None
+    device = "cpu"
+    providers = ("fake",)
+    precision = "fp32"
+    pads_batches = False
+    selftest = None
+
+    def __init__(self, card: ModelCard) -> None:
+        self.card = card
+        self.crops = 0
+
+    def close(self) -> None:
+        pass
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        self.crops += len(x)
+        rgb = x.reshape(len(x), -1, 3).mean(axis=1) + 1.0
+        if self.card.n_classes == 2:
+            p = np.clip(rgb[:, 0] / 256.0, 1e-4, 1 - 1e-4)
+            probs = np.stack([1 - p, p], axis=1) if self.card.positive_index == 1 else np.stack([p, 1 - p], axis=1)
+        else:
+            probs = rgb / rgb.sum(axis=1, keepdims=True)
+        return np.log(probs)

@@ -26,8 +26,9 @@ from typing import Any, Literal, Union
 
 from edgedx.errors import CardError
 
-SCHEMA_VERSION = 4  # 2: crop padding modes, aggregations, top_k, centre weighting, foreground filter; 3: crop modes;
-# 4: calibration, abstention, image-quality limits, physical scale, lineage
+SCHEMA_VERSION = 5  # 2: crop padding modes, aggregations, top_k, centre weighting, foreground filter; 3: crop modes;
+# 4: calibration, abstention, image-quality limits, physical scale, lineage; 5: test-time augmentation, fold ensembles,
+# where the threshold came from and how sure it is
 ONNX_METADATA_KEY = "edgedx.card"
 SIDECAR_SUFFIX = ".card.json"
 
@@ -42,6 +43,9 @@ Aggregation = Literal["mean", "mean_logits", "max", "top_k_mean", "noisy_or"]
 CentreWeighting = Literal["none", "gaussian"]
 CropMode = Literal["fit", "shorter_side", "scale"]
 CROP_MODES: tuple[str, ...] = ("fit", "shorter_side", "scale")
+# test-time views of each crop, besides the crop itself: flips and quarter turns (the last two need square crops)
+TTA_VIEWS: tuple[str, ...] = ("hflip", "vflip", "rot180", "rot90", "rot270")
+ThresholdSource = Literal["unknown", "validation", "out_of_fold", "site", "manual"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -123,6 +127,7 @@ class CropPolicy:
     mode: CropMode = "scale"
     shorter_side: int | None = None
     min_content: float = 0.05
+    tta: tuple[str, ...] = ()  # test-time views (TTA_VIEWS) whose logits are averaged with the crop's own: see runtime/tta.py
 
     def __post_init__(self) -> None:
         for name in ("tile_size", "stride"):
@@ -157,15 +162,30 @@ class CropPolicy:
             raise CardError(f"model card field 'crop.shorter_side' is only used with crop.mode 'shorter_side' (mode is {self.mode!r}); set it to null")
         if self.mode != "scale" and self.scale != 1.0:
             raise CardError(f"model card field 'crop.scale' is only used with crop.mode 'scale' (mode is {self.mode!r}); set it to 1")
+        self._check_tta()
+
+    def _check_tta(self) -> None:
+        unknown = [v for v in self.tta if v not in TTA_VIEWS]
+        if unknown:
+            raise CardError(f"model card field 'crop.tta' has unknown view {unknown[0]!r}; use any of {list(TTA_VIEWS)}")
+        if len(set(self.tta)) != len(self.tta):
+            raise CardError(f"model card field 'crop.tta' lists a view twice: {list(self.tta)}")
+        quarter = [v for v in self.tta if v in ("rot90", "rot270")]
+        if quarter and self.tile_size[0] != self.tile_size[1]:
+            raise CardError(
+                f"model card field 'crop.tta' view {quarter[0]!r} turns a {self.tile_size[0]}×{self.tile_size[1]} crop on its side; "
+                "quarter turns need square crops: drop it or use hflip, vflip, rot180"
+            )
 
     def describe(self) -> str:
         """The resampling rule in words, for summaries and errors."""
+        views = f"; test-time views: {', '.join(self.tta)}" if self.tta else ""
         if self.mode == "fit":
-            return f"fit: whole image resized to {self.tile_size[0]}×{self.tile_size[1]}"
+            return f"fit: whole image resized to {self.tile_size[0]}×{self.tile_size[1]}{views}"
         stride = f"{self.tile_size[0]}×{self.tile_size[1]} crops every {self.stride[0]}×{self.stride[1]} px"
         if self.mode == "shorter_side":
-            return f"shorter_side: shorter side resized to {self.shorter_side} px, {stride}"
-        return f"scale: resampled by {self.scale:g}, {stride}"
+            return f"shorter_side: shorter side resized to {self.shorter_side} px, {stride}{views}"
+        return f"scale: resampled by {self.scale:g}, {stride}{views}"
 
 
 @dataclass(frozen=True)
@@ -241,6 +261,48 @@ class QualityLimits:
 
 
 @dataclass(frozen=True)
+class Ensemble:
+    """A model that is the average of several trained networks (the K fold models of a cross-validation).
+
+    ``members`` 1 is a single network. With more, the artefact's output is built
+    so that the card's activation gives the members' averaged calibrated
+    probabilities (``combine`` "mean_probability"); ``fitted_on`` names the
+    member runs, their folds and temperatures.
+    """
+
+    members: int = 1
+    combine: Literal["none", "mean_probability"] = "none"
+    fitted_on: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if int(self.members) != self.members or self.members < 1:
+            raise CardError(f"model card field 'ensemble.members' must be a positive integer, got {self.members}")
+        if (self.members > 1) != (self.combine != "none"):
+            raise CardError(
+                f"model card field 'ensemble.combine' is {self.combine!r} with {self.members} member(s); "
+                "one network combines 'none', several 'mean_probability'"
+            )
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    """Where the operating threshold came from and how sure it is.
+
+    ``source``: ``validation`` (one run's validation split), ``out_of_fold``
+    (every training image, each predicted by the fold model that did not train
+    on it), ``site`` (``edgedx recalibrate``), ``manual``, or ``unknown`` (cards
+    older than schema 5). ``interval``: a bootstrap 95% interval of the
+    threshold itself. ``fitted_on``: counts of positives and negatives,
+    sensitivity and specificity with their intervals, the alternatives (0.5, the
+    Youden point) and any warning in words.
+    """
+
+    source: ThresholdSource = "unknown"
+    interval: tuple[float, float] | None = None
+    fitted_on: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ModelCard:
     """Everything a stage needs to use a model correctly; see the module docstring."""
 
@@ -263,6 +325,8 @@ class ModelCard:
     abstention: Abstention = field(default_factory=Abstention)
     quality: QualityLimits = field(default_factory=QualityLimits)
     um_per_px: float | None = None  # the training images' physical scale (micrometres per pixel); None: not known
+    ensemble: Ensemble = field(default_factory=Ensemble)
+    threshold_choice: ThresholdChoice = field(default_factory=ThresholdChoice)
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -391,6 +455,14 @@ _ADDED_IN = {
             "um_per_px": None,
         },
         "provenance": {"lineage": []},
+    },
+    # before 5 no card averaged test-time views or several networks, and none said where its threshold came from
+    5: {
+        "": {
+            "ensemble": {"members": 1, "combine": "none", "fitted_on": {}},
+            "threshold_choice": {"source": "unknown", "interval": None, "fitted_on": {}},
+        },
+        "crop": {"tta": []},
     },
 }
 

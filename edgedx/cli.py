@@ -139,6 +139,7 @@ def train(
     backbone_lr_factor: Annotated[Optional[float], typer.Option(help="Pretrained layers' lr = lr x this (default 0.1 when pretrained).")] = None,
     imbalance: Annotated[str, typer.Option(help="weighted (class-weighted loss), sampler (balanced sampling) or none.")] = "weighted",
     augment: Annotated[str, typer.Option(help="Augmentation preset: dermoscopy, microscopy, xray, oct or none.")] = "none",
+    tta: Annotated[str, typer.Option(help="Test-time views averaged with each crop: off, modality (flips/rotations the --augmentation preset allows; none for chest X-rays), or a list like hflip,vflip.")] = "off",
     normalization: Annotated[str, typer.Option(help="imagenet (the architecture's mean/std) or per_image standardisation.")] = "imagenet",
     monitor: Annotated[str, typer.Option(help="Validation metric that picks the best epoch: balanced_accuracy, auc, accuracy or loss.")] = "balanced_accuracy",
     patience: Annotated[Optional[int], typer.Option(help="Stop after this many epochs without improvement.")] = None,
@@ -160,24 +161,26 @@ def train(
     strict: Annotated[bool, typer.Option(help="Fail on an unreadable image instead of skipping it.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last.pt.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start again in an --out that already holds a run (its checkpoints are replaced).")] = False,
-    folds: Annotated[Optional[int], typer.Option(help="Patient-level k-fold cross-validation: one run per fold, mean ± sd.")] = None,
+    folds: Annotated[Optional[int], typer.Option(help="Patient-level k-fold cross-validation: epoch and threshold chosen out of fold, the source's val/test split (or --test-fraction) held out, the fold models averaged into RUN_DIR/ensemble.pt.")] = None,
+    epoch_selection: Annotated[str, typer.Option(help="auto (out_of_fold with --folds, else the run's best validation epoch), per_run, or out_of_fold.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed for the split, initialisation and augmentation.")] = 0,
     nproc: Annotated[int, typer.Option(help="Data-parallel processes (DDP: gloo on CPU, one GPU each with nccl); --batch-size stays the global batch.")] = 1,
 ) -> None:
     """Fine-tune a classifier on labelled images; writes RUN_DIR/model.pt with its model card."""
     _must_exist(data, "training data", "an ImageFolder, a CSV manifest or a .npz")  # before torch loads (seconds)
-    from edgedx.training.train import CV_METRICS, CrossValidationResult, TrainConfig
+    from edgedx.training.train import CrossValidationResult, TrainConfig
     from edgedx.training.train import train as run_train
 
     config = TrainConfig(
         arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, schedule=schedule,
         input_size=input_size, crop=crop, weights=weights, strategy=strategy, backbone_lr_factor=backbone_lr_factor,
-        imbalance=imbalance, augmentation=augment, normalization=normalization, monitor=monitor, patience=patience,
+        imbalance=imbalance, augmentation=augment, tta=tta, normalization=normalization, monitor=monitor, patience=patience,
         target_sensitivity=target_sensitivity, calibrate=calibrate, coverage=coverage, quality_gate=quality_gate, um_per_px=um_per_px,
         val_fraction=val_fraction, test_fraction=test_fraction,
         positive_class=positive_class, label_column=label_column, label_columns=_split_names(labels),
         path_column=path_column, image_dir=str(image_dir) if image_dir else None, suffix=suffix,
         class_names=_split_names(class_names), device=device, strict=strict, resume=resume, overwrite=overwrite, seed=seed,
+        epoch_selection=epoch_selection,
     )
     # --nproc > 1: the launched processes log their epoch lines; a live bar here would draw over them
     with (progress_bar() if nproc == 1 else nullcontext(no_progress)) as progress:
@@ -185,12 +188,42 @@ def train(
     if result is None:  # another rank of a torchrun job: rank 0 reports
         return
     if isinstance(result, CrossValidationResult):
-        for key in CV_METRICS:
-            if result.summary.get(key):
-                console.print(f"{key}: {result.summary[key]['mean']:.3f} ± {result.summary[key]['sd']:.3f} over {folds} folds")
-        console.print(f"per-fold runs and cv_summary.json: {Path(out)}")
+        _print_cross_validation(result.summary, folds or 0, Path(out))
         return
     _print_run(result, Path(out))
+
+
+def threshold_lines(statement: dict[str, Any]) -> list[str]:
+    """The shipped threshold in words: its source, the counts and interval behind it, and the costly-target warning."""
+    if statement.get("threshold") is None or statement.get("positive_class") is None:
+        return []
+    line = f"threshold {statement['threshold']:.3g} for {statement['positive_class']} (chosen on: {statement['source'].replace('_', '-')}"
+    if statement.get("n_positive") is not None:
+        line += f", {statement['n_positive']} positives / {statement['n_negative']} negatives"
+    if statement.get("interval"):
+        low, high = statement["interval"]
+        line += f"; 95% interval of the threshold {low:.3g}–{high:.3g}"
+    lines = [line + ")"]
+    if statement.get("warning"):
+        lines.append(f"warning: {statement['warning']}")
+    return lines
+
+
+def _print_cross_validation(summary: dict[str, Any], folds: int, out: Path) -> None:
+    """Each fold's mean ± sd, then what was chosen out of fold (labelled as selection), the held-out result, warnings."""
+    from edgedx.training.oof import summary_lines
+    from edgedx.training.train import CV_METRICS
+
+    for key in CV_METRICS:
+        if summary.get(key):
+            console.print(f"{key}: {summary[key]['mean']:.3f} ± {summary[key]['sd']:.3f} over {folds} folds (each fold's own validation)")
+    for line in summary_lines(summary):
+        console.print(line)
+    for warning in summary.get("warnings", []):
+        console.print(f"warning: {warning}", style="yellow")
+    console.print(f"per-fold runs and cv_summary.json: {out}")
+    if summary.get("ensemble"):
+        console.print(f"next: edgedx export {out} --out EXPORT_DIR  (the {folds} fold models as one verified ONNX)")
 
 
 def _print_run(result: Any, out: Path) -> None:
@@ -289,7 +322,7 @@ def _batch_range(text: str) -> tuple[int, int, int]:
 
 @app.command()
 def export(
-    checkpoint: Annotated[Path, typer.Argument(help="An EdgeDx checkpoint (model.pt from edgedx train).")],
+    checkpoint: Annotated[Path, typer.Argument(help="An EdgeDx checkpoint (model.pt from edgedx train), or a cross-validation folder (edgedx train --folds K): its fold models are exported as one ensemble averaging their probabilities.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the artefacts and export_report.json.")],
     precision: Annotated[
         str, typer.Option(help="Comma-separated: fp32, fp16, int8 (fp32 is always built as the reference).")
@@ -322,10 +355,11 @@ def export(
     qat_epochs: Annotated[int, typer.Option(help="Quantisation-aware fine-tuning before int8, for when keeping layers float is not enough: N epochs on the run's training split (writes RUN/MODEL.qat.pt; 0: off).")] = 0,
 ) -> None:
     """Export to ONNX (and ORT, TensorRT) with batch norm folded, the card embedded and every artefact verified against PyTorch."""
-    _must_exist(checkpoint, "checkpoint", "the model.pt that edgedx train wrote")
+    _must_exist(checkpoint, "checkpoint", "the model.pt that edgedx train wrote, or the folder edgedx train --folds K wrote")
     for option, folder in (("--calibration", calibration), ("--verify-data", verify_data)):
         if folder is not None:
             _must_exist(folder, f"{option} folder", "a folder of images")
+    from edgedx.export.ensemble import export_folds, is_cv_folder
     from edgedx.export.pipeline import ExportOptions, export_checkpoint
     from edgedx.export.precision import parse_precisions
 
@@ -338,7 +372,10 @@ def export(
         int8_target=int8_target, qat_epochs=qat_epochs,
     )
     with progress_bar() as progress:
-        report = export_checkpoint(checkpoint, out, options, progress=progress)
+        if is_cv_folder(checkpoint):  # the fold models, averaged into one verified artefact
+            report = export_folds(checkpoint, out, options, progress=progress)
+        else:
+            report = export_checkpoint(checkpoint, out, options, progress=progress)
     for artefact in report.artefacts:
         console.print(artefact_line(report.path_of(artefact), artefact))
         if "int8" in artefact:
@@ -354,6 +391,8 @@ def export(
         f"{verification['n_real']} real, {verification['n_labelled']} labelled: {verification['source']})"
     )
     console.print(f"report: {report.report_path}")
+    for line in threshold_lines(report.data.get("threshold") or {}):
+        console.print(line, style="yellow" if line.startswith("warning") else None)
     for row in report.data.get("recommendations") or ():
         console.print(f"ship to {row['target']}: {row['file'] or '—'} ({row['why']})")
     if report.bundle_path is not None:
@@ -660,11 +699,13 @@ def bench(
         table.add_column(col, justify="left" if left else "right", no_wrap=not quality, overflow="fold", min_width=11 if quality else None)
     for r in report.rows:
         table.add_row(
-            r.artefact, r.precision, r.device, f"{r.size_mb:.1f}",
+            r.artefact + (f" ×{r.members}" if r.members > 1 else ""), r.precision, r.device, f"{r.size_mb:.1f}",
             _quality(r.parity, r.accuracy), str(r.batch_size), f"{r.p50_ms:.2f}", f"{r.p90_ms:.2f}", f"{r.p99_ms:.2f}",
             f"{r.images_per_s:.0f}",
         )
     console.print(table)
+    if any(r.members > 1 for r in report.rows):
+        console.print("×K: a fold ensemble of K networks averaged in one file; it costs about K single models")
     engines = sorted({f"{r.device}: {r.providers[0] if r.providers else '?'}" for r in report.rows})
     if engines:
         console.print("ran on " + ", ".join(engines))

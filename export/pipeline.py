@@ -211,6 +211,7 @@ def export_checkpoint(
         "quantisation_aware": qat,
         "versions": _versions(options),
         "card": card.to_dict(),
+        "threshold": threshold_statement(card),
         "seconds": round(time.perf_counter() - started, 2),
     }
     extra_files = _resample_artefact(out, stem, card, items, options, data) if options.embed_resample else []
@@ -236,6 +237,17 @@ def _resample_artefact(out: Path, stem: str, card: ModelCard, items: list[tuple[
     path = out / data["resample_graph"]["path"]
     write_checksum(path)
     return [path]
+
+
+def threshold_statement(card: ModelCard) -> dict[str, Any]:
+    """What the shipped threshold means and where it came from, for the report and the console; a costly target is
+    logged as a warning (a clinic must hear it before deploying, not find it in the card)."""
+    choice = card.threshold_choice
+    statement = {"threshold": card.threshold, "positive_class": card.positive_class, "source": choice.source, "interval": choice.interval,
+                 **{k: choice.fitted_on[k] for k in ("n_positive", "n_negative", "chosen", "alternatives", "warning") if k in choice.fitted_on}}
+    if statement.get("warning"):
+        log.warning("%s", statement["warning"])
+    return statement
 
 
 def _recommendations(artefacts: list[Artefact], card: ModelCard) -> list[dict[str, str]]:

@@ -55,6 +55,7 @@ class LatencyRow:
     images_per_s: float
     parity: dict[str, Any] | None = None  # from the export report beside the artefact
     accuracy: float | None = None  # on --data, through the production path
+    members: int = 1  # networks the artefact runs per crop (card.ensemble.members): a fold ensemble of K costs about K times one
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class ImageRow:
     images_per_s: float
     tiles_per_s: float
     stages_ms: dict[str, float] = field(default_factory=dict)
+    members: int = 1  # see LatencyRow.members
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,7 @@ def bench_models(
                         artefact=path.name, precision=precision, device=device, providers=providers, size_mb=size_mb,
                         batch_size=batch, runs=len(ms), p50_ms=_pct(ms, 50), p90_ms=_pct(ms, 90), p99_ms=_pct(ms, 99),
                         mean_ms=float(ms.mean()), images_per_s=float(batch * 1000.0 / ms.mean()), parity=parity,
-                        accuracy=accuracy,
+                        accuracy=accuracy, members=card.ensemble.members,
                     )
                 )
                 done += 1
@@ -207,7 +209,7 @@ def _bench_image(
         size = model.batch_size
         batches = [model_input(tiles[i : i + size], card) for i in range(0, len(tiles), size)]
         t2 = time.perf_counter()
-        logits = [model.session.run(b) for b in batches]
+        logits = [model.run(b) for b in batches]  # the card's test-time views included, as diagnose runs them
         t3 = time.perf_counter()
         layout = crops.layout()
         tile_probs = np.full((layout.grid.n_tiles, card.n_classes), np.nan)
@@ -224,7 +226,7 @@ def _bench_image(
     return ImageRow(
         artefact=name, precision=precision, device=device, image_size=(height, width), tiles=n_tiles, runs=len(ms),
         p50_ms=_pct(ms, 50), p90_ms=_pct(ms, 90), p99_ms=_pct(ms, 99), images_per_s=float(1000.0 / ms.mean()),
-        tiles_per_s=float(n_tiles * 1000.0 / ms.mean()), stages_ms=measured,
+        tiles_per_s=float(n_tiles * 1000.0 / ms.mean()), stages_ms=measured, members=card.ensemble.members,
     )
 
 

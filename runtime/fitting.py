@@ -11,7 +11,9 @@ The order, each step on the output of the one before:
 
 1. :func:`crop_logits`: every image is split by the card's crop policy (the
    runtime's own splitter and batcher, foreground filter included) and each
-   predicted crop's raw logits are kept. The model runs once.
+   predicted crop's raw logits are kept (averaged over the card's test-time
+   views, :mod:`edgedx.runtime.tta`, as ``diagnose`` averages them). The model
+   runs once per view.
 2. :func:`merged_probabilities`: the image probabilities ``diagnose`` gives with a
    card: :func:`~edgedx.runtime.preprocess.to_probabilities` per crop (the card's
    temperature applied to the logits), merged by the crop policy's
@@ -44,6 +46,7 @@ from edgedx.runtime.io.image_io import read_image, to_rgb_uint8
 from edgedx.runtime.metrics import selective_metrics
 from edgedx.runtime.preprocess import model_input, to_probabilities
 from edgedx.runtime.tiling import ImageRegionSource, ResampledImage, SlidingResult, aggregate, sliding_window_many
+from edgedx.runtime.tta import tta_run
 from edgedx.runtime.trust import (
     brier_score,
     conformal_qhat,
@@ -95,13 +98,17 @@ def crop_logits(
     or a lazy region source. The runtime's splitter and batcher carry the rows
     ``run`` returns into each image's grid; here those rows are logits, so
     nothing is merged yet. An image whose crops are mostly padding (below the
-    policy's ``min_content``) is refused as ``diagnose`` refuses it.
+    policy's ``min_content``) is refused as ``diagnose`` refuses it. ``run`` is
+    the raw engine: the card's test-time views are averaged in here
+    (:func:`~edgedx.runtime.tta.tta_run`, as :class:`~edgedx.runtime.model.Model`
+    does), so the logits fitted on are the ones ``diagnose`` turns into probabilities.
     """
     policy = card.crop if policy is None else policy
     carrier = dataclasses.replace(policy, aggregation="mean")  # the splitter's merge of logit rows is discarded
+    engine = tta_run(run, card)
 
     def predict(tiles: np.ndarray) -> np.ndarray:
-        return np.asarray(run(model_input(tiles, card)), np.float64)
+        return np.asarray(engine(model_input(tiles, card)), np.float64)
 
     keys: list[Hashable] = []
     logits: list[np.ndarray] = []

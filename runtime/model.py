@@ -32,6 +32,7 @@ from edgedx.runtime.preprocess import model_input, pixelwise, preprocess_batch, 
 from edgedx.runtime.io.sources import ArraySource, open_source
 from edgedx.runtime.tiling import CropLayout, ImageRegionSource, ResampledImage, SlidingResult, content_fraction, sliding_window_many
 from edgedx.runtime.trust import crop_dispersion, prediction_set
+from edgedx.runtime.tta import tta_run
 from edgedx.runtime.backends.session import ENGINE_SUFFIXES, Session, is_engine_file, open_session
 
 MAX_ENLARGEMENT = 16  # per side: a crop must hold at least 1/256 of its pixels' worth of the image
@@ -154,15 +155,21 @@ def check_refer_band(band: tuple[float, float] | None, card: ModelCard) -> tuple
 
 
 def resolve_crop(base: CropPolicy, override: CropPolicy | Mapping[str, Any] | None) -> CropPolicy:
-    """The card's crop policy with per-call overrides (``{"aggregation": "max", "stride": (32, 32)}``)."""
+    """The card's crop policy with per-call overrides (``{"aggregation": "max", "stride": (32, 32)}``).
+
+    The test-time views (``tta``) are the card's and no override changes them: the card's threshold, temperature
+    and metrics were measured with exactly those views, and would no longer be true without them."""
     if override is None:
         return base
     if isinstance(override, CropPolicy):
+        _keep_tta(base, override.tta)
         return override
     unknown = sorted(set(override) - {f.name for f in dataclasses.fields(CropPolicy)})
     if unknown:
         raise InputError(f"unknown crop setting(s) {unknown}; known: {', '.join(f.name for f in dataclasses.fields(CropPolicy))}")
-    changes = {k: v for k, v in override.items() if v is not None}
+    if override.get("tta") is not None:
+        _keep_tta(base, override["tta"])
+    changes = {k: v for k, v in override.items() if v is not None and k != "tta"}  # the card's views, checked above
     # a scale or a shorter side names its resampling mode; the other mode's setting no longer applies
     if "scale" in changes and "mode" not in changes:
         changes.update(mode="scale", shorter_side=None)
@@ -175,6 +182,18 @@ def resolve_crop(base: CropPolicy, override: CropPolicy | Mapping[str, Any] | No
         return dataclasses.replace(base, **changes)
     except CardError as exc:
         raise InputError(str(exc).replace("model card field", "crop setting")) from None
+
+
+def _keep_tta(base: CropPolicy, requested: Any) -> None:
+    """Refuse test-time views other than the card's, naming the way: the card decides them, at training."""
+    views = (requested,) if isinstance(requested, str) else tuple(requested)
+    if views != tuple(base.tta):
+        card = ", ".join(base.tta) or "none"
+        raise InputError(
+            f"test-time views cannot be changed at diagnosis (asked for {', '.join(views) or 'none'}; the card's: {card}): "
+            "the card's threshold, temperature and metrics were measured with its own views. "
+            "Train with another --tta to change them"
+        )
 
 
 def check_tile_fits(policy: CropPolicy, card: ModelCard) -> None:
@@ -235,15 +254,18 @@ class Model:
         self.gate = settings.gate
         self.top_k = max(1, min(top_k, self.card.n_classes))
         self.pad_batches = session.pads_batches if pad_batches is None else pad_batches
+        # the engine with the card's test-time views (logits averaged; ``session.run`` itself when there are none):
+        # every prediction goes through it once, while ``session`` stays the raw engine its self-test judges
+        self.run = tta_run(session.run, self.card)
 
     def predict_tiles(self, tiles: np.ndarray) -> np.ndarray:
-        """(N, H, W, 3) uint8 RGB crops → (N, C) probabilities."""
-        logits = self.session.run(model_input(tiles, self.card))
+        """(N, H, W, 3) uint8 RGB crops → (N, C) probabilities (the card's test-time views averaged in)."""
+        logits = self.run(model_input(tiles, self.card))
         return to_probabilities(logits, self.card)
 
     def predict_prepared(self, x: np.ndarray) -> np.ndarray:
-        """A batch already preprocessed (:meth:`prepare`) → (N, C) probabilities."""
-        return to_probabilities(self.session.run(np.ascontiguousarray(x)), self.card)
+        """A batch already preprocessed (:meth:`prepare`) → (N, C) probabilities (the card's test-time views averaged in)."""
+        return to_probabilities(self.run(np.ascontiguousarray(x)), self.card)
 
     def prepare(self, pixels: np.ndarray) -> np.ndarray:
         """The card's per-pixel preprocessing of a whole (H, W, 3) field or an (N, h, w, 3) batch of crops (the tiler

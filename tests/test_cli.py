@@ -212,6 +212,25 @@ def test_export_passes_options_through(tmp_path: Path) -> None:
     assert "accuracy 0.900 (Δ +0.000 on 10)" in result.output and "edgedx diagnose" in result.output
 
 
+def test_export_of_a_cross_validation_folder_exports_its_fold_ensemble(tmp_path: Path) -> None:
+    from edgedx.export.pipeline import ExportOptions
+
+    (Path("cv") / "fold_1").mkdir(parents=True)
+    (Path("cv") / "cv_summary.json").write_text("{}")
+    fake = mock.MagicMock()
+    fake.return_value.onnx_path = tmp_path / "ensemble.onnx"
+    fake.return_value.artefacts = []
+    fake.return_value.data = {"verification": {"n_samples": 16, "n_crops": 16, "n_real": 16, "n_labelled": 16, "source": "val split"}}
+    fake.return_value.batchnorm = {"in_model": 10, "folded_by_exporter": 10, "folded_into_conv": 0, "converted_to_affine": 0, "remaining": 0}
+    single = mock.MagicMock()
+    with mock.patch("edgedx.export.ensemble.export_folds", fake), mock.patch("edgedx.export.pipeline.export_checkpoint", single):
+        result = runner.invoke(app, ["export", "cv", "--out", "exp", "--precision", "fp16"])
+    assert result.exit_code == 0, result.output
+    fake.assert_called_once_with(Path("cv"), Path("exp"), ExportOptions(precisions=("fp32", "fp16")), progress=mock.ANY)
+    single.assert_not_called()
+    assert "next: edgedx diagnose IMAGES... --model " in result.output
+
+
 def fake_diagnosed(n_failed: int = 0, n_resumed: int = 0, records: tuple = ()) -> mock.MagicMock:
     """What edgedx.runtime.diagnose.diagnose returns, as the CLI reads it."""
     done = mock.MagicMock()
@@ -482,3 +501,25 @@ def test_missing_paths_fail_before_torch_is_imported(tmp_path: Path, monkeypatch
     assert result.exit_code == 1 and "training data not found" in str(result.exception)
     result = runner.invoke(app, ["export", str(tmp_path / "model.pt"), "--out", str(tmp_path / "x")])
     assert result.exit_code == 1 and "checkpoint not found" in str(result.exception)
+
+
+def test_train_folds_says_what_was_chosen_out_of_fold_and_what_is_the_result() -> None:
+    from edgedx.training.train import CrossValidationResult, TrainConfig
+
+    summary = {
+        "folds": 5, "accuracy": {"mean": 0.8, "sd": 0.05},
+        "epoch_selection": {"method": "out_of_fold", "monitor": "balanced_accuracy", "chosen": 7},
+        "out_of_fold": {"n": 468, "threshold": 0.31, "metrics": {"accuracy": 0.81, "auc": 0.88, "sensitivity": 0.95, "specificity": 0.4},
+                        "ci95": {"auc": [0.84, 0.91]}},
+        "held_out_spread": {"auc": {"mean": 0.86, "sd": 0.02, "min": 0.83, "max": 0.89, "n_folds": 5}},
+        "warnings": ["sensitivity 0.95 costs nearly all specificity here"], "ensemble": "run/ensemble.pt",
+    }
+    with mock.patch("edgedx.training.train.train", return_value=CrossValidationResult((), summary)) as one_call:
+        result = runner.invoke(app, ["train", "data", "--out", "run", "--folds", "5", "--epoch-selection", "out_of_fold"])
+    assert result.exit_code == 0, result.output
+    one_call.assert_called_once_with(Path("data"), Path("run"), TrainConfig(epoch_selection="out_of_fold"), nproc=1, folds=5, progress=mock.ANY)
+    out = " ".join(result.output.split())
+    assert "epoch 7 chosen on the folds' mean validation balanced accuracy" in out
+    assert "out-of-fold (n 468, used for selection): accuracy 0.810, AUC 0.880 [0.840, 0.910]" in out
+    assert "held-out test split, each fold model (5 folds): auc 0.860 ± 0.020" in out
+    assert "warning: sensitivity 0.95 costs nearly all specificity" in out and "edgedx export run" in out

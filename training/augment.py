@@ -13,7 +13,9 @@ Each preset only makes changes that keep the label true for its modality:
   brightness/contrast.
 - ``none``.
 
-The preset's name goes into the card's provenance.
+The preset's name goes into the card's provenance. :func:`tta_views` maps each
+preset to the test-time views (``--tta modality``) that keep the label true for
+the same reasons: the flips and turns its training augmentation already makes.
 """
 
 from __future__ import annotations
@@ -21,7 +23,41 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from edgedx.errors import InputError
+
 PRESETS = ("dermoscopy", "microscopy", "xray", "oct", "none")
+
+# why a preset takes no test-time views, said in the run's log (--tta modality)
+NO_TTA_BECAUSE = {
+    "xray": (
+        "no test-time views for chest X-rays: a left-right flip swaps laterality (the heart is on the left), "
+        "and vertical flips or rotations make films no scanner produces"
+    ),
+}
+
+
+def tta_views(preset: str, square: bool) -> tuple[str, ...]:
+    """The test-time views (``edgedx.card.TTA_VIEWS``) that ``--tta modality`` takes for an augmentation preset.
+
+    Only what the preset's own augmentation makes is label-preserving: dermoscopy
+    and microscopy have no canonical orientation (every flip and turn; quarter
+    turns only for a square tile, which they would put on its side), OCT only a
+    left-right flip (layers run top to bottom), chest X-rays none
+    (:data:`NO_TTA_BECAUSE`). ``none`` says nothing about the images, so there is
+    nothing to choose from: the user must name a preset or the views.
+    """
+    if preset in ("dermoscopy", "microscopy"):
+        return ("hflip", "vflip", "rot180", "rot90", "rot270") if square else ("hflip", "vflip", "rot180")
+    if preset == "oct":
+        return ("hflip",)
+    if preset == "xray":
+        return ()
+    if preset == "none":
+        raise InputError(
+            "--tta modality takes its views from the --augmentation preset, and it is none: pass --augmentation "
+            "dermoscopy, microscopy, xray or oct, or name the views (--tta hflip,vflip), or --tta off"
+        )
+    raise InputError(f"unknown augmentation preset {preset!r}; choose one of {', '.join(PRESETS)}")
 
 
 def augment(image: np.ndarray, preset: str, rng: np.random.Generator) -> np.ndarray:

@@ -38,7 +38,7 @@ from edgedx.runtime.quality import measure_at_model_scale, quality_limits
 from edgedx.runtime.trust import T_RANGE
 from edgedx.training.data import RunData
 from edgedx.training.loop import Fitting
-from edgedx.training.threshold import operating_point, score
+from edgedx.training.threshold import choose_threshold, operating_point, score
 from edgedx.training.validation import resampled_crop_logits
 
 log = logging.getLogger(__name__)
@@ -72,14 +72,15 @@ def fit_card(f: Fitting, epoch: int) -> FittedCard:
     card = f.card.replace(calibration=calibrated.calibration)
     operating = operating_point(y, calibrated.after, card, config.target_sensitivity)
     card = card.replace(threshold=operating["threshold"], metrics={"split": "val", "epoch": epoch, **operating["card_metrics"]})
-    card = card.replace(abstention=fit_abstention(val, y, card, coverage=config.coverage, split="val"))
+    choice, costly = choose_threshold(y, calibrated.after, card, config.target_sensitivity, source="validation", seed=config.seed)
+    card = card.replace(threshold_choice=choice, abstention=fit_abstention(val, y, card, coverage=config.coverage, split="val"))
     card = card.replace(quality=training_quality_limits(data, card.crop) if config.quality_gate else QualityLimits())
     fitted = {
         "calibration": {"method": card.calibration.method, "temperature": list(card.calibration.temperature), **card.calibration.fitted_on},
         "abstention": abstention_section(card.abstention),
         "quality_gate": config.quality_gate,
     }
-    return FittedCard(card, operating, calibrated.after, calibrated.before, fitted, fit_warnings(card, len(val)))
+    return FittedCard(card, operating, calibrated.after, calibrated.before, fitted, (*fit_warnings(card, len(val)), *costly))
 
 
 def fit_warnings(card: ModelCard, n: int) -> tuple[str, ...]:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from edgedx.card import ModelCard
-from edgedx.errors import CardError, ModelError
+from edgedx.errors import CardError, InputError, ModelError
 from edgedx.runtime.io.integrity import sha256_file as file_sha256  # noqa: F401  (re-exported for export/)
 
 FORMAT = "edgedx-checkpoint"
@@ -45,6 +45,22 @@ def save_checkpoint(path: str | Path, card: ModelCard, state_dict: dict[str, tor
     torch.save(payload, tmp)
     tmp.replace(path)
     return path
+
+
+def save_snapshot(path: Path, state_dict: dict[str, torch.Tensor]) -> Path:
+    """One epoch's weights alone (no card), for choosing the epoch after every fold has run; atomic like a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({k: v.detach().cpu().clone() for k, v in state_dict.items()}, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_snapshot(path: Path) -> dict[str, torch.Tensor]:
+    """Weights written by :func:`save_snapshot` (tensors only: nothing pickled runs)."""
+    if not path.is_file():
+        raise ModelError(f"epoch snapshot not found: {path}; run the cross-validation again with --overwrite")
+    return safe_torch_load(path, "epoch snapshot")
 
 
 def safe_torch_load(path: Path, what: str) -> Any:
@@ -87,14 +103,35 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def build_model(checkpoint: Checkpoint) -> nn.Module:
-    """The checkpoint's network in eval mode, weights loaded strictly."""
+    """The checkpoint's network in eval mode, weights loaded strictly.
+
+    A fold ensemble's card (``ensemble.members`` > 1) gives a
+    :class:`~edgedx.training.ensemble.FoldEnsemble` of that many networks, so
+    export, validation and every other caller handle it as one model.
+    """
     from edgedx.training.models import create_model
 
-    model = create_model(checkpoint.card.arch, checkpoint.card.n_classes)
+    card = checkpoint.card
+    if card.ensemble.members > 1:
+        from edgedx.training.ensemble import build_ensemble
+
+        members = [create_model(card.arch, card.n_classes) for _ in range(card.ensemble.members)]
+        temperatures = checkpoint.state_dict.get("temperatures")
+        if temperatures is None:
+            raise ModelError(f"{checkpoint.path}: the card says an ensemble of {card.ensemble.members} {card.arch} networks, "
+                             "but the weights hold no member temperatures; build it again with edgedx export CV_DIR")
+        try:
+            model: nn.Module = build_ensemble(card, members, torch.ones_like(temperatures))
+        except InputError as exc:
+            raise ModelError(f"{checkpoint.path}: the member temperatures do not fit the card ({exc})") from None
+        what = f"an ensemble of {card.ensemble.members} {card.arch} networks"
+    else:
+        model, what = create_model(card.arch, card.n_classes), card.arch
     try:
         model.load_state_dict(checkpoint.state_dict, strict=True)
     except RuntimeError as exc:
-        raise ModelError(f"{checkpoint.path}: weights do not fit {checkpoint.card.arch} ({str(exc).splitlines()[0]})") from None
+        lines = [line.strip() for line in str(exc).splitlines()]  # the first says only "Error(s) in loading state_dict"
+        raise ModelError(f"{checkpoint.path}: weights do not fit {what} ({'; '.join(lines[:2])[:300]})") from None
     return model.eval()
 
 

@@ -6,9 +6,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgedx.card import TTA_VIEWS
 from edgedx.errors import InputError
 from edgedx.runtime.io.manifest import ManifestLayout
-from edgedx.training.augment import PRESETS
+from edgedx.training.augment import PRESETS, tta_views
 from edgedx.training.crops import CropChoice
 from edgedx.training.losses import IMBALANCE_MODES
 from edgedx.training.models import DEFAULT_ARCH
@@ -19,6 +20,9 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "plateau")
 NORMALIZATIONS = ("imagenet", "per_image")
 CALIBRATIONS = ("temperature", "none")
+
+
+EPOCH_SELECTIONS = ("auto", "per_run", "out_of_fold")
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class TrainConfig:
     backbone_lr_factor: float | None = None  # None: 0.1 with pretrained weights, 1.0 from scratch
     imbalance: str = "weighted"
     augmentation: str = "none"
+    tta: str = "off"  # test-time views averaged with each crop: off, modality (the preset's) or a list like hflip,vflip
     normalization: str = "imagenet"
     monitor: str = "balanced_accuracy"
     patience: int | None = None
@@ -65,6 +70,9 @@ class TrainConfig:
     coverage: float = 0.95  # split-conformal prediction sets hold the true class for this share of images (binary/multiclass)
     quality_gate: bool = True  # image-quality limits from the training images go into the card
     um_per_px: float | None = None  # the training images' physical scale, recorded in the card
+    # how the epoch is chosen: "auto" (out_of_fold with --folds, else the run's best on its validation split), "per_run",
+    # or "out_of_fold" (one epoch count for every fold, the best of the folds' mean validation curve: see cross_validate)
+    epoch_selection: str = "auto"
 
     def __post_init__(self) -> None:
         if self.image_dir is not None:  # recorded in the card: export reloads the images from any directory
@@ -83,6 +91,7 @@ class TrainConfig:
             (self.normalization in NORMALIZATIONS, f"unknown normalization {self.normalization!r}; choose {', '.join(NORMALIZATIONS)}"),
             (self.monitor in MONITORS, f"unknown monitor {self.monitor!r}; choose one of {', '.join(MONITORS)}"),
             (self.patience is None or self.patience >= 1, f"patience must be at least 1 epoch, got {self.patience}"),
+            (self.epoch_selection in EPOCH_SELECTIONS, f"unknown epoch selection {self.epoch_selection!r}; choose one of {', '.join(EPOCH_SELECTIONS)}"),
             (0 < self.target_sensitivity <= 1, f"target sensitivity must be in (0, 1], got {self.target_sensitivity}"),
             (0 < self.stride_fraction <= 1, f"stride fraction must be in (0, 1], got {self.stride_fraction}"),
             (self.device in ("auto", "cpu", "cuda"), f"unknown device {self.device!r}; choose auto, cpu or cuda"),
@@ -97,9 +106,40 @@ class TrainConfig:
                 raise InputError(message)
         parse_strategy(self.strategy)
         CropChoice.parse(self.crop)
+        self.test_views(square=True)  # the views' names and the preset's rules; a quarter turn's tile is checked once planned
         if self.resume and self.overwrite:
             raise InputError("--resume continues the run in --out and --overwrite starts it again: give one of them")
         self.layout()
+
+    def test_views(self, *, square: bool) -> tuple[str, ...]:
+        """The test-time views the card's crop policy declares (``crop.tta``), for a square tile or not.
+
+        ``off``: none. ``modality``: the augmentation preset's
+        (:func:`edgedx.training.augment.tta_views`). A list names them; with the
+        ``xray`` preset a view that mirrors or turns the film is refused
+        (laterality), and quarter turns need a square tile.
+        """
+        choice = self.tta.strip()
+        if choice == "off":
+            return ()
+        if choice == "modality":
+            return tta_views(self.augmentation, square)
+        views = tuple(v.strip() for v in choice.split(",") if v.strip())
+        unknown = [v for v in views if v not in TTA_VIEWS]
+        if unknown or not views:
+            raise InputError(f"unknown test-time view {(unknown or [choice])[0]!r} in --tta; use off, modality or a list of {', '.join(TTA_VIEWS)}")
+        if len(set(views)) != len(views):
+            raise InputError(f"--tta lists a view twice: {choice}")
+        mirrored = [v for v in views if v == "hflip" or v.startswith("rot")]
+        if self.augmentation == "xray" and mirrored:
+            raise InputError(
+                f"--tta {mirrored[0]} with --augmentation xray: it swaps left and right, and laterality matters on a chest film "
+                "(the heart is on the left); use --tta off (or modality, which takes none for X-rays)"
+            )
+        quarter = [v for v in views if v in ("rot90", "rot270")]
+        if quarter and not square:
+            raise InputError(f"--tta {quarter[0]} turns the non-square crop on its side; use hflip, vflip, rot180, or a square --input-size")
+        return views
 
     def layout(self) -> ManifestLayout:
         """How a CSV manifest names images and classes (evaluate and export read the same layout)."""

@@ -9,7 +9,7 @@ patient-level split included), so the ranks agree without talking; only rank
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,10 +17,11 @@ import numpy as np
 
 from edgedx.errors import InputError
 from edgedx.progress import ProgressFn
+from edgedx.training.augment import NO_TTA_BECAUSE
 from edgedx.training.crops import DecodedImages, PlannedPolicy, decode_all, plan_crop_policy
 from edgedx.training.run import RunFolder
 from edgedx.training.sources import TrainingData, load_source
-from edgedx.training.splits import check_no_leakage, kfold_indices, split_indices
+from edgedx.training.splits import check_no_leakage, fold_split, split_indices
 
 if TYPE_CHECKING:
     from edgedx.training.config import TrainConfig
@@ -113,7 +114,7 @@ def build_data(
     ``split.json``. The split is written before an empty validation split is
     refused, so the refusal can be checked against the file.
     """
-    planned = plan_crop_policy(source, config.crop, size, config.stride_fraction)
+    planned = with_test_views(plan_crop_policy(source, config.crop, size, config.stride_fraction), config, main=main)
     if main:
         log.info("crop policy: %s (%s)", planned.policy.describe(), planned.reason)
     decoded = decode_all(source, planned.policy, strict=config.strict, progress=progress)
@@ -125,6 +126,20 @@ def build_data(
     if len(splits["val"]) == 0:
         raise InputError("the validation split is empty; raise --val-fraction or add images")
     return RunData(decoded, splits, planned)
+
+
+def with_test_views(planned: PlannedPolicy, config: TrainConfig, *, main: bool) -> PlannedPolicy:
+    """The crop policy with ``--tta``'s test-time views (``crop.tta``), before the card is built from it.
+
+    Why here: the card's crop policy is this one, so every epoch's validation,
+    the temperature, the threshold and the card's metrics are measured with the
+    views ``diagnose`` will run. A quarter turn needs the planned tile to be square.
+    """
+    (th, tw) = planned.policy.tile_size
+    views = config.test_views(square=th == tw)
+    if main and config.tta.strip() == "modality" and not views and config.augmentation in NO_TTA_BECAUSE:
+        log.info("--tta modality: %s", NO_TTA_BECAUSE[config.augmentation])
+    return replace(planned, policy=replace(planned.policy, tta=views))
 
 
 def _check_two_classes(data: TrainingData) -> None:
@@ -142,5 +157,4 @@ def _split(data: TrainingData, config: TrainConfig, fold: tuple[int, int] | None
     """The patient-level split from the seed (every rank computes the same), or fold ``i`` of ``k``."""
     if fold is None:
         return split_indices(data, val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=config.seed)
-    fold_train, fold_val = kfold_indices(data, fold[1], seed=config.seed)[fold[0]]
-    return {"train": fold_train, "val": fold_val}
+    return fold_split(data, fold[1], fold[0], seed=config.seed, test_fraction=config.test_fraction)

@@ -27,7 +27,7 @@ from edgedx.runtime.tiling import random_tile
 from edgedx.training import distributed
 from edgedx.training.augment import augment
 from edgedx.training.build import Optimisation, Trainable
-from edgedx.training.checkpoint import save_checkpoint
+from edgedx.training.checkpoint import save_checkpoint, save_snapshot
 from edgedx.training.config import TrainConfig
 from edgedx.training.crops import DecodedImages
 from edgedx.training.data import RunData
@@ -90,6 +90,8 @@ def fit(f: Fitting, state: RunState) -> RunState:
             "val": metrics,  # the full set: per-class sensitivity, specificity, precision, F1, AUC, confusion
         }
         _record_epoch(f, state, row, monitored)
+        if config.epoch_selection == "out_of_fold":
+            continue  # every fold runs every epoch: the epoch is chosen afterwards on the folds' mean curve
         if config.patience is not None and state.since_best >= config.patience:
             if ctx.is_main:
                 log.info("early stopping after epoch %d: no %s improvement for %d epochs", epoch, config.monitor, config.patience)
@@ -117,6 +119,8 @@ def _record_epoch(f: Fitting, state: RunState, row: dict[str, Any], monitored: f
     else:
         state.since_best += 1
     state.epoch = epoch
+    if main and config.epoch_selection == "out_of_fold":
+        save_snapshot(f.run.snapshot(epoch), f.model.state_dict())
     if main:
         save_last(f.run.last, f.model, f.optim, state)
 

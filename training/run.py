@@ -55,6 +55,8 @@ CARD_NAME = "card.json"
 PLOTS_DIR = "plots"
 GRADCAM_DIR = "gradcam"
 CV_SUMMARY_NAME = "cv_summary.json"
+PREDICTIONS_NAME = "val_predictions.npz"  # the final weights' merged validation probabilities: a fold's out-of-fold share
+SNAPSHOT_DIR = "epochs"  # each epoch's weights while a cross-validation still has to choose the epoch
 
 
 class SplitUnavailable(Exception):
@@ -157,6 +159,18 @@ class RunFolder:
     def fold(self, i: int) -> RunFolder:
         """The run folder of cross-validation fold ``i`` (0-based; named from 1)."""
         return RunFolder(self.path / f"fold_{i + 1}")
+
+    def snapshot(self, epoch: int) -> Path:
+        return self.path / SNAPSHOT_DIR / f"epoch_{epoch}.pt"
+
+    @property
+    def predictions(self) -> Path:
+        return self.path / PREDICTIONS_NAME
+
+    def write_predictions(self, idx: np.ndarray, targets: np.ndarray, probs: np.ndarray, uncalibrated: np.ndarray) -> None:
+        """The validation items (indices into the decoded source), their labels and merged probabilities."""
+        with open(self.predictions, "wb") as handle:
+            np.savez(handle, idx=idx, targets=targets, probs=probs, uncalibrated=uncalibrated)
 
     def check_free(self, config: TrainConfig) -> None:
         """See :func:`check_run_folder`."""

@@ -403,3 +403,27 @@ def _short(item_id: str) -> str:
 def _file_list(ids: Sequence[str]) -> str:
     shown = ", ".join(_short(i) for i in ids[:_SHOW_FILES])
     return shown + (f", +{len(ids) - _SHOW_FILES} more" if len(ids) > _SHOW_FILES else "")
+
+
+def held_out_items(data: TrainingData, *, seed: int = 0, test_fraction: float = 0.0) -> np.ndarray:
+    """The items cross-validation never trains or selects on: the source's own val/test split, else a seeded
+    patient-level ``test_fraction`` carve-out, else none. Why: out-of-fold figures are what choices are made on, so
+    the split that is reported as a result must stay outside every fold."""
+    if data.splits is not None:
+        held = np.flatnonzero(np.asarray(data.splits) != "train")
+        if len(held):
+            return held.astype(np.int64)
+    if test_fraction > 0:
+        return split_indices(data, val_fraction=test_fraction, seed=seed)["val"]
+    return np.zeros(0, dtype=np.int64)
+
+
+def fold_split(data: TrainingData, k: int, i: int, *, seed: int = 0, test_fraction: float = 0.0) -> dict[str, np.ndarray]:
+    """Fold ``i`` of ``k`` over the items not held out (:func:`held_out_items`); the held-out items are every fold's
+    "test" split, so each fold model is also scored on data no choice was made on."""
+    held = held_out_items(data, seed=seed, test_fraction=test_fraction)
+    pool = np.setdiff1d(np.arange(len(data), dtype=np.int64), held)
+    if len(held):
+        log.info("cross-validation holds out %d items as the test split; the %d folds divide the other %d", len(held), k, len(pool))
+    fold_train, fold_val = kfold_indices(data.subset(pool), k, seed=seed)[i]
+    return {"train": pool[fold_train], "val": pool[fold_val], "test": held}

@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from edgedx.card import ModelCard
+from edgedx.card import ModelCard, ThresholdChoice, ThresholdSource
+from edgedx.runtime.evaluate import wilson_interval
 from edgedx.runtime.metrics import classification_metrics, threshold_for_sensitivity
 from edgedx.runtime.outputs.plots import where_taken
 
@@ -119,3 +120,91 @@ def nanmean(values: list[Any]) -> float | None:
     """The mean of the values that exist (None and NaN left out); None when none does."""
     finite = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     return float(np.mean(finite)) if finite else None
+
+
+COSTLY_SPECIFICITY = 0.2  # below this at the target sensitivity, the threshold calls nearly everything positive
+THRESHOLD_BOOTSTRAP = 400
+
+
+def choose_threshold(
+    y: np.ndarray, probs: np.ndarray, card: ModelCard, target: float, *, source: ThresholdSource, seed: int = 0
+) -> tuple[ThresholdChoice, list[str]]:
+    """Where the binary operating threshold came from, how sure it is, and what it costs.
+
+    Why: a threshold fitted on 21 positives can land anywhere; the card states
+    the counts it came from, a bootstrap 95% interval of the threshold itself
+    (the same rule refitted on resampled cases), sensitivity and specificity
+    with Wilson intervals, and the alternatives a clinic would weigh (0.5 and
+    the Youden point). When the target sensitivity costs nearly all specificity,
+    the returned warning says so in words. Non-binary cards get ``source`` only.
+    """
+    if card.task != "binary":
+        return ThresholdChoice(source, None, {"n": int(len(y))}), []
+    pos = card.positive_index
+    assert pos is not None
+    truth = (np.asarray(y) == pos).astype(int)
+    scores = np.asarray(probs, np.float64)[:, pos]
+    if not truth.any() or truth.all():
+        return ThresholdChoice(source, None, {"n": int(len(y)), "note": "one class only: no threshold fitted"}), []
+    point = margin_threshold(truth, scores, target)
+    youden = youden_threshold(truth, scores)
+    fitted_on = {
+        "n": int(len(truth)), "n_positive": int(truth.sum()), "n_negative": int((1 - truth).sum()), "target_sensitivity": target,
+        "chosen": _at(truth, scores, point), "alternatives": {"0.5": _at(truth, scores, 0.5), "youden": _at(truth, scores, youden)},
+    }
+    interval = _bootstrap_threshold(truth, scores, target, seed)
+    warnings = []
+    spec = fitted_on["chosen"]["specificity"]
+    if spec is not None and spec < COSTLY_SPECIFICITY:
+        alt = fitted_on["alternatives"]
+        warning = (
+            f"sensitivity {target:.2f} costs nearly all specificity here: at threshold {point:.3g} specificity is {spec:.3f} "
+            f"({source.replace('_', '-')}, {fitted_on['n_negative']} negatives), so nearly every {card.class_names[1 - pos]} case is called "
+            f"{card.positive_class}. Alternatives: 0.5 → sensitivity {_fmt(alt['0.5']['sensitivity'])}, specificity {_fmt(alt['0.5']['specificity'])}; "
+            f"Youden point {youden:.3g} → sensitivity {_fmt(alt['youden']['sensitivity'])}, specificity {_fmt(alt['youden']['specificity'])}. "
+            "Choose another with --target-sensitivity, or read the alternatives in the card's threshold_choice"
+        )
+        fitted_on["warning"] = warning
+        warnings.append(warning)
+    return ThresholdChoice(source, interval, fitted_on), warnings
+
+
+def youden_threshold(truth: np.ndarray, scores: np.ndarray) -> float:
+    """The threshold maximising sensitivity + specificity - 1 (the highest such score: fewest false positives)."""
+    pos, neg = max(int(truth.sum()), 1), max(int((1 - truth).sum()), 1)
+    order = np.argsort(-scores, kind="stable")
+    s, t = scores[order], truth[order]
+    tp, fp = np.cumsum(t), np.cumsum(1 - t)
+    last = np.r_[s[1:] != s[:-1], True]  # the counts at each distinct score, all ties included
+    j = (tp[last] / pos) - (fp[last] / neg)
+    return float(s[last][int(np.argmax(j))]) if s.size else 0.5
+
+
+def _at(truth: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Sensitivity and specificity at ``threshold`` with Wilson 95% intervals, and the counts behind them."""
+    called = scores >= threshold
+    tp, n_pos = int((called & (truth == 1)).sum()), int(truth.sum())
+    tn, n_neg = int((~called & (truth == 0)).sum()), int((truth == 0).sum())
+    return {
+        "threshold": float(threshold),
+        "sensitivity": tp / n_pos if n_pos else None, "sensitivity_ci95": wilson_interval(tp, n_pos),
+        "specificity": tn / n_neg if n_neg else None, "specificity_ci95": wilson_interval(tn, n_neg),
+    }
+
+
+def _bootstrap_threshold(truth: np.ndarray, scores: np.ndarray, target: float, seed: int) -> tuple[float, float] | None:
+    """The 2.5th and 97.5th percentiles of the threshold refitted on cases resampled with replacement."""
+    rng = np.random.default_rng(seed)
+    n, values = len(truth), []
+    for _ in range(THRESHOLD_BOOTSTRAP):
+        i = rng.integers(0, n, n)
+        if 0 < truth[i].sum() < n:
+            values.append(margin_threshold(truth[i], scores[i], target))
+    if len(values) < THRESHOLD_BOOTSTRAP // 2:
+        return None
+    low, high = np.percentile(values, [2.5, 97.5])
+    return (round(float(low), 6), round(float(high), 6))
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

@@ -34,8 +34,10 @@ from edgedx.deps import require
 
 require(("torch", "timm"), extra="train", purpose="Training")
 
-import logging  # noqa: E402 - after the check that names the extra to install
-from dataclasses import dataclass, field  # noqa: E402
+import json  # noqa: E402 - after the check that names the extra to install
+import logging  # noqa: E402
+import shutil  # noqa: E402
+from dataclasses import dataclass, field, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -47,14 +49,16 @@ from edgedx.progress import ProgressFn, no_progress  # noqa: E402
 from edgedx.training import distributed  # noqa: E402
 from edgedx.training.build import build_card, build_model, build_optimizer, prepare_training, resolve_device  # noqa: E402
 from edgedx.training.calibration import fit_card, held_out, trust_lines  # noqa: E402
-from edgedx.training.checkpoint import save_checkpoint  # noqa: E402
+from edgedx.training.checkpoint import load_checkpoint, load_snapshot, save_checkpoint  # noqa: E402
+from edgedx.training.ensemble import ENSEMBLE_NAME, ensemble_card, save_ensemble, write_ensemble_split  # noqa: E402
+from edgedx.training.oof import choose_epoch, fold_spread, out_of_fold_report, pool_predictions, summary_lines  # noqa: E402
 from edgedx.training.config import TrainConfig  # noqa: E402
 from edgedx.training.data import build_data, load_data, pick_positive_class  # noqa: E402
 from edgedx.training.loop import Fitting, epoch_line, fit, seed_dropout  # noqa: E402
 from edgedx.training.models import check_arch  # noqa: E402
 from edgedx.training.report import Final, run_summary, write_gradcam, write_plots  # noqa: E402
 from edgedx.training.resume import RunState, start_or_resume  # noqa: E402
-from edgedx.training.run import CHECKPOINT_NAME, LAST_NAME, RunFolder, check_run_folder  # noqa: E402
+from edgedx.training.run import CHECKPOINT_NAME, LAST_NAME, METRICS_NAME, SPLIT_NAME, RunFolder, check_run_folder  # noqa: E402
 from edgedx.training.threshold import margin_threshold, operating_point, quality_warnings, score  # noqa: E402
 
 __all__ = [
@@ -150,6 +154,19 @@ def _train(
     ctx: distributed.Context, data: str | Path, run: RunFolder, config: TrainConfig, *, fold: tuple[int, int] | None, progress: ProgressFn
 ) -> TrainResult:
     """The steps of a run, in order; every rank takes each of them, only rank 0 writes."""
+    f = _prepare(ctx, data, run, config, fold=fold, progress=progress)
+    state = start_or_resume(run.last, f.model, f.optim, config, main=ctx.is_main)
+    seed_dropout(config.seed, ctx.rank, state.epoch)
+    state = fit(f, state)
+    final = _choose_threshold(f, state)
+    result = _write_run(f, state, final) if ctx.is_main else None  # the other ranks wait for rank 0's result below
+    return ctx.broadcast(result)
+
+
+def _prepare(
+    ctx: distributed.Context, data: str | Path, run: RunFolder, config: TrainConfig, *, fold: tuple[int, int] | None, progress: ProgressFn
+) -> Fitting:
+    """Data, network, card and optimiser for a run: everything the epochs and the final fit need."""
     source = load_data(data, config)
     if ctx.is_main:
         run.create()
@@ -158,14 +175,22 @@ def _train(
     setup = prepare_training(ctx, net, prepared, config)
     card = build_card(config, net, prepared, setup, positive=source.positive, world=ctx.world)
     optim = build_optimizer(setup.model, config, setup, len(prepared.train_idx), ctx.device)
-    state = start_or_resume(run.last, setup.model, optim, config, main=ctx.is_main)
-    seed_dropout(config.seed, ctx.rank, state.epoch)
     stepper = distributed.wrap(setup.model, ctx)  # DDP averages gradients; ``setup.model`` stays the plain module that is saved
-    f = Fitting(ctx, stepper, setup, optim, prepared, card, config, run, progress)
-    state = fit(f, state)
-    final = _choose_threshold(f, state)
-    result = _write_run(f, state, final) if ctx.is_main else None  # the other ranks wait for rank 0's result below
-    return ctx.broadcast(result)
+    return Fitting(ctx, stepper, setup, optim, prepared, card, config, run, progress)
+
+
+def finalise_at(data: str | Path, out: str | Path, config: TrainConfig, *, fold: tuple[int, int], epoch: int) -> TrainResult:
+    """Fold ``fold`` again from its snapshot of ``epoch`` (chosen on every fold's curve): temperature, threshold,
+    abstention, quality limits and every file of the run, as if that epoch had been its best."""
+    run = RunFolder(out)
+    history = json.loads((run.path / METRICS_NAME).read_text(encoding="utf-8"))["history"]
+    with distributed.session(resolve_device(config.device)) as ctx:
+        f = _prepare(ctx, data, run, config, fold=fold, progress=no_progress)
+        weights = load_snapshot(run.snapshot(epoch))
+        state = RunState(epoch=len(history), best_epoch=epoch, best_state=weights, history=history)
+        final = _choose_threshold(f, state)
+        result = _write_run(f, state, final) if ctx.is_main else None
+        return ctx.broadcast(result)
 
 
 def _choose_threshold(f: Fitting, state: RunState) -> Final:
@@ -192,6 +217,8 @@ def _write_run(f: Fitting, state: RunState, final: Final) -> TrainResult:
     """Rank 0: the final checkpoint, metrics.json, card.json, plots, Grad-CAM and summary.json."""
     run, config = f.run, f.config
     save_checkpoint(run.checkpoint, final.card, state.best_state, epoch=state.best_epoch)
+    val_idx = f.data.val_idx
+    run.write_predictions(val_idx, f.data.targets[val_idx], final.val_probs, final.val_probs if final.val_uncalibrated is None else final.val_uncalibrated)
     run.write_metrics(final.report)
     run.write_card(final.card)
     summary = run_summary(f, final)
@@ -207,24 +234,79 @@ def _write_run(f: Fitting, state: RunState, final: Final) -> TrainResult:
 def cross_validate(
     data: str | Path, out: str | Path, config: TrainConfig, *, folds: int, progress: ProgressFn = no_progress
 ) -> CrossValidationResult:
-    """Patient-level k-fold cross-validation: one run per fold in ``out/fold_<i>``, mean ± sd in ``out/cv_summary.json``.
+    """Patient-level k-fold cross-validation with every choice made out of fold (see :mod:`edgedx.training.oof`).
 
-    Every rank of a ``torchrun`` job returns the same result (see :func:`train` for the entry point).
+    One run per fold in ``out/fold_<i>``; the source's own val/test split (or
+    ``--test-fraction``) is held out of every fold. With epoch selection
+    ``out_of_fold`` (the default here) every fold runs every epoch, the epoch is
+    the best of the folds' mean validation curve, and each fold is finalised at
+    it. The pooled out-of-fold predictions give the threshold (with its
+    interval) and the card of ``out/ensemble.pt``, the K fold models averaged
+    into one network (:mod:`edgedx.training.ensemble`). ``out/cv_summary.json``
+    holds the fold spread, the out-of-fold figures (labelled as selection) and
+    the held-out figures (the result). Every rank of a ``torchrun`` job returns the same result.
     """
     if folds < 2:
         raise InputError(f"--folds must be at least 2, got {folds}")
-    folder = RunFolder(out)
-    results = []
+    selection = "out_of_fold" if config.epoch_selection == "auto" else config.epoch_selection
+    config = replace(config, epoch_selection=selection)
     config.validate()
+    folder = RunFolder(out)
     with distributed.session(resolve_device(config.device)) as ctx:  # one process group for every fold
         progress = progress if ctx.is_main else no_progress
+        results = []
         for i in range(folds):
             results.append(train_run(data, folder.fold(i).path, config, fold=(i, folds), progress=progress))
             progress("folds", i + 1, folds)
+        chosen: dict[str, Any] = {"method": "per_run", "epochs": [r.best_epoch for r in results]}
+        if selection == "out_of_fold":
+            results, chosen = _refit_at_chosen_epoch(data, folder, config, results)
         summary = _cv_summary(results, folds, config.seed)
+        summary["epoch_selection"] = chosen
         if ctx.is_main:
+            summary.update(_out_of_fold(folder, results, config))
             folder.write_cv_summary(summary)
+            for line in summary_lines(summary):
+                log.info("%s", line)
     return CrossValidationResult(tuple(results), summary)
+
+
+def _refit_at_chosen_epoch(
+    data: str | Path, folder: RunFolder, config: TrainConfig, results: list[TrainResult]
+) -> tuple[list[TrainResult], dict[str, Any]]:
+    """The epoch with the best mean validation curve over folds; each fold finalised at it, then its snapshots removed."""
+    epoch, curve = choose_epoch([r.history for r in results], config.monitor)
+    k = len(results)
+    refit = [
+        r if r.best_epoch == epoch else finalise_at(data, folder.fold(i).path, config, fold=(i, k), epoch=epoch)
+        for i, r in enumerate(results)
+    ]
+    if distributed.is_main():
+        for i in range(k):
+            shutil.rmtree(folder.fold(i).snapshot(epoch).parent, ignore_errors=True)
+    own = [r.best_epoch for r in results]
+    log.info("epoch %d chosen on the %d folds' mean validation %s (each fold's own best: %s)", epoch, k, config.monitor, own)
+    return refit, {"method": "out_of_fold", "monitor": config.monitor, "chosen": epoch, "mean_curve": curve, "each_fold_best": own}
+
+
+def _out_of_fold(folder: RunFolder, results: list[TrainResult], config: TrainConfig) -> dict[str, Any]:
+    """Rank 0: pooled out-of-fold figures, the held-out spread, and ``ensemble.pt`` with the out-of-fold card."""
+    pooled = pool_predictions([folder.fold(i) for i in range(len(results))])
+    report, card, warnings = out_of_fold_report(pooled, results[0].card, config.target_sensitivity, seed=config.seed)
+    for warning in warnings:
+        log.warning("%s", warning)
+    held = [json.loads((folder.fold(i).path / METRICS_NAME).read_text(encoding="utf-8")).get("test") for i in range(len(results))]
+    section: dict[str, Any] = {"out_of_fold": report, "warnings": warnings}
+    if all(h is not None for h in held):
+        section["held_out_spread"] = fold_spread(held)  # type: ignore[arg-type]
+        section["held_out_n"] = held[0].get("n")  # type: ignore[union-attr]
+    members = [load_checkpoint(r.checkpoint) for r in results]
+    fitted_on = {"folds": len(results), "members": [str(r.checkpoint) for r in results], "temperatures": [list(m.card.calibration.temperature) for m in members]}
+    ensemble = ensemble_card([m.card for m in members], fitted_on=fitted_on)
+    ensemble = ensemble.replace(threshold=card.threshold, threshold_choice=card.threshold_choice, abstention=card.abstention, metrics=card.metrics)
+    write_ensemble_split(folder.path / SPLIT_NAME, [folder.fold(i).split_file for i in range(len(results))])  # export verifies on it
+    section["ensemble"] = str(save_ensemble(folder.path / ENSEMBLE_NAME, ensemble, members))
+    return section
 
 
 def _cv_summary(results: list[TrainResult], folds: int, seed: int) -> dict[str, Any]:

@@ -14,6 +14,11 @@
 // then counted against it, and the mean |Δp| from it must stay within
 // tolerances.max_mean_exact_delta (docs/integration.md §9). Exit 0: within the tolerances;
 // 1: outside them; 2: the files could not be used.
+//
+// A card with test-time views (crop.tta, schema 5, docs/integration.md §6.1) is diagnosed with the mean of
+// the logits over each crop and its views, before the temperature and the activation: runViews() below does
+// it. The self-test vectors judge the engine itself (one call per crop, no views), so the check above runs
+// without them; the vectors' probabilities with the views averaged in are reported as tta_probabilities.
 
 import { createHash } from "node:crypto";
 import { existsSync, readFileSync } from "node:fs";
@@ -146,6 +151,61 @@ function normalise(crop, h, w, card) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Test-time views (docs/integration.md §6.1): each view is a copy of the model-input batch with its
+// (height, width) axes flipped or turned, as numpy's np.flip / np.rot90(k, axes=(H, W)) make them.
+// ---------------------------------------------------------------------------------------------
+const TTA_VIEWS = ["hflip", "vflip", "rot180", "rot90", "rot270"];
+
+function viewOf(data, dims, layout, name) {
+  // data: the batch as fed (Float32Array NCHW or Uint8Array NHWC); returns [data, dims] of the view
+  const nchw = layout === "float32_nchw";
+  const [n, a, b, c] = dims;
+  const [channels, h, w] = nchw ? [a, b, c] : [c, a, b];
+  const quarter = name === "rot90" || name === "rot270";
+  const [oh, ow] = quarter ? [w, h] : [h, w];
+  // source pixel (y, x) of output pixel (i, j)
+  const source = {
+    hflip: (i, j) => [i, w - 1 - j],
+    vflip: (i, j) => [h - 1 - i, j],
+    rot180: (i, j) => [h - 1 - i, w - 1 - j],
+    rot90: (i, j) => [j, w - 1 - i],
+    rot270: (i, j) => [h - 1 - j, i],
+  }[name];
+  if (!source) throw new Error(`unknown test-time view ${name}; use any of ${TTA_VIEWS.join(", ")}`);
+  const out = new data.constructor(data.length);
+  const plane = h * w;
+  for (let k = 0; k < n; k++) {
+    const base = k * channels * plane;
+    for (let i = 0; i < oh; i++) {
+      for (let j = 0; j < ow; j++) {
+        const [y, x] = source(i, j);
+        for (let ch = 0; ch < channels; ch++) {
+          if (nchw) out[base + ch * plane + i * ow + j] = data[base + ch * plane + y * w + x];
+          else out[base + (i * ow + j) * channels + ch] = data[base + (y * w + x) * channels + ch];
+        }
+      }
+    }
+  }
+  return [out, nchw ? [n, channels, oh, ow] : [n, oh, ow, channels]];
+}
+
+async function runViews(ort, session, data, dims, layout, views) {
+  // the mean of the logits over the batch itself and each view (float64), one engine call each at one batch size
+  const type = layout === "uint8_nhwc" ? "uint8" : "float32";
+  let sum = null;
+  let width = 1;
+  for (const name of [null, ...views]) {
+    const [x, shape] = name === null ? [data, dims] : viewOf(data, dims, layout, name);
+    const result = await session.run({ [session.inputNames[0]]: new ort.Tensor(type, x, shape) });
+    const logits = result[session.outputNames[0]];
+    width = logits.dims.length === 1 ? 1 : logits.dims[1];
+    if (sum === null) sum = new Float64Array(logits.data.length);
+    for (let i = 0; i < sum.length; i++) sum[i] += Number(logits.data[i]);
+  }
+  return { logits: sum.map((v) => v / (1 + views.length)), width };
+}
+
+// ---------------------------------------------------------------------------------------------
 // Outputs and decisions (docs/integration.md §6)
 // ---------------------------------------------------------------------------------------------
 function activate(logits, card) {
@@ -234,32 +294,34 @@ async function main() {
 
   const ort = require("onnxruntime-node");
   const session = await ort.InferenceSession.create(modelPath, { executionProviders: ["cpu"] });
-  const inputName = session.inputNames[0];
-  const outputName = session.outputNames[0];
-  const probabilities = [];
+  const views = card.crop?.tta ?? [];
+  const unknownView = views.find((v) => !TTA_VIEWS.includes(v));
+  if (unknownView !== undefined) fail(`card crop.tta names an unknown view ${unknownView}; this script knows ${TTA_VIEWS.join(", ")}: upgrade it`);
+  const layout = card.input_format;
   // A graph with a fixed batch (.ort files, --fixed-batch N) takes exactly that many crops: pad the last chunk.
   const dim0 = session.inputMetadata?.[0]?.shape?.[0];
   const fixed = Number.isInteger(dim0) && dim0 > 0 ? dim0 : null;
   const batch = fixed ?? 8;
+  const probabilities = []; // the engine's own (the self-test)
+  const ttaProbabilities = []; // with the card's test-time views averaged in, as diagnose computes them
   for (let start = 0; start < n; start += batch) {
     const chunk = crops.slice(start, start + batch);
     const used = chunk.length;
     while (fixed !== null && chunk.length < fixed) chunk.push(chunk[chunk.length - 1]);
-    let tensor;
-    if (card.input_format === "uint8_nhwc") {
-      const data = new Uint8Array(chunk.length * ih * iw * 3);
+    let data;
+    let dims;
+    if (layout === "uint8_nhwc") {
+      data = new Uint8Array(chunk.length * ih * iw * 3);
       chunk.forEach((c, i) => data.set(c, i * ih * iw * 3));
-      tensor = new ort.Tensor("uint8", data, [chunk.length, ih, iw, 3]);
+      dims = [chunk.length, ih, iw, 3];
     } else {
-      const data = new Float32Array(chunk.length * 3 * ih * iw);
+      data = new Float32Array(chunk.length * 3 * ih * iw);
       chunk.forEach((c, i) => data.set(normalise(c, ih, iw, card), i * 3 * ih * iw));
-      tensor = new ort.Tensor("float32", data, [chunk.length, 3, ih, iw]);
+      dims = [chunk.length, 3, ih, iw];
     }
-    const result = await session.run({ [inputName]: tensor });
-    const logits = result[outputName];
-    const width = logits.dims.length === 1 ? 1 : logits.dims[1];
-    for (let i = 0; i < used; i++) {
-      probabilities.push(activate(Array.from(logits.data.slice(i * width, (i + 1) * width), Number), card));
+    for (const [selected, into] of views.length ? [[[], probabilities], [views, ttaProbabilities]] : [[[], probabilities]]) {
+      const { logits, width } = await runViews(ort, session, data, dims, layout, selected);
+      for (let i = 0; i < used; i++) into.push(activate(Array.from(logits.slice(i * width, (i + 1) * width)), card));
     }
   }
 
@@ -310,6 +372,7 @@ async function main() {
     max_prob_delta: maxDelta, top1_agreement: top1, decision_agreement: decisions,
     agreement_against: exact !== null ? "exact" : "reference", exact_mean_delta: exactMean, about,
     tolerances: tol, passed, failures, onnxruntime_node: ort.env.versions?.node ?? null,
+    tta_views: views, tta_probabilities: views.length ? ttaProbabilities : null,
   };
   console.log(
     `self-test ${passed ? "passed" : "FAILED"} on ${n} vectors (${selftest.precision}, onnxruntime-node ${report.onnxruntime_node}): ` +
@@ -321,6 +384,12 @@ async function main() {
         : "") +
       (resized ? `; crops resized ${th}×${tw} → ${ih}×${iw} (${card.interpolation})` : "; crops already at the input size"),
   );
+  if (views.length) {
+    console.log(
+      `test-time views (crop.tta): ${views.join(", ")}; diagnose averages each crop's logits with these views' before the ` +
+        "temperature and the activation (the self-test judges the engine alone, without them)",
+    );
+  }
   if (!passed) {
     console.log(
       `refused: ${failures.join("; ")}.` + (about ? ` This file: ${about}.` : "") +

@@ -133,6 +133,11 @@ def _run_split(run: Path, class_names: tuple[str, ...], split: str) -> LabelledS
     except (OSError, ValueError) as exc:
         raise InputError(f"{run / 'split.json'} is not a readable split file ({exc})") from None
     ids, labels = record.get(split), record.get(f"{split}_labels")
+    if split == "val" and record.get("val_held_out") is False:
+        raise InputError(
+            f"{run / 'split.json'} is a fold ensemble's, and its 'val' images trained the ensemble's members: scoring them is not a "
+            "result. Train with --folds K and --test-fraction (or a source with its own val/test split) and evaluate --split test"
+        )
     if not ids:
         held = [k for k in ("val", "test") if record.get(k)]
         raise InputError(f"the run {run} has no {split!r} split; it holds {held}: choose one with --split (test exists with train --test-fraction)")

@@ -26,9 +26,9 @@ from typing import Any, Literal, Union
 
 from edgedx.errors import CardError
 
-SCHEMA_VERSION = 5  # 2: crop padding modes, aggregations, top_k, centre weighting, foreground filter; 3: crop modes;
+SCHEMA_VERSION = 6  # 2: crop padding modes, aggregations, top_k, centre weighting, foreground filter; 3: crop modes;
 # 4: calibration, abstention, image-quality limits, physical scale, lineage; 5: test-time augmentation, fold ensembles,
-# where the threshold came from and how sure it is
+# where the threshold came from and how sure it is; 6: detection (counting the positive class on a field)
 ONNX_METADATA_KEY = "edgedx.card"
 SIDECAR_SUFFIX = ".card.json"
 
@@ -46,6 +46,10 @@ CROP_MODES: tuple[str, ...] = ("fit", "shorter_side", "scale")
 # test-time views of each crop, besides the crop itself: flips and quarter turns (the last two need square crops)
 TTA_VIEWS: tuple[str, ...] = ("hflip", "vflip", "rot180", "rot90", "rot270")
 ThresholdSource = Literal["unknown", "validation", "out_of_fold", "site", "manual"]
+FieldRule = Literal["any", "count_at_least", "top_k_mean"]
+SlideRule = Literal["any_field", "count_at_least"]
+FIELD_RULES: tuple[str, ...] = ("any", "count_at_least", "top_k_mean")
+SLIDE_RULES: tuple[str, ...] = ("any_field", "count_at_least")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -303,6 +307,59 @@ class ThresholdChoice:
 
 
 @dataclass(frozen=True)
+class Detection:
+    """Counting and localising the positive class on a whole field, and the field's decision from the count.
+
+    A cell classifier run over a field in sliding crops says, per crop, how
+    likely that crop holds the positive class; a microscopist needs how many
+    parasites, where (to confirm by eye) and, with ``count_cells``, the red
+    cells they sit among (parasitaemia). Off by default: records of a card
+    without it are as they were.
+
+    ``tile_threshold`` (None: the card's ``threshold``) makes a crop a
+    candidate; overlapping candidates whose boxes overlap by more than
+    ``nms_iou`` (intersection over union) are one finding
+    (:mod:`edgedx.runtime.detections`). ``field_rule`` says when a field is
+    positive: ``any`` candidate, at least ``field_k`` (``count_at_least``), or
+    the mean of the ``field_k`` highest crop probabilities reaching
+    ``field_threshold`` (None: the card's threshold; ``top_k_mean``).
+    ``slide_rule`` does the same for the fields of one slide: ``any_field``
+    positive, or at least ``slide_k`` positive fields. ``fitted_on`` says where
+    the numbers came from (fields, operating points).
+    """
+
+    enabled: bool = False
+    tile_threshold: float | None = None
+    nms_iou: float = 0.3
+    count_cells: bool = False
+    field_rule: FieldRule = "any"
+    field_k: int = 1
+    field_threshold: float | None = None
+    slide_rule: SlideRule = "any_field"
+    slide_k: int = 1
+    fitted_on: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("tile_threshold", "field_threshold"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise CardError(f"model card field 'detection.{name}' must be within [0, 1] or null (the card's threshold), got {value}")
+        if not 0.0 < self.nms_iou <= 1.0:
+            raise CardError(f"model card field 'detection.nms_iou' must be within (0, 1], got {self.nms_iou}; 0.3 merges crops of one object")
+        for name in ("field_k", "slide_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or int(value) != value or value < 1:
+                raise CardError(f"model card field 'detection.{name}' must be a positive integer, got {value!r}")
+        if self.field_rule not in FIELD_RULES:
+            raise CardError(f"model card field 'detection.field_rule' must be one of {list(FIELD_RULES)}, got {self.field_rule!r}")
+        if self.slide_rule not in SLIDE_RULES:
+            raise CardError(f"model card field 'detection.slide_rule' must be one of {list(SLIDE_RULES)}, got {self.slide_rule!r}")
+        if self.count_cells and not self.enabled:
+            raise CardError("model card field 'detection.count_cells' is true but 'detection.enabled' is false: cells are counted "
+                            "only beside detections; set enabled true, or count_cells false")
+
+
+@dataclass(frozen=True)
 class ModelCard:
     """Everything a stage needs to use a model correctly; see the module docstring."""
 
@@ -327,6 +384,7 @@ class ModelCard:
     um_per_px: float | None = None  # the training images' physical scale (micrometres per pixel); None: not known
     ensemble: Ensemble = field(default_factory=Ensemble)
     threshold_choice: ThresholdChoice = field(default_factory=ThresholdChoice)
+    detection: Detection = field(default_factory=Detection)
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -362,6 +420,8 @@ class ModelCard:
         n_temperatures = len(self.calibration.temperature)
         if self.calibration.method == "temperature" and n_temperatures not in (1, len(names) if self.task == "multilabel" else 1):
             raise CardError(f"model card field 'calibration.temperature' has {n_temperatures} values for a {self.task} model with {len(names)} classes")
+        if self.detection.enabled and self.positive_index is None:
+            raise CardError("model card field 'detection.enabled' needs a positive_class: detections count one class; name it")
         if self.schema_version != SCHEMA_VERSION:
             raise CardError(f"model card: cannot build schema_version {self.schema_version} cards with this edgedx")
 
@@ -437,6 +497,12 @@ class ModelCard:
             raise CardError(f"{path}: {exc}") from None
 
 
+# no detections, no cell count, no field rule: a card's records as before detection existed
+_DETECTION_OFF: dict[str, Any] = {
+    "enabled": False, "tile_threshold": None, "nms_iou": 0.3, "count_cells": False, "field_rule": "any", "field_k": 1,
+    "field_threshold": None, "slide_rule": "any_field", "slide_k": 1, "fitted_on": {},
+}
+
 # Fields each schema version added, with the value that reproduces the older behaviour.
 _ADDED_IN = {
     2: {"crop": {"top_k": 3, "centre_weighting": "none", "min_foreground": 0.0}},
@@ -464,6 +530,8 @@ _ADDED_IN = {
         },
         "crop": {"tta": []},
     },
+    # before 6 no card detected, counted or decided per field
+    6: {"": {"detection": _DETECTION_OFF}},
 }
 
 

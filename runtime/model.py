@@ -25,6 +25,7 @@ import numpy as np
 
 from edgedx.card import CropPolicy, ModelCard
 from edgedx.errors import CardError, EdgeDxError, ImageReadError, InputError, InsufficientContentError
+from edgedx.runtime.detections import FieldFindings, find_on_field
 from edgedx.runtime.gate import GateSettings, Prepared
 from edgedx.runtime.gate import prepare as gate_image
 from edgedx.runtime.io.image_io import to_rgb_uint8
@@ -65,6 +66,7 @@ class Diagnosis:
     reject_reasons: tuple[str, ...] = ()
     quality: dict[str, Any] | None = None  # the gate's measures, "passed" and "gate"
     scale: dict[str, Any] | None = None  # the physical scale: image and trained µm/px, source, factor, note
+    findings: FieldFindings | None = None  # a detection-enabled card's detections, field decision, cells, parasitaemia
 
     @property
     def rejected(self) -> bool:
@@ -81,9 +83,10 @@ class Diagnosis:
 
     def to_record(self) -> dict[str, Any]:
         """The record's fields (see :func:`edgedx.runtime.outputs.records.empty_record`); a reject has no label,
-        no probabilities and no crops."""
+        no probabilities and no crops. A detection-enabled card's diagnoses add their findings
+        (:meth:`edgedx.runtime.detections.FieldFindings.to_record`); other records keep exactly these keys."""
         rejected = self.rejected
-        return {
+        record: dict[str, Any] = {
             "label": None if rejected else self.label,
             "decision": REJECT if rejected else self.label if self.decision is None else self.decision,
             "probabilities": None if rejected else self.probabilities,
@@ -102,6 +105,9 @@ class Diagnosis:
             "quality": self.quality,
             "scale": self.scale,
         }
+        if self.findings is not None and not rejected:
+            record.update(self.findings.to_record())
+        return record
 
 
 REFER = "refer"
@@ -373,7 +379,7 @@ class Model:
         problem = self.content_problem(outcome.result, policy.min_content)
         if problem is not None:
             return InsufficientContentError(f"{name}: {problem}" if name else problem)
-        diagnosis = self.to_diagnosis(outcome.result, timings)
+        diagnosis = self.to_diagnosis(outcome.result, timings, prepared=seen, policy=policy)
         return diagnosis if seen is None else dataclasses.replace(diagnosis, quality=seen.quality, scale=seen.scale)
 
     def content_problem(self, sliding: SlidingResult, minimum: float | None = None) -> str | None:
@@ -400,9 +406,19 @@ class Model:
             )
         return None
 
-    def to_diagnosis(self, sliding: SlidingResult, timings: dict[str, float]) -> Diagnosis:
-        """Merged tiles → the decision, its refer reasons and top-k (shared by the local and Ray engines)."""
+    def to_diagnosis(
+        self, sliding: SlidingResult, timings: dict[str, float], *, prepared: Prepared | None = None, policy: CropPolicy | None = None,
+    ) -> Diagnosis:
+        """Merged tiles → the decision, its refer reasons and top-k (shared by the local and Ray engines); with a
+        detection-enabled card also the field's findings (``prepared``: the image the crops were cut from, for the cell
+        count, and its physical scale factor, to put boxes in the file's pixels; ``policy``: the run's crop policy,
+        default the model's), their milliseconds added to ``timings``."""
         card = self.card
+        findings = None
+        if card.detection.enabled:
+            image, factor = (None, 1.0) if prepared is None else (prepared.image, float((prepared.scale or {}).get("factor") or 1.0))
+            findings = find_on_field(card, policy or self.crop, sliding, image, image_factor=factor)
+            timings = {**timings, **findings.timings_ms}
         probs = sliding.probabilities
         label = decide(probs, card)
         pset, dispersion, reasons = self.abstain(probs, sliding)
@@ -423,6 +439,7 @@ class Model:
             prediction_set=pset,
             crop_dispersion=dispersion,
             refer_reasons=tuple(reasons),
+            findings=findings,
         )
 
     def abstain(self, probs: np.ndarray, sliding: SlidingResult) -> tuple[tuple[str, ...] | None, float | None, list[str]]:

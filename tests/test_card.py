@@ -463,3 +463,33 @@ def test_trust_fields_are_checked() -> None:
         make_card("binary", calibration=Calibration("temperature", (1.0, 1.0, 1.0)))
     per_label = make_card("multilabel", calibration=Calibration("temperature", (1.2, 0.8, 1.0)))
     assert ModelCard.from_json(per_label.to_json()) == per_label
+
+
+def test_detection_round_trips_and_older_cards_read_with_it_off() -> None:
+    """Detection (schema 6) survives JSON; schema-4 and schema-5 cards read with detection off; a detection object
+    missing a field still fails naming it."""
+    from edgedx.card import Detection
+
+    on = make_card("binary", detection=Detection(
+        enabled=True, tile_threshold=0.7, nms_iou=0.25, count_cells=True, field_rule="count_at_least", field_k=2,
+        field_threshold=0.6, slide_rule="count_at_least", slide_k=3, fitted_on={"fields": 52},
+    ))
+    assert ModelCard.from_json(on.to_json()) == on
+    older = make_card("binary").to_dict()
+    older["schema_version"] = 4
+    for added in ("ensemble", "threshold_choice", "detection"):
+        del older[added]
+    del older["crop"]["tta"]
+    assert ModelCard.from_dict(older).detection == Detection()
+    five = make_card("binary").to_dict()
+    five["schema_version"] = 5
+    del five["detection"]
+    assert ModelCard.from_dict(five).detection == Detection()
+    current = make_card("binary").to_dict()
+    del current["detection"]
+    assert_card_error(current, "missing", "'detection'")
+    partial = on.to_dict()
+    del partial["detection"]["nms_iou"]
+    assert_card_error(partial, "missing", "'detection.nms_iou'")
+    with pytest.raises(CardError, match="detection.enabled' needs a positive_class"):
+        make_card("multiclass", detection=Detection(enabled=True))

@@ -5,6 +5,9 @@ nothing unless the strip under the image says red = 1 and shows where the
 operating threshold lies. Why no map from one or two crops: their mean is one
 or two flat colours over the whole image, which looks like localisation but is
 only the image's probability painted everywhere; the banner says so instead.
+Why boxes: a detection-enabled card counts objects (parasites), and a count is
+only trusted once a person has seen each one; every detection is outlined with
+its score so it can be confirmed by eye.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from edgedx.runtime.tiling import SlidingResult, coverage_map
 
 if TYPE_CHECKING:
     from edgedx.card import ModelCard
+    from edgedx.runtime.detections import DetectedBox
     from edgedx.runtime.model import Diagnosis
 
 log = logging.getLogger(__name__)
@@ -33,6 +37,8 @@ MIN_CROPS_FOR_MAP = 3  # one or two kept crops give a flat colour, not a map
 MARK = (255, 255, 255)  # the threshold mark: pure white never occurs in JET, so it always stands out
 NOTE = (255, 220, 0)  # the "no map" note, yellow on the black banner
 REJECTED = (255, 90, 90)  # a rejected image's reasons, red on the black banner
+BOX = (255, 255, 255)  # a detection's outline: white on a black edge reads on any colour of the heat map
+BOX_EDGE = (0, 0, 0)
 # OpenCV's Hershey fonts draw only ASCII: the reasons' typography in plain letters
 _ASCII = str.maketrans({"–": "-", "—": "-", "≥": ">=", "≤": "<=", "×": "x", "µ": "u", "→": "->", "σ": "sigma", "…": "..."})
 
@@ -135,6 +141,28 @@ def _heat_wash(image: np.ndarray, sliding: SlidingResult, class_index: int, weig
     return (image.astype(np.float32) * (1 - alpha) + coloured.astype(np.float32) * alpha).astype(np.uint8)
 
 
+def draw_detections(image: np.ndarray, detections: Sequence[DetectedBox]) -> np.ndarray:
+    """A copy of ``image`` with each detection's box (original pixels) outlined and its score written above it.
+
+    Line width and text grow with the image so they stay visible on a 4000-px field."""
+    out = np.array(image, dtype=np.uint8, copy=True, order="C")
+    if not detections:
+        return out
+    side = min(out.shape[:2])
+    thick = max(1, int(round(side / 400)))
+    scale = max(0.35, side / 1600)
+    for d in detections:
+        top_left, bottom_right = (d.x, d.y), (d.x + d.w - 1, d.y + d.h - 1)
+        cv2.rectangle(out, top_left, bottom_right, BOX_EDGE, thick + 2)
+        cv2.rectangle(out, top_left, bottom_right, BOX, thick)
+        text = f"{d.score:.2f}"
+        (_, text_h), _ = cv2.getTextSize(text, FONT, scale, 1)
+        at = (d.x + thick, d.y - thick - 2 if d.y - thick - 2 >= text_h else d.y + d.h - thick - 2)
+        cv2.putText(out, text, at, FONT, scale, BOX_EDGE, thick + 2, cv2.LINE_AA)
+        cv2.putText(out, text, at, FONT, scale, BOX, thick, cv2.LINE_AA)
+    return out
+
+
 def render_overlay(
     image: np.ndarray,
     sliding: SlidingResult,
@@ -144,6 +172,7 @@ def render_overlay(
     weighting: str = "none",
     threshold: float | None = None,
     scale_label: str = "probability",
+    detections: Sequence[DetectedBox] = (),
 ) -> np.ndarray:
     """Caption banner, the image with the per-tile probability of ``class_index`` blended in, and a colour bar.
 
@@ -153,7 +182,8 @@ def render_overlay(
     is left as it is and the banner says why. ``threshold`` (the card's, for
     the class shown) is marked on the bar; ``scale_label`` names the scale
     ("p(melanoma)"). Images narrower than :data:`MIN_WIDTH` are padded on the
-    right with black; the image itself is never resized.
+    right with black; the image itself is never resized. ``detections`` (boxes
+    in the image's pixels) are outlined with their scores (:func:`draw_detections`).
     """
     note = no_map_note(sliding.n_used)
     if note is None:
@@ -161,6 +191,8 @@ def render_overlay(
     else:
         log.debug("overlay without a heat map: %s (%d of %d crops kept)", note, sliding.n_used, sliding.n_tiles)
         shown = np.ascontiguousarray(image, dtype=np.uint8)
+    if detections:
+        shown = draw_detections(shown, detections)
     width = max(MIN_WIDTH, shown.shape[1])
     if width > shown.shape[1]:
         shown = np.pad(shown, ((0, 0), (0, width - shown.shape[1]), (0, 0)))
@@ -204,6 +236,13 @@ def diagnosis_overlay(image: np.ndarray, result: Diagnosis, card: ModelCard, *, 
     caption = f"{', '.join(label) if isinstance(label, list) else label}  p({name})={probs[name]:.2f}"
     if result.threshold is not None:
         caption += f"  threshold {result.threshold:.2f}"
+    found = result.findings
+    if found is not None:
+        caption += f"  {found.field_rule}"
+        rate = found.parasitaemia or {}
+        if rate.get("percent") is not None:
+            caption += f"; {rate['n_parasites']} per {rate['n_cells']} red cells = {rate['percent']:.2f}% (95% CI {rate['ci95'][0]:.2f}-{rate['ci95'][1]:.2f}%)"
     return render_overlay(
         image, result.sliding, index, ascii_text(caption), weighting=weighting, threshold=result.threshold, scale_label=f"p({name})",
+        detections=() if found is None else found.detections,
     )

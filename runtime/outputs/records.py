@@ -30,6 +30,11 @@ CSV_COLUMNS = (
     "image_um_per_px", "scale_factor",
 )
 FRAME_COLUMNS = ("frame", "time_s")  # only when a video or camera is among the inputs: still images have no frame
+# only for a detection-enabled card (RecordWriter(detection=True)): other cards' files keep their columns.
+# detections: JSON [[x, y, w, h, score], ...] in original pixels (one cell, parseable, never a formula)
+DETECTION_COLUMNS = (
+    "n_detections", "detections", "field_positive", "field_rule", "n_cells", "parasitaemia_percent", "parasitaemia_ci95",
+)
 
 
 def output_format(path: Path) -> str:
@@ -59,16 +64,20 @@ class RecordWriter:
     """Context manager writing records (see :func:`empty_record`); ``append`` continues an existing file.
 
     CSV files get the ``frame`` and ``time_s`` columns only when ``frames``
-    (videos or cameras among the inputs); a continued CSV keeps the columns of
-    its header.
+    (videos or cameras among the inputs), and :data:`DETECTION_COLUMNS` only
+    when ``detection`` (the card's detection is enabled); a continued CSV keeps
+    the columns of its header.
     """
 
-    def __init__(self, path: str | Path, class_names: tuple[str, ...], *, append: bool = False, frames: bool = False) -> None:
+    def __init__(
+        self, path: str | Path, class_names: tuple[str, ...], *, append: bool = False, frames: bool = False, detection: bool = False,
+    ) -> None:
         self.path = Path(path)
         self.format = output_format(self.path)
         self.class_names = class_names
         self.append = append
-        self.columns = CSV_COLUMNS if frames else tuple(c for c in CSV_COLUMNS if c not in FRAME_COLUMNS)
+        base = CSV_COLUMNS if frames else tuple(c for c in CSV_COLUMNS if c not in FRAME_COLUMNS)
+        self.columns = (*base, *DETECTION_COLUMNS) if detection else base
         self._file: IO[str] | None = None
         self._csv: Any = None
 
@@ -119,6 +128,7 @@ class RecordWriter:
             "quality_measures": "; ".join(f"{k}={v:g}" for k, v in quality.items() if isinstance(v, (int, float)) and not isinstance(v, bool)) or None,
             "image_um_per_px": scale.get("image_um_per_px"),
             "scale_factor": scale.get("factor"),
+            **_detection_cells(record),
         }
         return [("" if row[k] is None else csv_text(row[k])) for k in self.columns] + [probs.get(n, "") for n in self.class_names]
 
@@ -139,8 +149,26 @@ def _header_columns(path: Path, default: tuple[str, ...]) -> tuple[str, ...]:
             header = next(csv.reader(f), [])
     except (OSError, UnicodeDecodeError, csv.Error):
         return default
-    known = tuple(c for c in header if c in CSV_COLUMNS)
+    known = tuple(c for c in header if c in CSV_COLUMNS or c in DETECTION_COLUMNS)
     return known if "input" in known else default
+
+
+def _detection_cells(record: dict[str, Any]) -> dict[str, Any]:
+    """A detection record's CSV cells: the boxes as one JSON list of [x, y, w, h, score], counts and the rule as text."""
+    boxes = record.get("detections")
+    field = record.get("field_decision") or {}
+    cells = record.get("cells") or {}
+    rate = record.get("parasitaemia") or {}
+    ci = rate.get("ci95")
+    return {
+        "n_detections": record.get("n_detections"),
+        "detections": None if boxes is None else json.dumps([[*d["box"], d["score"]] for d in boxes], separators=(",", ":")),
+        "field_positive": field.get("positive"),
+        "field_rule": field.get("rule"),
+        "n_cells": cells.get("count"),
+        "parasitaemia_percent": rate.get("percent"),
+        "parasitaemia_ci95": None if ci is None else f"{ci[0]:g}-{ci[1]:g}",
+    }
 
 
 def _cell(value: Any) -> Any:

@@ -9,12 +9,10 @@ import numpy as np
 from edgedx.card import ModelCard
 
 
-class RedLevelSession:
-    """A fake inference session (uint8 NHWC crops): p(positive class) = (mean red + 1) / 256 of each crop (binary),
-    or the mean RGB shares (three classes); returned as log-probabilities, which the card's softmax turns back into
-    them. Counts the crops it was given (``crops``)."""
+class FakeSession:
+    """What every fake engine shares with a real runtime session: where it came from, how it runs, no self-test."""
 
-    path = Path("fake model.onnx")
+    path = Path("fake.onnx")
     sha256 = None
     device = "cpu"
     providers = ("fake",)
@@ -22,12 +20,20 @@ class RedLevelSession:
     pads_batches = False
     selftest = None
 
+    def close(self) -> None:
+        pass
+
+
+class RedLevelSession(FakeSession):
+    """A fake inference session (uint8 NHWC crops): p(positive class) = (mean red + 1) / 256 of each crop (binary),
+    or the mean RGB shares (three classes); returned as log-probabilities, which the card's softmax turns back into
+    them. Counts the crops it was given (``crops``)."""
+
+    path = Path("fake model.onnx")
+
     def __init__(self, card: ModelCard) -> None:
         self.card = card
         self.crops = 0
-
-    def close(self) -> None:
-        pass
 
     def run(self, x: np.ndarray) -> np.ndarray:
         self.crops += len(x)

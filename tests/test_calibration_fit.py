@@ -31,20 +31,15 @@ from edgedx.runtime.fitting import (
 )
 from edgedx.runtime.model import Model
 from edgedx.runtime.trust import T_RANGE
+from tests.fakes import FakeSession
 
 PROVENANCE = Provenance("0", "2026-01-01T00:00:00+00:00")
 
 
-class LogitSession:
+class LogitSession(FakeSession):
     """A deterministic 'network': the logits are a fixed linear map of each crop's mean colour (float32)."""
 
     path = None
-    sha256 = None
-    device = "cpu"
-    providers = ("fake",)
-    precision = "fp32"
-    pads_batches = False
-    selftest = None
 
     def __init__(self, card: ModelCard, weights: np.ndarray) -> None:
         self.card = card
@@ -52,9 +47,6 @@ class LogitSession:
 
     def run(self, x: np.ndarray) -> np.ndarray:
         return (x.reshape(len(x), 3, -1).mean(axis=2) @ self.weights).astype(np.float32)  # float32 NCHW input
-
-    def close(self) -> None:
-        pass
 
 
 def card(task: str = "binary", **changes: Any) -> ModelCard:

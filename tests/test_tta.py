@@ -19,6 +19,7 @@ from edgedx.runtime.fitting import crop_logits, merged_probabilities
 from edgedx.runtime.model import Model, resolve_crop
 from edgedx.runtime.preprocess import model_input, to_probabilities
 from edgedx.runtime.tta import tta_run, view
+from tests.fakes import FakeSession
 
 PROVENANCE = Provenance("0", "2026-01-01T00:00:00+00:00")
 ALL_VIEWS = ("hflip", "vflip", "rot180", "rot90", "rot270")
@@ -96,22 +97,11 @@ def test_quarter_turns_need_a_square_input() -> None:
         tta_run(Recording("float32_nchw"), card)
 
 
-class Engine:
+class Engine(FakeSession):
     """A fake session on float32 NCHW input; ``fn`` maps the batch to logits."""
-
-    path = Path("fake.onnx")
-    sha256 = None
-    device = "cpu"
-    providers = ("fake",)
-    precision = "fp32"
-    pads_batches = False
-    selftest = None
 
     def __init__(self, card: ModelCard, fn: Any) -> None:
         self.card, self.fn, self.calls = card, fn, 0
-
-    def close(self) -> None:
-        pass
 
     def run(self, x: np.ndarray) -> np.ndarray:
         self.calls += 1

@@ -4,7 +4,9 @@
     python benchmarks/real_data/recipe.py breastmnist --epochs 1 # a quick check that the chain runs
 
 Training uses ``RECIPES`` from ``benchmarks/train_real_data.py`` (validation-only model
-selection and thresholds); the export builds fp32 + fp16 ONNX verified against PyTorch
+selection and thresholds: the numbers this script reports were tuned on the split they are
+reported on; ``real_data/oof_recipe.py`` is the path that chooses out of fold and reports
+the held-out split); the export builds fp32 + fp16 ONNX verified against PyTorch
 on the validation split; the fp32 artefact is then scored by ``edgedx evaluate``'s
 library call on that same split (bootstrap intervals, HTML report). Data come from
 $EDGEDX_DATA or ../shared/data and never enter the repository.

@@ -474,6 +474,8 @@ def diagnose(
         console.print(f"{summary.n_ok - rejected} diagnosed ({counts}){gate}, {summary.n_failed} failed{resumed}, {summary.seconds:.1f}s → {summary.out}")
         if summary.overlays:
             console.print(f"overlays: {overlays}")
+        if getattr(summary, "slides", None):
+            console.print(f"slides: {summary.slides}")
     if summary.n_failed:
         where = "their reasons are in the table" if out is None else f"see the 'error' field in {summary.out}"
         err_console.print(f"error: {summary.n_failed} of {summary.n_inputs} inputs could not be read; {where}")
@@ -624,14 +626,19 @@ def evaluate(
     image_dir: ImageDir = None,
     suffix: Suffix = "",
     device: Device = "cpu",
+    annotations: Annotated[Optional[Path], typer.Option(help="Object annotations of whole fields (IML annotations.json): DATA is then a folder of fields, scored field by field and parasite by parasite at the card's detection settings.")] = None,
 ) -> None:
-    """Score a deployed model on labelled images, through the same path as diagnose."""
+    """Score a deployed model on labelled images (or annotated whole fields), through the same path as diagnose."""
     from edgedx.runtime.evaluate import evaluate as evaluate_data, trust_lines
     from edgedx.runtime.io.manifest import ManifestLayout
 
     layout = ManifestLayout(path_column, label_column, str(image_dir) if image_dir else None, suffix)
+    fields = {"annotations": annotations} if annotations is not None else {}
     with progress_bar() as progress:
-        report = evaluate_data(model, data, split=split, device=device, bootstrap=bootstrap, out=out, layout=layout, progress=progress)
+        report = evaluate_data(model, data, split=split, device=device, bootstrap=bootstrap, out=out, layout=layout, progress=progress, **fields)
+    if annotations is not None:
+        _print_field_evaluation(report, out, json_out)
+        return
     m = report.metrics
     table = Table(title=f"{model.name} on {report.data}")
     for col in ("class", "sensitivity", "specificity", "precision", "f1", "support"):
@@ -845,6 +852,99 @@ def _print_recalibration(report: Any) -> None:
     console.print(f"new model: {report.output} (parent {Path(report.parent).name} sha256 {report.parent_sha256[:12]}…, unchanged)")
     console.print(f"self-test of the new model here: {'passed' if report.selftest['passed'] else 'FAILED'}; check anywhere with: edgedx verify {report.output}")
     console.print(f"report: {report.report_path}")
+
+
+def _point_lines(point: dict[str, Any]) -> list[str]:
+    """An operating point on fields, in lines: parasites found, false detections, field sensitivity/specificity, errors."""
+    def ci(values: Any) -> str:
+        return f" [{values[0]:.3f}, {values[1]:.3f}]" if values else ""
+
+    f = point["field"]
+    lines = [
+        f"parasites found {point['found']} of {point['n_parasites']} at {_fmt(point['false_per_field'])} false detections per field "
+        f"({point['n_fields']} fields)",
+        f"fields ({f['n_positive_fields']} positive): sensitivity {_fmt(f['sensitivity'])}{ci(f['sensitivity_ci95'])}, "
+        f"specificity {_fmt(f['specificity'])}{ci(f['specificity_ci95'])}",
+    ]
+    if "parasitaemia" in point:
+        lines.append(f"parasitaemia per field: mean absolute error {_fmt(point['parasitaemia']['mae_points'])} points "
+                     f"({point['parasitaemia']['n_fields']} fields)")
+    if "cell_count" in point:
+        lines.append(f"red cells per field: mean absolute error {_fmt(point['cell_count']['mae'])} cells")
+    return lines
+
+
+def _froc_table(rows: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title, box=box.SIMPLE)
+    for col in ("false per field ≤", "tile threshold", "parasites found", "false per field"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(f"{row['fp_per_field']:g}", f"{row['threshold']:.4g}", f"{row['found']}", _fmt(row["false_per_field"]))
+    return table
+
+
+def _print_field_evaluation(report: Any, out: Optional[Path], json_out: Optional[Path]) -> None:
+    """evaluate --annotations: the card's operating point on the fields, then the FROC."""
+    d = report.detection
+    console.print(f"{Path(report.model).name} on {report.counts['n_scored']} annotated fields of {report.data}: tile threshold "
+                  f"{report.point['tile_threshold']:.4g}, field rule {d['field_rule']} (k {d['field_k']})")
+    for line in _point_lines(report.point):
+        console.print(line)
+    console.print(_froc_table(report.froc, "parasites found against false detections per field (FROC)"))
+    if out:
+        console.print(f"report: {out / 'evaluation.json'}")
+    if json_out:
+        json_out.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
+        console.print(f"report: {json_out}")
+
+
+@app.command("fit-fields")
+def fit_fields_command(
+    model: Annotated[Path, typer.Argument(help="Exported .onnx model (or its export folder); it is never modified.")],
+    fields: Annotated[Path, typer.Argument(help="Folder of annotated whole fields the model was not trained on (IML: malaria_fields_iml/images).")],
+    annotations: Annotated[Path, typer.Option(help="Their object annotations (IML layout: a list of {image_name, objects: [{type, bbox}]}).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the new model (<stem>.fields.onnx with its .sha256 and card sidecar) and fit_fields_report.json.")],
+    fp_per_field: Annotated[float, typer.Option(help="Mean false detections per field the tile threshold allows (the lowest threshold within it is chosen).")] = 1.0,
+    count_cells: Annotated[bool, typer.Option("--count-cells/--no-count-cells", help="Count red cells: parasitaemia in every record.")] = True,
+    field_rule: Annotated[str, typer.Option(help="auto (best field-level balanced accuracy, ties to the simplest), any, count_at_least or top_k_mean.")] = "auto",
+    slide_k: Annotated[int, typer.Option(help="Positive fields a slide needs (not fitted: the fields have no slide labels).")] = 1,
+    name: Annotated[Optional[str], typer.Option(help="The new file's name, ending in .onnx.")] = None,
+    device: Device = "cpu",
+    seed: Annotated[int, typer.Option(help="Seed of the 2-fold cross-fit's split.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file of the same name.")] = False,
+) -> None:
+    """Fit the field and slide operating points (tile threshold, field rule) on annotated fields; writes a NEW model with detection on."""
+    _must_exist(model, "model", "an exported .onnx file or its export folder")
+    _must_exist(fields, "fields folder", "a folder of the annotated field images")
+    from edgedx.export.fit_fields import FitFieldsOptions, fit_fields
+
+    options = FitFieldsOptions(
+        fp_per_field=fp_per_field, count_cells=count_cells, field_rule=field_rule, slide_k=slide_k, name=name, device=device, seed=seed,
+        overwrite=overwrite,
+    )
+    with progress_bar() as progress:
+        report = fit_fields(model, fields, annotations, out, options, progress=progress)
+    _print_field_fit(report)
+
+
+def _print_field_fit(report: Any) -> None:
+    """The chosen point, its figures fitted and cross-fitted, the FROC, the new file and its self-test."""
+    d = report.detection
+    threshold = "" if d["field_threshold"] is None else f", field threshold {d['field_threshold']:.4g}"
+    console.print(f"chosen on {report.counts['n_scored']} fields: tile threshold {d['tile_threshold']:.4g}, field rule {d['field_rule']} "
+                  f"(k {d['field_k']}{threshold}), slide rule {d['slide_rule']} (k {d['slide_k']}, not fitted: no slide labels)")
+    console.print("fitted (chosen and read on the same fields: optimistic):", style="yellow")
+    for line in _point_lines(report.fitted):
+        console.print(f"  {line}")
+    if report.cross_fitted is not None:
+        console.print("cross-fitted (2-fold: chosen on one half, read on the other; what to expect):")
+        for line in _point_lines(report.cross_fitted):
+            console.print(f"  {line}")
+    console.print(_froc_table(report.froc, "all fields: parasites found against false detections per field (FROC)"))
+    for warning in report.warnings:
+        console.print(f"warning: {warning}", style="yellow")
+    console.print(f"new model: {report.output} (parent {Path(report.parent).name} sha256 {report.parent_sha256[:12]}…, unchanged)")
+    console.print(f"self-test of the new model here: {'passed' if report.selftest['passed'] else 'FAILED'}; report: {report.report_path}")
 
 
 @app.command("monitor")

@@ -570,8 +570,9 @@ def parent_sidecar(parent: Path) -> dict[str, Any]:
         return {}
 
 
-def verify_new(target: Path, parent: Path, device: str) -> SelfTestReport:
+def verify_new(target: Path, parent: Path, device: str, what: str = "recalibrated") -> SelfTestReport:
     """``edgedx verify`` on the new file; one that does not reproduce its converted vectors is removed, not left.
+    ``what`` names the step in the message (``edgedx fit-fields`` writes its artefacts through here too).
 
     The vectors are replayed on this machine's kernels: a file made for another target (an int8 flavour for VNNI
     on an AVX2 CPU) fails here whatever recalibration did, so the parent is replayed too and the message says which.
@@ -587,7 +588,7 @@ def verify_new(target: Path, parent: Path, device: str) -> SelfTestReport:
             f"the parent {parent.name} fails its self-test on this machine too (it is meant for another target): recalibrate "
             "it where it passes, or recalibrate the fp32 file"
         )
-        raise ModelError(f"the recalibrated model failed its own self-test and was removed ({report.summary()}); {why}")
+        raise ModelError(f"the {what} model failed its own self-test and was removed ({report.summary()}); {why}")
     return report
 
 

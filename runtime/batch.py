@@ -35,6 +35,7 @@ from edgedx.runtime.options import DiagnoseOptions
 from edgedx.runtime.outputs.guards import RunSettings, check_distinct, check_not_inputs, check_writable, exclusive_outputs, prepare_records_file
 from edgedx.runtime.outputs.overlay import diagnosis_overlay
 from edgedx.runtime.outputs.records import RecordWriter, completed_versions, empty_record, output_format, record_key
+from edgedx.runtime.outputs.slides import write_slide_summary
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class DiagnoseSummary:
     seconds: float
     overlays: tuple[Path, ...] = field(default=())
     n_resumed: int = 0  # inputs already in ``out`` from an interrupted run, not diagnosed again
+    slides: Path | None = None  # OUT.slides.jsonl: one line per slide (a detection-enabled card only)
 
     @property
     def n_ok(self) -> int:
@@ -279,7 +281,7 @@ def _run(
     if audit is not None:
         settings = _run_settings(model, {}).settings  # crop policy, threshold, refer band: what shaped each result
         audit_log = AuditLog(audit, model_path, card, names=options.audit_names, model_sha256=model.session.sha256, settings=settings)
-    with RecordWriter(out, card.class_names, append=resume, frames=frames) as writer:
+    with RecordWriter(out, card.class_names, append=resume, frames=frames, detection=card.detection.enabled) as writer:
         if audit_log is not None:
             audit_log.__enter__()
         try:
@@ -313,9 +315,10 @@ def _run(
         finally:
             if audit_log is not None:
                 audit_log.__exit__(None, None, None)
+    slides = write_slide_summary(out, card) if card.detection.enabled else None  # from the file: resumed records count too
     seconds = time.perf_counter() - start
     log.info("diagnosed %d inputs (%d failed, %d already done) in %.1fs → %s", n, failed, resumed, seconds, out)
-    return DiagnoseSummary(out, n, failed, dict(labels), seconds, tuple(written), resumed)
+    return DiagnoseSummary(out, n, failed, dict(labels), seconds, tuple(written), resumed, slides)
 
 
 def _folder(path: str | Path | None) -> Path | None:

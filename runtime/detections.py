@@ -140,6 +140,26 @@ def detect(sliding: SlidingResult, positive_index: int, threshold: float, nms_io
     return [_as_box(boxes[k], float(scores[k])) for k in kept]
 
 
+def field_candidates(sliding: SlidingResult, positive_index: int, nms_iou: float, *, image_factor: float = 1.0) -> list[DetectedBox]:
+    """Every candidate of one field: :func:`detect` at threshold 0, highest score first.
+
+    Why this serves any threshold: local maxima do not depend on the threshold,
+    and non-maximum suppression removes a box only for a higher-scored one, so
+    the detections at threshold ``t`` are exactly these candidates with score
+    ≥ ``t``. A threshold sweep (FROC, fitting a field's operating point) then
+    needs one model pass per field, not one per threshold.
+    """
+    return detect(sliding, positive_index, 0.0, nms_iou, image_factor=image_factor)
+
+
+def positive_tile_p(sliding: SlidingResult, positive_index: int) -> np.ndarray:
+    """The crops' p(positive class), NaN for the crops skipped as background (they never count in a field rule)."""
+    tile_p = sliding.tile_probabilities[:, positive_index].astype(np.float64)
+    if sliding.used is not None:
+        tile_p = np.where(np.asarray(sliding.used, bool), tile_p, np.nan)
+    return tile_p
+
+
 def _as_box(xyxy: np.ndarray, score: float) -> DetectedBox:
     """Whole pixels that cover the box: floor of the start, ceiling of the end."""
     x0, y0 = int(math.floor(xyxy[0])), int(math.floor(xyxy[1]))
@@ -174,6 +194,24 @@ def field_decision(
             f"{'≥' if positive else '<'} {cut:.2f}; {found} (rule: top-{k} mean)"
         )
     raise InputError(f"unknown field rule {rule!r}; use any, count_at_least or top_k_mean")
+
+
+def fitted_rule_words(card: ModelCard) -> str:
+    """The card's field rule and where it was fitted, for a record's ``decided_by``:
+    "field rule: at least 2 parasitized candidates at p ≥ 0.99, fitted on 52 validation fields"."""
+    settings, pos = card.detection, card.positive_index
+    name = card.class_names[pos] if pos is not None else "positive"
+    threshold = settings.tile_threshold if settings.tile_threshold is not None else card.threshold
+    threshold = 0.5 if threshold is None else threshold
+    if settings.field_rule == "top_k_mean":
+        cut = settings.field_threshold if settings.field_threshold is not None else card.threshold
+        what = f"mean of the {settings.field_k} highest crops' p({name}) ≥ {threshold if cut is None else cut:.4g}"
+    else:
+        k = 1 if settings.field_rule == "any" else settings.field_k
+        what = f"at least {k} {name} candidate{'' if k == 1 else 's'} at p ≥ {threshold:.4g}"
+    fitted = settings.fitted_on
+    n, source = fitted.get("n_fields"), fitted.get("source", "annotated fields")
+    return f"field rule: {what}, fitted on {f'{n} ' if n else ''}{source}"
 
 
 def slide_decision(field_positive: Sequence[bool], rule: str, k: int) -> tuple[bool, str]:
@@ -225,9 +263,7 @@ def find_on_field(card: ModelCard, policy: CropPolicy, sliding: SlidingResult, i
     threshold = 0.5 if threshold is None else threshold
     started = time.perf_counter()
     found = tuple(detect(sliding, pos, threshold, settings.nms_iou, image_factor=image_factor))
-    tile_p = sliding.tile_probabilities[:, pos]
-    if sliding.used is not None:
-        tile_p = np.where(np.asarray(sliding.used, bool), tile_p, np.nan)
+    tile_p = positive_tile_p(sliding, pos)
     field_threshold = settings.field_threshold if settings.field_threshold is not None else card.threshold
     positive, rule = field_decision(found, tile_p, settings.field_rule, settings.field_k, threshold, field_threshold, card.class_names[pos])
     timings = {"detect": round((time.perf_counter() - started) * 1000, 2)}

@@ -14,24 +14,32 @@ the quality gate rejects are not scored; they are counted and listed.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edgedx.card import ModelCard
 from edgedx.errors import EdgeDxError, InputError
 from edgedx.progress import ProgressFn, no_progress
+from edgedx.runtime.detections import field_candidates, positive_tile_p
 from edgedx.runtime.fitting import uncalibrated
+from edgedx.runtime.io.field_annotations import FieldAnnotations, read_field_annotations
+from edgedx.runtime.io.integrity import atomic_write_bytes
 from edgedx.runtime.io.labelled import LabelledSet, load_labelled
 from edgedx.runtime.io.manifest import ManifestLayout
 from edgedx.runtime.metrics import classification_metrics, roc_auc, selective_metrics
 from edgedx.runtime.model import Model, decide, load_model
 from edgedx.runtime.trust import brier_score, expected_calibration_error, reliability
+
+if TYPE_CHECKING:  # detection_metrics imports wilson_interval from here: imported where used, not at module load
+    from edgedx.runtime.detection_metrics import FieldCandidates
 
 REFER, REJECT = "refer", "reject"
 
@@ -83,8 +91,13 @@ def evaluate(
     seed: int = 0,
     layout: ManifestLayout = ManifestLayout(),
     progress: ProgressFn = no_progress,
-) -> EvaluationReport:
+    annotations: str | Path | FieldAnnotations | None = None,
+) -> EvaluationReport | FieldEvaluationReport:
     """Diagnose every labelled image through the production path and score the decisions.
+
+    With ``annotations`` (an IML-layout annotations.json, or one read already)
+    ``data`` is a folder of whole fields instead, scored object by object and
+    field by field at the card's detection settings (:func:`evaluate_fields`).
 
     ``data`` is an ImageFolder, a CSV manifest or a MedMNIST ``.npz`` (``split``
     picks its part; ``layout`` names a manifest's columns, image folder and
@@ -93,6 +106,8 @@ def evaluate(
     ``evaluation.json``, the ROC / confusion-matrix / radar plots and a one-page
     ``report.html``.
     """
+    if annotations is not None:
+        return evaluate_fields(model, data, annotations, device=device, batch_size=batch_size, out=out, progress=progress)
     loaded = model if isinstance(model, Model) else load_model(model, device=device, batch_size=batch_size)
     model = (loaded.session.path or "in-memory model") if isinstance(model, Model) else model
     card = loaded.card
@@ -360,3 +375,119 @@ def intervals(truth: np.ndarray, probs: np.ndarray, card: ModelCard, metrics: di
 
 def _none_if_nan(x: float) -> float | None:
     return None if np.isnan(x) else float(x)
+
+
+# -- whole fields with object annotations ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AnnotatedFields:
+    """What :func:`diagnose_fields` saw: each scored field's candidates matched against its annotations, and the
+    annotated fields not scored (no file in the folder, unreadable, rejected by the quality gate)."""
+
+    fields: list[FieldCandidates]
+    data: str
+    missing: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        return {"n_scored": len(self.fields), "n_missing": len(self.missing), "n_failed": len(self.failed), "n_rejected": len(self.rejected)}
+
+
+def diagnose_fields(loaded: Model, fields: str | Path, annotations: FieldAnnotations, *, keep: int = 1, progress: ProgressFn = no_progress) -> AnnotatedFields:
+    """Every annotated image in the folder ``fields`` through ``loaded.stream`` (diagnose's crops, preprocessing and
+    quality gate), kept as all its candidates (threshold 0, the card's NMS), its crops' p(positive) (``keep`` highest
+    at least) and, with the card's ``count_cells``, its counted red cells. ``loaded.card`` must have detection on."""
+    from edgedx.runtime.detection_metrics import field_candidates_of
+
+    card, folder = loaded.card, Path(fields)
+    if not folder.is_dir():
+        raise InputError(f"fields folder not found: {folder}; pass the folder holding the annotated images")
+    present = [n for n in annotations.names if (folder / n).is_file()]
+    if not present:
+        example = annotations.names[0] if len(annotations) else "none"
+        raise InputError(f"none of the {len(annotations)} images named in {annotations.source} (e.g. {example!r}) is in {folder}; "
+                         "pass the folder that holds them (IML: malaria_fields_iml/images)")
+    pos = card.positive_index
+    assert pos is not None and card.detection.enabled  # the callers check both
+    scored = set(present)
+    seen = AnnotatedFields([], str(folder), [n for n in annotations.names if n not in scored])
+    progress("fields", 0, len(present))
+    for done, (name, result) in enumerate(loaded.stream((n, folder / n) for n in present), 1):
+        progress("fields", done, len(present))
+        if isinstance(result, EdgeDxError):
+            seen.failed.append(str(result))
+        elif result.rejected:
+            seen.rejected.append({"image": name, "reasons": list(result.reject_reasons)})
+        else:
+            factor = float((result.scale or {}).get("factor") or 1.0)
+            found = field_candidates(result.sliding, pos, card.detection.nms_iou, image_factor=factor)
+            cells = result.findings.cells if result.findings is not None else None
+            count = None if cells is None else cells.count
+            seen.fields.append(field_candidates_of(found, positive_tile_p(result.sliding, pos), annotations.fields[str(name)], count, keep=keep))
+    return seen
+
+
+@dataclass(frozen=True)
+class FieldEvaluationReport:
+    """What :func:`evaluate_fields` found at the card's detection settings, with the FROC over every threshold."""
+
+    model: str
+    data: str
+    annotations: str
+    detection: dict[str, Any]  # the card's detection settings, as judged
+    point: dict[str, Any]  # detection_metrics.operating_point at those settings
+    froc: list[dict[str, Any]]  # parasites found at 0.5/1/2/4/8 false detections per field
+    curve: list[list[float]]  # [threshold, found, false per field] at each corner of the FROC
+    per_field: list[dict[str, Any]]
+    counts: dict[str, int]
+    failed: tuple[str, ...] = ()
+    rejected: tuple[dict[str, Any], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "failed": list(self.failed), "rejected": [dict(r) for r in self.rejected]}
+
+
+def evaluate_fields(
+    model: str | Path | Model, fields: str | Path, annotations: str | Path | FieldAnnotations, *, device: str = "cpu",
+    batch_size: int = 32, out: str | Path | None = None, progress: ProgressFn = no_progress,
+) -> FieldEvaluationReport:
+    """Score a detection-enabled model on annotated whole fields, through diagnose's path: field-level sensitivity and
+    specificity at the card's field rule, parasites found against false detections per field (FROC), parasitaemia and
+    red-cell count errors per field. ``out`` writes ``evaluation.json``. A card with detection off is refused: its
+    field operating point must first be fitted on annotated fields (``edgedx fit-fields``)."""
+    from edgedx.runtime.detection_metrics import card_rule, froc, operating_point, per_field
+
+    loaded = model if isinstance(model, Model) else load_model(model, device=device, batch_size=batch_size)
+    name = str((loaded.session.path or "in-memory model") if isinstance(model, Model) else model)
+    card = loaded.card
+    if not card.detection.enabled:
+        raise InputError(
+            f"{name}: the card has detection off, so its crops are not turned into parasite detections and field decisions; "
+            "fit them on annotated fields first: edgedx fit-fields MODEL FIELDS_DIR --annotations A.json -o OUT, then evaluate the model it writes"
+        )
+    truth = annotations if isinstance(annotations, FieldAnnotations) else read_field_annotations(annotations)
+    seen = diagnose_fields(loaded, fields, truth, keep=card.detection.field_k, progress=progress)
+    if not seen.fields:
+        raise InputError(f"no annotated field in {fields} could be scored ({len(seen.failed)} unreadable, {len(seen.rejected)} rejected)")
+    threshold, rule = card_rule(card)
+    rows = per_field(seen.fields, threshold, rule)
+    curve = froc(seen.fields)
+    table = [{k: v for k, v in row.items() if k != "n_positives"} for row in curve.table()]
+    listed = [{"image": f.name, **{k: _plain(v[i]) for k, v in rows.items()}} for i, f in enumerate(seen.fields)]
+    report = FieldEvaluationReport(
+        name, seen.data, truth.source, dataclasses.asdict(card.detection), operating_point(seen.fields, threshold, rule), table,
+        curve.curve(), listed, seen.counts(), tuple(seen.failed), tuple(seen.rejected),
+    )
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(Path(out) / "evaluation.json", (json.dumps(report.to_dict(), indent=2, default=_plain) + "\n").encode("utf-8"))
+    return report
+
+
+def _plain(value: Any) -> Any:
+    """NaN-free JSON for numpy scalars (a cell count not taken is NaN in the rows: null here)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    return None if isinstance(value, float) and not math.isfinite(value) else value

@@ -25,7 +25,7 @@ import numpy as np
 
 from edgedx.card import CropPolicy, ModelCard
 from edgedx.errors import CardError, EdgeDxError, ImageReadError, InputError, InsufficientContentError
-from edgedx.runtime.detections import FieldFindings, find_on_field
+from edgedx.runtime.detections import FieldFindings, find_on_field, fitted_rule_words
 from edgedx.runtime.gate import GateSettings, Prepared
 from edgedx.runtime.gate import prepare as gate_image
 from edgedx.runtime.io.image_io import to_rgb_uint8
@@ -67,6 +67,7 @@ class Diagnosis:
     quality: dict[str, Any] | None = None  # the gate's measures, "passed" and "gate"
     scale: dict[str, Any] | None = None  # the physical scale: image and trained µm/px, source, factor, note
     findings: FieldFindings | None = None  # a detection-enabled card's detections, field decision, cells, parasitaemia
+    decided_by: str | None = None  # a fitted field rule took the decision (not the merged probability): which, fitted where
 
     @property
     def rejected(self) -> bool:
@@ -107,6 +108,8 @@ class Diagnosis:
         }
         if self.findings is not None and not rejected:
             record.update(self.findings.to_record())
+            if self.decided_by is not None:
+                record["decided_by"] = self.decided_by
         return record
 
 
@@ -130,6 +133,23 @@ def decide(probabilities: np.ndarray, card: ModelCard) -> str | list[str]:
     if card.task == "multilabel":
         return [n for n, p in zip(names, probabilities) if p >= threshold]
     return names[int(np.argmax(probabilities))]
+
+
+def field_rule_decision(card: ModelCard, findings: FieldFindings, probabilities: np.ndarray) -> tuple[str, str, str]:
+    """``(label, rule, decided_by)`` of a field decided by the card's fitted field rule (``detection.fitted_on`` set).
+
+    Why not the merged probability: a few parasites among hundreds of cells
+    barely move the mean of the crops, so a whole field's p(parasitized) says
+    little; the field rule (detections or the highest crops), fitted on
+    annotated fields, does. The probabilities stay in the record as they are.
+    """
+    pos = card.positive_index
+    assert pos is not None  # a detection card is binary with a positive class
+    names = card.class_names
+    label = names[pos] if findings.field_positive else names[1 - pos]
+    p = float(probabilities[pos])
+    rule = f"{findings.field_rule} → {label} (the whole image's p({names[pos]}) = {p:.3f} is not what decides a field)"
+    return label, rule, fitted_rule_words(card)
 
 
 def decision_rule(probabilities: np.ndarray, card: ModelCard, label: str | list[str], refer_band: tuple[float, float] | None = None) -> str:
@@ -423,6 +443,9 @@ class Model:
         label = decide(probs, card)
         pset, dispersion, reasons = self.abstain(probs, sliding)
         rule = decision_rule(probs, card, label)
+        decided_by = None
+        if findings is not None and card.detection.fitted_on and card.task == "binary":
+            label, rule, decided_by = field_rule_decision(card, findings, probs)
         if reasons:
             rule += "; " + "; ".join(reasons) + " → refer to a person"
         order = np.argsort(-probs, kind="stable")[: self.top_k]
@@ -440,6 +463,7 @@ class Model:
             crop_dispersion=dispersion,
             refer_reasons=tuple(reasons),
             findings=findings,
+            decided_by=decided_by,
         )
 
     def abstain(self, probs: np.ndarray, sliding: SlidingResult) -> tuple[tuple[str, ...] | None, float | None, list[str]]:

@@ -229,6 +229,12 @@ def _check_model(
     else:
         with open_session(path, "cpu", threads=1) as session:
             card = session.card
+    if card.detection.count_cells:
+        raise InputError(
+            f"{path.name}: the card counts red cells (detection.count_cells) from each field's pixels, which --engine ray does not "
+            "carry past its read tasks (only the crops); diagnose these fields with --engine local, which writes the same records "
+            "with cells and parasitaemia"
+        )
     checked = CheckedSettings.check(
         card, batch_size=batch_size, crop=crop, refer_band=refer_band, quality=gate.quality, quality_limits=gate.limits, um_per_px=gate.um_per_px,
     )
@@ -532,10 +538,33 @@ def record_schema(card: ModelCard) -> Any:
         ]),
     }
     fields = list(empty_record(""))
+    if card.detection.enabled:  # the keys a detection card's records add (Diagnosis.to_record): kept, not dropped by the schema
+        types.update(detection_types(pa))
+        fields += list(DETECTION_KEYS)
     unknown = [k for k in fields if k not in types]
     if unknown:
         raise ValueError(f"record field(s) {unknown} have no Arrow type; add them to ray_engine.record_schema")
     return pa.schema([(k, types[k]) for k in fields])
+
+
+DETECTION_KEYS = ("n_detections", "detections", "detection_threshold", "field_decision", "cells", "parasitaemia", "decided_by")
+
+
+def detection_types(pa: Any) -> dict[str, Any]:
+    """Arrow types of a detection card's record keys (:meth:`edgedx.runtime.detections.FieldFindings.to_record`), and
+    the timings with the detection's own step (cells are never counted here: :func:`_check_model` refuses that)."""
+    return {
+        "n_detections": pa.int64(),
+        "detections": pa.list_(pa.struct([("box", pa.list_(pa.int64())), ("score", pa.float64())])),
+        "detection_threshold": pa.float64(),
+        "field_decision": pa.struct([("positive", pa.bool_()), ("rule", pa.string())]),
+        "cells": pa.struct([("count", pa.int64()), ("method", pa.string()), ("diameter_px", pa.float64()), ("foreground", pa.float64()), ("note", pa.string())]),
+        "parasitaemia": pa.struct([
+            ("percent", pa.float64()), ("ci95", pa.list_(pa.float64())), ("n_parasites", pa.int64()), ("n_cells", pa.int64()), ("note", pa.string()),
+        ]),
+        "decided_by": pa.string(),
+        "timings_ms": pa.struct([("read", pa.float64()), ("diagnose", pa.float64()), ("detect", pa.float64()), ("count", pa.float64())]),
+    }
 
 
 # -- stage 3: shards ---------------------------------------------------------------------------

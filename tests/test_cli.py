@@ -523,3 +523,43 @@ def test_train_folds_says_what_was_chosen_out_of_fold_and_what_is_the_result() -
     assert "out-of-fold (n 468, used for selection): accuracy 0.810, AUC 0.880 [0.840, 0.910]" in out
     assert "held-out test split, each fold model (5 folds): auc 0.860 ± 0.020" in out
     assert "warning: sensitivity 0.95 costs nearly all specificity" in out and "edgedx export run" in out
+
+
+def test_fit_fields_passes_its_options_to_the_one_library_call() -> None:
+    from edgedx.export.fit_fields import FieldFitReport, FitFieldsOptions
+
+    Path("m.onnx").write_bytes(b"")
+    point = {"found": 5, "n_parasites": 6, "false_per_field": 0.5, "n_fields": 8,
+             "field": {"n_positive_fields": 4, "sensitivity": 1.0, "sensitivity_ci95": [0.5, 1.0], "specificity": 1.0, "specificity_ci95": [0.5, 1.0]}}
+    detection = {"tile_threshold": 0.9, "field_rule": "any", "field_k": 1, "field_threshold": None, "slide_rule": "any_field", "slide_k": 2}
+    report = FieldFitReport("m.onnx", "ab" * 32, "out/m.fields.onnx", "cd" * 32, "out/fit_fields_report.json", detection, point, point,
+                            [{"fp_per_field": 1.0, "threshold": 0.9, "found": 5, "false_per_field": 0.5}], [], {"n_scored": 8}, {"passed": True}, 1.0)
+    fake = mock.MagicMock(return_value=report)
+    with mock.patch("edgedx.export.fit_fields.fit_fields", fake):
+        result = runner.invoke(app, ["fit-fields", "m.onnx", "data", "--annotations", "a.json", "-o", "out", "--fp-per-field", "0.5",
+                                     "--no-count-cells", "--field-rule", "count_at_least", "--slide-k", "2", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    fake.assert_called_once_with(
+        Path("m.onnx"), Path("data"), Path("a.json"), Path("out"),
+        FitFieldsOptions(fp_per_field=0.5, count_cells=False, field_rule="count_at_least", slide_k=2, seed=3), progress=mock.ANY,
+    )
+    assert "tile threshold 0.9" in result.output and "cross-fitted" in result.output and "new model: out/m.fields.onnx" in result.output
+
+
+def test_evaluate_with_annotations_is_the_same_one_call_with_the_annotations() -> None:
+    from edgedx.runtime.evaluate import FieldEvaluationReport
+
+    point = {"tile_threshold": 0.9, "found": 5, "n_parasites": 6, "false_per_field": 0.5, "n_fields": 8,
+             "field": {"n_positive_fields": 4, "sensitivity": 1.0, "sensitivity_ci95": None, "specificity": 0.75, "specificity_ci95": None},
+             "parasitaemia": {"mae_points": 0.4, "n_fields": 8}}
+    report = FieldEvaluationReport("m.onnx", "data", "a.json", {"field_rule": "any", "field_k": 1}, point,
+                                   [{"fp_per_field": 1.0, "threshold": 0.9, "found": 5, "false_per_field": 0.5}], [], [], {"n_scored": 8})
+    evaluate = mock.MagicMock(return_value=report)
+    with mock.patch("edgedx.runtime.evaluate.evaluate", evaluate):
+        result = runner.invoke(app, ["evaluate", "m.onnx", "data", "--annotations", "a.json", "--out", "rep"])
+    assert result.exit_code == 0, result.output
+    evaluate.assert_called_once_with(
+        Path("m.onnx"), Path("data"), split="val", device="cpu", bootstrap=1000, out=Path("rep"), layout=ManifestLayout(),
+        progress=mock.ANY, annotations=Path("a.json"),
+    )
+    assert "parasites found 5 of 6" in result.output and "specificity 0.750" in result.output and "parasitaemia" in result.output

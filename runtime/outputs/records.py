@@ -33,7 +33,7 @@ FRAME_COLUMNS = ("frame", "time_s")  # only when a video or camera is among the 
 # only for a detection-enabled card (RecordWriter(detection=True)): other cards' files keep their columns.
 # detections: JSON [[x, y, w, h, score], ...] in original pixels (one cell, parseable, never a formula)
 DETECTION_COLUMNS = (
-    "n_detections", "detections", "field_positive", "field_rule", "n_cells", "parasitaemia_percent", "parasitaemia_ci95",
+    "n_detections", "detections", "field_positive", "field_rule", "n_cells", "parasitaemia_percent", "parasitaemia_ci95", "decided_by",
 )
 
 
@@ -168,6 +168,7 @@ def _detection_cells(record: dict[str, Any]) -> dict[str, Any]:
         "n_cells": cells.get("count"),
         "parasitaemia_percent": rate.get("percent"),
         "parasitaemia_ci95": None if ci is None else f"{ci[0]:g}-{ci[1]:g}",
+        "decided_by": record.get("decided_by"),
     }
 
 

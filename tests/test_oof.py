@@ -151,6 +151,9 @@ def test_cross_validation_selects_out_of_fold_and_writes_the_ensemble(tmp_path: 
     ensemble = load_checkpoint(tmp_path / "cv" / "ensemble.pt").card
     assert ensemble.ensemble.members == 3 and ensemble.threshold_choice.source == "out_of_fold"
     assert ensemble.threshold == pytest.approx(summary["out_of_fold"]["threshold"])
+    from edgedx.card import ModelCard
+
+    assert ModelCard.load(tmp_path / "cv" / "card.json") == ensemble  # the folder reads like a run's
     assert f"epoch {chosen} chosen on the folds' mean validation" in caplog.text
 
 

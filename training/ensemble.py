@@ -232,6 +232,7 @@ def ensemble_from_folds(cv_dir: Path, out: Path | None = None) -> Path:
     out = Path(out) if out is not None else cv_dir / ENSEMBLE_NAME
     write_ensemble_split(out.parent / SPLIT_NAME, [p.parent / SPLIT_NAME for p in paths])
     saved = save_ensemble(out, card, members)
+    (out.parent / CARD_NAME).write_text(card.to_json() + "\n", encoding="utf-8")  # read like a run folder's (evaluate's data source)
     log.info("averaged %d fold models into %s", len(members), saved)
     return saved
 

@@ -306,6 +306,7 @@ def _out_of_fold(folder: RunFolder, results: list[TrainResult], config: TrainCon
     ensemble = ensemble.replace(threshold=card.threshold, threshold_choice=card.threshold_choice, abstention=card.abstention, metrics=card.metrics)
     write_ensemble_split(folder.path / SPLIT_NAME, [folder.fold(i).split_file for i in range(len(results))])  # export verifies on it
     section["ensemble"] = str(save_ensemble(folder.path / ENSEMBLE_NAME, ensemble, members))
+    folder.write_card(ensemble)  # the folder then reads like a run's: evaluate finds the data source of its split
     return section
 
 

@@ -14,7 +14,8 @@ import logging
 from pathlib import Path
 
 from edgedx.errors import EdgeDxError, InputError
-from edgedx.export.pipeline import ExportOptions, ExportReport, export_checkpoint
+from edgedx.export import pipeline
+from edgedx.export.pipeline import ExportOptions, ExportReport
 from edgedx.progress import ProgressFn, no_progress
 from edgedx.training.checkpoint import load_checkpoint
 from edgedx.training.ensemble import ENSEMBLE_NAME, ensemble_from_folds, fold_checkpoints
@@ -65,4 +66,4 @@ def export_folds(
             "edgedx train DATA --out CV_DIR --folds K wrote, or a model.pt"
         )
     checkpoint = ensemble_checkpoint(cv_dir)
-    return export_checkpoint(checkpoint, out, options, progress=progress)
+    return pipeline.export_checkpoint(checkpoint, out, options, progress=progress)  # looked up now: one export path, patchable

@@ -31,6 +31,14 @@ def test_choose_epoch_takes_the_best_mean_curve_not_any_folds_own_best() -> None
     assert choose_epoch(histories, "loss")[0] == 2  # the loss is negated: lower is better
 
 
+def test_choose_epoch_reads_auc_as_the_macro_auc_and_refuses_a_curve_with_no_values() -> None:
+    rows = lambda values: [{"epoch": i + 1, "val_loss": 0.5, "val": {"macro_auc": v}} for i, v in enumerate(values)]  # noqa: E731
+    epoch, curve = choose_epoch([rows([0.90, 0.97, 0.95]), rows([0.92, 0.96, 0.99])], "auc")
+    assert epoch == 3 and curve == pytest.approx([0.91, 0.965, 0.97])
+    with pytest.raises(InputError, match="no fold has a validation auc"):
+        choose_epoch([rows([None, None]), rows([None, None])], "auc")
+
+
 def test_choose_epoch_counts_only_epochs_every_fold_reached_and_breaks_ties_early() -> None:
     epoch, curve = choose_epoch([_rows([0.7, 0.8, 0.99]), _rows([0.7, 0.8])], "balanced_accuracy")
     assert epoch == 2 and len(curve) == 2

@@ -32,6 +32,7 @@ from edgedx.training.config import TrainConfig
 from edgedx.training.crops import DecodedImages
 from edgedx.training.data import RunData
 from edgedx.training.losses import balanced_order
+from edgedx.training.oof import metric_key
 from edgedx.training.resume import RunState, save_last
 from edgedx.training.run import RunFolder
 from edgedx.training.strategy import freeze_batchnorm_of_frozen
@@ -221,5 +222,5 @@ def target_tensor(targets: np.ndarray, task: str) -> torch.Tensor:
 
 
 def _monitored(metrics: dict[str, Any], monitor: str) -> float:
-    value = metrics["macro_auc" if monitor == "auc" else monitor]
+    value = metrics[metric_key(monitor)]
     return float("-inf") if value is None else float(value)

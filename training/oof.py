@@ -51,11 +51,16 @@ class Pooled:
     fold: np.ndarray
 
 
+def metric_key(monitor: str) -> str:
+    """The key of ``--monitor``'s value in a metric set ("auc" is stored as the macro AUC)."""
+    return "macro_auc" if monitor == "auc" else monitor
+
+
 def monitored_value(row: dict[str, Any], monitor: str) -> float:
-    """An epoch row's value of the monitored metric (higher is better: the loss is negated)."""
+    """An epoch row's value of the monitored metric (higher is better: the loss is negated); NaN when undefined."""
     if monitor == "loss":
         return -float(row["val_loss"])
-    value = row.get("val", {}).get(monitor)
+    value = row.get("val", {}).get(metric_key(monitor))
     return float("nan") if value is None else float(value)
 
 
@@ -70,7 +75,12 @@ def choose_epoch(histories: Sequence[Sequence[dict[str, Any]]], monitor: str) ->
     curves = np.array([[monitored_value(row, monitor) for row in h[:last]] for h in histories], np.float64)
     with np.errstate(all="ignore"):
         mean = np.nanmean(curves, axis=0) if np.isfinite(curves).any() else np.full(last, np.nan)
-    best = int(np.nanargmax(mean)) if np.isfinite(mean).any() else last - 1
+    if not np.isfinite(mean).any():
+        raise InputError(
+            f"no fold has a validation {monitor.replace('_', ' ')} at any epoch (a validation fold with one class has no AUC): "
+            "nothing to choose the epoch on; use another --monitor or fewer --folds"
+        )
+    best = int(np.nanargmax(mean))
     return best + 1, [None if not np.isfinite(v) else round(float(v), 6) for v in mean]
 
 

@@ -165,6 +165,11 @@ def train(
     epoch_selection: Annotated[str, typer.Option(help="auto (out_of_fold with --folds, else the run's best validation epoch), per_run, or out_of_fold.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed for the split, initialisation and augmentation.")] = 0,
     nproc: Annotated[int, typer.Option(help="Data-parallel processes (DDP: gloo on CPU, one GPU each with nccl); --batch-size stays the global batch.")] = 1,
+    hard_negatives: Annotated[Optional[Path], typer.Option(help="Binary tasks: a folder of whole images; after training, the model's false-positive tiles in them (p ≥ 0.5) are added to the training split as negatives and training goes on. Without --hard-negative-annotations every image is taken to hold no positive.")] = None,
+    hard_negative_annotations: Annotated[Optional[Path], typer.Option(help="Annotations JSON (IML layout) for --hard-negatives: a tile holding a positive box centre or touching a difficult box is never mined; unannotated images are skipped.")] = None,
+    hard_negative_rounds: Annotated[int, typer.Option(help="Mining rounds (each: mine with the best weights, then --hard-negative-epochs more epochs).")] = 1,
+    hard_negative_epochs: Annotated[int, typer.Option(help="Epochs of further training after each mining round.")] = 2,
+    hard_negative_max: Annotated[Optional[int], typer.Option(help="Crops added per round (default: as many as the training split has positive-class images).")] = None,
 ) -> None:
     """Fine-tune a classifier on labelled images; writes RUN_DIR/model.pt with its model card."""
     _must_exist(data, "training data", "an ImageFolder, a CSV manifest or a .npz")  # before torch loads (seconds)
@@ -181,6 +186,9 @@ def train(
         path_column=path_column, image_dir=str(image_dir) if image_dir else None, suffix=suffix,
         class_names=_split_names(class_names), device=device, strict=strict, resume=resume, overwrite=overwrite, seed=seed,
         epoch_selection=epoch_selection,
+        hard_negatives=str(hard_negatives) if hard_negatives else None,
+        hard_negative_annotations=str(hard_negative_annotations) if hard_negative_annotations else None,
+        hard_negative_rounds=hard_negative_rounds, hard_negative_epochs=hard_negative_epochs, hard_negative_max=hard_negative_max,
     )
     # --nproc > 1: the launched processes log their epoch lines; a live bar here would draw over them
     with (progress_bar() if nproc == 1 else nullcontext(no_progress)) as progress:

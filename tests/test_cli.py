@@ -72,6 +72,29 @@ def test_train_passes_options_through() -> None:
     assert "val accuracy 0.900" in result.output and "no patient ids" in result.output
 
 
+def test_train_passes_hard_negative_options() -> None:
+    from edgedx.training.train import TrainConfig
+
+    fake = mock.MagicMock()
+    fake.return_value.card.metrics = {"accuracy": 0.9, "balanced_accuracy": 0.8, "macro_auc": 0.95}
+    fake.return_value.card.task = "multiclass"
+    fake.return_value.summary = {}
+    fake.return_value.skipped = ()
+    with mock.patch("edgedx.training.train.train", fake):
+        result = runner.invoke(
+            app,
+            ["train", "data", "--out", "run", "--hard-negatives", "fields", "--hard-negative-annotations", "fields/annotations.json",
+             "--hard-negative-rounds", "3", "--hard-negative-epochs", "4", "--hard-negative-max", "50"],
+        )
+    assert result.exit_code == 0, result.output
+    fake.assert_called_once_with(
+        Path("data"), Path("run"),
+        TrainConfig(hard_negatives="fields", hard_negative_annotations=str(Path("fields/annotations.json")), hard_negative_rounds=3,
+                    hard_negative_epochs=4, hard_negative_max=50),
+        nproc=1, folds=None, progress=mock.ANY,
+    )
+
+
 def test_train_states_the_positive_class_and_what_the_threshold_targets() -> None:
     fake = mock.MagicMock()
     fake.return_value.card.metrics = {"accuracy": 0.7, "balanced_accuracy": 0.7, "macro_auc": 0.8, "target_sensitivity": 0.95,

@@ -73,6 +73,13 @@ class TrainConfig:
     # how the epoch is chosen: "auto" (out_of_fold with --folds, else the run's best on its validation split), "per_run",
     # or "out_of_fold" (one epoch count for every fold, the best of the folds' mean validation curve: see cross_validate)
     epoch_selection: str = "auto"
+    # hard-negative mining (binary tasks): whole images searched for false-positive tiles, added to the training split
+    # as negatives, then more epochs (see edgedx.training.hard_negatives); None: no mining
+    hard_negatives: str | None = None
+    hard_negative_annotations: str | None = None  # IML-layout JSON: tiles holding a positive box centre or touching a difficult box are never mined
+    hard_negative_rounds: int = 1
+    hard_negative_epochs: int = 2  # epochs of further training after each round
+    hard_negative_max: int | None = None  # crops added per round (None: as many as the training split has positive-class items)
 
     def __post_init__(self) -> None:
         if self.image_dir is not None:  # recorded in the card: export reloads the images from any directory
@@ -110,6 +117,36 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise InputError("--resume continues the run in --out and --overwrite starts it again: give one of them")
         self.layout()
+        self.check_hard_negatives()
+
+    def check_hard_negatives(self) -> None:
+        """Mining settings that cannot work, refused before any training.
+
+        Why binary only: a mined tile is a false positive, which needs one class
+        to screen for and one to add the tile to; for other tasks the task is
+        checked again once the data says what it is.
+        """
+        if self.hard_negatives is None:
+            for name in ("hard_negative_annotations", "hard_negative_max"):
+                if getattr(self, name) is not None:
+                    raise InputError(f"--{name.replace('_', '-')} is given without --hard-negatives; add --hard-negatives FOLDER of whole images")
+            return
+        checks = [
+            (self.task in (None, "binary"),
+             f"--hard-negatives needs a binary task with a positive class (a mined tile is a false positive of that class), got task {self.task!r}; "
+             "train without --hard-negatives or as a binary task"),
+            (Path(self.hard_negatives).is_dir(), f"--hard-negatives folder not found: {self.hard_negatives}; give a folder of whole images"),
+            (self.hard_negative_annotations is None or Path(self.hard_negative_annotations).is_file(),
+             f"--hard-negative-annotations file not found: {self.hard_negative_annotations}; give the annotations JSON or leave it out "
+             "(every image is then taken to hold no positive)"),
+            (self.hard_negative_rounds >= 1, f"--hard-negative-rounds must be at least 1, got {self.hard_negative_rounds}"),
+            (self.hard_negative_epochs >= 1, f"--hard-negative-epochs must be at least 1, got {self.hard_negative_epochs}"),
+            (self.hard_negative_max is None or self.hard_negative_max >= 1,
+             f"hard_negative_max must be at least 1 crop per round, got {self.hard_negative_max}; leave it unset for as many as the positives"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InputError(message)
 
     def test_views(self, *, square: bool) -> tuple[str, ...]:
         """The test-time views the card's crop policy declares (``crop.tta``), for a square tile or not.

@@ -9,6 +9,7 @@ patient-level split included), so the ranks agree without talking; only rank
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +18,7 @@ import numpy as np
 
 from edgedx.errors import InputError
 from edgedx.progress import ProgressFn
+from edgedx.runtime.tiling import ResampledImage
 from edgedx.training.augment import NO_TTA_BECAUSE
 from edgedx.training.crops import DecodedImages, PlannedPolicy, decode_all, plan_crop_policy
 from edgedx.training.run import RunFolder
@@ -102,6 +104,57 @@ class RunData:
     def test_idx(self) -> np.ndarray:
         """Empty unless ``--test-fraction`` (or the source's own split column) held a test split out."""
         return self.splits.get("test", np.zeros(0, dtype=np.int64))
+
+
+def with_training_items(
+    run_data: RunData, pixels: Sequence[np.ndarray], ids: Sequence[str], label: int, *, source_sizes: Sequence[tuple[int, int]] | None = None
+) -> RunData:
+    """A new RunData with ``pixels`` (already at the crop policy's scale, e.g. mined tiles) appended to the TRAINING
+    split only, each labelled class ``label``.
+
+    Why appended at the end and to training only: every existing position (the
+    validation and test indices, the predictions written for them) stays the
+    same, so the threshold and the card's metrics are measured on exactly the
+    images a run without the extra items uses. An item's patient id is its own
+    id (a crop of an unlabelled field belongs to no training patient).
+    ``source_sizes``: each item's (height, width) before resampling (default:
+    its own size), kept with its pixels.
+    """
+    data, n = run_data.data, len(run_data.data)
+    k = len(pixels)
+    if len(ids) != k:
+        raise InputError(f"{k} extra items but {len(ids)} ids; give one id per item")
+    if data.task == "multilabel" or not 0 <= label < len(data.class_names):
+        raise InputError(f"extra training items need a single class index of {list(data.class_names)}, got {label}")
+    if not k:
+        return run_data
+    assert data.index is not None
+    offset = int(data.index.max()) + 1 if n else 0
+    extra = [np.ascontiguousarray(p) for p in pixels]
+    loader, locator = data.loader, data.locator
+
+    def load(j: int) -> np.ndarray:
+        return extra[j - offset].copy() if j >= offset else loader(j)
+
+    def locate(j: int) -> Path:
+        if j >= offset:
+            raise InputError(f"{ids[j - offset]} was added in training (a mined crop) and has no file of its own")
+        assert locator is not None
+        return locator(j)
+
+    grown = TrainingData(
+        class_names=data.class_names, task=data.task, ids=[*data.ids, *ids],
+        targets=np.concatenate([data.targets, np.full(k, label, dtype=data.targets.dtype)]),
+        patient_ids=None if data.patient_ids is None else [*data.patient_ids, *ids],
+        splits=None if data.splits is None else [*data.splits, *(["train"] * k)],
+        source=data.source, loader=load, index=np.concatenate([data.index, offset + np.arange(k, dtype=np.int64)]),
+        locator=None if locator is None else locate,
+    )
+    sizes = source_sizes if source_sizes is not None else [(int(p.shape[0]), int(p.shape[1])) for p in extra]
+    images = [*run_data.decoded.images, *(ResampledImage(p, (int(h), int(w))) for p, (h, w) in zip(extra, sizes))]
+    decoded = DecodedImages(grown, images, list(run_data.decoded.skipped))
+    splits = {**run_data.splits, "train": np.concatenate([run_data.train_idx, n + np.arange(k, dtype=np.int64)])}
+    return RunData(decoded, splits, run_data.planned)
 
 
 def build_data(

@@ -51,6 +51,7 @@ from edgedx.training.build import build_card, build_model, build_optimizer, prep
 from edgedx.training.calibration import fit_card, held_out, trust_lines  # noqa: E402
 from edgedx.training.checkpoint import load_checkpoint, load_snapshot, save_checkpoint  # noqa: E402
 from edgedx.training.ensemble import ENSEMBLE_NAME, ensemble_card, save_ensemble, write_ensemble_split  # noqa: E402
+from edgedx.training.hard_negatives import class_indices, field_paths, run_rounds  # noqa: E402
 from edgedx.training.oof import choose_epoch, fold_spread, out_of_fold_report, pool_predictions, summary_lines  # noqa: E402
 from edgedx.training.config import TrainConfig  # noqa: E402
 from edgedx.training.data import build_data, load_data, pick_positive_class  # noqa: E402
@@ -157,10 +158,25 @@ def _train(
     f = _prepare(ctx, data, run, config, fold=fold, progress=progress)
     state = start_or_resume(run.last, f.model, f.optim, config, main=ctx.is_main)
     seed_dropout(config.seed, ctx.rank, state.epoch)
+    if config.hard_negatives is not None:
+        field_paths(config.hard_negatives)  # refused before the first epoch, not after the last
+        class_indices(f.card)
     state = fit(f, state)
-    final = _choose_threshold(f, state)
-    result = _write_run(f, state, final) if ctx.is_main else None  # the other ranks wait for rank 0's result below
+    trained, record = f, None
+    if config.hard_negatives is not None:  # mining rounds grow only the training split (edgedx.training.hard_negatives)
+        trained, state, record = run_rounds(f, state)
+    final = _choose_threshold(f, state)  # ``f``: calibration and quality limits see the data exactly as without mining
+    if record is not None:
+        final = _with_hard_negatives(final, record)
+    result = _write_run(trained, state, final) if ctx.is_main else None  # the other ranks wait for rank 0's result below
     return ctx.broadcast(result)
+
+
+def _with_hard_negatives(final: Final, record: dict[str, Any]) -> Final:
+    """The mining record in metrics.json (every crop's provenance) and in the card's provenance (the counts only)."""
+    compact = {**record, "rounds": [{k: v for k, v in r.items() if k != "crops"} for r in record["rounds"]]}
+    provenance = replace(final.card.provenance, training={**final.card.provenance.training, "hard_negatives": compact})
+    return replace(final, card=final.card.replace(provenance=provenance), report={**final.report, "hard_negatives": record})
 
 
 def _prepare(
@@ -222,6 +238,8 @@ def _write_run(f: Fitting, state: RunState, final: Final) -> TrainResult:
     run.write_metrics(final.report)
     run.write_card(final.card)
     summary = run_summary(f, final)
+    if "hard_negatives" in final.report:
+        summary["hard_negatives"] = final.card.provenance.training["hard_negatives"]
     if config.plots:
         write_plots(run.plots, state.history, f.data.targets[f.data.val_idx], final, config.monitor)
     if config.gradcam_samples:

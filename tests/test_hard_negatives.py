@@ -1,0 +1,123 @@
+"""Hard-negative mining: which tiles are mined, how they are cut, and the training rounds around them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("timm")
+
+from edgedx.card import CropPolicy, ModelCard, Normalization, Provenance  # noqa: E402
+from edgedx.errors import InputError  # noqa: E402
+from edgedx.runtime.io.field_annotations import read_field_annotations  # noqa: E402
+from edgedx.runtime.io.image_io import write_image  # noqa: E402
+from edgedx.training.checkpoint import load_checkpoint  # noqa: E402
+from edgedx.training.hard_negatives import mine  # noqa: E402
+from edgedx.training.train import TrainConfig, train  # noqa: E402
+
+from test_training_loop import FAST, colour_folder  # noqa: E402
+
+
+class Brightness(torch.nn.Module):
+    """p(light) rises with a tile's mean brightness: 0.5 at mid-grey."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.mean(dim=(1, 2, 3))
+        return torch.stack([torch.zeros_like(m), 10 * (m - 0.5)], dim=1)
+
+
+def brightness_card() -> ModelCard:
+    """16-px tiles at half scale, no overlap: a 128-px field is a 4×4 grid of 32-px blocks."""
+    return ModelCard(
+        arch="fake", task="binary", class_names=("dark", "light"), positive_class="light", threshold=0.5, input_size=(16, 16),
+        crop=CropPolicy(tile_size=(16, 16), stride=(16, 16), scale=0.5), normalization=Normalization(mean=(0, 0, 0), std=(1, 1, 1)),
+        provenance=Provenance(edgedx_version="test", created_at="now"),
+    )
+
+
+def field(path: Path, blocks: dict[tuple[int, int], int]) -> Path:
+    """A black 128×128 field with uniform 32-px blocks of the given brightness at (row, col)."""
+    pixels = np.zeros((128, 128, 3), np.uint8)
+    for (r, c), value in blocks.items():
+        pixels[32 * r : 32 * (r + 1), 32 * c : 32 * (c + 1)] = value
+    write_image(path, pixels)
+    return path
+
+
+def test_mine_keeps_the_highest_false_positives_and_never_an_annotated_one(tmp_path: Path) -> None:
+    a = field(tmp_path / "a.png", {(0, 0): 255, (1, 2): 230, (3, 3): 180, (2, 1): 100})
+    b = field(tmp_path / "b.png", {(0, 1): 240, (2, 2): 200})
+    annotations = tmp_path / "annotations.json"
+    annotations.write_text(json.dumps([
+        {"image_name": "a.png", "objects": [
+            {"type": "ring", "bbox": {"x": "70", "y": "40", "w": "10", "h": "10"}},  # centre in block (1, 2)
+            {"type": "difficult", "bbox": {"x": 100, "y": 100, "w": 5, "h": 5}},  # touches block (3, 3)
+        ]},
+        {"image_name": "b.png", "objects": []},
+    ]))
+    card, model = brightness_card(), Brightness()
+
+    blind = mine(model, card, [a, b], None, threshold=0.5, limit=3, batch_size=4)
+    assert blind.provenance == ("a.png:0,0,32,32", "b.png:32,0,32,32", "a.png:64,32,32,32")
+    assert blind.n_fields == 2 and blind.n_candidates == 5  # the 100-grey block is below the threshold
+    assert list(blind.scores) == sorted(blind.scores, reverse=True) and (blind.scores >= 0.5).all()
+    assert blind.crops.shape == (3, 16, 16, 3) and blind.crops.dtype == np.uint8
+    assert [int(c.mean()) for c in blind.crops] == [255, 240, 230]  # cut as the splitter cut them: uniform blocks at half scale
+
+    truth = read_field_annotations(annotations)
+    known = mine(model, card, [a, b], truth, threshold=0.5, limit=10, batch_size=4)
+    assert known.provenance == ("a.png:0,0,32,32", "b.png:32,0,32,32", "b.png:64,64,32,32")  # never the ring, never the difficult block
+    assert known.source_sizes == ((32, 32),) * 3
+
+    again = mine(model, card, [a, b], truth, threshold=0.5, limit=10, batch_size=4, skip=set(known.provenance[:2]))
+    assert again.provenance == ("b.png:64,64,32,32",)
+
+
+def light_fields(root: Path, n: int = 3) -> Path:
+    """Whole images of light noise and no positive: every tile the model calls light is a false positive."""
+    rng = np.random.default_rng(1)
+    root.mkdir(parents=True)
+    for i in range(n):
+        write_image(root / f"field{i}.png", np.clip(rng.normal(200, 20, (40, 50, 3)), 0, 255).astype(np.uint8))
+    return root
+
+
+def test_two_rounds_grow_only_the_training_split(tmp_path: Path) -> None:
+    data = colour_folder(tmp_path / "data")
+    fields = light_fields(tmp_path / "fields")
+    config = TrainConfig(**{**FAST.__dict__, "hard_negatives": str(fields), "hard_negative_rounds": 2, "hard_negative_epochs": 1, "hard_negative_max": 4})
+    result = train(data, tmp_path / "run", config)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    record = metrics["hard_negatives"]
+    rounds = record["rounds"]
+    assert len(rounds) == 2 and [r["round"] for r in rounds] == [1, 2]
+    assert rounds[0]["n_mined"] == 4 and rounds[0]["n_fields"] == 3 and rounds[0]["threshold"] == 0.5
+    assert record["n_train_after"] == record["n_train_before"] + sum(r["n_mined"] for r in rounds)
+    assert all(c.startswith("field") for c in rounds[0]["crops"])
+    assert len(metrics["history"]) == 2 + sum(len(r["epochs"]) for r in rounds)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert sum(summary["class_counts_train"].values()) == record["n_train_after"]
+    card = load_checkpoint(result.checkpoint).card
+    assert card.provenance.training["hard_negatives"]["rounds"][0]["n_mined"] == 4
+    assert "crops" not in card.provenance.training["hard_negatives"]["rounds"][0]
+    assert result.card.threshold is not None
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    plain = train(data, tmp_path / "plain", FAST)
+    assert json.loads((tmp_path / "plain" / "split.json").read_text())["val"] == split["val"]  # validation: the same ids and count
+    mined_val, plain_val = (np.load(tmp_path / run / "val_predictions.npz") for run in ("run", "plain"))
+    assert np.array_equal(mined_val["idx"], plain_val["idx"]) and np.array_equal(mined_val["targets"], plain_val["targets"])
+    assert plain.card.provenance.training.get("hard_negatives") is None
+
+def test_config_refuses_mining_that_cannot_work(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="binary task with a positive class.*without --hard-negatives"):
+        TrainConfig(task="multiclass", hard_negatives=str(tmp_path)).validate()
+    with pytest.raises(InputError, match="folder not found: .*nowhere; give a folder of whole images"):
+        TrainConfig(hard_negatives=str(tmp_path / "nowhere")).validate()
+    with pytest.raises(InputError, match="rounds must be at least 1, got 0"):
+        TrainConfig(hard_negatives=str(tmp_path), hard_negative_rounds=0).validate()
+    with pytest.raises(InputError, match="without --hard-negatives"):
+        TrainConfig(hard_negative_annotations="a.json").validate()

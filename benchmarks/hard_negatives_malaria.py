@@ -1,0 +1,117 @@
+"""Hard-negative mining on the malaria recipe: parasites found per false detection on the validation fields, with and without.
+
+    python benchmarks/hard_negatives_malaria.py [--mining-fields 60] [--rounds 1] [--out /tmp/edgedx-hardneg]
+
+1. The malaria-cell recipe (``RECIPES['malaria_cells_iml']``) is trained twice with the same seed:
+   as committed, and with ``--hard-negatives`` over TRAINING fields only (fields whose cells are in
+   the cell set's train split; a subset of ``--mining-fields`` of them, seeded, to keep the run short),
+   their annotations telling the miner which tiles hold a parasite. The mined model trains
+   ``--rounds`` × 2 epochs more than the plain one; the plain one is also run with the same
+   number of extra epochs, so the comparison is mining, not training length.
+2. Each is exported (fp32) and ``edgedx fit-fields``' library call runs on the 52 VALIDATION fields
+   (no validation field is mined): FROC (parasites found at 0.5/1/2/4/8 false detections per
+   field) and the 2-fold cross-fitted operating point.
+
+Appends one JSON line to benchmarks/results/hard_negatives_malaria.jsonl and prints a table
+with the CPU model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE / "real_data"))
+from _env import cpu_model, git_rev  # noqa: E402
+from field_localisation import validation_fields  # noqa: E402
+from train_real_data import RECIPES, data_root  # noqa: E402
+
+from edgedx.export.fit_fields import FitFieldsOptions, fit_fields  # noqa: E402
+from edgedx.export.pipeline import ExportOptions, export_checkpoint  # noqa: E402
+from edgedx.runtime.io.field_annotations import read_field_annotations  # noqa: E402
+from edgedx.training.train import TrainConfig, train  # noqa: E402
+
+RESULTS = HERE / "results"
+
+
+def training_fields(root: Path, n: int, seed: int) -> list[str]:
+    """Fields with cells in the cell set's train split and none in val, ``n`` of them at random (seeded)."""
+    npz = np.load(root / "malaria_cells_iml" / "malaria_cells_iml.npz")
+    train = {str(s).split(":")[0] for s in npz["train_source"]}
+    val = {str(s).split(":")[0] for s in npz["val_source"]}
+    names = sorted(train - val)
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(names, size=min(n, len(names)), replace=False).tolist())
+
+
+def mining_set(root: Path, names: list[str], folder: Path) -> tuple[Path, Path]:
+    """A folder of links to the mining fields and an annotations file holding only their entries."""
+    images = folder / "mining_fields"
+    images.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        link = images / name
+        if not link.exists():
+            link.symlink_to(root / "malaria_fields_iml" / "images" / name)
+    records = json.loads((root / "malaria_fields_iml" / "annotations.json").read_text(encoding="utf-8"))
+    subset = [r for r in records if r["image_name"] in set(names)]
+    annotations = folder / "mining_annotations.json"
+    annotations.write_text(json.dumps(subset), encoding="utf-8")
+    return images, annotations
+
+
+def trained_and_scored(name: str, config: TrainConfig, root: Path, out: Path, truth) -> dict:  # noqa: ANN001
+    """Train, export fp32, fit the field operating points on the validation fields; the figures."""
+    started = time.perf_counter()
+    result = train(root / "malaria_cells_iml" / "malaria_cells_iml.npz", out / name / "run", config)
+    minutes = (time.perf_counter() - started) / 60
+    model = export_checkpoint(result.checkpoint, out / name / "export", ExportOptions(precisions=("fp32",))).onnx_path
+    report = fit_fields(model, root / "malaria_fields_iml" / "images", truth, out / name / "fields", FitFieldsOptions(overwrite=True))
+    return {
+        "name": name, "train_minutes": round(minutes, 1), "epochs": config.epochs, "val_cell_auc": result.card.metrics.get("macro_auc"),
+        "hard_negatives": result.summary.get("hard_negatives"), "froc": report.froc, "cross_fitted": report.cross_fitted,
+        "tile_threshold": report.detection["tile_threshold"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mining-fields", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("/tmp/edgedx-hardneg"))
+    args = parser.parse_args()
+    root = data_root()
+    recipe = RECIPES["malaria_cells_iml"]
+    base = TrainConfig(weights="imagenet", seed=0, gradcam_samples=0, plots=False, overwrite=True, **recipe["config"])
+    extra = 2 * args.rounds
+    images, annotations = mining_set(root, training_fields(root, args.mining_fields, seed=0), args.out)
+    truth = read_field_annotations(root / "malaria_fields_iml" / "annotations.json").subset(validation_fields(root))
+    plain = dataclasses.replace(base, epochs=base.epochs + extra)  # as many epochs as the mined run in all
+    mined = dataclasses.replace(base, hard_negatives=str(images), hard_negative_annotations=str(annotations),
+                                hard_negative_rounds=args.rounds, hard_negative_epochs=2)
+    rows = [trained_and_scored("plain", plain, root, args.out, truth), trained_and_scored("mined", mined, root, args.out, truth)]
+    line = {"mining_fields": args.mining_fields, "rounds": args.rounds, "rows": rows, "cpu": cpu_model(), "git": git_rev(),
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with (RESULTS / "hard_negatives_malaria.jsonl").open("a", encoding="utf-8") as f:
+        f.write(json.dumps(line, allow_nan=False) + "\n")
+    print(f"cpu: {line['cpu']}; 52 validation fields, 72 parasites; mining on {args.mining_fields} training fields")
+    print("| model | epochs | val cell AUC | found at 0.5 / 1 / 2 / 4 / 8 false per field | cross-fitted at 1 false/field: found, false/field | train min |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        froc = " / ".join(str(p["found"]) for p in r["froc"])
+        cf = r["cross_fitted"] or {}
+        print(f"| {r['name']} | {r['epochs']}{' + mining' if r['hard_negatives'] else ''} | {r['val_cell_auc']:.4f} | {froc} | "
+              f"{cf.get('found', 'n/a')}, {cf.get('false_per_field', float('nan')):.2f} | {r['train_minutes']} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -244,7 +244,7 @@ def threshold_statement(card: ModelCard) -> dict[str, Any]:
     logged as a warning (a clinic must hear it before deploying, not find it in the card)."""
     choice = card.threshold_choice
     statement = {"threshold": card.threshold, "positive_class": card.positive_class, "source": choice.source, "interval": choice.interval,
-                 **{k: choice.fitted_on[k] for k in ("n_positive", "n_negative", "chosen", "alternatives", "warning") if k in choice.fitted_on}}
+                 **{k: choice.fitted_on[k] for k in ("n_positive", "n_negative", "chosen", "alternatives", "warning", "predicted_by") if k in choice.fitted_on}}
     if statement.get("warning"):
         log.warning("%s", statement["warning"])
     return statement

@@ -113,6 +113,7 @@ def test_out_of_fold_report_sets_the_cards_threshold_source_and_qhat() -> None:
     assert fitted.threshold == report["threshold"] and fitted.threshold_choice.source == "out_of_fold"
     assert fitted.metrics["split"] == "out_of_fold" and report["ci95"]["auc"][0] < report["metrics"]["auc"] < report["ci95"]["auc"][1]
     assert "selection" in report["used_for"]
+    assert "fold model that did not train on it" in fitted.threshold_choice.fitted_on["predicted_by"]
 
 
 def test_fold_spread_gives_mean_sd_and_range() -> None:

@@ -23,6 +23,7 @@ the folds (``val_predictions.npz``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -39,6 +40,12 @@ from edgedx.training.threshold import choose_threshold
 log = logging.getLogger(__name__)
 
 SPREAD_METRICS = ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity")
+# what the out-of-fold figures describe, stated beside them: the fold ensemble that ships averages all K models, so its
+# own probabilities (and its sensitivity/specificity at this threshold) are measured on held-out data, not here
+PREDICTED_BY = (
+    "each image by the one fold model that did not train on it; the fold ensemble averages all of them, so its own "
+    "sensitivity and specificity at this threshold are the held-out figures (cv_summary.json, edgedx evaluate)"
+)
 
 
 @dataclass(frozen=True)
@@ -122,6 +129,7 @@ def out_of_fold_report(pooled: Pooled, card: ModelCard, target: float, *, seed: 
         note = "multilabel: each fold keeps its own per-label decisions; no pooled threshold"
         return {"n": int(len(y)), "note": note}, card.replace(threshold_choice=ThresholdChoice("out_of_fold", None, {"note": note})), []
     choice, warnings = choose_threshold(y, probs, card, target, source="out_of_fold", seed=seed)
+    choice = dataclasses.replace(choice, fitted_on={**choice.fitted_on, "predicted_by": PREDICTED_BY})
     threshold = choice.fitted_on["chosen"]["threshold"] if "chosen" in choice.fitted_on else card.threshold
     fitted = card.replace(threshold=threshold, threshold_choice=choice)
     metrics = score(y, probs, fitted, threshold if card.task == "binary" else None)

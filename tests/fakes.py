@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import numpy as np
 
@@ -44,3 +46,13 @@ class RedLevelSession(FakeSession):
         else:
             probs = rgb / rgb.sum(axis=1, keepdims=True)
         return np.log(probs)
+
+
+def fake_train(summary: dict[str, Any] | None = None) -> mock.MagicMock:
+    """A stand-in for ``edgedx.training.train.train`` whose result the CLI can print (a multiclass run)."""
+    fake = mock.MagicMock()
+    fake.return_value.card.metrics = {"accuracy": 0.9, "balanced_accuracy": 0.8, "macro_auc": 0.95}
+    fake.return_value.card.task = "multiclass"
+    fake.return_value.summary = summary or {}
+    fake.return_value.skipped = ()
+    return fake

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from conftest import run_edgedx
 from edgedx.cli import app
 from edgedx.runtime.io.manifest import ManifestLayout
+from tests.fakes import fake_train
 
 runner = CliRunner()
 COMMANDS = ("train", "export", "diagnose", "evaluate", "bench", "demo", "models", "audit")
@@ -48,11 +49,7 @@ def test_top_level_help_lists_commands_and_version() -> None:
 def test_train_passes_options_through() -> None:
     from edgedx.training.train import TrainConfig
 
-    fake = mock.MagicMock()
-    fake.return_value.card.metrics = {"accuracy": 0.9, "balanced_accuracy": 0.8, "macro_auc": 0.95}
-    fake.return_value.card.task = "multiclass"
-    fake.return_value.summary = {"splits": {"note": "no patient ids: images of one patient may be in several splits"}}
-    fake.return_value.skipped = ()
+    fake = fake_train({"splits": {"note": "no patient ids: images of one patient may be in several splits"}})
     with mock.patch("edgedx.training.train.train", fake):
         result = runner.invoke(
             app,
@@ -75,11 +72,7 @@ def test_train_passes_options_through() -> None:
 def test_train_passes_hard_negative_options() -> None:
     from edgedx.training.train import TrainConfig
 
-    fake = mock.MagicMock()
-    fake.return_value.card.metrics = {"accuracy": 0.9, "balanced_accuracy": 0.8, "macro_auc": 0.95}
-    fake.return_value.card.task = "multiclass"
-    fake.return_value.summary = {}
-    fake.return_value.skipped = ()
+    fake = fake_train()
     with mock.patch("edgedx.training.train.train", fake):
         result = runner.invoke(
             app,
@@ -123,11 +116,7 @@ def test_train_and_evaluate_read_isic_labels_csv_with_the_same_options(tmp_path:
     from edgedx.training.train import TrainConfig
 
     isic = ["--path-column", "image", "--image-dir", "isic/images", "--suffix", ".jpg", "--label-column", "diagnosis"]
-    fake = mock.MagicMock()
-    fake.return_value.card.metrics = {"accuracy": 0.9, "balanced_accuracy": 0.8, "macro_auc": 0.95}
-    fake.return_value.card.task = "multiclass"
-    fake.return_value.summary = {}
-    fake.return_value.skipped = ()
+    fake = fake_train()
     (tmp_path / "labels.csv").write_text("image,diagnosis\n", encoding="utf-8")
     with mock.patch("edgedx.training.train.train", fake):
         result = runner.invoke(app, ["train", str(tmp_path / "labels.csv"), "--out", "run", *isic])

@@ -19,7 +19,7 @@ from edgedx.runtime.fitting import crop_logits, merged_probabilities
 from edgedx.runtime.model import Model, resolve_crop
 from edgedx.runtime.preprocess import model_input, to_probabilities
 from edgedx.runtime.tta import tta_run, view
-from tests.fakes import FakeSession
+from tests.fakes import FakeSession, fake_train
 
 PROVENANCE = Provenance("0", "2026-01-01T00:00:00+00:00")
 ALL_VIEWS = ("hflip", "vflip", "rot180", "rot90", "rot270")
@@ -233,11 +233,7 @@ def test_cli_train_passes_tta_through(tmp_path: Path) -> None:
     from edgedx.cli import app
     from edgedx.training.train import TrainConfig
 
-    fake = mock.MagicMock()
-    fake.return_value.card.metrics = {"accuracy": 0.9, "balanced_accuracy": 0.8, "macro_auc": 0.95}
-    fake.return_value.card.task = "multiclass"
-    fake.return_value.summary = {}
-    fake.return_value.skipped = ()
+    fake = fake_train()
     with mock.patch("edgedx.training.train.train", fake):
         result = CliRunner().invoke(app, ["train", str(tmp_path), "--out", "run", "--augment", "oct", "--tta", "modality"])
     assert result.exit_code == 0, result.output

@@ -452,6 +452,7 @@ def diagnose(
     quality: Annotated[str, typer.Option(help="card: images outside the card's quality limits (focus, exposure, colour, size, JPEG blocks) are 'reject' with the reasons and never diagnosed; off: diagnose every image.")] = "card",
     quality_limit: Annotated[Optional[list[str]], typer.Option("--quality-limit", help="NAME=VALUE overriding one of the card's limits (repeatable): focus_min=3, clipped_max=0.1, brightness_range=40,220, colour_range=10,120, min_short_side=64, blockiness_max=1.8; VALUE off turns that check off.")] = None,
     um_per_px: Annotated[Optional[float], typer.Option(help="Micrometres per pixel of the images (a scanner at D dpi: 25400/D); default: the files' TIFF resolution tags. With the card's training scale the images are resampled so objects keep their trained size.")] = None,
+    slides: Annotated[Optional[Path], typer.Option(help="CSV with columns path,slide_id: which slide each field is on, for OUT.slides.jsonl (a model from edgedx fit-fields); default: each field's folder. Without INPUTS its paths are diagnosed.")] = None,
 ) -> None:
     """Diagnose whole images with sliding crops; one record per input (or per video frame)."""
     from edgedx.runtime.diagnose import diagnose as run_diagnose
@@ -467,7 +468,7 @@ def diagnose(
         refer_band=_band(refer_band), overlays=overlays, maps=maps, audit=audit, audit_names=audit_names, resume=resume,
         overwrite=overwrite, every=every, window=window, max_frames=max_frames, reconnect=reconnect, max_pixels=max_pixels,
         watch=watch, idle_timeout_s=idle_timeout, engine=engine, address=address, verify=verify,
-        quality=quality, quality_limits=_quality_limits(quality_limit), um_per_px=um_per_px,
+        quality=quality, quality_limits=_quality_limits(quality_limit), um_per_px=um_per_px, slides=slides,
     )
     with progress_bar() as progress:
         done = run_diagnose(inputs or [], options, progress=progress)

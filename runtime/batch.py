@@ -30,6 +30,7 @@ from edgedx.runtime.io.feeds import RollingDecision, is_video_path, iter_frames,
 from edgedx.runtime.io.image_io import check_regular_file, default_max_pixels, pixel_limit, read_image, write_image
 from edgedx.runtime.io.inputs import expand_inputs
 from edgedx.runtime.io.integrity import atomic_path, sha256_file
+from edgedx.runtime.io.slide_manifest import SlideManifest, read_slide_manifest
 from edgedx.runtime.model import Diagnosis, Model, decide, load_model
 from edgedx.runtime.options import DiagnoseOptions
 from edgedx.runtime.outputs.guards import RunSettings, check_distinct, check_not_inputs, check_writable, exclusive_outputs, prepare_records_file
@@ -100,15 +101,21 @@ def diagnose_paths(
     output_format(out)
     if options.max_pixels is None:
         default_max_pixels()  # a bad EDGEDX_MAX_IMAGE_PIXELS fails now, not at the first image
+    manifest = read_slide_manifest(options.slides) if options.slides is not None else None
+    if manifest is not None and not inputs:
+        inputs = manifest.paths  # the manifest lists the fields: they are the inputs
     files, streams = _split_inputs(inputs)
     folders = [Path(str(raw)) for raw in inputs if Path(str(raw)).is_dir()]
     _check_outputs(options, files, folders)
     loaded = _load(options)
+    _check_slides(manifest, loaded)
     with exclusive_outputs({"--out": out, "--audit": options.audit}):
-        return _diagnose_locked(files, streams, loaded, options, progress)
+        return _diagnose_locked(files, streams, loaded, options, progress, manifest)
 
 
-def _diagnose_locked(files: list[Path], streams: list[str | int], loaded: Model, options: DiagnoseOptions, progress: ProgressFn) -> DiagnoseSummary:
+def _diagnose_locked(
+    files: list[Path], streams: list[str | int], loaded: Model, options: DiagnoseOptions, progress: ProgressFn, manifest: SlideManifest | None
+) -> DiagnoseSummary:
     """:func:`diagnose_paths` once this process holds the outputs."""
     assert options.out is not None
     settings = {"every": options.every, "window": options.window}
@@ -133,7 +140,10 @@ def _diagnose_locked(files: list[Path], streams: list[str | int], loaded: Model,
     total = len(files) if not streams else 0
     live = any(isinstance(s, int) or "://" in str(s) for s in streams)  # cameras and streams: no waiting for a full batch
     with pixel_limit(options.max_pixels):
-        return _run(items(), loaded, options, total=total, resume=resumed, window=options.window, progress=progress, live=live, frames=bool(streams))
+        return _run(
+            items(), loaded, options, total=total, resume=resumed, window=options.window, progress=progress, live=live, frames=bool(streams),
+            manifest=manifest,
+        )
 
 
 def diagnose_hot_folder(
@@ -160,7 +170,9 @@ def diagnose_hot_folder(
     if not folder.is_dir():
         raise InputError(f"hot folder not found: {folder}; create it or point --watch at the scanner's output folder")
     _check_outputs(options, [], [folder])
+    manifest = read_slide_manifest(options.slides) if options.slides is not None else None
     loaded = _load(options)
+    _check_slides(manifest, loaded)
     state = out.with_name(out.name + ".watch-state.jsonl")
 
     def items() -> Iterator[_Item]:
@@ -173,7 +185,7 @@ def diagnose_hot_folder(
     # one image at a time: a hot folder wants each result as soon as its file lands
     with exclusive_outputs({"--out": out, "--audit": options.audit}), pixel_limit(options.max_pixels):
         prepare_records_file(out, _run_settings(loaded, {"watch": True}), "resume")
-        return _run(items(), loaded, options, total=0, resume=True, window=1, progress=progress, prefetch=0, live=True)
+        return _run(items(), loaded, options, total=0, resume=True, window=1, progress=progress, prefetch=0, live=True, manifest=manifest)
 
 
 def _load(options: DiagnoseOptions) -> Model:
@@ -182,6 +194,18 @@ def _load(options: DiagnoseOptions) -> Model:
     return load_model(
         options.model, device=options.device, batch_size=options.batch_size, crop=options.crop, refer_band=options.refer_band,
         verify=options.verify, quality=options.quality, quality_limits=options.quality_limits, um_per_px=options.um_per_px,
+    )
+
+
+def _check_slides(manifest: SlideManifest | None, model: Model) -> None:
+    """A slide manifest groups fields for the slide summary, which only a card with field detection writes: refuse
+    it on any other card instead of ignoring it."""
+    if manifest is None or model.card.detection.enabled:
+        return
+    raise InputError(
+        f"--slides {manifest.source} groups fields into slides, but this model's card has no field detection, so no slide "
+        "summary is written; fit it on annotated fields first (edgedx fit-fields MODEL FIELDS --annotations A.json -o OUT) "
+        "and diagnose with that model, or leave out --slides"
     )
 
 
@@ -251,6 +275,7 @@ def _run(
     prefetch: int = 4,
     live: bool = False,
     frames: bool = False,
+    manifest: SlideManifest | None = None,
 ) -> DiagnoseSummary:
     card = model.card
     assert options.out is not None
@@ -315,7 +340,7 @@ def _run(
         finally:
             if audit_log is not None:
                 audit_log.__exit__(None, None, None)
-    slides = write_slide_summary(out, card) if card.detection.enabled else None  # from the file: resumed records count too
+    slides = write_slide_summary(out, card, manifest) if card.detection.enabled else None  # from the file: resumed records count too
     seconds = time.perf_counter() - start
     log.info("diagnosed %d inputs (%d failed, %d already done) in %.1fs → %s", n, failed, resumed, seconds, out)
     return DiagnoseSummary(out, n, failed, dict(labels), seconds, tuple(written), resumed, slides)

@@ -35,6 +35,9 @@ class DiagnoseOptions:
     (``quality_limits`` overrides them by name: ``{"focus_min": 3.0,
     "brightness_range": (40, 220)}``), "off" diagnoses every image;
     ``um_per_px`` is the images' physical scale (default: their TIFF tags).
+    ``slides`` is a ``path,slide_id`` CSV that groups fields into slides for
+    the slide summary (a detection card); without other inputs its paths are
+    the inputs.
     """
 
     model: Any = None  # str | Path | Model | None
@@ -64,9 +67,10 @@ class DiagnoseOptions:
     quality: str = "card"  # card: the card's quality gate before diagnosis; off: none
     quality_limits: Mapping[str, Any] | None = None  # overrides of the card's limits, by name (see quality.LIMIT_NAMES)
     um_per_px: float | None = None  # the images' micrometres per pixel (else their TIFF tags; see runtime/scale.py)
+    slides: Path | None = None  # path,slide_id CSV: which slide each field is on (else its folder)
 
     def __post_init__(self) -> None:
-        for name in ("out", "overlays", "maps", "audit", "watch"):
+        for name in ("out", "overlays", "maps", "audit", "watch", "slides"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(value))
@@ -99,7 +103,7 @@ class DiagnoseOptions:
             _check(not inputs, "give either inputs or --watch FOLDER, not both")
         else:
             hint = "globs" if self.engine == "ray" else "globs, videos or camera:N (or use --watch FOLDER)"
-            _check(bool(inputs), f"no inputs given; name image files, folders, {hint}")
+            _check(bool(inputs) or self.slides is not None, f"no inputs given; name image files, folders, {hint}")
         return self
 
     def check_gate(self) -> None:
@@ -119,7 +123,7 @@ class DiagnoseOptions:
             "--watch": self.watch is not None, "--resume": self.resume, "--overlays": self.overlays is not None,
             "--maps": self.maps is not None, "--audit": self.audit is not None,
             "--every/--window/--max-frames": (self.every, self.window, self.max_frames) != (1, 5, None),
-            "--max-pixels": self.max_pixels is not None, "--verify": self.verify,
+            "--max-pixels": self.max_pixels is not None, "--verify": self.verify, "--slides": self.slides is not None,
         }
         return [option for option, on in used.items() if on]
 

@@ -314,11 +314,14 @@ def test_diagnose_engine_ray_and_watch_are_options_of_the_one_call() -> None:
         assert result.exit_code == 0, result.output
         watched = runner.invoke(app, ["diagnose", "--watch", "scanner out", "--model", "m.onnx", "--out", "o.jsonl", "--idle-timeout", "60"])
         assert watched.exit_code == 0, watched.output
+        listed = runner.invoke(app, ["diagnose", "--slides", "day 3/slides.csv", "--model", "m.onnx", "--out", "o.jsonl"])
+        assert listed.exit_code == 0, listed.output
     assert fake.call_args_list == [
         mock.call(["scans"], DiagnoseOptions(
             model=Path("m.onnx"), out=Path("shards.parquet"), engine="ray", address="ray://head:10001", device="cuda", batch_size=16,
             crop={"tile_size": (64, 64)}, refer_band=(0.3, 0.7), overwrite=True), progress=mock.ANY),
         mock.call([], DiagnoseOptions(model=Path("m.onnx"), out=Path("o.jsonl"), watch=Path("scanner out"), idle_timeout_s=60.0), progress=mock.ANY),
+        mock.call([], DiagnoseOptions(model=Path("m.onnx"), out=Path("o.jsonl"), slides=Path("day 3/slides.csv")), progress=mock.ANY),
     ]
 
 
@@ -329,6 +332,7 @@ def test_diagnose_refusals_are_one_line_errors() -> None:
         (["scans", "--out", "o.jsonl", "--address", "auto"], "--engine ray"),
         (["scans", "--out", "o.jsonl", "--engine", "spark"], "'spark'"),
         (["--watch", "in"], "give --out FILE"),
+        (["--slides", "s.csv", "--out", "o.jsonl", "--engine", "ray"], "--slides work only with the local engine"),
     ):
         refused = runner.invoke(app, ["diagnose", "--model", "m.onnx", *args])
         assert refused.exit_code == 1 and named in str(refused.exception), (args, refused.exception)

@@ -9,6 +9,7 @@ Tiny synthetic data only (seconds): a hand-built ONNX whose p(positive) follows 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -264,6 +265,41 @@ def test_diagnose_decides_by_the_fitted_field_rule_and_writes_one_line_per_slide
     header = next(csv.reader(as_csv.out.open(encoding="utf-8")))
     assert set(DETECTION_COLUMNS) <= set(header)
     assert json.loads(as_csv.slides.read_text(encoding="utf-8"))["n_detections"] == 6  # type: ignore[union-attr]
+
+
+def test_a_slide_manifest_groups_fields_across_folders_and_names_the_ones_it_does_not_list(
+    fitted: tuple[Path, Any], fields: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from edgedx.runtime.batch import diagnose_paths
+    from edgedx.runtime.outputs.records import read_records
+
+    parent, report = fitted
+    root, _ = fields
+    lists = tmp_path / "lims export"
+    lists.mkdir()
+    manifest = lists / "slides.csv"  # relative paths are read from the manifest's folder
+    rel = Path(os.path.relpath(root, lists))
+    rows = [("slide A/a0.png", "patient 1"), ("slide A/a1.png", "patient 1"), ("slide A/a2.png", "patient 2"), ("slide B/b0.png", "patient 2")]
+    manifest.write_text("path,slide_id\n" + "".join(f"{rel / p},{s}\n" for p, s in rows), encoding="utf-8")
+
+    only = diagnose_paths([], report.output, tmp_path / "listed.jsonl", slides=manifest)  # no inputs: the manifest's fields
+    assert sorted(Path(r["input"]).name for r in read_records(only.out)) == ["a0.png", "a1.png", "a2.png", "b0.png"]
+    lines = {line["slide_id"]: line for line in map(json.loads, only.slides.read_text(encoding="utf-8").splitlines())}  # type: ignore[union-attr]
+    assert set(lines) == {"patient 1", "patient 2"} and {line["grouped_by"] for line in lines.values()} == {"manifest"}
+    assert (lines["patient 1"]["n_fields"], lines["patient 1"]["n_detections"], lines["patient 1"]["label"]) == (2, 3, "parasitized")
+    assert (lines["patient 2"]["n_fields"], lines["patient 2"]["n_positive_fields"]) == (2, 1)
+
+    with caplog.at_level("WARNING"):
+        every = diagnose_paths([root], report.output, tmp_path / "every.jsonl", slides=manifest)
+    lines = {line["slide_id"]: line for line in map(json.loads, every.slides.read_text(encoding="utf-8").splitlines())}  # type: ignore[union-attr]
+    assert lines["patient 1"]["n_fields"] == 2 and lines["patient 2"]["n_fields"] == 2
+    assert lines[str(root / "slide A")]["n_fields"] == 1 and lines[str(root / "slide B")]["n_fields"] == 3  # unlisted: their folder
+    assert lines[str(root / "slide B")]["grouped_by"] == "folder"
+    assert "4 fields are not in --slides" in caplog.text
+
+    with pytest.raises(InputError, match="no field detection.*edgedx fit-fields"):
+        diagnose_paths([root], parent, tmp_path / "plain.jsonl", slides=manifest)
+    assert not (tmp_path / "plain.jsonl").exists()
 
 
 def test_evaluate_with_annotations_scores_fields_at_the_cards_rule(fitted: tuple[Path, Any], fields: tuple[Path, Path], tmp_path: Path) -> None:

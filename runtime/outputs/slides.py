@@ -7,9 +7,10 @@ answer pools its fields: the card's ``slide_rule`` over the fields' decisions
 all counted cells (Σ parasites / Σ red cells × 100, with its Wilson interval:
 far tighter than any one field's).
 
-Fields belong to the slide of their parent folder (one folder per slide, as a
-scanner or a microscope camera saves them); video and camera frames to their
-stream. Written from the records file itself at the end of a run, so a resumed
+Fields belong to the slide a ``--slides`` manifest gives them
+(:mod:`edgedx.runtime.io.slide_manifest`), else to their parent folder (one
+folder per slide, as a scanner or a microscope camera saves them); video and
+camera frames to their stream. Each line says which (``grouped_by``). Written from the records file itself at the end of a run, so a resumed
 run's summary covers every record, the earlier ones included.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from collections.abc import Iterable
 from pathlib import Path, PurePath
 from typing import Any
@@ -25,9 +27,11 @@ from edgedx.card import ModelCard
 from edgedx.runtime.cells import parasitaemia
 from edgedx.runtime.detections import slide_decision
 from edgedx.runtime.io.integrity import atomic_path
+from edgedx.runtime.io.slide_manifest import SlideManifest
 from edgedx.runtime.outputs.records import output_format, read_records
 
 FRAME_MARK = "#frame="
+log = logging.getLogger(__name__)
 
 
 def slides_path(out: Path) -> Path:
@@ -40,6 +44,14 @@ def slide_of(input_name: str) -> str:
     if FRAME_MARK in input_name:
         return input_name.split(FRAME_MARK, 1)[0]
     return str(PurePath(input_name).parent)
+
+
+def grouping(input_name: str, manifest: SlideManifest | None) -> tuple[str, str]:
+    """(slide id, how it was found: manifest, stream or folder) for one record's input."""
+    listed = manifest.slide_of(input_name) if manifest is not None and FRAME_MARK not in input_name else None
+    if listed is not None:
+        return listed, "manifest"
+    return slide_of(input_name), "stream" if FRAME_MARK in input_name else "folder"
 
 
 def field_rows(out: Path) -> list[dict[str, Any]]:
@@ -95,12 +107,22 @@ def summarise_slide(slide_id: str, rows: Iterable[dict[str, Any]], card: ModelCa
     return line
 
 
-def write_slide_summary(out: Path, card: ModelCard) -> Path:
-    """``OUT.slides.jsonl``: one :func:`summarise_slide` line per slide, in order of first appearance, written atomically."""
-    groups: dict[str, list[dict[str, Any]]] = {}
+def write_slide_summary(out: Path, card: ModelCard, manifest: SlideManifest | None = None) -> Path:
+    """``OUT.slides.jsonl``: one :func:`summarise_slide` line per slide, in order of first appearance, written atomically.
+
+    With ``manifest`` its slide ids group the fields it lists; a field it does not list keeps its folder, and a
+    warning counts them (a slide split in two by a forgotten row would otherwise pass unseen)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in field_rows(out):
-        groups.setdefault(slide_of(row["input"]), []).append(row)
+        groups.setdefault(grouping(row["input"], manifest), []).append(row)
+    if manifest is not None:
+        unlisted = sum(len(rows) for (_, how), rows in groups.items() if how == "folder")
+        if unlisted:
+            log.warning("%d fields are not in --slides %s: each is grouped with its folder instead (grouped_by 'folder')", unlisted, manifest.source)
+    lines = []
+    for (slide, how), rows in groups.items():
+        lines.append(json.dumps({**summarise_slide(slide, rows, card), "grouped_by": how}, ensure_ascii=False) + "\n")
     target = slides_path(out)
     with atomic_path(target) as tmp:
-        tmp.write_text("".join(json.dumps(summarise_slide(s, rows, card), ensure_ascii=False) + "\n" for s, rows in groups.items()), encoding="utf-8")
+        tmp.write_text("".join(lines), encoding="utf-8")
     return target

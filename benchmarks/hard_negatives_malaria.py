@@ -1,13 +1,15 @@
 """Hard-negative mining on the malaria recipe: parasites found per false detection on the validation fields, with and without.
 
-    python benchmarks/hard_negatives_malaria.py [--mining-fields 60] [--rounds 1] [--out /tmp/edgedx-hardneg]
+    python benchmarks/hard_negatives_malaria.py [--mining-fields 60] [--rounds 1] [--variants plain,mined,positives] [--out /tmp/edgedx-hardneg]
 
 1. The malaria-cell recipe (``RECIPES['malaria_cells_iml']``) is trained twice with the same seed:
    as committed, and with ``--hard-negatives`` over TRAINING fields only (fields whose cells are in
    the cell set's train split; a subset of ``--mining-fields`` of them, seeded, to keep the run short),
    their annotations telling the miner which tiles hold a parasite. The mined model trains
    ``--rounds`` × 2 epochs more than the plain one; the plain one is also run with the same
-   number of extra epochs, so the comparison is mining, not training length.
+   number of extra epochs, so the comparison is mining, not training length. The ``positives``
+   variant mines the same way and also adds the tiles centred on annotated parasites of those
+   training fields as positives (``--mine-positives``).
 2. Each is exported (fp32) and ``edgedx fit-fields``' library call runs on the 52 VALIDATION fields
    (no validation field is mined): FROC (parasites found at 0.5/1/2/4/8 false detections per
    field) and the 2-fold cross-fitted operating point.
@@ -87,6 +89,7 @@ def main() -> None:
     parser.add_argument("--mining-fields", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("/tmp/edgedx-hardneg"))
+    parser.add_argument("--variants", default="plain,mined", help="comma-separated: plain, mined, positives (rows of earlier runs stay in the JSONL)")
     args = parser.parse_args()
     root = data_root()
     recipe = RECIPES["malaria_cells_iml"]
@@ -97,7 +100,12 @@ def main() -> None:
     plain = dataclasses.replace(base, epochs=base.epochs + extra)  # as many epochs as the mined run in all
     mined = dataclasses.replace(base, hard_negatives=str(images), hard_negative_annotations=str(annotations),
                                 hard_negative_rounds=args.rounds, hard_negative_epochs=2)
-    rows = [trained_and_scored("plain", plain, root, args.out, truth), trained_and_scored("mined", mined, root, args.out, truth)]
+    configs = {"plain": plain, "mined": mined, "positives": dataclasses.replace(mined, mine_positives=True)}
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(names) - set(configs))
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(configs)}")
+    rows = [trained_and_scored(name, configs[name], root, args.out, truth) for name in names]
     line = {"mining_fields": args.mining_fields, "rounds": args.rounds, "rows": rows, "cpu": cpu_model(), "git": git_rev(),
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     RESULTS.mkdir(parents=True, exist_ok=True)

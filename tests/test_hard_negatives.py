@@ -75,6 +75,31 @@ def test_mine_keeps_the_highest_false_positives_and_never_an_annotated_one(tmp_p
 
     again = mine(model, card, [a, b], truth, threshold=0.5, limit=10, batch_size=4, skip=set(known.provenance[:2]))
     assert again.provenance == ("b.png:64,64,32,32",)
+    assert known.positives is None and known.n_positive == 0
+
+    both = mine(model, card, [a, b], truth, threshold=0.5, limit=10, batch_size=4, positives=True)
+    assert both.provenance == known.provenance  # the false positives are the same
+    assert both.positives is not None and both.positives.provenance == ("a.png:64,32,32,32",)  # the tile the ring's centre is in the middle of
+    assert [int(c.mean()) for c in both.positives.crops] == [230] and both.positives.scores[0] > 0.5
+    assert mine(model, card, [a, b], truth, threshold=0.5, limit=10, batch_size=4, positives=True,
+                skip={"a.png:64,32,32,32"}).n_positive == 0  # mined in an earlier round: not again
+    with pytest.raises(InputError, match="needs annotations naming the positives"):
+        mine(model, card, [a, b], None, threshold=0.5, limit=10, batch_size=4, positives=True)
+
+
+def test_a_tile_is_centred_on_a_positive_only_when_the_centre_is_well_inside_it() -> None:
+    from edgedx.runtime.io.field_annotations import FieldTruth
+    from edgedx.runtime.tiling import plan_tiles
+    from edgedx.training.hard_negatives import centred_tiles
+
+    grid = plan_tiles(128, 128, CropPolicy(tile_size=(64, 64), stride=(32, 32), scale=1.0))
+    ys, xs = grid.starts()
+    empty = np.zeros((0, 2))
+    inner = FieldTruth("f", np.array([[50.0, 50.0]]), empty, 0)  # 50 is ≥ 8 inside both tiles along each axis
+    edge = FieldTruth("f", np.array([[4.0, 4.0]]), empty, 0)  # 4 px from the border: a sliver of the object in any tile
+    chosen = centred_tiles(grid, inner)
+    assert chosen.sum() == 4 and set(zip(xs[chosen].tolist(), ys[chosen].tolist())) == {(0, 0), (32, 0), (0, 32), (32, 32)}
+    assert not centred_tiles(grid, edge).any() and not centred_tiles(grid, None).any()
 
 
 def light_fields(root: Path, n: int = 3) -> Path:
@@ -112,6 +137,27 @@ def test_two_rounds_grow_only_the_training_split(tmp_path: Path) -> None:
     assert np.array_equal(mined_val["idx"], plain_val["idx"]) and np.array_equal(mined_val["targets"], plain_val["targets"])
     assert plain.card.provenance.training.get("hard_negatives") is None
 
+def test_centred_positives_join_the_training_split_as_the_positive_class(tmp_path: Path) -> None:
+    data = colour_folder(tmp_path / "data")
+    fields = light_fields(tmp_path / "fields", n=2)
+    annotations = tmp_path / "annotations.json"  # one positive centred in each field, in the middle of its tiles
+    annotations.write_text(json.dumps([
+        {"image_name": f"field{i}.png", "objects": [{"type": "ring", "bbox": {"x": 20, "y": 15, "w": 10, "h": 10}}]} for i in range(2)
+    ]))
+    config = TrainConfig(**{**FAST.__dict__, "hard_negatives": str(fields), "hard_negative_annotations": str(annotations),
+                            "hard_negative_epochs": 1, "mine_positives": True})
+    train(data, tmp_path / "run", config)
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())["hard_negatives"]
+    first = record["rounds"][0]
+    assert record["mine_positives"] and first["n_positive_mined"] == len(first["positive_crops"]) >= 2
+    assert all(c.split(":")[0] in ("field0.png", "field1.png") for c in first["positive_crops"])
+    assert not set(first["positive_crops"]) & set(first["crops"])  # a tile centred on a positive is never a mined negative
+    assert record["n_train_after"] == record["n_train_before"] + first["n_mined"] + first["n_positive_mined"]
+    counts = json.loads((tmp_path / "run" / "summary.json").read_text())["class_counts_train"]
+    before = {"light": counts["light"] - first["n_positive_mined"], "dark": counts["dark"] - first["n_mined"]}
+    assert before["light"] == before["dark"] == record["n_train_before"] // 2  # 12 + 12 images, split alike: the extra light ones are the tiles
+
+
 def test_config_refuses_mining_that_cannot_work(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="binary task with a positive class.*without --hard-negatives"):
         TrainConfig(task="multiclass", hard_negatives=str(tmp_path)).validate()
@@ -121,3 +167,7 @@ def test_config_refuses_mining_that_cannot_work(tmp_path: Path) -> None:
         TrainConfig(hard_negatives=str(tmp_path), hard_negative_rounds=0).validate()
     with pytest.raises(InputError, match="without --hard-negatives"):
         TrainConfig(hard_negative_annotations="a.json").validate()
+    with pytest.raises(InputError, match="--mine-positives is given without --hard-negatives"):
+        TrainConfig(mine_positives=True).validate()
+    with pytest.raises(InputError, match="--mine-positives .* needs --hard-negative-annotations"):
+        TrainConfig(hard_negatives=str(tmp_path), mine_positives=True).validate()

@@ -80,6 +80,9 @@ class TrainConfig:
     hard_negative_rounds: int = 1
     hard_negative_epochs: int = 2  # epochs of further training after each round
     hard_negative_max: int | None = None  # crops added per round (None: as many as the training split has positive-class items)
+    # with annotations: also the tiles centred on an annotated positive, added as the positive class (the target as the
+    # deployed sliding crops cut it, which crops of single objects never show)
+    mine_positives: bool = False
 
     def __post_init__(self) -> None:
         if self.image_dir is not None:  # recorded in the card: export reloads the images from any directory
@@ -130,6 +133,8 @@ class TrainConfig:
             for name in ("hard_negative_annotations", "hard_negative_max"):
                 if getattr(self, name) is not None:
                     raise InputError(f"--{name.replace('_', '-')} is given without --hard-negatives; add --hard-negatives FOLDER of whole images")
+            if self.mine_positives:
+                raise InputError("--mine-positives is given without --hard-negatives; add --hard-negatives FOLDER and --hard-negative-annotations A.json")
             return
         checks = [
             (self.task in (None, "binary"),
@@ -143,6 +148,8 @@ class TrainConfig:
             (self.hard_negative_epochs >= 1, f"--hard-negative-epochs must be at least 1, got {self.hard_negative_epochs}"),
             (self.hard_negative_max is None or self.hard_negative_max >= 1,
              f"hard_negative_max must be at least 1 crop per round, got {self.hard_negative_max}; leave it unset for as many as the positives"),
+            (not self.mine_positives or self.hard_negative_annotations is not None,
+             "--mine-positives takes the tiles centred on annotated positives, so it needs --hard-negative-annotations A.json naming them"),
         ]
         for ok, message in checks:
             if not ok:

@@ -15,6 +15,13 @@ mining. Any binary task with whole images works, not only malaria.
 
 Without annotations every image in the folder is taken to hold no positive:
 every tile the model calls positive is then a false positive.
+
+With annotations, ``mine_positives`` also takes the tiles whose middle holds an
+annotated positive centre and adds them as the positive class. Why: the
+labelled crops show one object filling the frame, while the deployed sliding
+crops cut it off-centre, partly, beside its neighbours (malaria: a 64 px tile
+holds about three quarters of a cell); these tiles are the target as the model
+will meet it.
 """
 
 from __future__ import annotations
@@ -59,9 +66,14 @@ class MinedCrops:
     source_sizes: tuple[tuple[int, int], ...]  # (h, w) in original pixels of each tile's window
     n_fields: int  # fields diagnosed
     n_candidates: int  # eligible tiles at or above the threshold, before the limit
+    positives: MinedCrops | None = None  # mine_positives: the tiles centred on annotated positives (scores: p of each)
 
     def __len__(self) -> int:
         return len(self.provenance)
+
+    @property
+    def n_positive(self) -> int:
+        return 0 if self.positives is None else len(self.positives)
 
 
 def field_paths(folder: str | Path) -> list[Path]:
@@ -89,6 +101,7 @@ def class_indices(card: ModelCard) -> tuple[int, int]:
 def mine(
     model: nn.Module, card: ModelCard, fields: Sequence[Path], truth: FieldAnnotations | None, *,
     threshold: float, limit: int, batch_size: int, device: torch.device | str = "cpu", skip: Collection[str] = (),
+    positives: bool = False,
 ) -> MinedCrops:
     """The ``limit`` highest-scoring false-positive tiles of ``fields``, diagnosed with ``model`` as the engine.
 
@@ -97,14 +110,19 @@ def mine(
     centre and touches no difficult box. With ``truth`` a field that is not
     annotated is skipped (it may hold positives); without, every field is taken
     to hold none. ``skip``: provenance strings already mined (earlier rounds).
+    ``positives`` (needs ``truth``): also up to ``limit`` tiles centred on an
+    annotated positive (:func:`centred_tiles`), lowest score first, in
+    :attr:`MinedCrops.positives`.
     """
     if limit < 1:
         raise InputError(f"the number of crops to mine must be at least 1, got {limit}")
+    if positives and truth is None:
+        raise InputError("mining positive tiles needs annotations naming the positives; give --hard-negative-annotations A.json")
     positive, _ = class_indices(card)
     policy = card.crop
     runtime = Model(TorchSession(model, card, device), batch_size=batch_size)
     pending: dict[int, tuple[Path, ResampledImage]] = {}
-    kept: list[tuple[float, str, np.ndarray, tuple[int, int]]] = []
+    negatives, centred = _Kept(limit, highest=True), _Kept(limit, highest=False)
     n_fields = n_candidates = 0
     for key, result in runtime.stream(_read_fields(fields, truth, policy, pending), prefetch=0):
         path, image = pending.pop(int(key))
@@ -115,16 +133,36 @@ def mine(
         field = truth.fields[path.name] if truth is not None else None
         chosen = _candidates(result.sliding, positive, threshold, field, truth, path.name, skip)
         n_candidates += len(chosen)
-        chosen = chosen[:limit]
+        negatives.add(image, policy, result.sliding, path.name, chosen)
+        if positives:
+            centred.add(image, policy, result.sliding, path.name, _centred(result.sliding, positive, field, path.name, skip))
+    found = negatives.crops(policy, n_fields, n_candidates)
+    return replace(found, positives=centred.crops(policy, n_fields, centred.n_seen)) if positives else found
+
+
+class _Kept:
+    """The ``limit`` best tiles over many fields, by score (highest or lowest first), with their pixels cut at once."""
+
+    def __init__(self, limit: int, *, highest: bool) -> None:
+        self.limit, self.sign, self.n_seen = limit, -1.0 if highest else 1.0, 0
+        self.kept: list[tuple[float, str, np.ndarray, tuple[int, int]]] = []
+
+    def add(self, image: ResampledImage, policy: CropPolicy, sliding: SlidingResult, name: str, chosen: list[tuple[float, int]]) -> None:
+        self.n_seen += len(chosen)
+        chosen = sorted(chosen, key=lambda c: (self.sign * c[0], c[1]))[: self.limit]
         crops = _cut(image, policy, np.array([c[1] for c in chosen], np.int64))
-        kept += [(score, _where(path.name, result.sliding.grid, index), crop, _window(result.sliding.grid, index)) for (score, index), crop in zip(chosen, crops)]
-        kept = sorted(kept, key=lambda k: (-k[0], k[1]))[:limit]
-    th, tw = policy.tile_size
-    return MinedCrops(
-        crops=np.stack([k[2] for k in kept]) if kept else np.zeros((0, th, tw, 3), np.uint8),
-        provenance=tuple(k[1] for k in kept), scores=np.array([k[0] for k in kept], np.float64),
-        source_sizes=tuple(k[3] for k in kept), n_fields=n_fields, n_candidates=n_candidates,
-    )
+        grid = sliding.grid
+        self.kept += [(score, _where(name, grid, i), crop, _window(grid, i)) for (score, i), crop in zip(chosen, crops)]
+        self.kept = sorted(self.kept, key=lambda k: (self.sign * k[0], k[1]))[: self.limit]
+
+    def crops(self, policy: CropPolicy, n_fields: int, n_candidates: int) -> MinedCrops:
+        th, tw = policy.tile_size
+        kept = self.kept
+        return MinedCrops(
+            crops=np.stack([k[2] for k in kept]) if kept else np.zeros((0, th, tw, 3), np.uint8),
+            provenance=tuple(k[1] for k in kept), scores=np.array([k[0] for k in kept], np.float64),
+            source_sizes=tuple(k[3] for k in kept), n_fields=n_fields, n_candidates=n_candidates,
+        )
 
 
 def _read_fields(
@@ -156,6 +194,29 @@ def _candidates(
         ok = used & (p >= threshold) & ~blocked_tiles(grid, field, truth.difficult_types if truth is not None else ())
     found = [(float(p[i]), int(i)) for i in np.flatnonzero(ok) if _where(name, grid, int(i)) not in skip]
     return sorted(found, key=lambda c: (-c[0], c[1]))
+
+
+def _centred(sliding: SlidingResult, positive: int, field: FieldTruth | None, name: str, skip: Collection[str]) -> list[tuple[float, int]]:
+    """(score, grid index) of the tiles centred on an annotated positive (:func:`centred_tiles`), not mined before."""
+    p = sliding.tile_probabilities[:, positive]
+    index = np.flatnonzero(centred_tiles(sliding.grid, field))
+    return [(float(p[i]), int(i)) for i in index if np.isfinite(p[i]) and _where(name, sliding.grid, int(i)) not in skip]
+
+
+def centred_tiles(grid: TileGrid, field: FieldTruth | None) -> np.ndarray:
+    """(n_tiles,) True where an annotated positive centre lies in the tile's middle: at least an eighth of the tile
+    from every edge, so the tile shows most of the object, never a sliver of it at the border. With the usual half-
+    tile stride each centre falls in one to four such tiles."""
+    ys, xs = grid.starts()
+    centred = np.zeros(grid.n_tiles, bool)
+    if field is None:
+        return centred
+    (th, tw), (fy, fx) = grid.tile, grid.factors
+    my, mx = th / 8, tw / 8
+    for cx, cy in field.positives:
+        x, y = cx * fx, cy * fy
+        centred |= (xs + mx <= x) & (x < xs + tw - mx) & (ys + my <= y) & (y < ys + th - my)
+    return centred
 
 
 def blocked_tiles(grid: TileGrid, field: FieldTruth | None, difficult_types: Collection[str]) -> np.ndarray:
@@ -234,36 +295,47 @@ def run_rounds(f: Fitting, state: RunState) -> tuple[Fitting, RunState, dict[str
         f.model.load_state_dict(state.best_state)
         mined = ctx.broadcast(mine(
             f.model, f.card, fields, truth, threshold=MINING_THRESHOLD, limit=limit, batch_size=config.batch_size, device=ctx.device, skip=seen,
+            positives=config.mine_positives,
         ) if ctx.is_main else None)
         record: dict[str, Any] = {"round": r, "n_mined": len(mined), "n_fields": mined.n_fields, "n_candidates": mined.n_candidates,
                                   "threshold": MINING_THRESHOLD, "monitor": config.monitor, "val_before": _shown(state.best_score, config.monitor)}
-        if not len(mined):
+        if config.mine_positives:
+            record["n_positive_mined"] = mined.n_positive
+        if not len(mined) and not mined.n_positive:
             rounds.append({**record, "val_after": record["val_before"], "epochs": []})
             if ctx.is_main:
-                log.info("round %d: no false-positive tile at p ≥ %.2g in %d fields; mining stops", r, MINING_THRESHOLD, mined.n_fields)
+                log.info("round %d: no new tile to add (false positives at p ≥ %.2g or centred positives) in %d fields; mining stops", r, MINING_THRESHOLD, mined.n_fields)
             break
         seen.update(mined.provenance)
-        f = _with_mined(f, mined, negative, state.epoch + config.hard_negative_epochs)
+        seen.update(mined.positives.provenance if mined.positives is not None else ())
+        f = _with_mined(f, mined, (positive, negative), state.epoch + config.hard_negative_epochs)
         first, state.since_best = len(state.history), 0
         state = fit(f, state)
         for row in state.history[first:]:
             row["hard_negative_round"] = r
         rounds.append({**record, "val_after": _shown(state.best_score, config.monitor), "best_epoch": state.best_epoch,
                        "epochs": [row["epoch"] for row in state.history[first:]], "crops": list(mined.provenance)})
+        if mined.positives is not None:
+            rounds[-1]["positive_crops"] = list(mined.positives.provenance)
         if ctx.is_main:
             log.info("%s", round_line(rounds[-1], len(state.history) - first))
     return f, state, {"folder": str(config.hard_negatives), "annotations": config.hard_negative_annotations, "n_fields": len(fields),
-                      "limit": limit, "n_train_before": n_train, "n_train_after": len(f.data.train_idx), "rounds": rounds}
+                      "limit": limit, "mine_positives": config.mine_positives, "n_train_before": n_train, "n_train_after": len(f.data.train_idx), "rounds": rounds}
 
 
-def _with_mined(f: Fitting, mined: MinedCrops, negative: int, epochs: int) -> Fitting:
-    """The Fitting with the crops appended to training as ``negative``, the loss re-weighted for the new balance and a
+def _with_mined(f: Fitting, mined: MinedCrops, classes: tuple[int, int], epochs: int) -> Fitting:
+    """The Fitting with the crops appended to training as the negative class (and any centred positive tiles as the
+    positive class; ``classes`` is (positive, negative)), the loss re-weighted for the new balance and a
     fresh optimiser whose schedule spans the round's epochs (the first schedule has decayed to nothing by now).
 
     The validation loss keeps its weights, so a round's val loss compares with the epochs before it.
     """
     config = replace(f.config, epochs=epochs)
+    positive, negative = classes
     data = with_training_items(f.data, list(mined.crops), mined.provenance, negative, source_sizes=mined.source_sizes)
+    if mined.positives is not None:
+        extra = mined.positives
+        data = with_training_items(data, list(extra.crops), extra.provenance, positive, source_sizes=extra.source_sizes)
     task, n_classes = data.data.task, len(data.data.class_names)
     weights = class_weights(data.targets[data.train_idx], task, n_classes) if config.imbalance == "weighted" else None
     setup = replace(f.setup, class_weights=weights, loss_fn=TaskLoss(task, weights).to(f.ctx.device))
@@ -280,7 +352,8 @@ def round_line(record: dict[str, Any], epochs: int) -> str:
     """The line a round leaves in the log."""
     before, after = record["val_before"], record["val_after"]
     shown = "—" if before is None or after is None else f"{before:.3f} → {after:.3f}"
+    centred = f" and {record['n_positive_mined']} tiles centred on annotated positives" if "n_positive_mined" in record else ""
     return (
-        f"round {record['round']}: {record['n_mined']} false-positive crops from {record['n_fields']} fields (p ≥ {record['threshold']:.2g}), "
-        f"{epochs} epochs more; val {record['monitor'].replace('_', ' ')} {shown}"
+        f"round {record['round']}: {record['n_mined']} false-positive crops{centred} from {record['n_fields']} fields "
+        f"(p ≥ {record['threshold']:.2g}), {epochs} epochs more; val {record['monitor'].replace('_', ' ')} {shown}"
     )

@@ -158,6 +158,31 @@ def test_centred_positives_join_the_training_split_as_the_positive_class(tmp_pat
     assert before["light"] == before["dark"] == record["n_train_before"] // 2  # 12 + 12 images, split alike: the extra light ones are the tiles
 
 
+def test_a_fold_refinished_at_the_out_of_fold_epoch_keeps_its_mining_record(tmp_path: Path) -> None:
+    from unittest import mock
+
+    from edgedx.training import train as training
+    from edgedx.training.train import cross_validate
+
+    def not_fold_ones_best(histories: list[list[dict]], monitor: str) -> tuple[int, list[float]]:
+        """An epoch other than fold 1's own best, so fold 1 is finished again from that epoch's snapshot."""
+        curve = [float(row["val"][monitor]) for row in histories[0]]
+        best = int(np.argmax(curve)) + 1
+        return (2 if best == 1 else 1), curve
+
+    data = colour_folder(tmp_path / "data", n=8)
+    fields = light_fields(tmp_path / "fields", n=2)
+    config = TrainConfig(**{**FAST.__dict__, "epochs": 1, "hard_negatives": str(fields), "hard_negative_epochs": 1, "hard_negative_max": 3})
+    with mock.patch.object(training, "choose_epoch", side_effect=not_fold_ones_best) as chosen:
+        cv = cross_validate(data, tmp_path / "cv", config, folds=2)
+    epoch, _ = chosen.side_effect([r.history for r in cv.folds], config.monitor)
+    assert cv.folds[0].best_epoch == epoch  # finished again at an epoch other than its own best
+    for i in (1, 2):
+        metrics = json.loads((tmp_path / "cv" / f"fold_{i}" / "metrics.json").read_text())
+        assert metrics["hard_negatives"]["rounds"][0]["n_mined"] == 3, i
+        assert load_checkpoint(tmp_path / "cv" / f"fold_{i}" / "model.pt").card.provenance.training["hard_negatives"]["n_fields"] == 2
+
+
 def test_config_refuses_mining_that_cannot_work(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="binary task with a positive class.*without --hard-negatives"):
         TrainConfig(task="multiclass", hard_negatives=str(tmp_path)).validate()

@@ -199,12 +199,15 @@ def finalise_at(data: str | Path, out: str | Path, config: TrainConfig, *, fold:
     """Fold ``fold`` again from its snapshot of ``epoch`` (chosen on every fold's curve): temperature, threshold,
     abstention, quality limits and every file of the run, as if that epoch had been its best."""
     run = RunFolder(out)
-    history = json.loads((run.path / METRICS_NAME).read_text(encoding="utf-8"))["history"]
+    metrics = json.loads((run.path / METRICS_NAME).read_text(encoding="utf-8"))
+    history = metrics["history"]
     with distributed.session(resolve_device(config.device)) as ctx:
         f = _prepare(ctx, data, run, config, fold=fold, progress=no_progress)
         weights = load_snapshot(run.snapshot(epoch))
         state = RunState(epoch=len(history), best_epoch=epoch, best_state=weights, history=history)
-        final = _choose_threshold(f, state)
+        final = _choose_threshold(f, state)  # validation only: the mined training crops play no part in it
+        if metrics.get("hard_negatives") is not None:  # the fold's mining happened; its record stays with the weights
+            final = _with_hard_negatives(final, metrics["hard_negatives"])
         result = _write_run(f, state, final) if ctx.is_main else None
         return ctx.broadcast(result)
 

@@ -183,6 +183,32 @@ def test_a_fold_refinished_at_the_out_of_fold_epoch_keeps_its_mining_record(tmp_
         assert load_checkpoint(tmp_path / "cv" / f"fold_{i}" / "model.pt").card.provenance.training["hard_negatives"]["n_fields"] == 2
 
 
+@pytest.mark.parametrize("stop_at", ["epoch 3/4 loss", "epoch 4/4 loss"])  # before and after a round's first epoch
+def test_a_run_stopped_inside_a_mining_round_resumes_exactly(tmp_path: Path, stop_at: str) -> None:
+    from test_training_loop import Interrupt
+
+    data = colour_folder(tmp_path / "data")
+    fields = light_fields(tmp_path / "fields")
+    config = TrainConfig(**{**FAST.__dict__, "hard_negatives": str(fields), "hard_negative_max": 4})  # 2 epochs, then 2 in the round
+    straight = train(data, tmp_path / "a", config)
+
+    def stop(stage: str, done: int, total: int, info: str = "") -> None:
+        if info.startswith(stop_at):
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(data, tmp_path / "b", config, progress=stop)
+    assert (tmp_path / "b" / "hard_negatives" / "round_1.npz").is_file()
+    resumed = train(data, tmp_path / "b", TrainConfig(**{**config.__dict__, "resume": True}))
+    a, b = load_checkpoint(straight.checkpoint).state_dict, load_checkpoint(resumed.checkpoint).state_dict
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["train_loss"] for h in straight.history] == [h["train_loss"] for h in resumed.history] and len(resumed.history) == 4
+    records = [json.loads((tmp_path / run / "metrics.json").read_text())["hard_negatives"] for run in ("a", "b")]
+    assert records[0] == {**records[1], "folder": records[0]["folder"]} and records[1]["rounds"][0]["epochs"] == [3, 4]
+    with pytest.raises(InputError, match="already finished 4 of 4 epochs \\(2 and 1 mining rounds\\)"):
+        train(data, tmp_path / "b", TrainConfig(**{**config.__dict__, "resume": True}))
+
+
 def test_config_refuses_mining_that_cannot_work(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="binary task with a positive class.*without --hard-negatives"):
         TrainConfig(task="multiclass", hard_negatives=str(tmp_path)).validate()

@@ -27,8 +27,8 @@ will meet it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,9 @@ from edgedx.runtime.tiling import ImageCrops, ResampledImage, SlidingResult, Til
 from edgedx.training.build import build_optimizer
 from edgedx.training.data import with_training_items
 from edgedx.training.loop import Fitting, fit
+from edgedx.training.mining_store import MinedCrops, load_round, round_file, save_round
 from edgedx.training.losses import TaskLoss, class_weights
-from edgedx.training.resume import RunState
+from edgedx.training.resume import RunState, resume_optimisation
 from edgedx.training.validation import TorchSession
 
 log = logging.getLogger(__name__)
@@ -54,26 +55,6 @@ log = logging.getLogger(__name__)
 # Mining runs before the operating threshold exists: that one is chosen afterwards, on validation, for the
 # finished model. 0.5 is the training card's own threshold, the one every epoch is scored at.
 MINING_THRESHOLD = 0.5
-
-
-@dataclass(frozen=True)
-class MinedCrops:
-    """The mined tiles, highest score first: RGB uint8 pixels as the splitter cut them, and where each came from."""
-
-    crops: np.ndarray  # (n, th, tw, 3) uint8
-    provenance: tuple[str, ...]  # "FIELD.JPG:x,y,w,h" in the field's original pixels
-    scores: np.ndarray  # (n,) p(positive) of each tile
-    source_sizes: tuple[tuple[int, int], ...]  # (h, w) in original pixels of each tile's window
-    n_fields: int  # fields diagnosed
-    n_candidates: int  # eligible tiles at or above the threshold, before the limit
-    positives: MinedCrops | None = None  # mine_positives: the tiles centred on annotated positives (scores: p of each)
-
-    def __len__(self) -> int:
-        return len(self.provenance)
-
-    @property
-    def n_positive(self) -> int:
-        return 0 if self.positives is None else len(self.positives)
 
 
 def field_paths(folder: str | Path) -> list[Path]:
@@ -282,7 +263,9 @@ def run_rounds(f: Fitting, state: RunState) -> tuple[Fitting, RunState, dict[str
     epoch (mining or not) is scored on the same validation split, and the best
     one overall is kept, which may come from any round. Returns the Fitting
     with the grown training split, the state, and the record for metrics.json
-    and the card. Rank 0 mines and every rank gets its crops.
+    and the card. Rank 0 mines and every rank gets its crops. Each round's
+    tiles are saved (:mod:`edgedx.training.mining_store`), so ``--resume``
+    continues inside a round as if never stopped.
     """
     config, ctx = f.config, f.ctx
     fields = field_paths(config.hard_negatives or "")
@@ -292,15 +275,10 @@ def run_rounds(f: Fitting, state: RunState) -> tuple[Fitting, RunState, dict[str
     n_train, rounds = len(f.data.train_idx), []
     seen: set[str] = set()
     for r in range(1, config.hard_negative_rounds + 1):
-        f.model.load_state_dict(state.best_state)
-        mined = ctx.broadcast(mine(
+        mined, record, start, saved = _round_tiles(f, state, r, lambda: mine(
             f.model, f.card, fields, truth, threshold=MINING_THRESHOLD, limit=limit, batch_size=config.batch_size, device=ctx.device, skip=seen,
             positives=config.mine_positives,
-        ) if ctx.is_main else None)
-        record: dict[str, Any] = {"round": r, "n_mined": len(mined), "n_fields": mined.n_fields, "n_candidates": mined.n_candidates,
-                                  "threshold": MINING_THRESHOLD, "monitor": config.monitor, "val_before": _shown(state.best_score, config.monitor)}
-        if config.mine_positives:
-            record["n_positive_mined"] = mined.n_positive
+        ))
         if not len(mined) and not mined.n_positive:
             rounds.append({**record, "val_after": record["val_before"], "epochs": []})
             if ctx.is_main:
@@ -308,9 +286,10 @@ def run_rounds(f: Fitting, state: RunState) -> tuple[Fitting, RunState, dict[str
             break
         seen.update(mined.provenance)
         seen.update(mined.positives.provenance if mined.positives is not None else ())
-        f = _with_mined(f, mined, (positive, negative), state.epoch + config.hard_negative_epochs)
-        first, state.since_best = len(state.history), 0
+        f = _with_mined(f, mined, (positive, negative), start + config.hard_negative_epochs)
+        _continue_round(f, state, start, saved)
         state = fit(f, state)
+        first = sum(row["epoch"] <= start for row in state.history)
         for row in state.history[first:]:
             row["hard_negative_round"] = r
         rounds.append({**record, "val_after": _shown(state.best_score, config.monitor), "best_epoch": state.best_epoch,
@@ -321,6 +300,37 @@ def run_rounds(f: Fitting, state: RunState) -> tuple[Fitting, RunState, dict[str
             log.info("%s", round_line(rounds[-1], len(state.history) - first))
     return f, state, {"folder": str(config.hard_negatives), "annotations": config.hard_negative_annotations, "n_fields": len(fields),
                       "limit": limit, "mine_positives": config.mine_positives, "n_train_before": n_train, "n_train_after": len(f.data.train_idx), "rounds": rounds}
+
+
+def _round_tiles(f: Fitting, state: RunState, r: int, mine_now: Callable[[], MinedCrops]) -> tuple[MinedCrops, dict[str, Any], int, bool]:
+    """Round ``r``'s tiles, its record, the epoch it starts after, and whether they were read back (``--resume``)
+    rather than mined now with the best weights (then saved before any epoch of the round)."""
+    config, ctx = f.config, f.ctx
+    path = round_file(f.run, r)
+    if config.resume and path.is_file():
+        mined, record, start = ctx.broadcast(load_round(path) if ctx.is_main else None)
+        if ctx.is_main:
+            log.info("round %d: %d tiles read back from %s (mined before the run was stopped)", r, len(mined) + mined.n_positive, path)
+        return mined, record, start, True
+    f.model.load_state_dict(state.best_state)
+    mined = ctx.broadcast(mine_now() if ctx.is_main else None)
+    record: dict[str, Any] = {"round": r, "n_mined": len(mined), "n_fields": mined.n_fields, "n_candidates": mined.n_candidates,
+                              "threshold": MINING_THRESHOLD, "monitor": config.monitor, "val_before": _shown(state.best_score, config.monitor)}
+    if config.mine_positives:
+        record["n_positive_mined"] = mined.n_positive
+    if ctx.is_main:
+        save_round(path, mined, record, state.epoch)
+    return mined, record, state.epoch, False
+
+
+def _continue_round(f: Fitting, state: RunState, start: int, saved: bool) -> None:
+    """Where the round's epochs begin: from the best weights with a fresh patience count, as an uninterrupted run
+    does, or (resumed after some of its epochs) from ``last.pt``'s weights, optimiser and patience as they were."""
+    if saved and state.epoch > start:
+        resume_optimisation(f.run.last, f.optim)  # the model's weights were restored from last.pt already
+        return
+    f.model.load_state_dict(state.best_state)
+    state.since_best = 0
 
 
 def _with_mined(f: Fitting, mined: MinedCrops, classes: tuple[int, int], epochs: int) -> Fitting:

@@ -54,8 +54,22 @@ def save_last(path: Path, model: nn.Module, optim: Optimisation, state: RunState
     tmp.replace(path)
 
 
+def planned_epochs(config: TrainConfig) -> int:
+    """Every epoch the run means to train: ``epochs``, plus each hard-negative round's epochs."""
+    return config.epochs + (config.hard_negative_rounds * config.hard_negative_epochs if config.hard_negatives is not None else 0)
+
+
+def resume_optimisation(path: Path, optim: Optimisation) -> None:
+    """``last.pt``'s optimiser, schedule and gradient scaler into ``optim`` (a mining round's own optimisation,
+    built after the model's weights were restored)."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    optim.optimizer.load_state_dict(payload["optimizer"])
+    optim.scheduler.load_state_dict(payload["scheduler"])
+    optim.scaler.load_state_dict(payload["scaler"])
+
+
 def restore(path: Path, model: nn.Module, optim: Optimisation, config: TrainConfig) -> RunState:
-    """Load ``last.pt`` into the model and optimisation; refuse a run that already did ``config.epochs``."""
+    """Load ``last.pt`` into the model and optimisation; refuse a run that already did every planned epoch."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(payload["model"])
     optim.optimizer.load_state_dict(payload["optimizer"])
@@ -63,8 +77,10 @@ def restore(path: Path, model: nn.Module, optim: Optimisation, config: TrainConf
     optim.scaler.load_state_dict(payload["scaler"])
     torch.set_rng_state(payload["torch_rng"])
     state = RunState(**payload["state"], best_state=payload["best_state"], history=json.loads(payload["history"]))
-    if state.epoch >= config.epochs:
-        raise InputError(f"the run already finished {state.epoch} of {config.epochs} epochs; raise --epochs to train further")
+    planned = planned_epochs(config)
+    if state.epoch >= planned:
+        rounds = f" ({config.epochs} and {config.hard_negative_rounds} mining rounds)" if planned > config.epochs else ""
+        raise InputError(f"the run already finished {state.epoch} of {planned} epochs{rounds}; raise --epochs to train further")
     return state
 
 

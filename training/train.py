@@ -52,6 +52,7 @@ from edgedx.training.calibration import fit_card, held_out, trust_lines  # noqa:
 from edgedx.training.checkpoint import load_checkpoint, load_snapshot, save_checkpoint  # noqa: E402
 from edgedx.training.ensemble import ENSEMBLE_NAME, ensemble_card, save_ensemble, write_ensemble_split  # noqa: E402
 from edgedx.training.hard_negatives import class_indices, field_paths, run_rounds  # noqa: E402
+from edgedx.training.mining_store import mining_started  # noqa: E402
 from edgedx.training.oof import choose_epoch, fold_spread, out_of_fold_report, pool_predictions, summary_lines  # noqa: E402
 from edgedx.training.config import TrainConfig  # noqa: E402
 from edgedx.training.data import build_data, load_data, pick_positive_class  # noqa: E402
@@ -161,7 +162,8 @@ def _train(
     if config.hard_negatives is not None:
         field_paths(config.hard_negatives)  # refused before the first epoch, not after the last
         class_indices(f.card)
-    state = fit(f, state)
+    if not (config.resume and config.hard_negatives is not None and mining_started(run)):  # resumed inside the rounds: they go on
+        state = fit(f, state)
     trained, record = f, None
     if config.hard_negatives is not None:  # mining rounds grow only the training split (edgedx.training.hard_negatives)
         trained, state, record = run_rounds(f, state)

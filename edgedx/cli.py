@@ -638,13 +638,14 @@ def evaluate(
     suffix: Suffix = "",
     device: Device = "cpu",
     annotations: Annotated[Optional[Path], typer.Option(help="Object annotations of whole fields (IML annotations.json): DATA is then a folder of fields, scored field by field and parasite by parasite at the card's detection settings.")] = None,
+    slides: Annotated[Optional[Path], typer.Option(help="With --annotations: CSV with columns path,slide_id grouping the fields into slides (default: each field's folder), scored at the card's slide rule.")] = None,
 ) -> None:
     """Score a deployed model on labelled images (or annotated whole fields), through the same path as diagnose."""
     from edgedx.runtime.evaluate import evaluate as evaluate_data, trust_lines
     from edgedx.runtime.io.manifest import ManifestLayout
 
     layout = ManifestLayout(path_column, label_column, str(image_dir) if image_dir else None, suffix)
-    fields = {"annotations": annotations} if annotations is not None else {}
+    fields = {k: v for k, v in {"annotations": annotations, "slides": slides}.items() if v is not None}
     with progress_bar() as progress:
         report = evaluate_data(model, data, split=split, device=device, bootstrap=bootstrap, out=out, layout=layout, progress=progress, **fields)
     if annotations is not None:
@@ -885,6 +886,20 @@ def _point_lines(point: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _slide_line(slides: dict[str, Any]) -> str:
+    """Slides at the card's slide rule, saying how fields were grouped (a single folder is a single slide)."""
+    def ci(values: Any) -> str:
+        return f" [{values[0]:.3f}, {values[1]:.3f}]" if values else ""
+
+    grouped = slides["grouped_by"] if isinstance(slides["grouped_by"], str) else " and ".join(slides["grouped_by"])
+    mae = slides["parasitaemia_mae_points"]
+    return (
+        f"slides ({slides['n_slides']}, {slides['n_positive_slides']} positive, grouped by {grouped}; rule {slides['rule']}): "
+        f"sensitivity {_fmt(slides['sensitivity'])}{ci(slides['sensitivity_ci95'])}, specificity {_fmt(slides['specificity'])}"
+        f"{ci(slides['specificity_ci95'])}" + (f"; pooled parasitaemia mean absolute error {_fmt(mae)} points" if mae is not None else "")
+    )
+
+
 def _froc_table(rows: list[dict[str, Any]], title: str) -> Table:
     table = Table(title=title, box=box.SIMPLE)
     for col in ("false per field ≤", "tile threshold", "parasites found", "false per field"):
@@ -901,6 +916,8 @@ def _print_field_evaluation(report: Any, out: Optional[Path], json_out: Optional
                   f"{report.point['tile_threshold']:.4g}, field rule {d['field_rule']} (k {d['field_k']})")
     for line in _point_lines(report.point):
         console.print(line)
+    if getattr(report, "slides", None):
+        console.print(_slide_line(report.slides))
     console.print(_froc_table(report.froc, "parasites found against false detections per field (FROC)"))
     if out:
         console.print(f"report: {out / 'evaluation.json'}")

@@ -331,3 +331,38 @@ def choose_field_rule(fields: Sequence[FieldCandidates], tile_threshold: float, 
         r.rule: {**r.to_dict(), **{k: v[k] for k in ("balanced_accuracy", "sensitivity", "specificity")}} for r, v in best.values()
     }
     return chosen, {"balanced_accuracy": rates["balanced_accuracy"], "n_rules_tried": len(options), "by_rule": by_rule}
+
+
+def slide_point(rows: dict[str, np.ndarray], slide_ids: Sequence[str], rule: str, k: int) -> dict[str, Any]:
+    """Slides scored from their fields' :func:`per_field` rows (``slide_ids`` in the same order): a slide is truly
+    positive when any of its fields holds an annotated positive, and decided by the card's slide ``rule`` over its
+    fields' decisions (as ``OUT.slides.jsonl`` decides it); the pooled parasitaemia (Σ detections / Σ counted cells)
+    against the annotated one (Σ positives / Σ annotated cells), in percentage points.
+
+    Why pooled: a slide's parasitaemia is read over all its fields, so one field's error counts by its cells."""
+    from edgedx.runtime.detections import slide_decision
+
+    order: dict[str, list[int]] = {}
+    for i, slide in enumerate(slide_ids):
+        order.setdefault(slide, []).append(i)
+    listed, truth, decided, errors = [], [], [], []
+    for slide, index in order.items():
+        idx = np.asarray(index)
+        positive, why = slide_decision([bool(d) for d in rows["decided"][idx]], rule, k)
+        row: dict[str, Any] = {"slide_id": slide, "n_fields": len(idx), "truth": bool(rows["truth"][idx].any()), "positive": positive,
+                               "rule": why, "parasites": int(rows["positives"][idx].sum()), "detections": int(rows["detections"][idx].sum())}
+        counted = idx[np.isfinite(rows["cells"][idx]) & (rows["cells_annotated"][idx] > 0)]
+        if len(counted) and rows["cells"][counted].sum() > 0:
+            estimated = 100 * rows["detections"][counted].sum() / rows["cells"][counted].sum()
+            annotated = 100 * rows["positives"][counted].sum() / rows["cells_annotated"][counted].sum()
+            row.update(parasitaemia_percent=float(estimated), parasitaemia_annotated_percent=float(annotated))
+            errors.append(abs(estimated - annotated))
+        listed.append(row)
+        truth.append(row["truth"])
+        decided.append(positive)
+    rates = field_rates(np.array(truth, bool), np.array(decided, bool))
+    rates["n_slides"], rates["n_positive_slides"] = rates.pop("n_fields"), rates.pop("n_positive_fields")
+    return {
+        **rates, "rule": rule, "k": k, "parasitaemia_mae_points": float(np.mean(errors)) if errors else None,
+        "n_slides_counted": len(errors), "per_slide": listed,
+    }

@@ -31,6 +31,7 @@ from edgedx.progress import ProgressFn, no_progress
 from edgedx.runtime.detections import field_candidates, positive_tile_p
 from edgedx.runtime.fitting import uncalibrated
 from edgedx.runtime.io.field_annotations import FieldAnnotations, read_field_annotations
+from edgedx.runtime.io.slide_manifest import SlideManifest, read_slide_manifest
 from edgedx.runtime.io.integrity import atomic_write_bytes
 from edgedx.runtime.io.labelled import LabelledSet, load_labelled
 from edgedx.runtime.io.manifest import ManifestLayout
@@ -92,12 +93,15 @@ def evaluate(
     layout: ManifestLayout = ManifestLayout(),
     progress: ProgressFn = no_progress,
     annotations: str | Path | FieldAnnotations | None = None,
+    slides: str | Path | None = None,
 ) -> EvaluationReport | FieldEvaluationReport:
     """Diagnose every labelled image through the production path and score the decisions.
 
     With ``annotations`` (an IML-layout annotations.json, or one read already)
     ``data`` is a folder of whole fields instead, scored object by object and
-    field by field at the card's detection settings (:func:`evaluate_fields`).
+    field by field at the card's detection settings (:func:`evaluate_fields`),
+    and slide by slide (``slides``: a ``path,slide_id`` manifest; else each
+    field's folder).
 
     ``data`` is an ImageFolder, a CSV manifest or a MedMNIST ``.npz`` (``split``
     picks its part; ``layout`` names a manifest's columns, image folder and
@@ -107,7 +111,9 @@ def evaluate(
     ``report.html``.
     """
     if annotations is not None:
-        return evaluate_fields(model, data, annotations, device=device, batch_size=batch_size, out=out, progress=progress)
+        return evaluate_fields(model, data, annotations, device=device, batch_size=batch_size, out=out, progress=progress, slides=slides)
+    if slides is not None:
+        raise InputError("--slides groups annotated fields into slides: give --annotations A.json with it, or leave out --slides")
     loaded = model if isinstance(model, Model) else load_model(model, device=device, batch_size=batch_size)
     model = (loaded.session.path or "in-memory model") if isinstance(model, Model) else model
     card = loaded.card
@@ -444,6 +450,7 @@ class FieldEvaluationReport:
     counts: dict[str, int]
     failed: tuple[str, ...] = ()
     rejected: tuple[dict[str, Any], ...] = ()
+    slides: dict[str, Any] | None = None  # detection_metrics.slide_point at the card's slide rule, with how fields were grouped
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "failed": list(self.failed), "rejected": [dict(r) for r in self.rejected]}
@@ -451,14 +458,16 @@ class FieldEvaluationReport:
 
 def evaluate_fields(
     model: str | Path | Model, fields: str | Path, annotations: str | Path | FieldAnnotations, *, device: str = "cpu",
-    batch_size: int = 32, out: str | Path | None = None, progress: ProgressFn = no_progress,
+    batch_size: int = 32, out: str | Path | None = None, progress: ProgressFn = no_progress, slides: str | Path | None = None,
 ) -> FieldEvaluationReport:
     """Score a detection-enabled model on annotated whole fields, through diagnose's path: field-level sensitivity and
     specificity at the card's field rule, parasites found against false detections per field (FROC), parasitaemia and
-    red-cell count errors per field. ``out`` writes ``evaluation.json``. A card with detection off is refused: its
+    red-cell count errors per field, and slide sensitivity/specificity at the card's slide rule (fields grouped by the
+    ``slides`` manifest, else by folder). ``out`` writes ``evaluation.json``. A card with detection off is refused: its
     field operating point must first be fitted on annotated fields (``edgedx fit-fields``)."""
     from edgedx.runtime.detection_metrics import card_rule, froc, operating_point, per_field
 
+    manifest = read_slide_manifest(slides) if slides is not None else None  # a bad manifest fails before any field is read
     loaded = model if isinstance(model, Model) else load_model(model, device=device, batch_size=batch_size)
     name = str((loaded.session.path or "in-memory model") if isinstance(model, Model) else model)
     card = loaded.card
@@ -478,12 +487,24 @@ def evaluate_fields(
     listed = [{"image": f.name, **{k: _plain(v[i]) for k, v in rows.items()}} for i, f in enumerate(seen.fields)]
     report = FieldEvaluationReport(
         name, seen.data, truth.source, dataclasses.asdict(card.detection), operating_point(seen.fields, threshold, rule), table,
-        curve.curve(), listed, seen.counts(), tuple(seen.failed), tuple(seen.rejected),
+        curve.curve(), listed, seen.counts(), tuple(seen.failed), tuple(seen.rejected), _slides(rows, seen, card, manifest),
     )
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(Path(out) / "evaluation.json", (json.dumps(report.to_dict(), indent=2, default=_plain) + "\n").encode("utf-8"))
     return report
+
+
+def _slides(rows: dict[str, np.ndarray], seen: AnnotatedFields, card: Any, manifest: SlideManifest | None) -> dict[str, Any]:
+    """The scored fields grouped into slides as ``diagnose`` groups them (manifest, else folder), scored at the card's
+    slide rule; says how they were grouped."""
+    from edgedx.runtime.detection_metrics import slide_point
+    from edgedx.runtime.outputs.slides import grouping
+
+    groups = [grouping(str(Path(seen.data) / f.name), manifest) for f in seen.fields]
+    point = slide_point(rows, [slide for slide, _ in groups], card.detection.slide_rule, card.detection.slide_k)
+    hows = sorted({how for _, how in groups})
+    return {"grouped_by": hows[0] if len(hows) == 1 else hows, **point}
 
 
 def _plain(value: Any) -> Any:

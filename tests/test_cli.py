@@ -568,14 +568,18 @@ def test_evaluate_with_annotations_is_the_same_one_call_with_the_annotations() -
     point = {"tile_threshold": 0.9, "found": 5, "n_parasites": 6, "false_per_field": 0.5, "n_fields": 8,
              "field": {"n_positive_fields": 4, "sensitivity": 1.0, "sensitivity_ci95": None, "specificity": 0.75, "specificity_ci95": None},
              "parasitaemia": {"mae_points": 0.4, "n_fields": 8}}
+    slides = {"grouped_by": "manifest", "n_slides": 3, "n_positive_slides": 2, "rule": "any_field", "sensitivity": 1.0,
+              "sensitivity_ci95": [0.34, 1.0], "specificity": 0.0, "specificity_ci95": [0.0, 0.79], "parasitaemia_mae_points": 0.25}
     report = FieldEvaluationReport("m.onnx", "data", "a.json", {"field_rule": "any", "field_k": 1}, point,
-                                   [{"fp_per_field": 1.0, "threshold": 0.9, "found": 5, "false_per_field": 0.5}], [], [], {"n_scored": 8})
+                                   [{"fp_per_field": 1.0, "threshold": 0.9, "found": 5, "false_per_field": 0.5}], [], [], {"n_scored": 8},
+                                   slides=slides)
     evaluate = mock.MagicMock(return_value=report)
     with mock.patch("edgedx.runtime.evaluate.evaluate", evaluate):
-        result = runner.invoke(app, ["evaluate", "m.onnx", "data", "--annotations", "a.json", "--out", "rep"])
+        result = runner.invoke(app, ["evaluate", "m.onnx", "data", "--annotations", "a.json", "--out", "rep", "--slides", "s.csv"])
     assert result.exit_code == 0, result.output
     evaluate.assert_called_once_with(
         Path("m.onnx"), Path("data"), split="val", device="cpu", bootstrap=1000, out=Path("rep"), layout=ManifestLayout(),
-        progress=mock.ANY, annotations=Path("a.json"),
+        progress=mock.ANY, annotations=Path("a.json"), slides=Path("s.csv"),
     )
     assert "parasites found 5 of 6" in result.output and "specificity 0.750" in result.output and "parasitaemia" in result.output
+    assert "slides (3, 2 positive, grouped by manifest; rule any_field): sensitivity 1.000 [0.340, 1.000], specificity 0.000" in result.output

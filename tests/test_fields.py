@@ -315,8 +315,34 @@ def test_evaluate_with_annotations_scores_fields_at_the_cards_rule(fitted: tuple
     assert {r["image"] for r in result.per_field if r["decided"]} == {f"slide A/{n}" for n in SLIDES["slide A"]}
     saved = json.loads((tmp_path / "eval" / "evaluation.json").read_text(encoding="utf-8"))
     assert saved["point"]["found"] == 6 and saved["froc"][1]["fp_per_field"] == 1.0
+    slides = result.slides
+    assert slides is not None and slides["grouped_by"] == "folder" and (slides["n_slides"], slides["n_positive_slides"]) == (2, 1)
+    assert slides["sensitivity"] == 1.0 and slides["specificity"] == 1.0 and slides["rule"] == "any_field"
+    a = next(s for s in slides["per_slide"] if s["slide_id"] == str(root / "slide A"))
+    assert (a["n_fields"], a["parasites"], a["detections"], a["truth"], a["positive"]) == (4, 6, 6, True, True)
+    assert a["parasitaemia_annotated_percent"] == pytest.approx(100 * 6 / (4 * len(CELLS) + 6))
+    assert saved["slides"]["n_slides"] == 2
     with pytest.raises(InputError, match="edgedx fit-fields"):
         evaluate(parent, root, annotations=annotations)
+
+
+def test_evaluate_scores_slides_as_a_manifest_groups_them(fitted: tuple[Path, Any], fields: tuple[Path, Path], tmp_path: Path) -> None:
+    from edgedx.runtime.evaluate import evaluate
+
+    _, report = fitted
+    root, annotations = fields
+    manifest = tmp_path / "slides.csv"  # patient 1: one positive field and one clean one; patient 2: two clean fields
+    manifest.write_text(f"path,slide_id\n{root / 'slide A' / 'a0.png'},P1\n{root / 'slide B' / 'b0.png'},P1\n"
+                        f"{root / 'slide B' / 'b1.png'},P2\n{root / 'slide B' / 'b2.png'},P2\n", encoding="utf-8")
+    slides = evaluate(report.output, root, annotations=annotations, slides=manifest).slides
+    assert slides is not None and sorted(slides["grouped_by"]) == ["folder", "manifest"]  # the unlisted fields keep their folder
+    by_id = {s["slide_id"]: s for s in slides["per_slide"]}
+    assert by_id["P1"]["truth"] and by_id["P1"]["positive"] and by_id["P1"]["n_fields"] == 2
+    assert not by_id["P2"]["truth"] and not by_id["P2"]["positive"]
+    assert by_id[str(root / "slide A")]["n_fields"] == 3 and by_id[str(root / "slide B")]["n_fields"] == 1
+    assert slides["n_slides"] == 4 and slides["sensitivity"] == 1.0 and slides["specificity"] == 1.0
+    with pytest.raises(InputError, match="give --annotations A.json with it"):
+        evaluate(report.output, root, slides=manifest)
 
 
 # -- records without a fitted rule, the Ray schema -----------------------------------------------------------

@@ -34,11 +34,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "real_data"))
 from _env import cpu_model, git_rev  # noqa: E402
-from field_localisation import validation_fields  # noqa: E402
+from field_localisation import load_boxes, run_pass, score_pass, validation_fields  # noqa: E402
 from train_real_data import RECIPES, data_root  # noqa: E402
 
 from edgedx.export.fit_fields import FitFieldsOptions, fit_fields  # noqa: E402
 from edgedx.export.pipeline import ExportOptions, export_checkpoint  # noqa: E402
+from edgedx.runtime import load_model  # noqa: E402
 from edgedx.runtime.io.field_annotations import read_field_annotations  # noqa: E402
 from edgedx.training.train import TrainConfig, train  # noqa: E402
 
@@ -77,11 +78,40 @@ def trained_and_scored(name: str, config: TrainConfig, root: Path, out: Path, tr
     minutes = (time.perf_counter() - started) / 60
     model = export_checkpoint(result.checkpoint, out / name / "export", ExportOptions(precisions=("fp32",))).onnx_path
     report = fit_fields(model, root / "malaria_fields_iml" / "images", truth, out / name / "fields", FitFieldsOptions(overwrite=True))
+    tiles = tile_scores(model, root)
     return {
+        "tile_auc": tiles["tile_auc"], "tile_auc_clear_negatives": tiles["tile_auc_clear_negatives"],
         "name": name, "train_minutes": round(minutes, 1), "epochs": config.epochs, "val_cell_auc": result.card.metrics.get("macro_auc"),
         "hard_negatives": result.summary.get("hard_negatives"), "froc": report.froc, "cross_fitted": report.cross_fitted,
         "tile_threshold": report.detection["tile_threshold"],
     }
+
+
+def tile_scores(model: Path, root: Path) -> dict:
+    """field_localisation.py's tile figures for ``model`` on the validation fields at the card's own crop policy: a
+    tile is positive when it holds a parasite box centre (the issue's tile AUC)."""
+    loaded = load_model(model)
+    run = run_pass(loaded, validation_fields(root), root / "malaria_fields_iml" / "images", load_boxes(root), {}, set())
+    return score_pass(run, loaded.card.crop, loaded.card)["tiles"]
+
+
+def tiles_only(args: argparse.Namespace, root: Path) -> None:
+    """The tile AUC of models a run before this one trained (rows written before the tile figures were part of a row)."""
+    rows = []
+    for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
+        model = args.out / name / "export" / "model.onnx"
+        if not model.is_file():
+            raise SystemExit(f"no exported model for {name} at {model}: run without --tiles-only first")
+        tiles = tile_scores(model, root)
+        rows.append({"name": name, "model": str(model), **{k: tiles[k] for k in ("tile_auc", "tile_auc_clear_negatives", "tile_positive", "tile_negative")}})
+    line = {"tiles_only": True, "rows": rows, "cpu": cpu_model(), "git": git_rev(), "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    with (RESULTS / "hard_negatives_malaria.jsonl").open("a", encoding="utf-8") as f:
+        f.write(json.dumps(line, allow_nan=False) + "\n")
+    print(f"cpu: {line['cpu']}; 52 validation fields")
+    print("| model | tile AUC | tile AUC, negatives clear of parasite boxes | positive / negative tiles |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['name']} | {r['tile_auc']:.4f} | {r['tile_auc_clear_negatives']:.4f} | {r['tile_positive']} / {r['tile_negative']} |")
 
 
 def main() -> None:
@@ -90,8 +120,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("/tmp/edgedx-hardneg"))
     parser.add_argument("--variants", default="plain,mined", help="comma-separated: plain, mined, positives (rows of earlier runs stay in the JSONL)")
+    parser.add_argument("--tiles-only", action="store_true", help="no training: the tile figures of each variant's model already exported under --out")
     args = parser.parse_args()
     root = data_root()
+    if args.tiles_only:
+        return tiles_only(args, root)
     recipe = RECIPES["malaria_cells_iml"]
     base = TrainConfig(weights="imagenet", seed=0, gradcam_samples=0, plots=False, overwrite=True, **recipe["config"])
     extra = 2 * args.rounds
@@ -112,12 +145,12 @@ def main() -> None:
     with (RESULTS / "hard_negatives_malaria.jsonl").open("a", encoding="utf-8") as f:
         f.write(json.dumps(line, allow_nan=False) + "\n")
     print(f"cpu: {line['cpu']}; 52 validation fields, 72 parasites; mining on {args.mining_fields} training fields")
-    print("| model | epochs | val cell AUC | found at 0.5 / 1 / 2 / 4 / 8 false per field | cross-fitted at 1 false/field: found, false/field | train min |")
-    print("|---|---|---|---|---|---|")
+    print("| model | epochs | val cell AUC | tile AUC | found at 0.5 / 1 / 2 / 4 / 8 false per field | cross-fitted at 1 false/field: found, false/field | train min |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         froc = " / ".join(str(p["found"]) for p in r["froc"])
         cf = r["cross_fitted"] or {}
-        print(f"| {r['name']} | {r['epochs']}{' + mining' if r['hard_negatives'] else ''} | {r['val_cell_auc']:.4f} | {froc} | "
+        print(f"| {r['name']} | {r['epochs']}{' + mining' if r['hard_negatives'] else ''} | {r['val_cell_auc']:.4f} | {r['tile_auc']:.4f} | {froc} | "
               f"{cf.get('found', 'n/a')}, {cf.get('false_per_field', float('nan')):.2f} | {r['train_minutes']} |")
 
 

@@ -273,9 +273,7 @@ def _run(
     window: int,
     progress: ProgressFn,
     prefetch: int = 4,
-    live: bool = False,
-    frames: bool = False,
-    manifest: SlideManifest | None = None,
+    live: bool = False, frames: bool = False, manifest: SlideManifest | None = None,  # manifest: --slides
 ) -> DiagnoseSummary:
     card = model.card
     assert options.out is not None

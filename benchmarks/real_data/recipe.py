@@ -103,6 +103,18 @@ def card_vs_evaluate(dataset: str, epochs: int, checkpoint: Path, model_path: Pa
     return row
 
 
+def with_field_mining(config: TrainConfig, mining: dict, root: Path, run: Path) -> TrainConfig:
+    """The recipe's mining step: ``mining['fields']`` TRAINING fields (seeded; never a validation field) with their
+    annotations, ``rounds`` rounds of ``epochs`` epochs, the centred positive tiles too when ``positives``."""
+    from hard_negatives_malaria import mining_set, training_fields  # a sibling benchmark's field selection
+
+    images, annotations = mining_set(root, training_fields(root, mining["fields"], seed=0), run)
+    return dataclasses.replace(
+        config, hard_negatives=str(images), hard_negative_annotations=str(annotations), hard_negative_rounds=mining["rounds"],
+        hard_negative_epochs=mining["epochs"], mine_positives=mining["positives"],
+    )
+
+
 def fit_validation_fields(model_path: Path, root: Path, out: Path) -> dict:
     """The malaria recipe ships with field operating points chosen on the validation *fields* (``edgedx fit-fields``):
     the crop threshold for ≤ 1 false detection per field and the field rule, cross-fitted figures beside the fitted."""
@@ -131,6 +143,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "edgedx-recipes")
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs (for a quick check)")
     parser.add_argument("--crop", default=None, help="override the recipe's crop policy (fit, shorter_side:N, scale[:F]) to compare policies")
+    parser.add_argument("--no-mining", action="store_true", help="leave out the recipe's field mining (malaria: hard negatives and centred positives)")
     args = parser.parse_args()
     root = data_root()
     if not root.is_dir():
@@ -144,6 +157,8 @@ def main() -> None:
         config = dataclasses.replace(config, crop=args.crop)
     if args.epochs is not None:
         config = dataclasses.replace(config, epochs=args.epochs)
+    if "field_mining" in recipe and not args.no_mining:
+        config = with_field_mining(config, recipe["field_mining"], root, run)
     started = time.perf_counter()
     result = train(source, run / "run", config)
     trained_s = time.perf_counter() - started

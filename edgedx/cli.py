@@ -935,7 +935,8 @@ def fit_fields_command(
     fp_per_field: Annotated[float, typer.Option(help="Mean false detections per field the tile threshold allows (the lowest threshold within it is chosen).")] = 1.0,
     count_cells: Annotated[bool, typer.Option("--count-cells/--no-count-cells", help="Count red cells: parasitaemia in every record.")] = True,
     field_rule: Annotated[str, typer.Option(help="auto (best field-level balanced accuracy, ties to the simplest), any, count_at_least or top_k_mean.")] = "auto",
-    slide_k: Annotated[int, typer.Option(help="Positive fields a slide needs (not fitted: the fields have no slide labels).")] = 1,
+    slide_k: Annotated[int, typer.Option(help="Positive fields a slide needs, where the slide rule cannot be fitted (the fields do not form both positive and negative slides).")] = 1,
+    slides: Annotated[Optional[Path], typer.Option(help="CSV with columns path,slide_id grouping the fields into slides (default: each field's folder); with positive and negative slides the slide rule is fitted.")] = None,
     name: Annotated[Optional[str], typer.Option(help="The new file's name, ending in .onnx.")] = None,
     device: Device = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of the 2-fold cross-fit's split.")] = 0,
@@ -951,7 +952,7 @@ def fit_fields_command(
         overwrite=overwrite,
     )
     with progress_bar() as progress:
-        report = fit_fields(model, fields, annotations, out, options, progress=progress)
+        report = fit_fields(model, fields, annotations, out, options, progress=progress, slides=slides)
     _print_field_fit(report)
 
 
@@ -959,8 +960,13 @@ def _print_field_fit(report: Any) -> None:
     """The chosen point, its figures fitted and cross-fitted, the FROC, the new file and its self-test."""
     d = report.detection
     threshold = "" if d["field_threshold"] is None else f", field threshold {d['field_threshold']:.4g}"
+    slides = (d.get("fitted_on") or {}).get("slides") or {}
+    fitted = (f"fitted on {slides['n_slides']} slides: sensitivity {_fmt(slides['sensitivity'])}, specificity {_fmt(slides['specificity'])}, optimistic"
+              if slides.get("fitted") else "not fitted")
     console.print(f"chosen on {report.counts['n_scored']} fields: tile threshold {d['tile_threshold']:.4g}, field rule {d['field_rule']} "
-                  f"(k {d['field_k']}{threshold}), slide rule {d['slide_rule']} (k {d['slide_k']}, not fitted: no slide labels)")
+                  f"(k {d['field_k']}{threshold}), slide rule {d['slide_rule']} (k {d['slide_k']}, {fitted})")
+    if slides and not slides.get("fitted"):
+        console.print(f"slides: {slides['why']}", style="yellow")
     console.print("fitted (chosen and read on the same fields: optimistic):", style="yellow")
     for line in _point_lines(report.fitted):
         console.print(f"  {line}")

@@ -19,8 +19,13 @@ second pass):
    mean of the k highest crops against a threshold, and keeps the one with the
    best field-level balanced accuracy (ties: the simplest, then the more
    sensitive; :func:`edgedx.runtime.detection_metrics.choose_field_rule`);
-3. the slide rule is *not* fitted: the IML fields carry no slide labels, so it
-   stays ``any_field`` with ``slide_k`` (default 1), and ``fitted_on`` says so.
+3. the slide rule: fields are grouped into slides as ``diagnose`` groups them
+   (``slides``: a ``path,slide_id`` manifest, else each field's folder); a slide
+   is positive when any of its fields holds an annotated positive, and the
+   number of positive fields a slide needs (1 to 5) is chosen for the best
+   slide-level balanced accuracy. Without both positive and negative slides
+   (the IML fields are one folder) it stays ``any_field`` with ``slide_k``
+   (default 1), and ``fitted_on`` says why.
 
 Honesty: figures read on the fields the operating point was chosen on are
 optimistic. A 2-fold cross-fit (fields split in two halves, stratified by
@@ -55,11 +60,12 @@ from edgedx.errors import InputError
 from edgedx.export.recalibrate import output_width, verify_new, write_artefact
 from edgedx.progress import ProgressFn, no_progress
 from edgedx.runtime.detection_metrics import (
-    TOP_P_KEPT, FieldCandidates, FieldRule, choose_field_rule, froc, operating_point, per_field, summarise,
+    TOP_P_KEPT, FieldCandidates, FieldRule, choose_field_rule, choose_slide_rule, froc, operating_point, per_field, slide_point, summarise,
 )
 from edgedx.runtime.evaluate import AnnotatedFields, diagnose_fields
 from edgedx.runtime.io.field_annotations import PARASITE_TYPES, FieldAnnotations, read_field_annotations
 from edgedx.runtime.io.integrity import atomic_write_bytes, sha256_file
+from edgedx.runtime.io.slide_manifest import SlideManifest, read_slide_manifest
 from edgedx.runtime.model import load_model, resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -69,7 +75,8 @@ MIN_FIELDS = 2  # fewer cannot place a threshold at a rate per field
 MIN_CROSS_FIT = 4  # fields needed for a 2-fold cross-fit (two per half)
 FEW_POSITIVE_FIELDS = 10  # below this, field sensitivity moves in coarse steps: said in the warnings
 SOURCE = "validation fields"
-NO_SLIDE_LABELS = "no slide labels in the annotations (IML fields have none): slide_rule any_field with slide_k {k} is a default, not fitted"
+NO_SLIDE_LABELS = ("{n} slide(s), {pos} positive (grouped by {how}): a slide rule cannot be chosen without both positive and negative "
+                   "slides, so slide_rule {rule} with slide_k {k} is a default, not fitted; group the fields into slides with --slides MANIFEST.csv")
 
 
 @dataclass(frozen=True)
@@ -79,7 +86,8 @@ class FitFieldsOptions:
     ``fp_per_field``: the mean false detections per field the tile threshold
     allows; ``count_cells``: count red cells (parasitaemia in every record);
     ``field_rule``: auto, or the one rule whose k/threshold is fitted;
-    ``slide_k``: positive fields a slide needs (not fitted: no slide labels);
+    ``slide_k``: positive fields a slide needs where the slides cannot be fitted
+    (not both positive and negative slides);
     ``nms_iou`` None keeps the card's; ``positive_types``: the annotation types
     a detection should find; ``name``: the new file's name (default
     ``<stem>.fields.onnx``).
@@ -147,16 +155,19 @@ class FieldChoice:
 
 def fit_fields(
     model_path: str | Path, fields: str | Path, annotations: str | Path | FieldAnnotations, out: str | Path,
-    options: FitFieldsOptions = FitFieldsOptions(), *, progress: ProgressFn = no_progress,
+    options: FitFieldsOptions = FitFieldsOptions(), *, progress: ProgressFn = no_progress, slides: str | Path | None = None,
 ) -> FieldFitReport:
     """Fit ``model_path``'s detection operating points on the annotated fields in ``fields`` and write a new
     artefact in ``out`` (see the module docstring); returns the report, also written as ``out/fit_fields_report.json``.
 
     ``annotations``: an IML-layout annotations.json, or one already read (a
-    validation selection: :meth:`FieldAnnotations.subset`). Refuses a model that
-    is not a binary ONNX with a positive class, and fewer than 2 scorable fields.
+    validation selection: :meth:`FieldAnnotations.subset`). ``slides``: a
+    ``path,slide_id`` manifest grouping the fields into slides (else their
+    folders). Refuses a model that is not a binary ONNX with a positive class,
+    and fewer than 2 scorable fields.
     """
     started = time.perf_counter()
+    manifest = read_slide_manifest(slides) if slides is not None else None
     parent = resolve_model_path(model_path)
     target = output_path(parent, Path(out), options)
     truth = annotations if isinstance(annotations, FieldAnnotations) else read_field_annotations(annotations, positive_types=options.positive_types)
@@ -173,7 +184,8 @@ def fit_fields(
     fitted = operating_point(seen.fields, choice.tile_threshold, choice.rule)
     crossed = cross_fit(seen.fields, options)
     curve = froc(seen.fields)
-    detection = fitted_detection(probe, choice, fitted, crossed, seen, truth, options)
+    slide_fit = fit_slide_rule(seen, manifest, choice, options)
+    detection = fitted_detection(probe, choice, fitted, crossed, seen, truth, options, slide_fit)
     new_card = card.replace(detection=detection, provenance=dataclasses.replace(
         card.provenance, lineage=(*card.provenance.lineage, lineage_entry(parent, model.session.sha256, card, detection)),
     ))
@@ -261,24 +273,44 @@ def compact(point: dict[str, Any]) -> dict[str, Any]:
     return kept
 
 
+def fit_slide_rule(seen: AnnotatedFields, manifest: SlideManifest | None, choice: FieldChoice, options: FitFieldsOptions) -> dict[str, Any]:
+    """The slide rule chosen on the slides the fields form, at the fitted field operating point, or the default and
+    why not: ``{"rule", "k", "fitted", ...}`` for ``detection.fitted_on["slides"]``."""
+    ids, how = seen.slide_ids(manifest)
+    rows = per_field(seen.fields, choice.tile_threshold, choice.rule)
+    truth = {slide: False for slide in ids}
+    for slide, positive in zip(ids, rows["truth"]):
+        truth[slide] = truth[slide] or bool(positive)
+    base = {"grouped_by": how, "n_slides": len(truth), "n_positive_slides": sum(truth.values())}
+    chosen = choose_slide_rule(rows, ids)
+    if chosen is None:
+        rule = "any_field" if options.slide_k == 1 else "count_at_least"
+        why = NO_SLIDE_LABELS.format(n=len(truth), pos=base["n_positive_slides"], how=how if isinstance(how, str) else " and ".join(how), rule=rule, k=options.slide_k)
+        return {**base, "rule": rule, "k": options.slide_k, "fitted": False, "why": why}
+    (rule, k), note = chosen
+    point = {key: v for key, v in slide_point(rows, ids, rule, k).items() if key != "per_slide"}
+    return {**base, **point, "rule": rule, "k": k, "fitted": True, **note, "note": "chosen and read on the same slides: optimistic"}
+
+
 def fitted_detection(
     probe: Detection, choice: FieldChoice, fitted: dict[str, Any], crossed: dict[str, Any] | None, seen: AnnotatedFields,
-    truth: FieldAnnotations, options: FitFieldsOptions,
+    truth: FieldAnnotations, options: FitFieldsOptions, slides: dict[str, Any],
 ) -> Detection:
-    """The new card's detection: enabled, the fitted tile threshold and field rule, the slide default, and where it
-    all came from (``fitted_on``: fields, parasites, the fitted and the cross-fitted figures)."""
+    """The new card's detection: enabled, the fitted tile threshold and field rule, the slide rule (fitted, or the
+    default and why), and where it all came from (``fitted_on``: fields, parasites, the fitted and the cross-fitted
+    figures)."""
     fitted_on = {
         "source": SOURCE, "n_fields": len(seen.fields), "n_positive_fields": sum(f.positive for f in seen.fields),
         "n_parasites": fitted["n_parasites"], "data": seen.data, "annotations": truth.source, "positive_types": list(truth.positive_types),
         "fp_per_field": options.fp_per_field, "field_rule_asked": options.field_rule,
         "fitted": {**compact(fitted), "note": "chosen and read on the same fields: optimistic"},
         "cross_fitted": None if crossed is None else {**compact(crossed), "seed": options.seed, "note": crossed["note"]},
-        "slides": NO_SLIDE_LABELS.format(k=options.slide_k), "date": now_iso(),
+        "slides": slides, "date": now_iso(),
     }
     rule = choice.rule
     return dataclasses.replace(
         probe, tile_threshold=choice.tile_threshold, field_rule=rule.rule, field_k=rule.k,  # type: ignore[arg-type]
-        field_threshold=rule.threshold, slide_rule="any_field", slide_k=options.slide_k, fitted_on=fitted_on,
+        field_threshold=rule.threshold, slide_rule=slides["rule"], slide_k=slides["k"], fitted_on=fitted_on,
     )
 
 

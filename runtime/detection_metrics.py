@@ -366,3 +366,24 @@ def slide_point(rows: dict[str, np.ndarray], slide_ids: Sequence[str], rule: str
         **rates, "rule": rule, "k": k, "parasitaemia_mae_points": float(np.mean(errors)) if errors else None,
         "n_slides_counted": len(errors), "per_slide": listed,
     }
+
+
+SLIDE_K = (1, 2, 3, 4, 5)  # positive fields a slide needs, tried by choose_slide_rule (1 is the rule any_field)
+
+
+def choose_slide_rule(rows: dict[str, np.ndarray], slide_ids: Sequence[str]) -> tuple[tuple[str, int], dict[str, Any]] | None:
+    """The slide rule with the best slide-level balanced accuracy over ``SLIDE_K`` (ties: the smaller k, which
+    misses fewer infected slides), from the fields' decisions; None when the slides are not both positive and
+    negative (a rule cannot be judged on one kind)."""
+    truth = {slide: False for slide in slide_ids}
+    for slide, positive in zip(slide_ids, rows["truth"]):
+        truth[slide] = truth[slide] or bool(positive)
+    if all(truth.values()) or not any(truth.values()):
+        return None
+    tried = {}
+    for k in SLIDE_K:
+        rule = "any_field" if k == 1 else "count_at_least"
+        point = slide_point(rows, slide_ids, rule, k)
+        tried[k] = {key: point[key] for key in ("sensitivity", "specificity", "balanced_accuracy")}
+    best = max(SLIDE_K, key=lambda k: (tried[k]["balanced_accuracy"], -k))
+    return ("any_field" if best == 1 else "count_at_least", best), {"by_k": {str(k): v for k, v in tried.items()}}  # str keys: as JSON gives them back

@@ -400,6 +400,15 @@ class AnnotatedFields:
     def counts(self) -> dict[str, int]:
         return {"n_scored": len(self.fields), "n_missing": len(self.missing), "n_failed": len(self.failed), "n_rejected": len(self.rejected)}
 
+    def slide_ids(self, manifest: SlideManifest | None) -> tuple[list[str], str | list[str]]:
+        """Each scored field's slide, as ``diagnose`` groups them (the manifest's ``slide_id``, else the folder), and
+        how they were grouped (one word, or the sorted words when fields were grouped both ways)."""
+        from edgedx.runtime.outputs.slides import grouping
+
+        groups = [grouping(str(Path(self.data) / f.name), manifest) for f in self.fields]
+        hows = sorted({how for _, how in groups})
+        return [slide for slide, _ in groups], hows[0] if len(hows) == 1 else hows
+
 
 def diagnose_fields(loaded: Model, fields: str | Path, annotations: FieldAnnotations, *, keep: int = 1, progress: ProgressFn = no_progress) -> AnnotatedFields:
     """Every annotated image in the folder ``fields`` through ``loaded.stream`` (diagnose's crops, preprocessing and
@@ -499,12 +508,9 @@ def _slides(rows: dict[str, np.ndarray], seen: AnnotatedFields, card: Any, manif
     """The scored fields grouped into slides as ``diagnose`` groups them (manifest, else folder), scored at the card's
     slide rule; says how they were grouped."""
     from edgedx.runtime.detection_metrics import slide_point
-    from edgedx.runtime.outputs.slides import grouping
 
-    groups = [grouping(str(Path(seen.data) / f.name), manifest) for f in seen.fields]
-    point = slide_point(rows, [slide for slide, _ in groups], card.detection.slide_rule, card.detection.slide_k)
-    hows = sorted({how for _, how in groups})
-    return {"grouped_by": hows[0] if len(hows) == 1 else hows, **point}
+    ids, grouped_by = seen.slide_ids(manifest)
+    return {"grouped_by": grouped_by, **slide_point(rows, ids, card.detection.slide_rule, card.detection.slide_k)}
 
 
 def _plain(value: Any) -> Any:

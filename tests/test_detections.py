@@ -275,3 +275,22 @@ def test_overlay_outlines_each_detection() -> None:
         shown[name] = canvas[canvas.shape[0] - bar - 64 : canvas.shape[0] - bar, :96]  # the image between banner and bar
     changed = np.any(shown["boxes"] != shown["plain"], axis=2)
     assert changed[8, 8:24].any() and changed[40:56, 64].any() and not changed[30:36, 30:60].any()
+
+
+def test_the_slide_rule_is_chosen_where_one_stray_field_would_flag_a_clean_slide() -> None:
+    from edgedx.runtime.detection_metrics import choose_slide_rule, slide_point
+
+    # slides P1, P2 infected (2 and 3 positive fields found); N1, N2 clean but N1 has one field flagged by debris
+    ids = ["P1"] * 3 + ["P2"] * 3 + ["N1"] * 3 + ["N2"] * 2
+    truth = np.array([1, 1, 0, 1, 1, 1, 0, 0, 0, 0, 0], bool)
+    decided = np.array([1, 1, 0, 1, 1, 1, 1, 0, 0, 0, 0], bool)
+    n = len(ids)
+    rows = {"truth": truth, "decided": decided, "positives": truth.astype(np.int64), "detections": decided.astype(np.int64),
+            "cells": np.full(n, 100.0), "cells_annotated": np.full(n, 100.0)}
+    (rule, k), note = choose_slide_rule(rows, ids)  # type: ignore[misc]
+    assert (rule, k) == ("count_at_least", 2)
+    assert note["by_k"]["1"]["specificity"] == 0.5 and note["by_k"]["2"]["balanced_accuracy"] == 1.0 and note["by_k"]["3"]["sensitivity"] == 0.5
+    point = slide_point(rows, ids, rule, k)
+    assert (point["n_slides"], point["n_positive_slides"], point["sensitivity"], point["specificity"]) == (4, 2, 1.0, 1.0)
+    assert point["parasitaemia_mae_points"] == pytest.approx(np.mean([0, 0, 100 / 300, 0]))
+    assert choose_slide_rule({**rows, "truth": np.ones(n, bool)}, ids) is None  # every slide infected: nothing to choose on

@@ -213,7 +213,10 @@ def test_fit_fields_writes_a_new_verified_artefact_with_detection_fitted_and_the
     assert fitted_on["source"] == "validation fields" and fitted_on["n_fields"] == 8 and fitted_on["n_parasites"] == 6
     assert fitted_on["fitted"]["found"] == 6 and fitted_on["fitted"]["false_per_field"] <= 0.5
     assert fitted_on["fitted"]["field_sensitivity"] == 1.0 and fitted_on["fitted"]["field_specificity_ci95"] is not None
-    assert fitted_on["cross_fitted"] is not None and "seed" in fitted_on["cross_fitted"] and "slide labels" in fitted_on["slides"]
+    assert fitted_on["cross_fitted"] is not None and "seed" in fitted_on["cross_fitted"]
+    slides = fitted_on["slides"]  # two folders, one infected: the rule is chosen, ties to the smallest k
+    assert slides["fitted"] and slides["grouped_by"] == "folder" and (slides["n_slides"], slides["n_positive_slides"]) == (2, 1)
+    assert (slides["rule"], slides["k"]) == ("any_field", 1) and slides["by_k"]["4"]["sensitivity"] == 1.0 and slides["by_k"]["5"]["sensitivity"] == 0.0
     assert "cell_count_mae" in fitted_on["fitted"] and "parasitaemia_mae_points" in fitted_on["cross_fitted"]
     step = card.provenance.lineage[-1]
     assert step["step"] == "fit-fields" and step["parent_sha256"] == report.parent_sha256 and step["parent_file"] == "red.onnx"
@@ -231,6 +234,19 @@ def test_fit_fields_refuses_to_overwrite_and_a_non_binary_model(fitted: tuple[Pa
         fit_fields(parent, root, annotations, Path(report.output).parent, FitFieldsOptions())
     with pytest.raises(InputError, match="field-rule"):
         FitFieldsOptions(field_rule="best")
+
+
+def test_slides_of_one_kind_leave_the_slide_rule_a_default_and_say_why(fitted: tuple[Path, Any], fields: tuple[Path, Path], tmp_path: Path) -> None:
+    from edgedx.export.fit_fields import FitFieldsOptions, fit_fields
+
+    parent, _ = fitted
+    root, annotations = fields
+    manifest = tmp_path / "one slide.csv"
+    manifest.write_text("path,slide_id\n" + "".join(f"{root / slide / name},S1\n" for slide, per in SLIDES.items() for name in per), encoding="utf-8")
+    report = fit_fields(parent, root, annotations, tmp_path / "out", FitFieldsOptions(slide_k=2), slides=manifest)
+    slides = report.detection["fitted_on"]["slides"]
+    assert not slides["fitted"] and (report.detection["slide_rule"], report.detection["slide_k"]) == ("count_at_least", 2)
+    assert slides["why"].startswith("1 slide(s), 1 positive (grouped by manifest): a slide rule cannot be chosen") and "--slides" in slides["why"]
 
 
 def test_diagnose_decides_by_the_fitted_field_rule_and_writes_one_line_per_slide(fitted: tuple[Path, Any], fields: tuple[Path, Path], tmp_path: Path) -> None:

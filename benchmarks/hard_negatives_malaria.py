@@ -96,18 +96,29 @@ def tile_scores(model: Path, root: Path) -> dict:
     return score_pass(run, loaded.card.crop, loaded.card)["tiles"]
 
 
+def appended(line: dict) -> dict:
+    """``line`` with the CPU, git revision and time, appended to results/hard_negatives_malaria.jsonl."""
+    line = {**line, "cpu": cpu_model(), "git": git_rev(), "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with (RESULTS / "hard_negatives_malaria.jsonl").open("a", encoding="utf-8") as f:
+        f.write(json.dumps(line, allow_nan=False) + "\n")
+    return line
+
+
+def variants(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
 def tiles_only(args: argparse.Namespace, root: Path) -> None:
     """The tile AUC of models a run before this one trained (rows written before the tile figures were part of a row)."""
     rows = []
-    for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
+    for name in variants(args.variants):
         model = args.out / name / "export" / "model.onnx"
         if not model.is_file():
             raise SystemExit(f"no exported model for {name} at {model}: run without --tiles-only first")
         tiles = tile_scores(model, root)
         rows.append({"name": name, "model": str(model), **{k: tiles[k] for k in ("tile_auc", "tile_auc_clear_negatives", "tile_positive", "tile_negative")}})
-    line = {"tiles_only": True, "rows": rows, "cpu": cpu_model(), "git": git_rev(), "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    with (RESULTS / "hard_negatives_malaria.jsonl").open("a", encoding="utf-8") as f:
-        f.write(json.dumps(line, allow_nan=False) + "\n")
+    line = appended({"tiles_only": True, "rows": rows})
     print(f"cpu: {line['cpu']}; 52 validation fields")
     print("| model | tile AUC | tile AUC, negatives clear of parasite boxes | positive / negative tiles |")
     print("|---|---|---|---|")
@@ -135,17 +146,14 @@ def main() -> None:
     mined = dataclasses.replace(base, hard_negatives=str(images), hard_negative_annotations=str(annotations),
                                 hard_negative_rounds=args.rounds, hard_negative_epochs=2)
     configs = {"plain": plain, "mined": mined, "positives": dataclasses.replace(mined, mine_positives=True)}
-    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    names = variants(args.variants)
     unknown = sorted(set(names) - set(configs))
     if unknown:
         raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(configs)}")
     rows = [trained_and_scored(name, configs[name], root, args.out, truth) for name in names]
-    line = {"mining_fields": args.mining_fields, "rounds": args.rounds, "rows": rows, "cpu": cpu_model(), "git": git_rev(),
-            "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with (RESULTS / "hard_negatives_malaria.jsonl").open("a", encoding="utf-8") as f:
-        f.write(json.dumps(line, allow_nan=False) + "\n")
-    print(f"cpu: {line['cpu']}; 52 validation fields, 72 parasites; mining on {args.mining_fields} training fields")
+    line = appended({"mining_fields": args.mining_fields, "rounds": args.rounds, "rows": rows})
+    scored = rows[0]["froc"][0]["n_positives"] if rows and rows[0]["froc"] else "?"
+    print(f"cpu: {line['cpu']}; 52 validation fields, {scored} parasites on the fields the quality gate passed; mining on {args.mining_fields} training fields")
     print("| model | epochs | val cell AUC | tile AUC | found at 0.5 / 1 / 2 / 4 / 8 false per field | cross-fitted at 1 false/field: found, false/field | train min |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -60,7 +60,7 @@ from edgedx.errors import InputError
 from edgedx.export.recalibrate import output_width, verify_new, write_artefact
 from edgedx.progress import ProgressFn, no_progress
 from edgedx.runtime.detection_metrics import (
-    TOP_P_KEPT, FieldCandidates, FieldRule, choose_field_rule, choose_slide_rule, froc, operating_point, per_field, slide_point, summarise,
+    TOP_P_KEPT, FieldCandidates, FieldRule, choose_field_rule, choose_slide_rule, froc, operating_point, per_field, slide_point, slide_truth, summarise,
 )
 from edgedx.runtime.evaluate import AnnotatedFields, diagnose_fields
 from edgedx.runtime.io.field_annotations import PARASITE_TYPES, FieldAnnotations, read_field_annotations
@@ -278,9 +278,7 @@ def fit_slide_rule(seen: AnnotatedFields, manifest: SlideManifest | None, choice
     why not: ``{"rule", "k", "fitted", ...}`` for ``detection.fitted_on["slides"]``."""
     ids, how = seen.slide_ids(manifest)
     rows = per_field(seen.fields, choice.tile_threshold, choice.rule)
-    truth = {slide: False for slide in ids}
-    for slide, positive in zip(ids, rows["truth"]):
-        truth[slide] = truth[slide] or bool(positive)
+    truth = slide_truth(rows, ids)
     base = {"grouped_by": how, "n_slides": len(truth), "n_positive_slides": sum(truth.values())}
     chosen = choose_slide_rule(rows, ids)
     if chosen is None:

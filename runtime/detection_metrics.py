@@ -368,6 +368,14 @@ def slide_point(rows: dict[str, np.ndarray], slide_ids: Sequence[str], rule: str
     }
 
 
+def slide_truth(rows: dict[str, np.ndarray], slide_ids: Sequence[str]) -> dict[str, bool]:
+    """Each slide (in order of first field) and whether it is infected: any of its fields holds an annotated positive."""
+    truth: dict[str, bool] = {}
+    for slide, positive in zip(slide_ids, rows["truth"]):
+        truth[slide] = truth.get(slide, False) or bool(positive)
+    return truth
+
+
 SLIDE_K = (1, 2, 3, 4, 5)  # positive fields a slide needs, tried by choose_slide_rule (1 is the rule any_field)
 
 
@@ -375,9 +383,7 @@ def choose_slide_rule(rows: dict[str, np.ndarray], slide_ids: Sequence[str]) -> 
     """The slide rule with the best slide-level balanced accuracy over ``SLIDE_K`` (ties: the smaller k, which
     misses fewer infected slides), from the fields' decisions; None when the slides are not both positive and
     negative (a rule cannot be judged on one kind)."""
-    truth = {slide: False for slide in slide_ids}
-    for slide, positive in zip(slide_ids, rows["truth"]):
-        truth[slide] = truth[slide] or bool(positive)
+    truth = slide_truth(rows, slide_ids)
     if all(truth.values()) or not any(truth.values()):
         return None
     tried = {}

@@ -99,6 +99,7 @@ class DiagnoseOptions:
             _check(not given, f"{', '.join(given)} work only with the local engine: leave out --engine ray, or leave out {given[0] if given else ''}")
         if self.out is None:
             _check(self.engine == "local" and self.watch is None, "--watch and --engine ray write their records to a file: give --out FILE")
+            _check(self.slides is None, "--slides writes its slide summary beside the results file (OUT.slides.jsonl): give --out FILE")
         if self.watch is not None:
             _check(not inputs, "give either inputs or --watch FOLDER, not both")
         else:

@@ -333,6 +333,7 @@ def test_diagnose_refusals_are_one_line_errors() -> None:
         (["scans", "--out", "o.jsonl", "--engine", "spark"], "'spark'"),
         (["--watch", "in"], "give --out FILE"),
         (["--slides", "s.csv", "--out", "o.jsonl", "--engine", "ray"], "--slides work only with the local engine"),
+        (["--slides", "s.csv"], "--slides writes its slide summary beside the results file (OUT.slides.jsonl): give --out FILE"),
     ):
         refused = runner.invoke(app, ["diagnose", "--model", "m.onnx", *args])
         assert refused.exit_code == 1 and named in str(refused.exception), (args, refused.exception)

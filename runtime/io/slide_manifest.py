@@ -44,10 +44,6 @@ class SlideManifest:
         """The slide the manifest gives ``input_name``, or None when it does not list it."""
         return self.slides.get(path_key(input_name))
 
-    @property
-    def n_slides(self) -> int:
-        return len(set(self.slides.values()))
-
 
 def read_slide_manifest(csv_path: str | Path) -> SlideManifest:
     """Read ``path,slide_id`` rows; refuse a missing column, an empty slide id, or one path given two slides,

@@ -57,7 +57,7 @@ RECIPES: dict[str, dict] = {
         "crop_why": "microscopy: a fixed factor keeps cells (and parasites) at their trained pixel size on crops or whole fields",
         # real_data/recipe.py: hard negatives and centred positives mined from the TRAINING fields (never a validation
         # field), chosen by hard_negatives_malaria.py on the validation fields' FROC (benchmarks/README.md)
-        "field_mining": {"fields": 241, "rounds": 2, "epochs": 2, "positives": True},
+        "field_mining": {"fields": 241, "rounds": 3, "epochs": 2, "positives": True},
         "published": "P. falciparum, patient split (Rajaraman 2018): acc 0.959, sens 0.947, spec 0.972, AUC 0.991 — other data",
     },
     "isic_mel_nv": {

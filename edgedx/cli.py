@@ -586,14 +586,26 @@ def _card_grid(card: Any, path: Path) -> Table:
     rows = [
         ("task", f"{card.task}: {classes}"),
         ("input", f"{card.input_size[1]}×{card.input_size[0]} px, {card.crop.describe()}"),
-        ("threshold", _fmt(card.threshold) + (f": p({card.positive_class}) ≥ {_fmt(card.threshold)} → {card.positive_class}" if card.positive_class and card.threshold is not None else "")),
-        ("validation", (shown + (f" at threshold {_fmt(card.threshold)}" if card.threshold is not None and "sensitivity" in shown else "")) or "—"),
+        ("threshold", _fmt(card.threshold) + (f": p({card.positive_class}) ≥ {_fmt(card.threshold)} → {card.positive_class}" if card.positive_class and card.threshold is not None else "") + _threshold_source(card)),
+        (_METRICS_SPLIT.get(metrics.get("split"), "validation"), (shown + (f" at threshold {_fmt(card.threshold)}" if card.threshold is not None and "sensitivity" in shown else "")) or "—"),
         ("file", f"{path} ({path.stat().st_size / 1e6:.1f} MB)"),
         ("intended use", card.intended_use),
     ]
     for label, value in rows:
         grid.add_row(f"  {label}", value)
     return grid
+
+
+_METRICS_SPLIT = {"out_of_fold": "out of fold", "test": "test"}
+
+
+def _threshold_source(card: Any) -> str:
+    """Where the threshold came from, with its interval: ``(out of fold, 95% 0.10-0.20)``; nothing for older cards."""
+    choice = card.threshold_choice
+    if choice.source == "unknown":
+        return ""
+    interval = f", 95% {_fmt(choice.interval[0])}-{_fmt(choice.interval[1])}" if choice.interval else ""
+    return f" ({choice.source.replace('_', ' ')}{interval})"
 
 
 @app.command("verify")

@@ -474,8 +474,10 @@ def test_models_lists_the_bundled_model_with_its_card() -> None:
     assert all(len(line.rstrip()) <= 80 for line in result.output.splitlines()), result.output  # readable in 80 columns
     words = " ".join(result.output.split())  # the grid wraps long values
     assert "isic_mel_nv (default)" in words and "melanoma vs nevus (screens for melanoma)" in words
-    assert "not a medical device" in words and "auc 0.842" in words and "at threshold 0.059" in words
-    assert "p(melanoma) ≥ 0.059 → melanoma" in words
+    assert "not a medical device" in words and "auc 0.795" in words and "at threshold 0.112" in words
+    assert "p(melanoma) ≥ 0.112 → melanoma (out of fold, 95% 0.015-0.197)" in words  # where the threshold came from
+    assert "out of fold auc" in words and "validation auc" not in words  # the metrics are labelled by the split they came from
+    assert "Held out (96 images no fold saw" in words  # and the held-out result on the shipped file stands beside them
 
 
 def test_switches_show_no_type_in_help() -> None:

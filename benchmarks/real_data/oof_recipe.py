@@ -98,8 +98,10 @@ def run(dataset: str, folds: int, epochs: int | None, out: Path) -> dict:
 
 
 def _ci(m: dict, key: str) -> str:
-    value = m.get(key, m.get("macro_auc") if key == "auc" else None)
-    ci = (m.get("ci95") or {}).get(key)
+    ci95 = m.get("ci95") or {}
+    value, ci = m.get(key), ci95.get(key)
+    if value is None and key == "auc":  # multiclass: the macro AUC stands in
+        value, ci = m.get("macro_auc"), ci or ci95.get("macro_auc")
     return "n/a" if value is None else f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 

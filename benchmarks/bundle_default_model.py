@@ -1,6 +1,6 @@
 """Make the bundled default model: the ISIC melanoma-vs-nevus fold ensemble, fp16, with its use and its numbers stated.
 
-    python benchmarks/real_data/oof_recipe.py isic_mel_nv --folds 5          # /tmp/edgedx-oof/isic_mel_nv/cv
+    python benchmarks/real_data/oof_recipe.py isic_mel_nv --folds 3          # /tmp/edgedx-oof/isic_mel_nv/cv
     edgedx export /tmp/edgedx-oof/isic_mel_nv/cv --out /tmp/edgedx-oof/isic_mel_nv/export_bundle --precision fp32,fp16
     python benchmarks/bundle_default_model.py                                # → runtime/models/isic_mel_nv.fp16.onnx
 
@@ -41,16 +41,15 @@ def intended_use(card: ModelCard, held_out: dict, n_rejected: int) -> str:
     """The card's use in words: what it was trained on, how its threshold was chosen, and what it did on held-out images
     (those the quality gate refused are counted, not hidden)."""
     m, choice = card.metrics, card.threshold_choice
-    chosen = choice.fitted_on.get("chosen", {})
-    youden = choice.fitted_on.get("alternatives", {}).get("youden", {})
+    chosen, youden = choice.fitted_on["chosen"], choice.fitted_on["alternatives"]["youden"]
     h_ci = held_out.get("ci95", {})
     return (
         "research and demonstration only; not a medical device. Melanoma vs nevus on dermoscopy images (ISIC archive, "
         f"CC0). An average of {card.ensemble.members} fold models trained on {m['n']} images; out-of-fold AUC {m['auc']:.2f}{_ci(m['ci95'].get('auc'))}. "
         f"Threshold {card.threshold:.3f} (95% interval {choice.interval[0]:.3f}-{choice.interval[1]:.3f}) chosen out of fold for "
-        f"{choice.fitted_on.get('target_sensitivity', 0.95):.2f} sensitivity: out-of-fold sensitivity {chosen.get('sensitivity', float('nan')):.2f}, "
-        f"specificity {chosen.get('specificity', float('nan')):.2f}; the Youden point {youden.get('threshold', float('nan')):.3f} trades "
-        f"{youden.get('sensitivity', float('nan')):.2f} sensitivity for {youden.get('specificity', float('nan')):.2f} specificity. "
+        f"{choice.fitted_on['target_sensitivity']:.2f} sensitivity: out-of-fold sensitivity {chosen['sensitivity']:.2f}, "
+        f"specificity {chosen['specificity']:.2f}; the Youden point {youden['threshold']:.3f} trades "
+        f"{youden['sensitivity']:.2f} sensitivity for {youden['specificity']:.2f} specificity. "
         f"Held out ({held_out['n']} images no fold saw, scored on this file"
         f"{f'; {n_rejected} more refused by the quality gate' if n_rejected else ''}): AUC {held_out['auc']:.2f}{_ci(h_ci.get('auc'))}, "
         f"sensitivity {held_out['sensitivity']:.2f}{_ci(h_ci.get('sensitivity'))}, specificity {held_out['specificity']:.2f}"
@@ -68,10 +67,11 @@ def main() -> None:
     if entry is None or not entry["parity"]["passed"]:
         raise SystemExit(f"{args.export}: no fp16 ONNX that passed its parity check; not bundling")
     source = args.export / entry["path"]
-    scored = evaluate(source, args.held_out, split="test", out=args.export / "eval_bundle")
     graph = onnx.load(str(source))
-    meta = {p.key: p.value for p in graph.metadata_props}
-    card = ModelCard.from_json(meta[ONNX_METADATA_KEY])
+    card = ModelCard.from_json({p.key: p.value for p in graph.metadata_props}[ONNX_METADATA_KEY])
+    if card.threshold_choice.source != "out_of_fold":
+        raise SystemExit(f"{source}: its threshold was not chosen out of fold; export a cross-validation folder (edgedx export CV_DIR)")
+    scored = evaluate(source, args.held_out, split="test", out=args.export / "eval_bundle")
     card = card.replace(intended_use=intended_use(card, scored.metrics, len(scored.rejected)))
     embed_metadata(graph, {ONNX_METADATA_KEY: card.to_json(indent=None)})  # the self-test vectors' key is kept as it was
     TARGET.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,9 @@ the annotated parasite boxes:
 1. tiles: a tile is positive if it contains the centre of a parasite box
    (ring, trophozoite, schizont, gametocyte), negative if it contains no
    parasite-like centre; tiles whose only parasite-like centre is 'difficult'
-   are left out. Tile AUC, counts, sensitivity/specificity at the card threshold.
+   are left out. Tile AUC, counts, sensitivity/specificity at the card threshold,
+   and 1 − AUC split by how far inside its tiles each parasite centre lies
+   (a parasite the grid cuts in half makes a positive tile showing half of it).
 2. fields: positive if any parasite is annotated. Every aggregation (mean,
    mean_logits, max, top_k_mean k=3, noisy_or) is computed from the same tile
    probabilities with edgedx.runtime.tiling.aggregate (no re-inference).
@@ -106,6 +108,42 @@ def tile_labels(positions: np.ndarray, tile: tuple[int, int], scale: float, boxe
     return positive, difficult, touched, per_parasite
 
 
+def centre_margins(positions: np.ndarray, tile: tuple[int, int], scale: float, boxes: list) -> np.ndarray:
+    """Per tile: how far inside it the deepest parasite centre it holds lies, as a fraction of the tile side (the
+    distance to the nearest edge; 0.5 is the middle), or -1 for a tile holding none. Why: a parasite the grid cuts in
+    half makes a positive tile that shows half of it, and the tile AUC's loss is split by this margin below."""
+    th, tw = tile
+    ys, xs = positions[:, 0], positions[:, 1]
+    margin = np.full(len(positions), -1.0)
+    for kind, x, y, w, h in boxes:
+        if kind == DIFFICULT:
+            continue
+        cx, cy = (x + w / 2) * scale, (y + h / 2) * scale
+        inside = (ys <= cy) & (cy < ys + th) & (xs <= cx) & (cx < xs + tw)
+        deep = np.minimum(np.minimum(cx - xs, xs + tw - cx) / tw, np.minimum(cy - ys, ys + th - cy) / th)
+        margin = np.where(inside & (deep > margin), deep, margin)
+    return margin
+
+
+MARGIN_BINS = ((0.0, 1 / 16), (1 / 16, 1 / 8), (1 / 8, 1 / 4), (1 / 4, 0.51))
+
+
+def auc_loss_by_margin(p: np.ndarray, y: np.ndarray, margin: np.ndarray) -> list[dict[str, Any]]:
+    """1 − tile AUC split over the positive tiles by :func:`centre_margins` bin: each positive's share of negatives
+    scoring above it (ties half), summed per bin and divided by all positives, so the bins' losses add up to 1 − AUC."""
+    negatives = np.sort(p[~y])
+    if not y.any() or not len(negatives):
+        return []
+    above = 1 - (np.searchsorted(negatives, p[y], "left") + np.searchsorted(negatives, p[y], "right")) / (2 * len(negatives))
+    m = margin[y]
+    rows = []
+    for lo, hi in MARGIN_BINS:
+        sel = (m >= lo) & (m < hi)
+        rows.append({"margin_from": lo, "margin_to": min(hi, 0.5), "positive_tiles": int(sel.sum()),
+                     "median_p": float(np.median(p[y][sel])) if sel.any() else None, "auc_loss": float(above[sel].sum() / y.sum())})
+    return rows
+
+
 def sens_spec(y: np.ndarray, score: np.ndarray, threshold: float) -> tuple[float, float]:
     y = np.asarray(y, bool)
     hit = np.asarray(score) >= threshold
@@ -126,7 +164,8 @@ def run_pass(model: Any, fields: list[str], images: Path, boxes: dict, crop: dic
             raise result
         s = result.sliding
         positions = np.asarray(s.grid.positions(), dtype=np.float64)
-        positive, difficult, touched, per_parasite = tile_labels(positions, s.grid.tile, float(np.sqrt(np.prod(s.grid.factors))), boxes.get(name, []))
+        scale = float(np.sqrt(np.prod(s.grid.factors)))
+        positive, difficult, touched, per_parasite = tile_labels(positions, s.grid.tile, scale, boxes.get(name, []))
         used = np.ones(s.n_tiles, bool) if s.used is None else s.used.copy()
         per_field.append({
             "name": name,
@@ -136,6 +175,7 @@ def run_pass(model: Any, fields: list[str], images: Path, boxes: dict, crop: dic
             "positive": positive,
             "difficult": difficult,
             "touched": touched,
+            "margin": centre_margins(positions, s.grid.tile, scale, boxes.get(name, [])),
             "per_parasite": per_parasite,
             "n_parasites": len(per_parasite),
             "card_score": float(s.probabilities[pos]),
@@ -155,11 +195,12 @@ def score_pass(run: dict[str, Any], policy: Any, card: Any) -> dict[str, Any]:
     pos = card.positive_index
     fields = run["fields"]
     # Tile level: used tiles only; 'difficult'-only tiles left out.
-    p_all, y_all, clear_all = [], [], []
+    p_all, y_all, clear_all, margin_all = [], [], [], []
     for f in fields:
         keep = f["used"] & ~(f["difficult"] & ~f["positive"])
         p_all.append(f["p"][keep])
         y_all.append(f["positive"][keep])
+        margin_all.append(f["margin"][keep])
         clear_all.append((f["positive"] | ~f["touched"])[keep])  # positives, or negatives clear of every parasite-like box
     p = np.concatenate(p_all)
     y = np.concatenate(y_all)
@@ -196,6 +237,7 @@ def score_pass(run: dict[str, Any], policy: Any, card: Any) -> dict[str, Any]:
         "tile_difficult_only_excluded": int(sum((f["used"] & f["difficult"] & ~f["positive"]).sum() for f in fields)),
         "tile_auc": roc_auc(y, p),
         "tile_auc_clear_negatives": roc_auc(y[clear], p[clear]),
+        "tile_auc_loss_by_centre_margin": auc_loss_by_margin(p, y, np.concatenate(margin_all)),
         "tile_negative_clear": int((~y[clear]).sum()),
         "tile_sensitivity": tile_sens,
         "tile_specificity": tile_spec,

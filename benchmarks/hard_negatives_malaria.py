@@ -9,7 +9,8 @@
    ``--rounds`` × 2 epochs more than the plain one; the plain one is also run with the same
    number of extra epochs, so the comparison is mining, not training length. The ``positives``
    variant mines the same way and also adds the tiles centred on annotated parasites of those
-   training fields as positives (``--mine-positives``).
+   training fields as positives (``--mine-positives``; ``--positive-margin 0``: every tile that
+   holds a parasite centre, the tile-level truth the tile AUC is scored on).
 2. Each is exported (fp32) and ``edgedx fit-fields``' library call runs on the 52 VALIDATION fields
    (no validation field is mined): FROC (parasites found at 0.5/1/2/4/8 false detections per
    field) and the 2-fold cross-fitted operating point.
@@ -81,6 +82,7 @@ def trained_and_scored(name: str, config: TrainConfig, root: Path, out: Path, tr
     tiles = tile_scores(model, root)
     return {
         "tile_auc": tiles["tile_auc"], "tile_auc_clear_negatives": tiles["tile_auc_clear_negatives"],
+        "tile_auc_loss_by_centre_margin": tiles["tile_auc_loss_by_centre_margin"],
         "name": name, "train_minutes": round(minutes, 1), "epochs": config.epochs, "val_cell_auc": result.card.metrics.get("macro_auc"),
         "hard_negatives": result.summary.get("hard_negatives"), "froc": report.froc, "cross_fitted": report.cross_fitted,
         "tile_threshold": report.detection["tile_threshold"],
@@ -117,13 +119,25 @@ def tiles_only(args: argparse.Namespace, root: Path) -> None:
         if not model.is_file():
             raise SystemExit(f"no exported model for {name} at {model}: run without --tiles-only first")
         tiles = tile_scores(model, root)
-        rows.append({"name": name, "model": str(model), **{k: tiles[k] for k in ("tile_auc", "tile_auc_clear_negatives", "tile_positive", "tile_negative")}})
+        keys = ("tile_auc", "tile_auc_clear_negatives", "tile_positive", "tile_negative", "tile_auc_loss_by_centre_margin")
+        rows.append({"name": name, "model": str(model), **{k: tiles[k] for k in keys}})
     line = appended({"tiles_only": True, "rows": rows})
     print(f"cpu: {line['cpu']}; 52 validation fields")
     print("| model | tile AUC | tile AUC, negatives clear of parasite boxes | positive / negative tiles |")
     print("|---|---|---|---|")
     for r in rows:
         print(f"| {r['name']} | {r['tile_auc']:.4f} | {r['tile_auc_clear_negatives']:.4f} | {r['tile_positive']} / {r['tile_negative']} |")
+    print_margin_split(rows)
+
+
+def print_margin_split(rows: list[dict]) -> None:
+    """1 − tile AUC split by how far inside the tile the parasite centre lies (field_localisation.auc_loss_by_margin)."""
+    print("\n| model | centre inside the tile by (fraction of the side) | positive tiles | median p | share of 1 − AUC |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        for b in r["tile_auc_loss_by_centre_margin"]:
+            median = "—" if b["median_p"] is None else f"{b['median_p']:.3f}"
+            print(f"| {r['name']} | {b['margin_from']:.3g}–{b['margin_to']:.3g} | {b['positive_tiles']} | {median} | {b['auc_loss']:.4f} |")
 
 
 def main() -> None:
@@ -132,6 +146,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("/tmp/edgedx-hardneg"))
     parser.add_argument("--variants", default="plain,mined", help="comma-separated: plain, mined, positives (rows of earlier runs stay in the JSONL)")
+    parser.add_argument("--positive-margin", type=float, default=0.125,
+                        help="the positives variant: how far inside a tile a parasite centre must lie to mine it (0: every tile holding one)")
     parser.add_argument("--tiles-only", action="store_true", help="no training: the tile figures of each variant's model already exported under --out")
     args = parser.parse_args()
     root = data_root()
@@ -145,13 +161,14 @@ def main() -> None:
     plain = dataclasses.replace(base, epochs=base.epochs + extra)  # as many epochs as the mined run in all
     mined = dataclasses.replace(base, hard_negatives=str(images), hard_negative_annotations=str(annotations),
                                 hard_negative_rounds=args.rounds, hard_negative_epochs=2)
-    configs = {"plain": plain, "mined": mined, "positives": dataclasses.replace(mined, mine_positives=True)}
+    positives = dataclasses.replace(mined, mine_positives=True, mine_positive_margin=args.positive_margin)
+    configs = {"plain": plain, "mined": mined, "positives": positives}
     names = variants(args.variants)
     unknown = sorted(set(names) - set(configs))
     if unknown:
         raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(configs)}")
     rows = [trained_and_scored(name, configs[name], root, args.out, truth) for name in names]
-    line = appended({"mining_fields": args.mining_fields, "rounds": args.rounds, "rows": rows})
+    line = appended({"mining_fields": args.mining_fields, "rounds": args.rounds, "positive_margin": args.positive_margin, "rows": rows})
     scored = rows[0]["froc"][0]["n_positives"] if rows and rows[0]["froc"] else "?"
     print(f"cpu: {line['cpu']}; 52 validation fields, {scored} parasites on the fields the quality gate passed; mining on {args.mining_fields} training fields")
     print("| model | epochs | val cell AUC | tile AUC | found at 0.5 / 1 / 2 / 4 / 8 false per field | cross-fitted at 1 false/field: found, false/field | train min |")
@@ -161,6 +178,7 @@ def main() -> None:
         cf = r["cross_fitted"] or {}
         print(f"| {r['name']} | {r['epochs']}{' + mining' if r['hard_negatives'] else ''} | {r['val_cell_auc']:.4f} | {r['tile_auc']:.4f} | {froc} | "
               f"{cf.get('found', 'n/a')}, {cf.get('false_per_field', float('nan')):.2f} | {r['train_minutes']} |")
+    print_margin_split(rows)
 
 
 if __name__ == "__main__":

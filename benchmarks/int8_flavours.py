@@ -39,7 +39,11 @@ the fp32 file, or a row saying why the backend refused it here. Columns:
   the positive class; multiclass: macro one-vs-rest) and its change vs fp32,
   on up to ``--val-crops`` crops of the run's validation split cut by the card's
   crop policy (each crop labelled with its image's class), run through that
-  engine as it runs here (fast kernels, not the exact arithmetic).
+  engine as it runs here (fast kernels, not the exact arithmetic); and for
+  each int8 file, the same on its exact int8 arithmetic (ONNX Runtime with graph
+  optimisations off, the same on every CPU): what a CPU whose self-test passes
+  for that file gives, within the self-test's tolerance (so an AVX2 machine
+  also measures the accuracy half of the VNNI target).
 
 Then ``edgedx.runtime.auto.choose`` (a fresh cache, batch = the largest batch)
 picks a file × engine; its row in the table (measured interleaved above) is
@@ -67,7 +71,7 @@ from ort_vs_torch import add_load_options, fmt_load, fmt_ratio
 
 from edgedx.card import ModelCard
 from edgedx.errors import EdgeDxError, PartialExportError
-from edgedx.export.int8 import INT8_FLAVOURS
+from edgedx.export.int8 import INT8_FLAVOURS, exact_probabilities
 from edgedx.export.pipeline import REPORT_NAME, ExportOptions, export_checkpoint
 from edgedx.export.samples import Samples, calibration_crops, split_samples
 from edgedx.runtime.auto import choose
@@ -224,6 +228,8 @@ def measure_quality(variants: list[Variant], crops: np.ndarray, labels: np.ndarr
         t0 = time.perf_counter()
         v.row["selftest"] = selftest_verdict(v)
         v.row["quality"] = quality(probabilities(v.session, crops, card), reference, labels, card)
+        if v.flavour != "fp32" and v.device == "cpu":  # the file's own arithmetic: what any CPU whose self-test passes gives
+            v.row["quality_exact"] = quality(exact_probabilities(v.file, card, crops), reference, labels, card)
         v.row["precision"] = v.session.precision
         v.row["providers"] = list(v.session.providers)
         q = v.row["quality"]
@@ -285,7 +291,7 @@ def short(reason: str) -> str:
 def table_line(v: Variant, batches: list[int], chosen: bool) -> str:
     label = f"{ENGINES[v.device]} | `{v.file.name}` ({v.flavour})"
     if v.session is None:
-        return f"| {label} | — | " + " | ".join("—" for _ in batches) + f" | — | {short(v.refused or '')} | — | — | — |"
+        return f"| {label} | — | " + " | ".join("—" for _ in batches) + f" | — | {short(v.refused or '')} | — | — | — | — |"
     r, big = v.row, f"b{batches[-1]}"
     speeds = " | ".join(f"{r[f'b{b}']['crops_per_s']:.0f}" for b in batches)
     test = r["selftest"]
@@ -294,8 +300,10 @@ def table_line(v: Variant, batches: list[int], chosen: bool) -> str:
         verdict += f" (exact Δ {test['exact_mean_delta']:.3f})"
     q = r["quality"]
     auc_text = "—" if q["auc"] is None else f"{q['auc']:.4f} ({q['auc_delta']:+.4f})"
+    exact = r.get("quality_exact")
+    exact_text = "—" if exact is None else f"{exact['top1_agreement']:.4f} / " + fmt_num(exact["auc_delta"], "+.4f")
     return (f"| {label}{' ← auto' if chosen else ''} | {r['precision']} | {speeds} | {fmt_ratio(r[big]['vs_ort_fp32'])} | {verdict} | "
-            f"{q['top1_agreement']:.4f} | {q['decision_agreement']:.4f} | {auc_text} |")
+            f"{q['top1_agreement']:.4f} | {q['decision_agreement']:.4f} | {auc_text} | {exact_text} |")
 
 
 def print_table(dataset: str, card: ModelCard, n_crops: int, variants: list[Variant], auto: dict[str, Any] | None, batches: list[int]) -> None:
@@ -303,8 +311,8 @@ def print_table(dataset: str, card: ModelCard, n_crops: int, variants: list[Vari
     print(f"{cpu_line()}; ONNX Runtime {version('onnxruntime')}, OpenVINO {version('openvino')}\n")
     heads = " | ".join(f"b{b} crops/s" for b in batches)
     print(f"| engine | file (flavour) | runs as | {heads} | × ORT fp32 (b{batches[-1]}, min–max) | self-test here | "
-          "top-1 agr. vs fp32 | decision agr. | AUC (Δ vs fp32) |")
-    print("|---|---|---|" + "---|" * len(batches) + "---|---|---|---|---|")
+          "top-1 agr. vs fp32 | decision agr. | AUC (Δ vs fp32) | the file's exact int8 arithmetic: top-1 agr. / AUC Δ |")
+    print("|---|---|---|" + "---|" * len(batches) + "---|---|---|---|---|---|")
     for v in variants:
         print(table_line(v, batches, auto is not None and v.file.name == auto["file"] and v.device == auto["device"]))
     loads = [v.row[f"b{b}"]["other_load_max"] for v in variants if v.session is not None for b in batches]

@@ -171,6 +171,7 @@ def train(
     hard_negative_epochs: Annotated[int, typer.Option(help="Epochs of further training after each mining round.")] = 2,
     hard_negative_max: Annotated[Optional[int], typer.Option(help="Crops added per round (default: as many as the training split has positive-class images).")] = None,
     mine_positives: Annotated[bool, typer.Option("--mine-positives", help="With --hard-negative-annotations: also add the tiles centred on annotated positives as the positive class (the target as the sliding crops cut it).")] = False,
+    mine_positive_margin: Annotated[float, typer.Option(help="With --mine-positives: how far inside a tile (fraction of its side, from every edge) a positive centre must lie; 0 takes every tile holding it, as field localisation scores tiles.")] = 0.125,
 ) -> None:
     """Fine-tune a classifier on labelled images; writes RUN_DIR/model.pt with its model card."""
     _must_exist(data, "training data", "an ImageFolder, a CSV manifest or a .npz")  # before torch loads (seconds)
@@ -190,7 +191,7 @@ def train(
         hard_negatives=str(hard_negatives) if hard_negatives else None,
         hard_negative_annotations=str(hard_negative_annotations) if hard_negative_annotations else None,
         hard_negative_rounds=hard_negative_rounds, hard_negative_epochs=hard_negative_epochs, hard_negative_max=hard_negative_max,
-        mine_positives=mine_positives,
+        mine_positives=mine_positives, mine_positive_margin=mine_positive_margin,
     )
     # --nproc > 1: the launched processes log their epoch lines; a live bar here would draw over them
     with (progress_bar() if nproc == 1 else nullcontext(no_progress)) as progress:

@@ -77,13 +77,14 @@ def test_train_passes_hard_negative_options() -> None:
         result = runner.invoke(
             app,
             ["train", "data", "--out", "run", "--hard-negatives", "fields", "--hard-negative-annotations", "fields/annotations.json",
-             "--hard-negative-rounds", "3", "--hard-negative-epochs", "4", "--hard-negative-max", "50", "--mine-positives"],
+             "--hard-negative-rounds", "3", "--hard-negative-epochs", "4", "--hard-negative-max", "50", "--mine-positives",
+             "--mine-positive-margin", "0"],
         )
     assert result.exit_code == 0, result.output
     fake.assert_called_once_with(
         Path("data"), Path("run"),
         TrainConfig(hard_negatives="fields", hard_negative_annotations=str(Path("fields/annotations.json")), hard_negative_rounds=3,
-                    hard_negative_epochs=4, hard_negative_max=50, mine_positives=True),
+                    hard_negative_epochs=4, hard_negative_max=50, mine_positives=True, mine_positive_margin=0.0),
         nproc=1, folds=None, progress=mock.ANY,
     )
 

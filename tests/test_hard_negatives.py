@@ -100,6 +100,12 @@ def test_a_tile_is_centred_on_a_positive_only_when_the_centre_is_well_inside_it(
     chosen = centred_tiles(grid, inner)
     assert chosen.sum() == 4 and set(zip(xs[chosen].tolist(), ys[chosen].tolist())) == {(0, 0), (32, 0), (0, 32), (32, 32)}
     assert not centred_tiles(grid, edge).any() and not centred_tiles(grid, None).any()
+    # margin 0: every tile holding the centre (the tile-level truth field localisation scores); a quarter: the middle only
+    assert centred_tiles(grid, inner, 0.0).sum() == 4
+    anywhere = centred_tiles(grid, edge, 0.0)
+    assert anywhere.sum() == 1 and (xs[anywhere][0], ys[anywhere][0]) == (0, 0)
+    middle = centred_tiles(grid, inner, 0.25)  # 50 lies 16 px inside only the tile starting at 32 (32 + 16 ≤ 50 < 96 - 16)
+    assert middle.sum() == 1 and (xs[middle][0], ys[middle][0]) == (32, 32)
 
 
 def light_fields(root: Path, n: int = 3) -> Path:
@@ -149,7 +155,7 @@ def test_centred_positives_join_the_training_split_as_the_positive_class(tmp_pat
     train(data, tmp_path / "run", config)
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())["hard_negatives"]
     first = record["rounds"][0]
-    assert record["mine_positives"] and first["n_positive_mined"] == len(first["positive_crops"]) >= 2
+    assert record["mine_positives"] and record["mine_positive_margin"] == 0.125 and first["n_positive_mined"] == len(first["positive_crops"]) >= 2
     assert all(c.split(":")[0] in ("field0.png", "field1.png") for c in first["positive_crops"])
     assert not set(first["positive_crops"]) & set(first["crops"])  # a tile centred on a positive is never a mined negative
     assert record["n_train_after"] == record["n_train_before"] + first["n_mined"] + first["n_positive_mined"]
@@ -222,3 +228,6 @@ def test_config_refuses_mining_that_cannot_work(tmp_path: Path) -> None:
         TrainConfig(mine_positives=True).validate()
     with pytest.raises(InputError, match="--mine-positives .* needs --hard-negative-annotations"):
         TrainConfig(hard_negatives=str(tmp_path), mine_positives=True).validate()
+    for margin in (-0.1, 0.5):
+        with pytest.raises(InputError, match=f"--mine-positive-margin must be at least 0 and below 0.5 .* got {margin}"):
+            TrainConfig(hard_negatives=str(tmp_path), mine_positive_margin=margin).validate()

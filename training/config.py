@@ -83,6 +83,10 @@ class TrainConfig:
     # with annotations: also the tiles centred on an annotated positive, added as the positive class (the target as the
     # deployed sliding crops cut it, which crops of single objects never show)
     mine_positives: bool = False
+    # how far inside a tile (a fraction of its side, from every edge) an annotated positive centre must lie for the tile
+    # to be mined as a positive: 1/8 keeps tiles that show most of the object; 0 takes every tile holding the centre,
+    # the tile-level truth that field localisation is scored on (an object the grid cuts in half is then a positive too)
+    mine_positive_margin: float = 0.125
 
     def __post_init__(self) -> None:
         if self.image_dir is not None:  # recorded in the card: export reloads the images from any directory
@@ -148,6 +152,8 @@ class TrainConfig:
             (self.hard_negative_epochs >= 1, f"--hard-negative-epochs must be at least 1, got {self.hard_negative_epochs}"),
             (self.hard_negative_max is None or self.hard_negative_max >= 1,
              f"hard_negative_max must be at least 1 crop per round, got {self.hard_negative_max}; leave it unset for as many as the positives"),
+            (0.0 <= self.mine_positive_margin < 0.5,
+             f"--mine-positive-margin must be at least 0 and below 0.5 of the tile (a centre cannot lie further inside), got {self.mine_positive_margin}"),
             (not self.mine_positives or self.hard_negative_annotations is not None,
              "--mine-positives takes the tiles centred on annotated positives, so it needs --hard-negative-annotations A.json naming them"),
         ]

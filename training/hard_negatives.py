@@ -82,7 +82,7 @@ def class_indices(card: ModelCard) -> tuple[int, int]:
 def mine(
     model: nn.Module, card: ModelCard, fields: Sequence[Path], truth: FieldAnnotations | None, *,
     threshold: float, limit: int, batch_size: int, device: torch.device | str = "cpu", skip: Collection[str] = (),
-    positives: bool = False,
+    positives: bool = False, positive_margin: float = 0.125,
 ) -> MinedCrops:
     """The ``limit`` highest-scoring false-positive tiles of ``fields``, diagnosed with ``model`` as the engine.
 
@@ -92,8 +92,8 @@ def mine(
     annotated is skipped (it may hold positives); without, every field is taken
     to hold none. ``skip``: provenance strings already mined (earlier rounds).
     ``positives`` (needs ``truth``): also up to ``limit`` tiles centred on an
-    annotated positive (:func:`centred_tiles`), lowest score first, in
-    :attr:`MinedCrops.positives`.
+    annotated positive (:func:`centred_tiles` at ``positive_margin``), lowest
+    score first, in :attr:`MinedCrops.positives`.
     """
     if limit < 1:
         raise InputError(f"the number of crops to mine must be at least 1, got {limit}")
@@ -116,7 +116,7 @@ def mine(
         n_candidates += len(chosen)
         negatives.add(image, policy, result.sliding, path.name, chosen)
         if positives:
-            centred.add(image, policy, result.sliding, path.name, _centred(result.sliding, positive, field, path.name, skip))
+            centred.add(image, policy, result.sliding, path.name, _centred(result.sliding, positive, field, path.name, skip, positive_margin))
     found = negatives.crops(policy, n_fields, n_candidates)
     return replace(found, positives=centred.crops(policy, n_fields, centred.n_seen)) if positives else found
 
@@ -177,23 +177,29 @@ def _candidates(
     return sorted(found, key=lambda c: (-c[0], c[1]))
 
 
-def _centred(sliding: SlidingResult, positive: int, field: FieldTruth | None, name: str, skip: Collection[str]) -> list[tuple[float, int]]:
+def _centred(
+    sliding: SlidingResult, positive: int, field: FieldTruth | None, name: str, skip: Collection[str], margin: float,
+) -> list[tuple[float, int]]:
     """(score, grid index) of the tiles centred on an annotated positive (:func:`centred_tiles`), not mined before."""
     p = sliding.tile_probabilities[:, positive]
-    index = np.flatnonzero(centred_tiles(sliding.grid, field))
+    index = np.flatnonzero(centred_tiles(sliding.grid, field, margin))
     return [(float(p[i]), int(i)) for i in index if np.isfinite(p[i]) and _where(name, sliding.grid, int(i)) not in skip]
 
 
-def centred_tiles(grid: TileGrid, field: FieldTruth | None) -> np.ndarray:
-    """(n_tiles,) True where an annotated positive centre lies in the tile's middle: at least an eighth of the tile
-    from every edge, so the tile shows most of the object, never a sliver of it at the border. With the usual half-
-    tile stride each centre falls in one to four such tiles."""
+def centred_tiles(grid: TileGrid, field: FieldTruth | None, margin: float = 0.125) -> np.ndarray:
+    """(n_tiles,) True where an annotated positive centre lies at least ``margin`` of the tile from every edge.
+
+    The default, an eighth, keeps tiles that show most of the object, never a sliver of it at the border; with the
+    usual half-tile stride each centre then falls in one to four tiles. 0 takes every tile that holds the centre (four
+    at that stride): the tile-level truth that field localisation scores, where an object cut in half by the grid is
+    a positive tile too, so a model that never saw such tiles ranks them below clear negatives.
+    """
     ys, xs = grid.starts()
     centred = np.zeros(grid.n_tiles, bool)
     if field is None:
         return centred
     (th, tw), (fy, fx) = grid.tile, grid.factors
-    my, mx = th / 8, tw / 8
+    my, mx = th * margin, tw * margin
     for cx, cy in field.positives:
         x, y = cx * fx, cy * fy
         centred |= (xs + mx <= x) & (x < xs + tw - mx) & (ys + my <= y) & (y < ys + th - my)
@@ -277,7 +283,7 @@ def run_rounds(f: Fitting, state: RunState) -> tuple[Fitting, RunState, dict[str
     for r in range(1, config.hard_negative_rounds + 1):
         mined, record, start, saved = _round_tiles(f, state, r, lambda: mine(
             f.model, f.card, fields, truth, threshold=MINING_THRESHOLD, limit=limit, batch_size=config.batch_size, device=ctx.device, skip=seen,
-            positives=config.mine_positives,
+            positives=config.mine_positives, positive_margin=config.mine_positive_margin,
         ))
         if not len(mined) and not mined.n_positive:
             rounds.append({**record, "val_after": record["val_before"], "epochs": []})
@@ -298,8 +304,10 @@ def run_rounds(f: Fitting, state: RunState) -> tuple[Fitting, RunState, dict[str
             rounds[-1]["positive_crops"] = list(mined.positives.provenance)
         if ctx.is_main:
             log.info("%s", round_line(rounds[-1], len(state.history) - first))
+    margin = config.mine_positive_margin if config.mine_positives else None
     return f, state, {"folder": str(config.hard_negatives), "annotations": config.hard_negative_annotations, "n_fields": len(fields),
-                      "limit": limit, "mine_positives": config.mine_positives, "n_train_before": n_train, "n_train_after": len(f.data.train_idx), "rounds": rounds}
+                      "limit": limit, "mine_positives": config.mine_positives, "mine_positive_margin": margin,
+                      "n_train_before": n_train, "n_train_after": len(f.data.train_idx), "rounds": rounds}
 
 
 def _round_tiles(f: Fitting, state: RunState, r: int, mine_now: Callable[[], MinedCrops]) -> tuple[MinedCrops, dict[str, Any], int, bool]:

@@ -137,7 +137,7 @@ def export_facts(export: Path) -> tuple[Path, str, dict[str, str]]:
         for a in report.get("artefacts", []) if a.get("quarantined_as")
     }
     checkpoint = Path(report["checkpoint"])
-    return checkpoint, checkpoint.stem.split(".")[0], refused
+    return checkpoint, checkpoint.stem, refused  # model.pt → model.onnx; --qat-epochs: model.qat.pt → model.qat.onnx
 
 
 def variants_of(export: Path, stem: str, refused_at_export: dict[str, str]) -> list[Variant]:

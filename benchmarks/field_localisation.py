@@ -83,17 +83,24 @@ def load_boxes(root: Path) -> dict[str, list[tuple[str, float, float, float, flo
     return out
 
 
-def tile_labels(positions: np.ndarray, tile: tuple[int, int], scale: float, boxes: list) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
+def tile_labels(
+    positions: np.ndarray, tile: tuple[int, int], scale: float, boxes: list,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray], np.ndarray]:
     """Per tile: contains a parasite centre; contains a 'difficult' centre; overlaps any parasite-like box.
 
-    Also returns, per parasite, the mask of tiles holding its centre. Box centres
-    and extents are mapped into scaled coordinates with ``scale``.
+    Also returns, per parasite, the mask of tiles holding its centre, and per
+    tile how far inside it the deepest parasite centre it holds lies, as a
+    fraction of the tile side (0.5 is the middle; -1: none). Why the last: a
+    parasite the grid cuts in half makes a positive tile that shows half of it,
+    and the tile AUC's loss is split by this margin (:func:`auc_loss_by_margin`).
+    Box centres and extents are mapped into scaled coordinates with ``scale``.
     """
     th, tw = tile
     ys, xs = positions[:, 0], positions[:, 1]
     positive = np.zeros(len(positions), bool)
     difficult = np.zeros(len(positions), bool)
     touched = np.zeros(len(positions), bool)
+    margin = np.full(len(positions), -1.0)
     per_parasite = []
     for kind, x, y, w, h in boxes:
         cx, cy = (x + w / 2) * scale, (y + h / 2) * scale
@@ -105,31 +112,16 @@ def tile_labels(positions: np.ndarray, tile: tuple[int, int], scale: float, boxe
         else:
             positive |= inside
             per_parasite.append(inside)
-    return positive, difficult, touched, per_parasite
-
-
-def centre_margins(positions: np.ndarray, tile: tuple[int, int], scale: float, boxes: list) -> np.ndarray:
-    """Per tile: how far inside it the deepest parasite centre it holds lies, as a fraction of the tile side (the
-    distance to the nearest edge; 0.5 is the middle), or -1 for a tile holding none. Why: a parasite the grid cuts in
-    half makes a positive tile that shows half of it, and the tile AUC's loss is split by this margin below."""
-    th, tw = tile
-    ys, xs = positions[:, 0], positions[:, 1]
-    margin = np.full(len(positions), -1.0)
-    for kind, x, y, w, h in boxes:
-        if kind == DIFFICULT:
-            continue
-        cx, cy = (x + w / 2) * scale, (y + h / 2) * scale
-        inside = (ys <= cy) & (cy < ys + th) & (xs <= cx) & (cx < xs + tw)
-        deep = np.minimum(np.minimum(cx - xs, xs + tw - cx) / tw, np.minimum(cy - ys, ys + th - cy) / th)
-        margin = np.where(inside & (deep > margin), deep, margin)
-    return margin
+            deep = np.minimum(np.minimum(cx - xs, xs + tw - cx) / tw, np.minimum(cy - ys, ys + th - cy) / th)
+            margin = np.where(inside & (deep > margin), deep, margin)
+    return positive, difficult, touched, per_parasite, margin
 
 
 MARGIN_BINS = ((0.0, 1 / 16), (1 / 16, 1 / 8), (1 / 8, 1 / 4), (1 / 4, 0.51))
 
 
 def auc_loss_by_margin(p: np.ndarray, y: np.ndarray, margin: np.ndarray) -> list[dict[str, Any]]:
-    """1 − tile AUC split over the positive tiles by :func:`centre_margins` bin: each positive's share of negatives
+    """1 − tile AUC split over the positive tiles by the margin bin of :func:`tile_labels`: each positive's share of negatives
     scoring above it (ties half), summed per bin and divided by all positives, so the bins' losses add up to 1 − AUC."""
     negatives = np.sort(p[~y])
     if not y.any() or not len(negatives):
@@ -165,7 +157,7 @@ def run_pass(model: Any, fields: list[str], images: Path, boxes: dict, crop: dic
         s = result.sliding
         positions = np.asarray(s.grid.positions(), dtype=np.float64)
         scale = float(np.sqrt(np.prod(s.grid.factors)))
-        positive, difficult, touched, per_parasite = tile_labels(positions, s.grid.tile, scale, boxes.get(name, []))
+        positive, difficult, touched, per_parasite, margin = tile_labels(positions, s.grid.tile, scale, boxes.get(name, []))
         used = np.ones(s.n_tiles, bool) if s.used is None else s.used.copy()
         per_field.append({
             "name": name,
@@ -175,7 +167,7 @@ def run_pass(model: Any, fields: list[str], images: Path, boxes: dict, crop: dic
             "positive": positive,
             "difficult": difficult,
             "touched": touched,
-            "margin": centre_margins(positions, s.grid.tile, scale, boxes.get(name, [])),
+            "margin": margin,
             "per_parasite": per_parasite,
             "n_parasites": len(per_parasite),
             "card_score": float(s.probabilities[pos]),

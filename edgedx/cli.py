@@ -171,7 +171,7 @@ def train(
     hard_negative_epochs: Annotated[int, typer.Option(help="Epochs of further training after each mining round.")] = 2,
     hard_negative_max: Annotated[Optional[int], typer.Option(help="Crops added per round (default: as many as the training split has positive-class images).")] = None,
     mine_positives: Annotated[bool, typer.Option("--mine-positives", help="With --hard-negative-annotations: also add the tiles centred on annotated positives as the positive class (the target as the sliding crops cut it).")] = False,
-    mine_positive_margin: Annotated[float, typer.Option(help="With --mine-positives: how far inside a tile (fraction of its side, from every edge) a positive centre must lie; 0 takes every tile holding it, as field localisation scores tiles.")] = 0.125,
+    mine_positive_margin: Annotated[float, typer.Option(help="With --mine-positives: how far inside a tile (fraction of its side, from every edge) a positive centre must lie; 0 takes every tile holding it (on malaria 0 made the model call any cut cell a parasite).")] = 0.125,
 ) -> None:
     """Fine-tune a classifier on labelled images; writes RUN_DIR/model.pt with its model card."""
     _must_exist(data, "training data", "an ImageFolder, a CSV manifest or a .npz")  # before torch loads (seconds)

@@ -9,10 +9,10 @@ keeps only those whose self-test vectors pass on this machine, times each
 briefly at the run's batch size, and picks the fastest. Candidates within 5%
 of the fastest count as equally fast (brief timings of near-equal paths swap
 order from run to run: two int8 files at 2509/2171 crops/s in one choice were
-2430/2634 in a longer benchmark); among those it takes the one whose engine
-reproduces the file's own reference most closely (the self-test's mean |Δp|
-from an int8 file's exact arithmetic, else its max |Δp|), so noise never
-trades a faithful path for a straying one. The choice is cached
+2430/2634 in a longer benchmark); among those it takes the one whose answers on the self-test vectors sit
+closest to the fp32 model the card's metrics describe (mean |Δp|, one measure
+for fp32, fp16 and int8 files), so noise never trades a faithful path for a
+straying one. The choice is cached
 per machine (CPU, versions, the files' sha256) in ``~/.cache/edgedx`` and logged
 as a step line with the runner-up, so a clinic engineer sees what runs.
 """
@@ -52,8 +52,8 @@ class Candidate:
     device: str
     images_per_s: float | None  # crops/s through the engine, model only; None: not timed (refused)
     refused: str | None = None
-    # how far this engine strays from the file's own reference in its self-test: int8, the mean |Δp| from the file's
-    # exact arithmetic; other precisions, the max |Δp|. None: not measured (refused, or a cache written before)
+    # the self-test's mean |Δp| from the fp32 reference (SelfTestReport.mean_prob_delta); None: not measured (refused,
+    # or a cache written before it was recorded)
     selftest_delta: float | None = None
 
 
@@ -70,7 +70,7 @@ class AutoChoice:
         others = [c for c in timed if c is not best]
         runner = f"; next {others[0].file} on {others[0].device} {others[0].images_per_s:.0f} crops/s" if others else ""
         if others and (others[0].images_per_s or 0) > (best.images_per_s or 0):
-            runner += (f" (as fast within {1 - SPEED_TIE:.0%}; this one reproduces its export more closely: self-test |Δp| "
+            runner += (f" (as fast within {1 - SPEED_TIE:.0%}; this one is closer to the fp32 model: self-test mean |Δp| "
                        f"{_delta_text(best)} against {_delta_text(others[0])})")
         refused = [c for c in self.candidates if c.refused]
         skipped = f"; {len(refused)} refused (self-test or engine missing)" if refused else ""
@@ -86,7 +86,7 @@ def _delta_text(c: Candidate) -> str:
 
 def choose(path: Path, batch_size: int = 8, cache_dir: Path | None = None) -> AutoChoice:
     """The fastest (file, device) among the verified candidates for ``path`` (a model file or its export folder); among
-    those within 5% of the fastest, the one whose self-test strayed least (see the module docstring)."""
+    those within 5% of the fastest, the one closest to the fp32 model in its self-test (see the module docstring)."""
     files = _candidate_files(path)
     key = _cache_key(files, batch_size)
     cache = (cache_dir or Path(os.environ.get("EDGEDX_CACHE", Path.home() / ".cache" / "edgedx"))) / "auto.json"
@@ -174,8 +174,8 @@ def _measure_all(files: list[Path], devices: list[str], batch_size: int) -> tupl
 
 
 def _open_verified(path: Path, device: str, batch_size: int) -> tuple[Any, np.ndarray, float] | str:
-    """An open session whose self-test passed here, a warmed-up input batch and how far the engine strayed from the
-    file's reference (:attr:`Candidate.selftest_delta`), or why the pair is refused."""
+    """An open session whose self-test passed here, a warmed-up input batch and its answers' mean distance from the
+    fp32 reference (:attr:`Candidate.selftest_delta`), or why the pair is refused."""
     try:
         session = open_session(path, device)
     except EdgeDxError as exc:
@@ -190,7 +190,7 @@ def _open_verified(path: Path, device: str, batch_size: int) -> tuple[Any, np.nd
     crops = np.random.default_rng(0).integers(0, 256, (batch_size, *session.card.input_size, 3), dtype=np.uint8)
     x = model_input(crops, session.card)
     session.run(x)  # warm-up
-    return session, x, report.max_prob_delta if report.exact_mean_delta is None else report.exact_mean_delta
+    return session, x, report.mean_prob_delta
 
 
 def _crops_per_second(session: Any, x: np.ndarray, seconds: float) -> float:

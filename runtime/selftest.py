@@ -148,6 +148,9 @@ class SelfTestReport:
     source: str
     exact_mean_delta: float | None = None  # int8: mean |Δp| from the file's exact int8 arithmetic
     about: str = ""
+    # mean |Δp| from the fp32 reference, for every precision: how far this engine's answers sit from the model whose
+    # metrics the card states (one measure across fp32, fp16 and int8 files, so paths can be ranked by it)
+    mean_prob_delta: float | None = None
 
     def summary(self) -> str:
         verdict = "passed" if self.passed else "FAILED"
@@ -182,6 +185,7 @@ def run_selftest(session: Any, vectors: SelfTestVectors) -> SelfTestReport:
     ])
     ref = vectors.reference.astype(np.float64)
     delta = float(np.max(np.abs(got - ref))) if len(ref) else 0.0
+    mean_delta = float(np.mean(np.abs(got - ref))) if len(ref) else 0.0
     agree_with = ref if vectors.exact is None else vectors.exact.astype(np.float64)  # int8: the file's own arithmetic
     top1 = float(np.mean(np.argmax(got, axis=1) == np.argmax(agree_with, axis=1))) if len(ref) else 1.0
     decisions = float(np.mean([decide(a, card) == decide(b, card) for a, b in zip(got, agree_with)])) if len(ref) else 1.0
@@ -192,7 +196,8 @@ def run_selftest(session: Any, vectors: SelfTestVectors) -> SelfTestReport:
         exact = float(np.mean(np.abs(got - agree_with)))
         passed = passed and (tol.max_mean_exact_delta is None or exact <= tol.max_mean_exact_delta)
     return SelfTestReport(
-        len(ref), delta, top1, decisions, passed, vectors.precision, tol, tuple(session.providers), vectors.source, exact, vectors.about
+        len(ref), delta, top1, decisions, passed, vectors.precision, tol, tuple(session.providers), vectors.source, exact, vectors.about,
+        mean_delta,
     )
 
 

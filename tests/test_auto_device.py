@@ -60,7 +60,7 @@ def test_among_paths_equally_fast_within_the_timing_noise_the_most_faithful_is_c
     assert (choice.path, choice.device) == (files[2], "cpu")  # 0.97× the fastest, and it strays 100× less
     text = choice.describe()
     assert text.startswith("--device auto chose model.int8-avx2.onnx on cpu: 2430 crops/s")
-    assert "next model.int8.onnx on cpu 2509 crops/s (as fast within 5%" in text and "0.0004 against 0.038" in text
+    assert "next model.int8.onnx on cpu 2509 crops/s (as fast within 5%" in text and "mean |Δp| 0.0004 against 0.038" in text
     # outside the band speed wins, however faithful the slower path; unknown deltas (an older cache) rank last
     slower = candidates[:2] + (Candidate("model.int8-avx2.onnx", "cpu", 2171.0, None, 0.0),)
     assert _pick(files[0], files, slower, cached=True).path == files[1]

@@ -231,3 +231,8 @@ def test_config_refuses_mining_that_cannot_work(tmp_path: Path) -> None:
     for margin in (-0.1, 0.5):
         with pytest.raises(InputError, match=f"--mine-positive-margin must be at least 0 and below 0.5 .* got {margin}"):
             TrainConfig(hard_negatives=str(tmp_path), mine_positive_margin=margin).validate()
+    # a margin without --mine-positives would change nothing: said, not ignored
+    with pytest.raises(InputError, match="--mine-positive-margin is given without --hard-negatives and --mine-positives"):
+        TrainConfig(mine_positive_margin=0.0).validate()
+    with pytest.raises(InputError, match="--mine-positive-margin chooses which tiles --mine-positives takes"):
+        TrainConfig(hard_negatives=str(tmp_path), mine_positive_margin=0.0).validate()

@@ -64,6 +64,7 @@ def test_an_engine_that_rounds_differently_fails_and_says_by_how_much() -> None:
     shifted = vectors(reference_shift=0.01)  # the export machine saw p 0.01 higher than this one computes
     report = run_selftest(RedSession(), shifted)
     assert not report.passed and report.max_prob_delta == pytest.approx(0.01, abs=2e-3)
+    assert report.mean_prob_delta <= report.max_prob_delta and report.mean_prob_delta == pytest.approx(0.01, abs=2e-3)  # every p shifted alike
     assert report.top1_agreement == 1.0  # decisions agree, but |Δp| exceeds fp32's 1e-3
     assert run_selftest(RedSession(), vectors(0.01, Tolerances(0.05, 0.98))).passed  # within fp16's tolerances
     with pytest.raises(ModelError, match=r"does not reproduce its export on this machine: self-test FAILED on 6 vectors"):

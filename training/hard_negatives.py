@@ -43,6 +43,7 @@ from edgedx.runtime.io.image_io import is_image_path, read_image
 from edgedx.runtime.model import Model
 from edgedx.runtime.tiling import ImageCrops, ResampledImage, SlidingResult, TileGrid
 from edgedx.training.build import build_optimizer
+from edgedx.training.config import MINE_POSITIVE_MARGIN
 from edgedx.training.data import with_training_items
 from edgedx.training.loop import Fitting, fit
 from edgedx.training.mining_store import MinedCrops, load_round, round_file, save_round
@@ -82,7 +83,7 @@ def class_indices(card: ModelCard) -> tuple[int, int]:
 def mine(
     model: nn.Module, card: ModelCard, fields: Sequence[Path], truth: FieldAnnotations | None, *,
     threshold: float, limit: int, batch_size: int, device: torch.device | str = "cpu", skip: Collection[str] = (),
-    positives: bool = False, positive_margin: float = 0.125,
+    positives: bool = False, positive_margin: float = MINE_POSITIVE_MARGIN,
 ) -> MinedCrops:
     """The ``limit`` highest-scoring false-positive tiles of ``fields``, diagnosed with ``model`` as the engine.
 
@@ -186,13 +187,13 @@ def _centred(
     return [(float(p[i]), int(i)) for i in index if np.isfinite(p[i]) and _where(name, sliding.grid, int(i)) not in skip]
 
 
-def centred_tiles(grid: TileGrid, field: FieldTruth | None, margin: float = 0.125) -> np.ndarray:
+def centred_tiles(grid: TileGrid, field: FieldTruth | None, margin: float = MINE_POSITIVE_MARGIN) -> np.ndarray:
     """(n_tiles,) True where an annotated positive centre lies at least ``margin`` of the tile from every edge.
 
     The default, an eighth, keeps tiles that show most of the object, never a sliver of it at the border; with the
     usual half-tile stride each centre then falls in one to four tiles. 0 takes every tile that holds the centre (four
     at that stride): the tile-level truth that field localisation scores, where an object cut in half by the grid is
-    a positive tile too, so a model that never saw such tiles ranks them below clear negatives.
+    a positive tile too. On malaria that taught the model that any cut cell is a parasite (see the config's note).
     """
     ys, xs = grid.starts()
     centred = np.zeros(grid.n_tiles, bool)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata as md
+import json
 import os
 import platform
 import statistics
@@ -51,6 +52,15 @@ def cpu_line() -> str:
     """The CPU model and its flags in one line, printed beside every table."""
     flags = cpu_flags()
     return f"{cpu_model()}, {os.cpu_count()} cores; " + " ".join(f"{name} {'yes' if on else 'no'}" for name, on in flags.items())
+
+
+def append_result(name: str, line: dict) -> Path:
+    """Append one JSON line to ``benchmarks/results/<name>.jsonl`` (the folder is made when missing); its path."""
+    path = ROOT / "benchmarks" / "results" / f"{name}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(line, allow_nan=False) + "\n")
+    return path
 
 
 def git_rev() -> str:

@@ -171,6 +171,7 @@ def run_pass(model: Any, fields: list[str], images: Path, boxes: dict, crop: dic
             "per_parasite": per_parasite,
             "n_parasites": len(per_parasite),
             "card_score": float(s.probabilities[pos]),
+            "grid_shape": s.grid.shape,
             "foreground": s.foreground.copy() if s.foreground is not None and crop.get("min_foreground", 0) > 0 else None,  # all ones when not filtering
             "fallback": bool(s.foreground_fallback),
         })
@@ -244,7 +245,7 @@ def score_pass(run: dict[str, Any], policy: Any, card: Any) -> dict[str, Any]:
         scores = np.array([
             aggregate(f["probs"][f["used"]], pol, activation=card.output_activation, positive_index=pos)[pos] for f in fields
         ])
-        if how == policy.aggregation:  # the runtime's own merge must agree with the re-aggregation
+        if how == policy.aggregation and all(f["card_score"] is not None for f in fields):  # the runtime's own merge must agree
             assert np.allclose(scores, [f["card_score"] for f in fields], atol=1e-5), "aggregate() disagrees with diagnose"
         sens, spec = sens_spec(y_field, scores, threshold)
         per_agg[how] = {

@@ -22,7 +22,6 @@ Appends one JSON line to benchmarks/results/field_operating_points.jsonl.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -30,14 +29,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from _env import cpu_line, cpu_model, git_rev
+from _env import append_result, cpu_line, cpu_model, git_rev
 from field_counting import MODELS
 from field_localisation import data_root, validation_fields
 
 from edgedx.export.fit_fields import FitFieldsOptions, fit_fields
 from edgedx.runtime.io.field_annotations import read_field_annotations
 
-RESULTS = Path(__file__).parent / "results"
 
 
 def fmt(x: Any, digits: int = 3) -> str:
@@ -121,9 +119,7 @@ def main() -> None:
     }
     print_tables(result)
     if not args.no_save:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        with (RESULTS / "field_operating_points.jsonl").open("a", encoding="utf-8") as f:
-            f.write(json.dumps(result, allow_nan=False) + "\n")
+        append_result("field_operating_points", result)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,9 @@ RECIPES: dict[str, dict] = {
         # real_data/recipe.py: hard negatives and centred positives mined from the TRAINING fields (never a validation
         # field), chosen by hard_negatives_malaria.py on the validation fields' FROC (benchmarks/README.md)
         "field_mining": {"fields": 241, "rounds": 3, "epochs": 2, "positives": True},
+        # real_data/recipe.py's fit-fields step: each crop blended 0.45 with its brightest grid neighbour, the weight
+        # neighbour_context.py chose on 60 TRAINING fields (tile AUC, without losing detections there)
+        "neighbour_context": 0.45,
         "published": "P. falciparum, patient split (Rajaraman 2018): acc 0.959, sens 0.947, spec 0.972, AUC 0.991 — other data",
     },
     "isic_mel_nv": {

@@ -26,10 +26,14 @@ from typing import Any, Literal, Union
 
 from edgedx.errors import CardError
 
-SCHEMA_VERSION = 6  # 2: crop padding modes, aggregations, top_k, centre weighting, foreground filter; 3: crop modes;
+SCHEMA_VERSION = 7  # 2: crop padding modes, aggregations, top_k, centre weighting, foreground filter; 3: crop modes;
 # 4: calibration, abstention, image-quality limits, physical scale, lineage; 5: test-time augmentation, fold ensembles,
-# where the threshold came from and how sure it is; 6: detection (counting the positive class on a field)
+# where the threshold came from and how sure it is; 6: detection (counting the positive class on a field);
+# 7: neighbour context (a crop's positive probability blended with its grid neighbours')
 ONNX_METADATA_KEY = "edgedx.card"
+# crop.neighbour_context stays below this: two neighbouring crops a > b blend to (1 − w)·a + w·b and (1 − w)·b + w·a,
+# which swap order once w > 0.5 (tie at 0.5), so the detection (a local maximum) would leave the object's best crop
+MAX_NEIGHBOUR_CONTEXT = 0.5
 SIDECAR_SUFFIX = ".card.json"
 
 Task = Literal["binary", "multiclass", "multilabel"]
@@ -116,7 +120,10 @@ class CropPolicy:
     empty glass, not black border) is below it; ``min_content`` refuses an
     image whose crops are mostly padding (a 1×1 PNG, a field shrunk by a
     mistyped scale), which would otherwise get a confident answer from nothing; ``centre_weighting`` shapes how
-    overlapping crops are blended into the per-pixel heat map.
+    overlapping crops are blended into the per-pixel heat map. ``neighbour_context`` (binary models; 0: off)
+    blends each crop's positive-class probability with the highest of its eight grid neighbours' before
+    anything reads the crops (the merge, detections, the heat map): an object cut at a crop's edge is seen
+    whole by a neighbour, and a lone bright crop is more often clutter (see ``edgedx.runtime.neighbours``).
     """
 
     tile_size: tuple[int, int]
@@ -132,6 +139,7 @@ class CropPolicy:
     shorter_side: int | None = None
     min_content: float = 0.05
     tta: tuple[str, ...] = ()  # test-time views (TTA_VIEWS) whose logits are averaged with the crop's own: see runtime/tta.py
+    neighbour_context: float = 0.0  # weight of the brightest grid neighbour in a crop's positive probability; 0: off
 
     def __post_init__(self) -> None:
         for name in ("tile_size", "stride"):
@@ -166,6 +174,11 @@ class CropPolicy:
             raise CardError(f"model card field 'crop.shorter_side' is only used with crop.mode 'shorter_side' (mode is {self.mode!r}); set it to null")
         if self.mode != "scale" and self.scale != 1.0:
             raise CardError(f"model card field 'crop.scale' is only used with crop.mode 'scale' (mode is {self.mode!r}); set it to 1")
+        if not (0.0 <= self.neighbour_context < MAX_NEIGHBOUR_CONTEXT):
+            raise CardError(
+                f"model card field 'crop.neighbour_context' must be within [0, {MAX_NEIGHBOUR_CONTEXT:g}) (0: off), got {self.neighbour_context}: "
+                "from 0.5 on, a crop beside an object's best crop outranks it and detections move off the object"
+            )
         self._check_tta()
 
     def _check_tta(self) -> None:
@@ -184,6 +197,8 @@ class CropPolicy:
     def describe(self) -> str:
         """The resampling rule in words, for summaries and errors."""
         views = f"; test-time views: {', '.join(self.tta)}" if self.tta else ""
+        if self.neighbour_context:
+            views += f"; each crop blended {self.neighbour_context:g} with its brightest neighbour"
         if self.mode == "fit":
             return f"fit: whole image resized to {self.tile_size[0]}×{self.tile_size[1]}{views}"
         stride = f"{self.tile_size[0]}×{self.tile_size[1]} crops every {self.stride[0]}×{self.stride[1]} px"
@@ -420,6 +435,11 @@ class ModelCard:
         n_temperatures = len(self.calibration.temperature)
         if self.calibration.method == "temperature" and n_temperatures not in (1, len(names) if self.task == "multilabel" else 1):
             raise CardError(f"model card field 'calibration.temperature' has {n_temperatures} values for a {self.task} model with {len(names)} classes")
+        if self.crop.neighbour_context and (self.task != "binary" or self.positive_index is None):
+            raise CardError(
+                f"model card field 'crop.neighbour_context' ({self.crop.neighbour_context:g}) blends a binary model's positive-class "
+                f"crop probabilities; this is a {self.task} model: set it to 0"
+            )
         if self.detection.enabled and self.positive_index is None:
             raise CardError("model card field 'detection.enabled' needs a positive_class: detections count one class; name it")
         if self.schema_version != SCHEMA_VERSION:
@@ -532,6 +552,8 @@ _ADDED_IN = {
     },
     # before 6 no card detected, counted or decided per field
     6: {"": {"detection": _DETECTION_OFF}},
+    # before 7 no crop was blended with its neighbours
+    7: {"crop": {"neighbour_context": 0.0}},
 }
 
 

@@ -951,6 +951,7 @@ def fit_fields_command(
     slide_k: Annotated[int, typer.Option(help="Positive fields a slide needs, where the slide rule cannot be fitted (the fields do not form both positive and negative slides).")] = 1,
     slides: Annotated[Optional[Path], typer.Option(help="CSV with columns path,slide_id grouping the fields into slides (default: each field's folder); with positive and negative slides the slide rule is fitted.")] = None,
     name: Annotated[Optional[str], typer.Option(help="The new file's name, ending in .onnx.")] = None,
+    neighbour_context: Annotated[Optional[float], typer.Option(help="Blend each crop's positive probability with its brightest grid neighbour's by this weight (0 to below 0.5), in the new card, before fitting (0: off; default: the card's). Choose it on other fields than these (benchmarks/neighbour_context.py chose it on IML training fields).")] = None,
     device: Device = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of the 2-fold cross-fit's split.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file of the same name.")] = False,
@@ -962,7 +963,7 @@ def fit_fields_command(
 
     options = FitFieldsOptions(
         fp_per_field=fp_per_field, count_cells=count_cells, field_rule=field_rule, slide_k=slide_k, name=name, device=device, seed=seed,
-        overwrite=overwrite,
+        overwrite=overwrite, neighbour_context=neighbour_context,
     )
     with progress_bar() as progress:
         report = fit_fields(model, fields, annotations, out, options, progress=progress, slides=slides)
@@ -978,6 +979,9 @@ def _print_field_fit(report: Any) -> None:
               if slides.get("fitted") else "not fitted")
     console.print(f"chosen on {report.counts['n_scored']} fields: tile threshold {d['tile_threshold']:.4g}, field rule {d['field_rule']} "
                   f"(k {d['field_k']}{threshold}), slide rule {d['slide_rule']} (k {d['slide_k']}, {fitted})")
+    blend = report.neighbour_context
+    console.print(f"crops: each blended {blend:g} with its brightest grid neighbour (crop.neighbour_context)" if blend
+                  else "crops: each crop's own probability (crop.neighbour_context 0)")
     if slides and not slides.get("fitted"):
         console.print(f"slides: {slides['why']}", style="yellow")
     console.print("fitted (chosen and read on the same fields: optimistic):", style="yellow")

@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 
 import edgedx
-from edgedx.card import Detection, ModelCard, now_iso
+from edgedx.card import MAX_NEIGHBOUR_CONTEXT, Detection, ModelCard, now_iso
 from edgedx.errors import InputError
 from edgedx.export.recalibrate import output_width, verify_new, write_artefact
 from edgedx.progress import ProgressFn, no_progress
@@ -90,7 +90,11 @@ class FitFieldsOptions:
     (not both positive and negative slides);
     ``nms_iou`` None keeps the card's; ``positive_types``: the annotation types
     a detection should find; ``name``: the new file's name (default
-    ``<stem>.fields.onnx``).
+    ``<stem>.fields.onnx``); ``neighbour_context``: the weight of each crop's
+    brightest grid neighbour in its positive probability, written into the new
+    card's crop policy before anything is fitted, so the operating points are
+    chosen on the blended crops ``diagnose`` will read (None keeps the card's;
+    choose it on other fields than these: benchmarks/neighbour_context.py).
     """
 
     fp_per_field: float = 1.0
@@ -98,6 +102,7 @@ class FitFieldsOptions:
     field_rule: str = "auto"
     slide_k: int = 1
     nms_iou: float | None = None
+    neighbour_context: float | None = None
     positive_types: tuple[str, ...] = PARASITE_TYPES
     name: str | None = None
     device: str = "cpu"
@@ -114,6 +119,9 @@ class FitFieldsOptions:
             raise InputError(f"--slide-k must be a positive integer (positive fields a slide needs), got {self.slide_k!r}")
         if self.nms_iou is not None and not 0.0 < self.nms_iou <= 1.0:
             raise InputError(f"nms_iou must be within (0, 1], got {self.nms_iou}; 0.3 merges the crops of one object")
+        if self.neighbour_context is not None and not 0.0 <= self.neighbour_context < MAX_NEIGHBOUR_CONTEXT:
+            raise InputError(f"--neighbour-context must be within [0, {MAX_NEIGHBOUR_CONTEXT:g}) (0: off; from 0.5 on detections leave "
+                             f"the object's best crop), got {self.neighbour_context}")
         if self.batch_size < 1:
             raise InputError(f"batch size must be at least 1, got {self.batch_size}")
         if self.name is not None and (not self.name.endswith(".onnx") or any(c in self.name for c in "/\\")):
@@ -139,6 +147,7 @@ class FieldFitReport:
     seconds: float
     warnings: tuple[str, ...] = ()
     rule_choice: dict[str, Any] = dataclasses.field(default_factory=dict)  # each rule's best setting on all fields ("by_rule")
+    neighbour_context: float = 0.0  # the new card's crop.neighbour_context, under which everything above was fitted
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "warnings": list(self.warnings)}
@@ -176,6 +185,9 @@ def fit_fields(
     check_card(card, parent)
     nms = card.detection.nms_iou if options.nms_iou is None else options.nms_iou
     probe = Detection(enabled=True, nms_iou=nms, count_cells=options.count_cells)
+    if options.neighbour_context is not None:  # the crops diagnose will read with the new card
+        card = card.replace(crop=dataclasses.replace(card.crop, neighbour_context=options.neighbour_context))
+        model.crop = dataclasses.replace(model.crop, neighbour_context=options.neighbour_context)
     model.card = card.replace(detection=probe)  # every candidate and the cell count, through diagnose's own path
     seen = diagnose_fields(model, fields, truth, keep=TOP_P_KEPT, progress=progress)
     if len(seen.fields) < MIN_FIELDS:
@@ -187,15 +199,15 @@ def fit_fields(
     slide_fit = fit_slide_rule(seen, manifest, choice, options)
     detection = fitted_detection(probe, choice, fitted, crossed, seen, truth, options, slide_fit)
     new_card = card.replace(detection=detection, provenance=dataclasses.replace(
-        card.provenance, lineage=(*card.provenance.lineage, lineage_entry(parent, model.session.sha256, card, detection)),
+        card.provenance, lineage=(*card.provenance.lineage, lineage_entry(parent, model.session.sha256, card, detection, model.session.card.crop.neighbour_context)),
     ))
-    write_artefact(parent, target, new_card, card, output_width(model))
+    write_artefact(parent, target, new_card, model.session.card, output_width(model))
     selftest = verify_new(target, parent, options.device, what="field-fitted")
     report_path = Path(out) / REPORT_NAME
     report = FieldFitReport(
         str(parent), model.session.sha256, str(target), sha256_file(target), str(report_path), dataclasses.asdict(detection),
         fitted, crossed, curve.table(), curve.curve(), seen.counts(), selftest.to_dict(), round(time.perf_counter() - started, 2),
-        tuple(fit_warnings(seen, choice, crossed)), rule_choice=choice.note,
+        tuple(fit_warnings(seen, choice, crossed)), rule_choice=choice.note, neighbour_context=card.crop.neighbour_context,
     )
     atomic_write_bytes(report_path, (json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n").encode("utf-8"))
     log.info("fitted %s on %d fields → %s (tile threshold %.4g, %s)", parent.name, len(seen.fields), target, choice.tile_threshold, choice.rule)
@@ -312,14 +324,16 @@ def fitted_detection(
     )
 
 
-def lineage_entry(parent: Path, parent_sha256: str, card: ModelCard, detection: Detection) -> dict[str, Any]:
-    """The provenance step the new card appends: the parent by sha256, the detection before and after."""
+def lineage_entry(parent: Path, parent_sha256: str, card: ModelCard, detection: Detection, old_context: float) -> dict[str, Any]:
+    """The provenance step the new card appends: the parent by sha256, the detection and the crops' neighbour context
+    before and after (``card`` is the new crop policy's)."""
     before = dataclasses.asdict(card.detection)
     after = {k: v for k, v in dataclasses.asdict(detection).items() if k != "fitted_on"}
     return {
         "step": "fit-fields", "parent_sha256": parent_sha256, "parent_file": parent.name, "date": now_iso(),
         "edgedx_version": edgedx.__version__, "fields": {k: detection.fitted_on[k] for k in ("n_fields", "n_parasites", "data", "annotations")},
         "old": {k: v for k, v in before.items() if k != "fitted_on"}, "new": after,
+        "neighbour_context": {"old": old_context, "new": card.crop.neighbour_context},
     }
 
 

@@ -66,7 +66,7 @@ from edgedx.runtime.io.manifest import ManifestLayout
 from edgedx.runtime.model import Model, load_model, resolve_model_path
 from edgedx.runtime.preprocess import model_input, to_probabilities
 from edgedx.runtime.selftest import SELFTEST_KEY, SelfTestReport, SelfTestVectors, verify_artefact
-from edgedx.runtime.fitting import crop_dispersions, merged_probabilities, with_temperature
+from edgedx.runtime.fitting import crop_dispersions, merged_probabilities, refuse_blended, with_temperature
 from edgedx.runtime.trust import (
     T_RANGE, brier_score, conformal_qhat, dispersion_limit, expected_calibration_error, fit_temperature,
     prediction_set,
@@ -203,6 +203,7 @@ def recalibrate(
     card = model.card
     if card.task == "multilabel":
         raise InputError("recalibrate needs a binary or multiclass model; this card is multilabel")
+    refuse_blended(card.crop)
     site = site_outputs(model, site_data, options, progress)
     holdout = checked_holdout(site, options)
     fit, held = split_cases(site.labels, holdout, options.seed)

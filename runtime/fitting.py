@@ -41,9 +41,10 @@ from typing import Any
 import numpy as np
 
 from edgedx.card import Abstention, Calibration, CropPolicy, ModelCard
-from edgedx.errors import EdgeDxError, ImageReadError, InsufficientContentError
+from edgedx.errors import EdgeDxError, ImageReadError, InputError, InsufficientContentError
 from edgedx.runtime.io.image_io import read_image, to_rgb_uint8
 from edgedx.runtime.metrics import selective_metrics
+from edgedx.runtime.neighbours import with_neighbour_context
 from edgedx.runtime.preprocess import model_input, to_probabilities
 from edgedx.runtime.tiling import ImageRegionSource, ResampledImage, SlidingResult, aggregate, sliding_window_many
 from edgedx.runtime.tta import tta_run
@@ -104,6 +105,7 @@ def crop_logits(
     does), so the logits fitted on are the ones ``diagnose`` turns into probabilities.
     """
     policy = card.crop if policy is None else policy
+    refuse_blended(policy)
     carrier = dataclasses.replace(policy, aggregation="mean")  # the splitter's merge of logit rows is discarded
     engine = tta_run(run, card)
 
@@ -124,6 +126,17 @@ def crop_logits(
             keys.append(outcome.key)
             logits.append(used_rows(outcome.result))
     return CropLogits(tuple(keys), tuple(logits), tuple(failed))
+
+
+def refuse_blended(policy: CropPolicy) -> None:
+    """The per-crop fits (temperature, abstention, thresholds) re-merge single crops' outputs, which cannot reproduce a
+    merge of crops blended with their neighbours: refuse such a card and name the order that works."""
+    if policy.neighbour_context:
+        raise InputError(
+            f"this card blends each crop with its neighbours (crop.neighbour_context {policy.neighbour_context:g}), which the "
+            "per-crop fits (temperature, abstention, thresholds) cannot reproduce from single crops: fit them on the model "
+            "before edgedx fit-fields set the blend, then run fit-fields again"
+        )
 
 
 def _readable(images: Iterable[tuple[Hashable, Any]]) -> Iterator[tuple[Hashable, Any]]:
@@ -335,4 +348,11 @@ def uncalibrated(sliding: SlidingResult, card: ModelCard, policy: CropPolicy | N
         return np.asarray(sliding.probabilities, np.float64)
     policy = card.crop if policy is None else policy
     positive = card.positive_index if card.task == "binary" else None
-    return aggregate(undo_temperature(used_rows(sliding), card), policy, activation=card.output_activation, positive_index=positive)
+    if sliding.own_tile_probabilities is None or positive is None:
+        return aggregate(undo_temperature(used_rows(sliding), card), policy, activation=card.output_activation, positive_index=positive)
+    # blended crops: undo the temperature on each crop's own answer, then blend and merge as diagnose did
+    used = np.ones(sliding.n_tiles, bool) if sliding.used is None else np.asarray(sliding.used, bool)
+    own = np.full_like(sliding.own_tile_probabilities, np.nan)
+    own[used] = undo_temperature(sliding.own_tile_probabilities[used], card)
+    blended = with_neighbour_context(own, sliding.grid.shape, policy.neighbour_context, positive)
+    return aggregate(blended[used], policy, activation=card.output_activation, positive_index=positive)

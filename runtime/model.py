@@ -233,6 +233,11 @@ def check_tile_fits(policy: CropPolicy, card: ModelCard) -> None:
             f"and objects would look smaller than in training; keep the tile at most {ih}×{iw} and use "
             f"--scale {policy.scale / factor:.3g} to cover more of the image per crop instead"
         )
+    if policy.neighbour_context and (card.task != "binary" or card.positive_index is None):
+        raise InputError(
+            f"neighbour context {policy.neighbour_context:g} blends a binary model's positive-class crops; this is a "
+            f"{card.task} model: leave it at 0"
+        )
 
 
 class Model:
@@ -483,7 +488,8 @@ class Model:
         if rules.dispersion_limit is not None and sliding.n_used >= 2:
             used = np.ones(sliding.n_tiles, bool) if sliding.used is None else np.asarray(sliding.used, bool)
             index = card.positive_index if card.task == "binary" else None
-            dispersion = round(crop_dispersion(sliding.tile_probabilities[used], index), 6)
+            own = sliding.tile_probabilities if sliding.own_tile_probabilities is None else sliding.own_tile_probabilities  # the limit speaks of single crops
+            dispersion = round(crop_dispersion(own[used], index), 6)
             if dispersion > rules.dispersion_limit:
                 reasons.append(f"crops disagree: dispersion {dispersion:.3g} > limit {rules.dispersion_limit:.3g}")
         if self.refer_band is not None:  # the run's own band last: the rule ends with it, as before the card had rules

@@ -50,6 +50,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from edgedx.card import CropPolicy
 from edgedx.errors import ImageReadError
 from edgedx.runtime.foreground import estimate_background, foreground_fraction
+from edgedx.runtime.neighbours import with_neighbour_context
 
 PredictFn = Callable[[np.ndarray], np.ndarray]
 # per-pixel preprocessing: (..., h, w, 3) uint8 → (..., C, h, w) model input, the same numbers for a field and a crop
@@ -458,7 +459,10 @@ class SlidingResult:
     ``tile_probabilities`` has one row per grid tile (row-major); rows of
     skipped (background) tiles are NaN. ``used`` marks the tiles that were
     predicted and merged; ``foreground`` is each tile's foreground fraction
-    (all ones when the policy does not filter).
+    (all ones when the policy does not filter). With ``crop.neighbour_context``
+    the ``tile_probabilities`` are the blended ones that were merged and
+    ``own_tile_probabilities`` each crop's own (what a temperature or a
+    crop-disagreement limit fitted on single crops speaks of).
     """
 
     probabilities: np.ndarray  # (C,)
@@ -468,6 +472,7 @@ class SlidingResult:
     foreground: np.ndarray | None = None  # (n_tiles,) float
     foreground_fallback: bool = False  # no tile reached min_foreground, so all were used
     content: float = 1.0  # share of the predicted crops' pixels that are image, not padding
+    own_tile_probabilities: np.ndarray | None = None  # each crop's own answer where crop.neighbour_context blended them; else None
 
     @property
     def n_tiles(self) -> int:
@@ -566,9 +571,19 @@ def merge(
     activation: str = "softmax",
     positive_index: int | None = None,
 ) -> SlidingResult:
-    """The merger: one image's (n_tiles, C) tile probabilities (NaN where skipped) → its :class:`SlidingResult`."""
+    """The merger: one image's (n_tiles, C) tile probabilities (NaN where skipped) → its :class:`SlidingResult`.
+
+    With ``policy.neighbour_context`` the positive column is first blended with each crop's brightest grid
+    neighbour (:mod:`edgedx.runtime.neighbours`); the result's ``tile_probabilities`` are the blended ones, so
+    the merge, the detections and the heat map all read the same crops."""
+    own = None
+    if policy.neighbour_context:
+        if positive_index is None:
+            raise ValueError("crop.neighbour_context needs a binary model's positive_index")
+        own = np.where(layout.used[:, None], tile_probabilities, np.nan)  # a skipped crop is nobody's neighbour
+        tile_probabilities = with_neighbour_context(own, layout.grid.shape, policy.neighbour_context, positive_index)
     merged = aggregate(tile_probabilities[layout.used], policy, activation=activation, positive_index=positive_index)
-    return SlidingResult(merged, tile_probabilities, layout.grid, layout.used, layout.foreground, layout.fallback, content_fraction(layout))
+    return SlidingResult(merged, tile_probabilities, layout.grid, layout.used, layout.foreground, layout.fallback, content_fraction(layout), own)
 
 
 @dataclass

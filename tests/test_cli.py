@@ -555,19 +555,22 @@ def test_fit_fields_passes_its_options_to_the_one_library_call() -> None:
     detection = {"tile_threshold": 0.9, "field_rule": "any", "field_k": 1, "field_threshold": None, "slide_rule": "count_at_least", "slide_k": 2,
                  "fitted_on": {"slides": slides}}
     report = FieldFitReport("m.onnx", "ab" * 32, "out/m.fields.onnx", "cd" * 32, "out/fit_fields_report.json", detection, point, point,
-                            [{"fp_per_field": 1.0, "threshold": 0.9, "found": 5, "false_per_field": 0.5}], [], {"n_scored": 8}, {"passed": True}, 1.0)
+                            [{"fp_per_field": 1.0, "threshold": 0.9, "found": 5, "false_per_field": 0.5}], [], {"n_scored": 8}, {"passed": True}, 1.0,
+                            neighbour_context=0.45)
     fake = mock.MagicMock(return_value=report)
     with mock.patch("edgedx.export.fit_fields.fit_fields", fake):
         result = runner.invoke(app, ["fit-fields", "m.onnx", "data", "--annotations", "a.json", "-o", "out", "--fp-per-field", "0.5",
-                                     "--no-count-cells", "--field-rule", "count_at_least", "--slide-k", "2", "--seed", "3", "--slides", "s.csv"])
+                                     "--no-count-cells", "--field-rule", "count_at_least", "--slide-k", "2", "--seed", "3", "--slides", "s.csv",
+                                     "--neighbour-context", "0.45"])
     assert result.exit_code == 0, result.output
     fake.assert_called_once_with(
         Path("m.onnx"), Path("data"), Path("a.json"), Path("out"),
-        FitFieldsOptions(fp_per_field=0.5, count_cells=False, field_rule="count_at_least", slide_k=2, seed=3), progress=mock.ANY,
+        FitFieldsOptions(fp_per_field=0.5, count_cells=False, field_rule="count_at_least", slide_k=2, seed=3, neighbour_context=0.45), progress=mock.ANY,
         slides=Path("s.csv"),
     )
     assert "slide rule count_at_least (k 2, fitted on 6 slides: sensitivity 1.000, specificity 0.500, optimistic)" in result.output
     assert "tile threshold 0.9" in result.output and "cross-fitted" in result.output and "new model: out/m.fields.onnx" in result.output
+    assert "crops: each blended 0.45 with its brightest grid neighbour" in " ".join(result.output.split())
 
 
 def test_evaluate_with_annotations_is_the_same_one_call_with_the_annotations() -> None:

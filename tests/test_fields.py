@@ -236,6 +236,29 @@ def test_fit_fields_refuses_to_overwrite_and_a_non_binary_model(fitted: tuple[Pa
         FitFieldsOptions(field_rule="best")
 
 
+def test_fit_fields_with_neighbour_context_fits_on_the_blended_crops_diagnose_reads(
+    fitted: tuple[Path, Any], fields: tuple[Path, Path], tmp_path: Path,
+) -> None:
+    from edgedx.export.fit_fields import FitFieldsOptions, fit_fields
+    from edgedx.runtime import load_model
+    from edgedx.runtime.neighbours import with_neighbour_context
+
+    parent, plain = fitted
+    root, annotations = fields
+    report = fit_fields(parent, root, annotations, tmp_path / "out", FitFieldsOptions(fp_per_field=0.5, neighbour_context=0.4))
+    new = load_model(report.output, verify=True)
+    assert new.card.crop.neighbour_context == 0.4 and report.neighbour_context == 0.4 and plain.neighbour_context == 0.0
+    assert new.card.provenance.lineage[-1]["neighbour_context"] == {"old": 0.0, "new": 0.4}
+    assert load_model(parent).card.crop.neighbour_context == 0.0  # the parent is unchanged
+    field = root / "slide A" / "a1.png"
+    own, blended = load_model(parent).diagnose(field).sliding, new.diagnose(field).sliding
+    expected = with_neighbour_context(own.tile_probabilities, own.grid.shape, 0.4, 1)
+    np.testing.assert_allclose(blended.tile_probabilities, expected, atol=1e-6)
+    assert report.detection["tile_threshold"] != plain.detection["tile_threshold"]  # chosen on the blended crops
+    with pytest.raises(InputError, match="neighbour-context"):
+        FitFieldsOptions(neighbour_context=0.5)
+
+
 def test_slides_of_one_kind_leave_the_slide_rule_a_default_and_say_why(fitted: tuple[Path, Any], fields: tuple[Path, Path], tmp_path: Path) -> None:
     from edgedx.export.fit_fields import FitFieldsOptions, fit_fields
 

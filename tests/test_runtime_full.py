@@ -237,10 +237,10 @@ def test_card_schema_1_is_read_with_default_crop_settings() -> None:
     )
     data = card.to_dict()
     data["schema_version"] = 1
-    for key in ("top_k", "centre_weighting", "min_foreground", "mode", "shorter_side", "min_content"):
+    for key in ("top_k", "centre_weighting", "min_foreground", "mode", "shorter_side", "min_content", "tta", "neighbour_context"):
         del data["crop"][key]
     old = ModelCard.from_dict(data)
-    assert old == card and old.schema_version == SCHEMA_VERSION == 6
+    assert old == card and old.schema_version == SCHEMA_VERSION == 7
     assert old.crop.mode == "scale"  # every card before schema 3 resampled by its fixed scale
 
 

@@ -115,9 +115,10 @@ def with_field_mining(config: TrainConfig, mining: dict, root: Path, run: Path) 
     )
 
 
-def fit_validation_fields(model_path: Path, root: Path, out: Path) -> dict:
+def fit_validation_fields(model_path: Path, root: Path, out: Path, neighbour_context: float | None = None) -> dict:
     """The malaria recipe ships with field operating points chosen on the validation *fields* (``edgedx fit-fields``):
-    the crop threshold for ≤ 1 false detection per field and the field rule, cross-fitted figures beside the fitted."""
+    the crop threshold for ≤ 1 false detection per field and the field rule, cross-fitted figures beside the fitted,
+    under the recipe's neighbour context (chosen on training fields by benchmarks/neighbour_context.py)."""
     from field_localisation import validation_fields  # a sibling benchmark's field selection (benchmarks/ is on the path)
 
     from edgedx.export.fit_fields import FitFieldsOptions, fit_fields
@@ -125,7 +126,7 @@ def fit_validation_fields(model_path: Path, root: Path, out: Path) -> dict:
 
     fields = root / "malaria_fields_iml"
     truth = read_field_annotations(fields / "annotations.json").subset(validation_fields(root))
-    report = fit_fields(model_path, fields / "images", truth, out, FitFieldsOptions(overwrite=True))
+    report = fit_fields(model_path, fields / "images", truth, out, FitFieldsOptions(overwrite=True, neighbour_context=neighbour_context))
     return {"artefact": report.output, "detection": report.detection,
             "cross_fitted": report.cross_fitted}
 
@@ -185,7 +186,7 @@ def main() -> None:
         f.write(json.dumps(summary) + "\n")
     print(json.dumps(summary, indent=2))
     if args.dataset == "malaria_cells_iml":
-        print(json.dumps(fit_validation_fields(model_path, root, run / "export_fields"), indent=2))
+        print(json.dumps(fit_validation_fields(model_path, root, run / "export_fields", recipe.get("neighbour_context")), indent=2))
     check = card_vs_evaluate(args.dataset, config.epochs, result.checkpoint, model_path, validation_data(run / "run", card),
                              result.card.metrics, m, config.batch_size)
     with (RESULTS / "card_vs_evaluate.jsonl").open("a", encoding="utf-8") as f:

@@ -75,7 +75,8 @@ def card_vs_evaluate(dataset: str, epochs: int, checkpoint: Path, model_path: Pa
     onnx_rows = {k: r for k, r in onnx.stream(items)}
     onnx_s = time.perf_counter() - started
     failed_o = [k for k, r in onnx_rows.items() if not hasattr(r, "sliding")]
-    common = [k for k in keys_t if k not in failed_o]
+    rejected = [k for k, r in onnx_rows.items() if hasattr(r, "sliding") and r.rejected]  # the quality gate: never diagnosed
+    common = [k for k in keys_t if k not in failed_o and k not in rejected]
     p_t = probs_t[[keys_t.index(k) for k in common]] if len(common) != len(keys_t) else probs_t
     p_o = np.stack([onnx_rows[k].sliding.probabilities for k in common])
     same = [decide(a, ckpt.card) == decide(b, onnx.card) for a, b in zip(p_t, p_o)]
@@ -87,6 +88,7 @@ def card_vs_evaluate(dataset: str, epochs: int, checkpoint: Path, model_path: Pa
         "dataset": dataset, "epochs": epochs, "crop_policy": onnx.card.crop.describe(),
         "n": len(labelled), "n_card": card_metrics.get("n"), "n_evaluate": eval_metrics.get("n"), "n_compared": len(common),
         "failed": {"torch": [str(k) for k, _ in failed_t], "onnx": [str(k) for k in failed_o]},
+        "rejected_by_quality_gate": len(rejected),
         "threshold": {"card": card_metrics.get("threshold", ckpt.card.threshold), "checkpoint": ckpt.card.threshold, "onnx": onnx.card.threshold},
         "card_accuracy": card_metrics["accuracy"], "evaluate_accuracy": eval_metrics["accuracy"], "abs_delta_accuracy": d_acc,
         "card_auc": card_auc, "evaluate_auc": eval_auc, "abs_delta_auc": d_auc,
@@ -99,6 +101,9 @@ def card_vs_evaluate(dataset: str, epochs: int, checkpoint: Path, model_path: Pa
         d_acc <= METRIC_TOLERANCE and (d_auc is None or d_auc <= METRIC_TOLERANCE) and identical >= MIN_IDENTICAL
         and row["n_card"] == row["n_evaluate"] == len(labelled) == len(common)
     )
+    if rejected:  # the card's metrics count images diagnose refuses to diagnose: not the deployed path's numbers
+        row["why_not"] = (f"the quality gate rejects {len(rejected)} of {len(labelled)} validation images that the card's metrics "
+                          f"(n {row['n_card']}) include; evaluate scored {row['n_evaluate']}")
     row.update(cpu=cpu_model(), git=git_rev(), time=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     return row
 

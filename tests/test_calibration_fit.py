@@ -208,6 +208,8 @@ def test_the_run_stores_the_temperature_abstention_quality_and_scale(calibrated_
     assert ModelCard.load(root / "run" / "card.json") == c
     metrics = json.loads((root / "run" / "metrics.json").read_text())
     assert metrics["calibration"]["temperature"] == list(c.calibration.temperature) and metrics["abstention"]["qhat"] == c.abstention.qhat
+    gated = metrics["quality_gate_on_val"]  # the validation images the card's own gate would reject, counted and named
+    assert gated["n"] == n_val and gated["n_rejected"] == len(gated["rejected"]) and all(r["reasons"] for r in gated["rejected"])
     trust = metrics["test"]["trust"]  # the held-out split: the figures that count as a result
     assert {"ece_before", "ece_after", "coverage", "refer_rate", "all", "not_referred"} <= set(trust)
     lines = result.summary["trust_lines"]
@@ -275,3 +277,33 @@ def test_the_cli_takes_the_new_options_and_refuses_a_bad_scale(tmp_path: Path) -
     proc = run_edgedx("train", str(data), "--out", str(tmp_path / "run"), "--um-per-px", "0", "--arch", "resnet10t", "--weights", "none")
     assert proc.returncode != 0 and "--um-per-px" in proc.stderr and "got 0.0" in proc.stderr
     assert not (tmp_path / "run" / "model.pt").exists()
+
+
+@needs_torch
+def test_validation_images_the_gate_rejects_are_left_out_of_the_card_and_named(tmp_path: Path) -> None:
+    """Two black validation images (one per class): diagnose would reject them as too dark, so the card's temperature,
+    threshold and metrics are fitted on the other validation images, and the run says which were left out."""
+    from edgedx.runtime.io.image_io import write_image
+    from edgedx.training.train import TrainConfig, train
+
+    folder = overlapping_folder(tmp_path / "data", n=20)
+    rows = ["path,label,split"]
+    for cls in ("dark", "light"):
+        for i in range(20):
+            rows.append(f"{folder / cls / f'{i}.png'},{cls},{'val' if i < 6 else 'train'}")
+        black = tmp_path / "data" / f"black {cls}.png"
+        write_image(black, np.zeros((19, 23, 3), np.uint8))
+        rows.append(f"{black},{cls},val")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    result = train(manifest, tmp_path / "run", TrainConfig(**{**FAST, "epochs": 1, "test_fraction": 0.0}))
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    gated = metrics["quality_gate_on_val"]
+    assert gated["n"] == 14 and gated["n_rejected"] == 2
+    assert sorted(Path(r["image"]).name for r in gated["rejected"]) == ["black dark.png", "black light.png"]
+    assert all(any(reason.startswith("too dark") for reason in r["reasons"]) for r in gated["rejected"])
+    c = result.card
+    assert c.calibration.fitted_on["n"] == 12 and c.metrics["n"] == 12 and c.metrics["rejected_by_quality_gate"] == 2
+    with np.load(tmp_path / "run" / "val_predictions.npz") as saved:
+        assert len(saved["idx"]) == 12
+    assert any("rejects 2 of 14 validation images" in w for w in result.summary["warnings"])

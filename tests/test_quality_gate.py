@@ -286,3 +286,27 @@ def test_ray_rejects_the_same_images_as_the_local_engine(tmp_path: Path, limits:
         for key in ("decision", "label", "reject_reasons", "refer_reasons", "prediction_set", "scale"):
             assert json.dumps(other[key]) == json.dumps(record[key]), (name, key)
         assert (other["quality"] or {}).get("passed") == (record["quality"] or {}).get("passed")
+
+
+def test_training_fits_the_card_on_the_validation_images_its_gate_passes(limits: QualityLimits) -> None:
+    """diagnose never decides a rejected image, so training leaves the validation images its gate rejects out of the
+    card's fits and names them; the gate it measures with is diagnose's own (the same images, the same verdicts)."""
+    pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    from edgedx.training.calibration import gate_split, gate_warning
+
+    images = [field(200 + i) for i in range(6)]
+    images[2], images[4] = degraded(images[2], "blurred"), degraded(images[4], "dark")
+    ids = [f"smear {i}.png" for i in range(6)]
+    data = SimpleNamespace(decoded=SimpleNamespace(data=SimpleNamespace(load=lambda i: images[i], ids=ids)))
+    card = make_card(limits=limits)
+    rejected, kept = gate_split(data, np.arange(6), card)
+    model = Model(RedSession(card), quality="card")
+    assert [r["image"] for r in rejected] == [ids[i] for i, im in enumerate(images) if model.diagnose(im).rejected] == [ids[2], ids[4]]
+    assert kept.tolist() == [0, 1, 3, 5]
+    assert rejected[0]["reasons"][0].startswith("out of focus") and rejected[1]["reasons"][0].startswith("too dark")
+    [warning] = gate_warning(rejected, 6)
+    assert "rejects 2 of 6 validation images" in warning and "fitted on the other 4" in warning
+    none, every = gate_split(data, np.arange(6), make_card())  # no limits: nothing rejected
+    assert none == [] and every.tolist() == list(range(6)) and gate_warning([], 6) == ()

@@ -2,6 +2,10 @@
 
 The order matters and is fixed:
 
+0. the image-quality limits from the training images (step 5 below), and with
+   them the validation images the card's gate passes: ``diagnose`` never
+   decides the others, so every later step fits and reports on these only
+   (the rejected ones are named in metrics.json, ``quality_gate_on_val``);
 1. validation crop logits, split and (later) merged per image as ``diagnose``
    does (:func:`edgedx.runtime.fitting.crop_logits`);
 2. the temperature (``--calibrate temperature``; per label for multilabel),
@@ -32,9 +36,10 @@ from typing import Any
 import numpy as np
 
 from edgedx.card import Abstention, CropPolicy, ModelCard, QualityLimits
+from edgedx.errors import InputError
 from edgedx.runtime.fitting import CropLogits, fit_abstention, fit_calibration, merged_probabilities, trust_figures
 from edgedx.runtime.io.image_io import to_rgb_uint8
-from edgedx.runtime.quality import measure_at_model_scale, quality_limits
+from edgedx.runtime.quality import card_limits, has_limits, measure_at_model_scale, quality_limits, quality_reasons
 from edgedx.runtime.trust import T_RANGE
 from edgedx.training.data import RunData
 from edgedx.training.loop import Fitting
@@ -56,6 +61,7 @@ class FittedCard:
     val_uncalibrated: np.ndarray  # the network's own, merged per image
     fitted: dict[str, Any]  # metrics.json's "calibration", "abstention" and "quality" sections
     warnings: tuple[str, ...] = ()  # fits the validation split was too small or too clean to make
+    val_idx: np.ndarray | None = None  # the validation images fitted on: those the quality gate passes
 
 
 def crop_logits_of(f: Fitting, idx: np.ndarray) -> CropLogits:
@@ -64,23 +70,58 @@ def crop_logits_of(f: Fitting, idx: np.ndarray) -> CropLogits:
 
 
 def fit_card(f: Fitting, epoch: int) -> FittedCard:
-    """Steps 1-5 of the module docstring on the best epoch's weights (already loaded into ``f.model``)."""
+    """Steps 1-5 of the module docstring on the best epoch's weights (already loaded into ``f.model``), on the
+    validation images the card's quality gate passes: ``diagnose`` never decides the others, so a figure that
+    counted them would not be the deployed path's (the limits come from training images only)."""
     data, config = f.data, f.config
-    y = data.targets[data.val_idx]
-    val = crop_logits_of(f, data.val_idx)
+    quality = training_quality_limits(data, f.card.crop) if config.quality_gate else QualityLimits()
+    gated, kept = gate_split(data, data.val_idx, f.card.replace(quality=quality))
+    if not len(kept):
+        raise InputError(f"the quality gate fitted on the training images rejects all {len(data.val_idx)} validation images "
+                         f"(e.g. {gated[0]['reasons'][0]}): they are unlike the training images; check the split, or train with --no-quality-gate")
+    y = data.targets[kept]
+    val = crop_logits_of(f, kept)
     calibrated = fit_calibration(val, y, f.card, method=config.calibrate, split="val")
-    card = f.card.replace(calibration=calibrated.calibration)
+    card = f.card.replace(calibration=calibrated.calibration, quality=quality)
     operating = operating_point(y, calibrated.after, card, config.target_sensitivity)
-    card = card.replace(threshold=operating["threshold"], metrics={"split": "val", "epoch": epoch, **operating["card_metrics"]})
+    metrics = {"split": "val", "epoch": epoch, **operating["card_metrics"], "rejected_by_quality_gate": len(gated)}
+    card = card.replace(threshold=operating["threshold"], metrics=metrics)
     choice, costly = choose_threshold(y, calibrated.after, card, config.target_sensitivity, source="validation", seed=config.seed)
     card = card.replace(threshold_choice=choice, abstention=fit_abstention(val, y, card, coverage=config.coverage, split="val"))
-    card = card.replace(quality=training_quality_limits(data, card.crop) if config.quality_gate else QualityLimits())
     fitted = {
         "calibration": {"method": card.calibration.method, "temperature": list(card.calibration.temperature), **card.calibration.fitted_on},
         "abstention": abstention_section(card.abstention),
         "quality_gate": config.quality_gate,
+        "quality_gate_on_val": {"n": len(data.val_idx), "n_rejected": len(gated), "rejected": gated[:20]},
     }
-    return FittedCard(card, operating, calibrated.after, calibrated.before, fitted, (*fit_warnings(card, len(val)), *costly))
+    warnings = (*fit_warnings(card, len(val)), *gate_warning(gated, len(data.val_idx)), *costly)
+    return FittedCard(card, operating, calibrated.after, calibrated.before, fitted, warnings, kept)
+
+
+def gate_split(data: RunData, idx: np.ndarray, card: ModelCard) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """The images ``idx`` the card's quality gate would reject (with why), measured as ``diagnose`` measures them, and
+    the indices it passes. No limits on the card: none rejected."""
+    limits = card_limits(card.quality)
+    if not has_limits(limits):
+        return [], np.asarray(idx)
+    source, rejected, passed = data.decoded.data, [], []
+    for i in np.asarray(idx):
+        reasons = quality_reasons(measure_at_model_scale(_rgb(to_rgb_uint8(source.load(int(i)))), card.crop), limits)
+        if reasons:
+            rejected.append({"image": str(source.ids[int(i)]), "reasons": reasons})
+        else:
+            passed.append(int(i))
+    return rejected, np.asarray(passed, dtype=np.asarray(idx).dtype)
+
+
+def gate_warning(rejected: list[dict[str, Any]], n: int) -> tuple[str, ...]:
+    """One warning when the gate rejects validation images: the card is fitted on the others, and says so."""
+    if not rejected:
+        return ()
+    example = rejected[0]["reasons"][0]
+    return (f"the card's quality gate rejects {len(rejected)} of {n} validation images (e.g. {example}); diagnose never decides "
+            f"them, so the temperature, threshold, metrics and refer rules are fitted on the other {n - len(rejected)} "
+            "(metrics.json quality_gate_on_val names them)",)
 
 
 def fit_warnings(card: ModelCard, n: int) -> tuple[str, ...]:
@@ -128,13 +169,16 @@ def _rgb(pixels: np.ndarray) -> np.ndarray:
 def held_out(f: Fitting, card: ModelCard) -> dict[str, Any] | None:
     """The test split judged with the final card: its metrics at the card's threshold and, as the result the
     validation figures cannot be, ECE/Brier before → after, prediction-set coverage and refer rate."""
-    idx = f.data.test_idx
-    if not len(idx):
+    if not len(f.data.test_idx):
         return None
+    gated, idx = gate_split(f.data, f.data.test_idx, card)  # as diagnose would: a rejected image is not scored
+    if not len(idx):
+        return {"n": 0, "rejected_by_quality_gate": len(gated), "note": "the quality gate rejects every test image"}
     y = f.data.targets[idx]
     crops = crop_logits_of(f, idx)
     result = score(y, merged_probabilities(crops.logits, card), card, threshold=card.threshold)
     result["trust"] = trust_figures(crops, y, card)
+    result["rejected_by_quality_gate"] = len(gated)
     return result
 
 

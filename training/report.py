@@ -38,6 +38,7 @@ class Final:
     warnings: list[str]
     report: dict[str, Any]  # the contents of metrics.json
     val_uncalibrated: np.ndarray | None = None  # the network's own (the reliability diagram's "before")
+    val_idx: np.ndarray | None = None  # the validation images behind val_probs (those the quality gate passes); None: all
 
 
 def run_summary(f: Fitting, final: Final) -> dict[str, Any]:

@@ -231,14 +231,14 @@ def _choose_threshold(f: Fitting, state: RunState) -> Final:
         log.info("%s", line)
     for warning in warnings if f.ctx.is_main else ():
         log.warning("%s", warning)
-    return Final(card, operating, fitted.val_probs, warnings, report, fitted.val_uncalibrated)
+    return Final(card, operating, fitted.val_probs, warnings, report, fitted.val_uncalibrated, fitted.val_idx)
 
 
 def _write_run(f: Fitting, state: RunState, final: Final) -> TrainResult:
     """Rank 0: the final checkpoint, metrics.json, card.json, plots, Grad-CAM and summary.json."""
     run, config = f.run, f.config
     save_checkpoint(run.checkpoint, final.card, state.best_state, epoch=state.best_epoch)
-    val_idx = f.data.val_idx
+    val_idx = f.data.val_idx if final.val_idx is None else final.val_idx  # the images the card was fitted on
     run.write_predictions(val_idx, f.data.targets[val_idx], final.val_probs, final.val_probs if final.val_uncalibrated is None else final.val_uncalibrated)
     run.write_metrics(final.report)
     run.write_card(final.card)
@@ -246,7 +246,7 @@ def _write_run(f: Fitting, state: RunState, final: Final) -> TrainResult:
     if "hard_negatives" in final.report:
         summary["hard_negatives"] = final.card.provenance.training["hard_negatives"]
     if config.plots:
-        write_plots(run.plots, state.history, f.data.targets[f.data.val_idx], final, config.monitor)
+        write_plots(run.plots, state.history, f.data.targets[val_idx], final, config.monitor)
     if config.gradcam_samples:
         summary["gradcam"] = [str(p) for p in write_gradcam(run.gradcam, f.model, f.data, final.card, config.gradcam_samples)]
     run.write_summary(summary)

@@ -99,11 +99,11 @@ def card_vs_evaluate(dataset: str, epochs: int, checkpoint: Path, model_path: Pa
     }
     row["passed"] = bool(
         d_acc <= METRIC_TOLERANCE and (d_auc is None or d_auc <= METRIC_TOLERANCE) and identical >= MIN_IDENTICAL
-        and row["n_card"] == row["n_evaluate"] == len(labelled) == len(common)
+        and row["n_card"] == row["n_evaluate"] == len(common) == len(labelled) - len(rejected)
     )
-    if rejected:  # the card's metrics count images diagnose refuses to diagnose: not the deployed path's numbers
-        row["why_not"] = (f"the quality gate rejects {len(rejected)} of {len(labelled)} validation images that the card's metrics "
-                          f"(n {row['n_card']}) include; evaluate scored {row['n_evaluate']}")
+    if row["n_card"] != row["n_evaluate"]:  # the card counted images diagnose refuses to decide, or the reverse
+        row["why_not"] = (f"the quality gate rejects {len(rejected)} of {len(labelled)} validation images; the card's metrics "
+                          f"count {row['n_card']}, evaluate scored {row['n_evaluate']}")
     row.update(cpu=cpu_model(), git=git_rev(), time=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     return row
 

@@ -45,12 +45,14 @@ from _env import append_result, cpu_flags, cpu_model, git_rev  # noqa: E402
 from field_localisation import data_root, load_boxes, run_pass, score_pass, validation_fields  # noqa: E402
 from hard_negatives_malaria import training_fields  # noqa: E402
 
+from edgedx.card import MAX_NEIGHBOUR_CONTEXT  # noqa: E402
 from edgedx.export.fit_fields import FitFieldsOptions, fit_fields  # noqa: E402
 from edgedx.runtime import load_model  # noqa: E402
 from edgedx.runtime.detection_metrics import field_candidates_of, froc  # noqa: E402
 from edgedx.runtime.detections import field_candidates, positive_tile_p  # noqa: E402
 from edgedx.runtime.io.field_annotations import read_field_annotations  # noqa: E402
 from edgedx.runtime.neighbours import with_neighbour_context  # noqa: E402
+from edgedx.runtime.tiling import CropLayout, merge  # noqa: E402
 
 DEFAULT_MODEL = Path("/tmp/edgedx-hardneg-all3/positives/export/model.onnx")
 
@@ -72,11 +74,14 @@ def tile_figures(scored: dict[str, Any]) -> dict[str, Any]:
 
 
 def found_at_one(kept: dict[str, Any], truth: Any, weight: float, card: Any) -> int:
-    """Parasites found at 1 false detection per field by the runtime's detections on the blended tile maps."""
+    """Parasites found at 1 false detection per field by the runtime's detections on each plain pass re-merged by the
+    runtime's merger at ``weight`` (what diagnose gives with that crop.neighbour_context)."""
     pos, fields = card.positive_index, []
+    policy = dataclasses.replace(card.crop, neighbour_context=weight)
     for name, result in kept.items():
         s = result.sliding
-        b = dataclasses.replace(s, tile_probabilities=with_neighbour_context(s.tile_probabilities, s.grid.shape, weight, pos))
+        layout = CropLayout(s.grid, np.asarray(s.used, bool), s.foreground, s.foreground_fallback)
+        b = merge(layout, s.tile_probabilities, policy, activation=card.output_activation, positive_index=pos)
         found = field_candidates(b, pos, card.detection.nms_iou)
         fields.append(field_candidates_of(found, positive_tile_p(b, pos), truth.fields[name]))
     return int(froc(fields).at_rate(1.0)["found"])
@@ -187,6 +192,8 @@ def main() -> None:
         raise SystemExit(f"model not found: {args.model}; make it with python benchmarks/hard_negatives_malaria.py --variants positives --rounds 3")
     root = data_root(args.data)
     weights = sorted({float(w) for w in args.weights.split(",") if w.strip()} | {0.0})
+    if any(not 0.0 <= w < MAX_NEIGHBOUR_CONTEXT for w in weights):
+        raise SystemExit(f"--weights {args.weights}: each must be within [0, {MAX_NEIGHBOUR_CONTEXT:g}), as the card requires")
     model = load_model(args.model, quality="off")
     if model.card.crop.neighbour_context:
         raise SystemExit(f"{args.model} already blends its crops (neighbour_context {model.card.crop.neighbour_context:g}): give the plain export")

@@ -38,8 +38,9 @@ import numpy as np
 from edgedx.card import Abstention, CropPolicy, ModelCard, QualityLimits
 from edgedx.errors import InputError
 from edgedx.runtime.fitting import CropLogits, fit_abstention, fit_calibration, merged_probabilities, trust_figures
+from edgedx.runtime.gate import GateSettings, prepare
 from edgedx.runtime.io.image_io import to_rgb_uint8
-from edgedx.runtime.quality import card_limits, has_limits, measure_at_model_scale, quality_limits, quality_reasons
+from edgedx.runtime.quality import measure_at_model_scale, quality_limits
 from edgedx.runtime.trust import T_RANGE
 from edgedx.training.data import RunData
 from edgedx.training.loop import Fitting
@@ -99,14 +100,15 @@ def fit_card(f: Fitting, epoch: int) -> FittedCard:
 
 
 def gate_split(data: RunData, idx: np.ndarray, card: ModelCard) -> tuple[list[dict[str, Any]], np.ndarray]:
-    """The images ``idx`` the card's quality gate would reject (with why), measured as ``diagnose`` measures them, and
-    the indices it passes. No limits on the card: none rejected."""
-    limits = card_limits(card.quality)
-    if not has_limits(limits):
+    """The images ``idx`` the card's quality gate would reject (with why), judged by ``diagnose``'s own gate
+    (:func:`edgedx.runtime.gate.prepare` on the decoded file), and the indices it passes. No limits on the card:
+    none rejected."""
+    settings = GateSettings.check(card)
+    if not settings.on:
         return [], np.asarray(idx)
     source, rejected, passed = data.decoded.data, [], []
     for i in np.asarray(idx):
-        reasons = quality_reasons(measure_at_model_scale(_rgb(to_rgb_uint8(source.load(int(i)))), card.crop), limits)
+        reasons = list(prepare(_rgb(to_rgb_uint8(source.load(int(i)))), None, card, card.crop, settings).reasons)
         if reasons:
             rejected.append({"image": str(source.ids[int(i)]), "reasons": reasons})
         else:
